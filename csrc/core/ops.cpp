@@ -1,0 +1,323 @@
+// Encode / decode / steer on the CPU. The ISA-specific inner loops live in csrc/cpu; this file
+// does blocking, threading, the fused Top-K and validation.
+#include "ops.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "../cpu/kernels.hpp"
+#include "threadpool.hpp"
+#include "topk.hpp"
+
+namespace saehook {
+
+namespace {
+
+// Rows of x handled per pass over the encoder weights; bounds the Top-K scratch memory.
+constexpr int64_t kRowChunk = 128;
+
+inline float load_scalar(const uint8_t *p, saehook_dtype dt) {
+  switch (dt) {
+    case SAEHOOK_F32: {
+      float f;
+      std::memcpy(&f, p, 4);
+      return f;
+    }
+    case SAEHOOK_F16: {
+      uint16_t h;
+      std::memcpy(&h, p, 2);
+      return f16_to_f32(h);
+    }
+    case SAEHOOK_BF16: {
+      uint16_t h;
+      std::memcpy(&h, p, 2);
+      return bf16_to_f32(h);
+    }
+    case SAEHOOK_I8: return float(int8_t(*p));
+  }
+  return 0.f;
+}
+
+// Features per task: about 256 KiB of encoder weights, so a block stays in L2 while every row
+// of the chunk is multiplied with it.
+int64_t feature_block(const saehook_sae_desc &d) {
+  int64_t row_bytes = d.d_model * int64_t(dtype_size(d.enc_dtype));
+  int64_t fb = std::clamp<int64_t>((256 << 10) / std::max<int64_t>(row_bytes, 1), 8, 512);
+  return std::min<int64_t>(fb & ~int64_t(7), d.d_sae);
+}
+
+// The rows the encoder sees: x itself, or x - b_dec in `tmp`.
+const float *encoder_input(const saehook_sae_desc &d, const float *x, int64_t n, int64_t ldx,
+                           std::vector<float> &tmp, int64_t &ld_out) {
+  ld_out = ldx;
+  if (!d.subtract_b_dec || !d.b_dec) return x;
+  tmp.resize(size_t(n * d.d_model));
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t i = 0; i < d.d_model; ++i) tmp[r * d.d_model + i] = x[r * ldx + i] - d.b_dec[i];
+  ld_out = d.d_model;
+  return tmp.data();
+}
+
+}  // namespace
+
+void check_finite(const float *x, int64_t n, int64_t d, int64_t stride, const char *what) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float *row = x + r * stride;
+    float acc = 0.f;
+    for (int64_t i = 0; i < d; ++i) acc += row[i] * 0.f;  // NaN iff some element is NaN/Inf
+    if (acc != acc) {
+      for (int64_t i = 0; i < d; ++i)
+        if (!std::isfinite(row[i]))
+          fail(SAEHOOK_ERR_NAN, std::string(what) + " contains " +
+                                    (std::isnan(row[i]) ? "NaN" : "Inf") + " at row " +
+                                    std::to_string(r) + ", column " + std::to_string(i));
+    }
+  }
+}
+
+void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, float *values,
+            int32_t *indices, int threads) {
+  const saehook_sae_desc &D = s.d;
+  const int64_t d = D.d_model, m = D.d_sae;
+  if (k <= 0) k = D.k;
+  if (k > m)
+    fail(SAEHOOK_ERR_SHAPE, "k = " + std::to_string(k) + " exceeds d_sae = " + std::to_string(m));
+  if (n == 0) return;
+  check_finite(x, n, d, ldx, "input");
+
+  const cpu::Kernels &K = cpu::active();
+  const int64_t fb = feature_block(D);
+  const int64_t n_blocks = (m + fb - 1) / fb;
+  const int T = int(std::max<int64_t>(1, std::min<int64_t>(threads, n_blocks)));
+  const int32_t cap = std::max(2 * k, k + 16);
+  const int64_t rc_max = std::min(kRowChunk, n);
+
+  std::vector<float> pre(size_t(T) * rc_max * fb);
+  std::vector<Cand> cand(size_t(T) * rc_max * cap);
+  std::vector<TopK> tk(size_t(T) * rc_max);
+  std::vector<Cand> merge(size_t(T) * T * cap);
+  std::vector<float> xtmp;
+
+  for (int64_t r0 = 0; r0 < n; r0 += rc_max) {
+    const int64_t rc = std::min(rc_max, n - r0);
+    int64_t ldc;
+    const float *xc = encoder_input(D, x + r0 * ldx, rc, ldx, xtmp, ldc);
+    for (int w = 0; w < T; ++w)
+      for (int64_t r = 0; r < rc; ++r)
+        tk[w * rc_max + r].reset(k, &cand[(size_t(w) * rc_max + r) * cap], cap);
+
+    parallel_for(n_blocks, T, [&](int64_t b, int w) {
+      const int64_t f0 = b * fb, nf = std::min(fb, m - f0);
+      float *P = &pre[size_t(w) * rc_max * fb];
+      K.dot_block(xc, ldc, rc, D.W_enc, D.enc_dtype, D.enc_scales, d, f0, nf, P, fb);
+      const float *be = D.b_enc ? D.b_enc + f0 : nullptr;
+      const float *th = D.threshold ? D.threshold + f0 : nullptr;
+      for (int64_t r = 0; r < rc; ++r) {
+        TopK &t = tk[w * rc_max + r];
+        const float *p = P + r * fb;
+        for (int64_t j = 0; j < nf; ++j) {
+          const float v = be ? p[j] + be[j] : p[j];
+          switch (D.activation) {
+            case SAEHOOK_ACT_TOPK: break;
+            case SAEHOOK_ACT_TOPK_RELU:
+            case SAEHOOK_ACT_RELU:
+              if (!(v > 0.f)) continue;
+              break;
+            case SAEHOOK_ACT_JUMPRELU:
+              if (!(v > th[j] && v > 0.f)) continue;
+              break;
+          }
+          t.push(v, int32_t(f0 + j));
+        }
+      }
+    });
+
+    parallel_for(rc, T, [&](int64_t r, int w) {
+      Cand *M = &merge[size_t(w) * T * cap];
+      int64_t cnt = 0;
+      for (int u = 0; u < T; ++u) {
+        const TopK &t = tk[u * rc_max + r];
+        std::copy(t.data(), t.data() + t.size(), M + cnt);
+        cnt += t.size();
+      }
+      finalize_topk(M, cnt, k, values + (r0 + r) * k, indices + (r0 + r) * k);
+    });
+  }
+}
+
+void preacts(const Sae &s, const float *x, int64_t n, int64_t ldx, float *out, int threads) {
+  const saehook_sae_desc &D = s.d;
+  if (n == 0) return;
+  check_finite(x, n, D.d_model, ldx, "input");
+  const cpu::Kernels &K = cpu::active();
+  std::vector<float> xtmp;
+  int64_t ldc;
+  const float *xc = encoder_input(D, x, n, ldx, xtmp, ldc);
+  const int64_t fb = feature_block(D), n_blocks = (D.d_sae + fb - 1) / fb;
+  parallel_for(n_blocks, threads, [&](int64_t b, int) {
+    const int64_t f0 = b * fb, nf = std::min(fb, D.d_sae - f0);
+    K.dot_block(xc, ldc, n, D.W_enc, D.enc_dtype, D.enc_scales, D.d_model, f0, nf, out + f0,
+                D.d_sae);
+    if (D.b_enc)
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < nf; ++j) out[r * D.d_sae + f0 + j] += D.b_enc[f0 + j];
+  });
+}
+
+void decode(const Sae &s, const float *values, const int32_t *indices, int64_t n, int32_t k,
+            float *out, int64_t ldo, int threads) {
+  const saehook_sae_desc &D = s.d;
+  const int64_t d = D.d_model, m = D.d_sae;
+  if (k <= 0) fail(SAEHOOK_ERR_SHAPE, "decode needs k >= 1 entries per row");
+  for (int64_t e = 0; e < n * k; ++e) {
+    if (indices[e] < -1 || indices[e] >= m)
+      fail(SAEHOOK_ERR_INDEX, "feature index " + std::to_string(indices[e]) + " at row " +
+                                  std::to_string(e / k) + " is out of range [0, " +
+                                  std::to_string(m) + ")");
+    if (!std::isfinite(values[e]))
+      fail(SAEHOOK_ERR_NAN, "values contain NaN or Inf at row " + std::to_string(e / k));
+  }
+  const cpu::Kernels &K = cpu::active();
+  const size_t es = dtype_size(D.dec_dtype);
+  const uint8_t *W = static_cast<const uint8_t *>(D.W_dec);
+
+  if (D.dec_layout == SAEHOOK_DEC_ROWS) {
+    parallel_for(n, threads, [&](int64_t r, int) {
+      float *o = out + r * ldo;
+      for (int64_t i = 0; i < d; ++i) o[i] = D.b_dec ? D.b_dec[i] : 0.f;
+      for (int32_t j = 0; j < k; ++j) {
+        const int32_t f = indices[r * k + j];
+        const float v = values[r * k + j];
+        if (f >= 0 && v != 0.f) K.axpy(v, W + size_t(f) * d * es, D.dec_dtype, d, o);
+      }
+    });
+  } else {
+    // Column layout: feature f is strided by d_sae. Walk the decoder row by row (one model
+    // dimension at a time) so each row of W_dec is touched once for all tokens.
+    constexpr int64_t kDimBlock = 64;
+    const int64_t n_blocks = (d + kDimBlock - 1) / kDimBlock;
+    parallel_for(n_blocks, threads, [&](int64_t b, int) {
+      const int64_t i0 = b * kDimBlock, i1 = std::min(d, i0 + kDimBlock);
+      for (int64_t i = i0; i < i1; ++i) {
+        const uint8_t *row = W + size_t(i) * m * es;
+        for (int64_t r = 0; r < n; ++r) {
+          float acc = D.b_dec ? D.b_dec[i] : 0.f;
+          for (int32_t j = 0; j < k; ++j) {
+            const int32_t f = indices[r * k + j];
+            if (f >= 0) acc += values[r * k + j] * load_scalar(row + size_t(f) * es, D.dec_dtype);
+          }
+          out[r * ldo + i] = acc;
+        }
+      }
+    });
+  }
+}
+
+void reconstruct(const Sae &s, float *h, int64_t n, int64_t ldh, int threads) {
+  const int32_t k = s.d.k;
+  const int64_t chunk = std::min<int64_t>(n, 256);
+  std::vector<float> vals(size_t(chunk * k));
+  std::vector<int32_t> idx(size_t(chunk * k));
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    const int64_t rc = std::min(chunk, n - r0);
+    encode(s, h + r0 * ldh, rc, ldh, k, vals.data(), idx.data(), threads);
+    decode(s, vals.data(), idx.data(), rc, k, h + r0 * ldh, ldh, threads);
+  }
+}
+
+void decoder_direction(const Sae &s, int32_t feature, bool normalize, float *out) {
+  const saehook_sae_desc &D = s.d;
+  if (feature < 0 || feature >= D.d_sae)
+    fail(SAEHOOK_ERR_INDEX, "feature " + std::to_string(feature) + " is out of range [0, " +
+                                std::to_string(D.d_sae) + ")");
+  const size_t es = dtype_size(D.dec_dtype);
+  const uint8_t *W = static_cast<const uint8_t *>(D.W_dec);
+  if (D.dec_layout == SAEHOOK_DEC_ROWS) {
+    cpu::active().to_f32(W + size_t(feature) * D.d_model * es, D.dec_dtype, D.d_model, out);
+  } else {
+    for (int64_t i = 0; i < D.d_model; ++i)
+      out[i] = load_scalar(W + (size_t(i) * D.d_sae + feature) * es, D.dec_dtype);
+  }
+  if (normalize) {
+    double ss = 0;
+    for (int64_t i = 0; i < D.d_model; ++i) ss += double(out[i]) * out[i];
+    if (!(ss > 0))
+      fail(SAEHOOK_ERR_INVALID_ARGUMENT,
+           "feature " + std::to_string(feature) + " has a zero decoder direction; cannot normalize");
+    const float inv = float(1.0 / std::sqrt(ss));
+    for (int64_t i = 0; i < D.d_model; ++i) out[i] *= inv;
+  }
+}
+
+void steer(const Sae &s, float *h, int64_t n, int64_t ldh, const saehook_steer_item *items,
+           int32_t n_items, const uint8_t *row_mask, int32_t k, float *values_out,
+           int32_t *indices_out, int threads) {
+  const saehook_sae_desc &D = s.d;
+  const int64_t d = D.d_model;
+  if (n_items < 0 || (n_items > 0 && !items))
+    fail(SAEHOOK_ERR_INVALID_ARGUMENT, "steering items are missing");
+  bool need_encode = values_out != nullptr || indices_out != nullptr;
+  for (int32_t t = 0; t < n_items; ++t) {
+    const saehook_steer_item &it = items[t];
+    if (it.feature < 0 || it.feature >= D.d_sae)
+      fail(SAEHOOK_ERR_INDEX, "steering feature " + std::to_string(it.feature) +
+                                  " is out of range [0, " + std::to_string(D.d_sae) + ")");
+    if (it.op < SAEHOOK_STEER_ADD || it.op > SAEHOOK_STEER_ABLATE)
+      fail(SAEHOOK_ERR_INVALID_ARGUMENT, "unknown steering op " + std::to_string(int(it.op)));
+    if (!std::isfinite(it.value))
+      fail(SAEHOOK_ERR_NAN, "steering value for feature " + std::to_string(it.feature) +
+                                " is NaN or Inf");
+    if (it.op != SAEHOOK_STEER_ADD) need_encode = true;
+  }
+  if (n == 0) return;
+  if (values_out == nullptr) indices_out = nullptr;  // outputs come as a pair
+  const int32_t kk = k > 0 ? k : D.k;
+  std::vector<float> vtmp;
+  std::vector<int32_t> itmp;
+  float *vals = values_out;
+  int32_t *idx = indices_out;
+  if (need_encode) {
+    if (!vals) {
+      vtmp.resize(size_t(n * kk));
+      itmp.resize(size_t(n * kk));
+      vals = vtmp.data();
+      idx = itmp.data();
+    }
+    encode(s, h, n, ldh, kk, vals, idx, threads);
+  } else {
+    check_finite(h, n, d, ldh, "input");
+  }
+  if (n_items == 0) return;
+
+  std::vector<float> dirs(size_t(n_items) * d);
+  for (int32_t t = 0; t < n_items; ++t)
+    decoder_direction(s, items[t].feature, items[t].normalize != 0, &dirs[size_t(t) * d]);
+
+  const cpu::Kernels &K = cpu::active();
+  parallel_for(n, threads, [&](int64_t r, int) {
+    if (row_mask && !row_mask[r]) return;
+    float *row = h + r * ldh;
+    for (int32_t t = 0; t < n_items; ++t) {
+      const saehook_steer_item &it = items[t];
+      float z = 0.f;
+      if (it.op != SAEHOOK_STEER_ADD)
+        for (int32_t j = 0; j < kk; ++j)
+          if (idx[r * kk + j] == it.feature) {
+            z = vals[r * kk + j];
+            break;
+          }
+      float c = 0.f;
+      switch (it.op) {
+        case SAEHOOK_STEER_ADD: c = it.value; break;
+        case SAEHOOK_STEER_CLAMP: c = it.value - z; break;
+        case SAEHOOK_STEER_SCALE: c = (it.value - 1.f) * z; break;
+        case SAEHOOK_STEER_ABLATE: c = -z; break;
+      }
+      if (c != 0.f) K.axpy(c, &dirs[size_t(t) * d], SAEHOOK_F32, d, row);
+    }
+  });
+}
+
+}  // namespace saehook

@@ -1,0 +1,144 @@
+#include "threadpool.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace saehook {
+
+int hardware_threads() {
+  unsigned n = std::thread::hardware_concurrency();
+  return n == 0 ? 1 : int(n);
+}
+
+namespace {
+
+class Pool {
+ public:
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+      ++generation_;
+    }
+    cv_.notify_all();
+    for (auto &t : workers_) t.join();
+  }
+
+  void run(int64_t n_tasks, int n_threads, const std::function<void(int64_t, int)> &fn) {
+    std::unique_lock<std::mutex> job(job_mu_, std::try_to_lock);
+    if (!job.owns_lock() || in_job_) {  // busy or nested: run inline
+      for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
+      return;
+    }
+    int width = int(std::min<int64_t>(n_threads, n_tasks));
+    if (width <= 1) {
+      for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
+      return;
+    }
+    ensure_workers(width - 1);
+    std::exception_ptr error;
+    std::mutex error_mu;
+    std::atomic<int64_t> next{0};
+    std::function<void(int)> body = [&](int worker) {
+      try {
+        for (int64_t t = next.fetch_add(1); t < n_tasks; t = next.fetch_add(1)) fn(t, worker);
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(error_mu);
+        if (!error) error = std::current_exception();
+        next.store(n_tasks);
+      }
+    };
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      body_ = &body;
+      active_ = width - 1;
+      pending_ = width - 1;
+      ++generation_;
+    }
+    cv_.notify_all();
+    in_job_ = true;
+    body(0);
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      done_cv_.wait(lk, [&] { return pending_ == 0; });
+      body_ = nullptr;
+    }
+    in_job_ = false;
+    if (error) std::rethrow_exception(error);
+  }
+
+ private:
+  void ensure_workers(int n) {
+    while (int(workers_.size()) < n) {
+      int id = int(workers_.size()) + 1;
+      workers_.emplace_back([this, id] { loop(id); });
+    }
+  }
+
+  void loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)> *body = nullptr;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stop_) return;
+        if (id > active_) continue;  // not part of this job
+        body = body_;
+      }
+      (*body)(id);
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (--pending_ == 0) done_cv_.notify_one();
+      }
+    }
+  }
+
+  std::mutex job_mu_;  // one job at a time
+  bool in_job_ = false;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)> *body_ = nullptr;
+  uint64_t generation_ = 0;
+  int active_ = 0, pending_ = 0;
+  bool stop_ = false;
+};
+
+Pool &pool() {
+  static Pool p;
+  return p;
+}
+
+thread_local bool tls_inside_job = false;
+
+}  // namespace
+
+void parallel_for(int64_t n_tasks, int n_threads, const std::function<void(int64_t, int)> &fn) {
+  if (n_tasks <= 0) return;
+  if (tls_inside_job || n_threads <= 1 || n_tasks == 1) {
+    for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
+    return;
+  }
+  // Mark workers and caller as inside a job so nested calls run inline.
+  auto wrapped = [&](int64_t t, int w) {
+    bool prev = tls_inside_job;
+    tls_inside_job = true;
+    try {
+      fn(t, w);
+    } catch (...) {
+      tls_inside_job = prev;
+      throw;
+    }
+    tls_inside_job = prev;
+  };
+  pool().run(n_tasks, n_threads, wrapped);
+}
+
+}  // namespace saehook

@@ -1,0 +1,119 @@
+// Run-time choice of the CPU kernel path from what the processor reports.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "kernels.hpp"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#define SAEHOOK_X86 1
+#endif
+
+namespace saehook::cpu {
+
+extern const Kernels kernels_baseline;
+#ifdef SAEHOOK_HAVE_AVX2
+extern const Kernels kernels_avx2;
+#endif
+#ifdef SAEHOOK_HAVE_AVX512
+extern const Kernels kernels_avx512;
+#endif
+
+namespace {
+
+#ifdef SAEHOOK_X86
+// OS support for the AVX (ymm) and AVX-512 (opmask, zmm) register state.
+uint64_t xgetbv0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (uint64_t(edx) << 32) | eax;
+}
+
+bool cpu_has_avx2() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+  bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
+  if (!(fma && osxsave && avx && f16c)) return false;
+  if ((xgetbv0() & 0x6) != 0x6) return false;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return b & (1u << 5);
+}
+
+bool cpu_has_avx512() {
+  if (!cpu_has_avx2()) return false;
+  if ((xgetbv0() & 0xe6) != 0xe6) return false;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  bool f = b & (1u << 16), bw = b & (1u << 30), vl = b & (1u << 31);
+  return f && bw && vl;
+}
+#endif
+
+struct Entry {
+  const Kernels *k;
+  bool (*runs_here)();
+};
+
+bool always() { return true; }
+
+// Best first.
+const Entry kEntries[] = {
+#ifdef SAEHOOK_HAVE_AVX512
+    {&kernels_avx512, cpu_has_avx512},
+#endif
+#ifdef SAEHOOK_HAVE_AVX2
+    {&kernels_avx2, cpu_has_avx2},
+#endif
+    {&kernels_baseline, always},
+};
+
+const Kernels *best() {
+  for (const Entry &e : kEntries)
+    if (e.runs_here()) return e.k;
+  return &kernels_baseline;
+}
+
+const Kernels *initial() {
+  const char *env = std::getenv("SAEHOOK_ISA");
+  if (env && *env && std::strcmp(env, "auto") != 0) {
+    for (const Entry &e : kEntries)
+      if (std::strcmp(e.k->name, env) == 0 && e.runs_here()) return e.k;
+  }
+  return best();
+}
+
+std::atomic<const Kernels *> &current() {
+  static std::atomic<const Kernels *> k{initial()};
+  return k;
+}
+
+}  // namespace
+
+const Kernels &active() { return *current().load(std::memory_order_relaxed); }
+
+bool select(const char *name) {
+  if (!name || std::strcmp(name, "auto") == 0) {
+    current().store(best());
+    return true;
+  }
+  for (const Entry &e : kEntries)
+    if (std::strcmp(e.k->name, name) == 0 && e.runs_here()) {
+      current().store(e.k);
+      return true;
+    }
+  return false;
+}
+
+const char *available() {
+  static const std::string names = [] {
+    std::string s;
+    for (const Entry &e : kEntries)
+      if (e.runs_here()) s += (s.empty() ? "" : ",") + std::string(e.k->name);
+    return s;
+  }();
+  return names.c_str();
+}
+
+}  // namespace saehook::cpu

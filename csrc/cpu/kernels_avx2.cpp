@@ -1,0 +1,8 @@
+// The avx2 path of the CPU kernels (vector width 32 bytes); target flags come from CMakeLists.txt.
+#define SAEHOOK_ISA_NS avx2
+#define SAEHOOK_VBYTES 32
+#include "kernels_impl.hpp"
+
+namespace saehook::cpu {
+extern const Kernels kernels_avx2 = {"avx2", avx2::dot_block, avx2::axpy, avx2::to_f32};
+}

@@ -1,0 +1,8 @@
+// The baseline path of the CPU kernels (vector width 16 bytes); target flags come from CMakeLists.txt.
+#define SAEHOOK_ISA_NS baseline
+#define SAEHOOK_VBYTES 16
+#include "kernels_impl.hpp"
+
+namespace saehook::cpu {
+extern const Kernels kernels_baseline = {"baseline", baseline::dot_block, baseline::axpy, baseline::to_f32};
+}

@@ -1,0 +1,214 @@
+// Body of one ISA path. Included by kernels_<isa>.cpp after defining
+//   SAEHOOK_ISA_NS  namespace name of the path
+//   SAEHOOK_VBYTES  vector width in bytes (16, 32 or 64)
+// and compiled with that path's target flags; the includer defines the Kernels table. The loops use GCC/Clang vector extensions, which
+// the compiler lowers to the widest registers the flags allow (SSE2/NEON, AVX2, AVX-512).
+#include "kernels.hpp"
+
+#include <cstring>
+
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace saehook::cpu::SAEHOOK_ISA_NS {
+
+constexpr int VB = SAEHOOK_VBYTES;
+constexpr int VL = VB / 4;  // floats per vector
+typedef float vf __attribute__((vector_size(VB)));
+typedef uint32_t vu32 __attribute__((vector_size(VB)));
+typedef uint16_t vu16 __attribute__((vector_size(VB / 2)));
+typedef int8_t vi8 __attribute__((vector_size(VB / 4)));
+
+template <saehook_dtype DT>
+struct Load;
+
+template <>
+struct Load<SAEHOOK_F32> {
+  static constexpr size_t size = 4;
+  static inline vf vec(const uint8_t *p) {
+    vf v;
+    std::memcpy(&v, p, VB);
+    return v;
+  }
+  static inline float one(const uint8_t *p) {
+    float f;
+    std::memcpy(&f, p, 4);
+    return f;
+  }
+};
+
+template <>
+struct Load<SAEHOOK_BF16> {
+  static constexpr size_t size = 2;
+  static inline vf vec(const uint8_t *p) {
+    vu16 h;
+    std::memcpy(&h, p, VB / 2);
+    vu32 u = __builtin_convertvector(h, vu32) << 16;
+    vf v;
+    std::memcpy(&v, &u, VB);
+    return v;
+  }
+  static inline float one(const uint8_t *p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return bf16_to_f32(h);
+  }
+};
+
+template <>
+struct Load<SAEHOOK_F16> {
+  static constexpr size_t size = 2;
+  static inline vf vec(const uint8_t *p) {
+    vf v;
+#if SAEHOOK_VBYTES == 64 && defined(__AVX512F__)
+    __m512 r = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)));
+    std::memcpy(&v, &r, VB);
+#elif SAEHOOK_VBYTES == 32 && defined(__F16C__)
+    __m256 r = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+    std::memcpy(&v, &r, VB);
+#else
+    for (int i = 0; i < VL; ++i) v[i] = one(p + 2 * i);
+#endif
+    return v;
+  }
+  static inline float one(const uint8_t *p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return f16_to_f32(h);
+  }
+};
+
+template <>
+struct Load<SAEHOOK_I8> {
+  static constexpr size_t size = 1;
+  static inline vf vec(const uint8_t *p) {
+    vi8 q;
+    std::memcpy(&q, p, VB / 4);
+    return __builtin_convertvector(q, vf);
+  }
+  static inline float one(const uint8_t *p) { return float(int8_t(*p)); }
+};
+
+static inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < VL; ++i) s += v[i];
+  return s;
+}
+
+// R rows x F features register tile over the full reduction length d.
+template <saehook_dtype DT, int R, int F>
+static inline void tile(const float *x, int64_t ldx, const uint8_t *W, size_t row_bytes, int64_t d,
+                        float *out, int64_t ldo, const float *scales) {
+  using L = Load<DT>;
+  vf acc[R][F];
+  for (int r = 0; r < R; ++r)
+    for (int f = 0; f < F; ++f) acc[r][f] = vf{};
+  int64_t i = 0;
+  for (; i + VL <= d; i += VL) {
+    vf xv[R];
+    for (int r = 0; r < R; ++r) std::memcpy(&xv[r], x + r * ldx + i, VB);
+    for (int f = 0; f < F; ++f) {
+      vf w = L::vec(W + f * row_bytes + i * L::size);
+      for (int r = 0; r < R; ++r) acc[r][f] += xv[r] * w;
+    }
+  }
+  float res[R][F];
+  for (int r = 0; r < R; ++r)
+    for (int f = 0; f < F; ++f) res[r][f] = hsum(acc[r][f]);
+  for (; i < d; ++i)
+    for (int f = 0; f < F; ++f) {
+      float w = L::one(W + f * row_bytes + i * L::size);
+      for (int r = 0; r < R; ++r) res[r][f] += x[r * ldx + i] * w;
+    }
+  for (int r = 0; r < R; ++r)
+    for (int f = 0; f < F; ++f) out[r * ldo + f] = scales ? res[r][f] * scales[f] : res[r][f];
+}
+
+template <saehook_dtype DT, int R>
+static void tile_row_group(const float *x, int64_t ldx, const uint8_t *W, int64_t d, int64_t f0,
+                           int64_t nf, float *out, int64_t ldo, const float *scales) {
+  const size_t row_bytes = size_t(d) * Load<DT>::size;
+  constexpr int F = R == 1 ? 8 : 4;  // batch 1 is bandwidth-bound: more rows in flight
+  int64_t j = 0;
+  for (; j + F <= nf; j += F)
+    tile<DT, R, F>(x, ldx, W + (f0 + j) * row_bytes, row_bytes, d, out + j, ldo,
+                   scales ? scales + f0 + j : nullptr);
+  for (; j < nf; ++j)
+    tile<DT, R, 1>(x, ldx, W + (f0 + j) * row_bytes, row_bytes, d, out + j, ldo,
+                   scales ? scales + f0 + j : nullptr);
+}
+
+template <saehook_dtype DT>
+static void dot_block_t(const float *x, int64_t ldx, int64_t R, const void *Wv, const float *scales,
+                        int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo) {
+  const uint8_t *W = static_cast<const uint8_t *>(Wv);
+  int64_t r = 0;
+  for (; r + 4 <= R; r += 4)
+    tile_row_group<DT, 4>(x + r * ldx, ldx, W, d, f0, nf, out + r * ldo, ldo, scales);
+  switch (R - r) {
+    case 3: tile_row_group<DT, 3>(x + r * ldx, ldx, W, d, f0, nf, out + r * ldo, ldo, scales); break;
+    case 2: tile_row_group<DT, 2>(x + r * ldx, ldx, W, d, f0, nf, out + r * ldo, ldo, scales); break;
+    case 1: tile_row_group<DT, 1>(x + r * ldx, ldx, W, d, f0, nf, out + r * ldo, ldo, scales); break;
+    default: break;
+  }
+}
+
+static void dot_block(const float *x, int64_t ldx, int64_t R, const void *W, saehook_dtype dt,
+                      const float *scales, int64_t d, int64_t f0, int64_t nf, float *out,
+                      int64_t ldo) {
+  switch (dt) {
+    case SAEHOOK_F32: return dot_block_t<SAEHOOK_F32>(x, ldx, R, W, nullptr, d, f0, nf, out, ldo);
+    case SAEHOOK_F16: return dot_block_t<SAEHOOK_F16>(x, ldx, R, W, nullptr, d, f0, nf, out, ldo);
+    case SAEHOOK_BF16: return dot_block_t<SAEHOOK_BF16>(x, ldx, R, W, nullptr, d, f0, nf, out, ldo);
+    case SAEHOOK_I8: return dot_block_t<SAEHOOK_I8>(x, ldx, R, W, scales, d, f0, nf, out, ldo);
+  }
+}
+
+template <saehook_dtype DT>
+static void axpy_t(float a, const void *wv, int64_t d, float *y) {
+  using L = Load<DT>;
+  const uint8_t *w = static_cast<const uint8_t *>(wv);
+  vf av;
+  for (int i = 0; i < VL; ++i) av[i] = a;
+  int64_t i = 0;
+  for (; i + VL <= d; i += VL) {
+    vf yv;
+    std::memcpy(&yv, y + i, VB);
+    yv += av * L::vec(w + i * L::size);
+    std::memcpy(y + i, &yv, VB);
+  }
+  for (; i < d; ++i) y[i] += a * L::one(w + i * L::size);
+}
+
+static void axpy(float a, const void *w, saehook_dtype dt, int64_t d, float *y) {
+  switch (dt) {
+    case SAEHOOK_F32: return axpy_t<SAEHOOK_F32>(a, w, d, y);
+    case SAEHOOK_F16: return axpy_t<SAEHOOK_F16>(a, w, d, y);
+    case SAEHOOK_BF16: return axpy_t<SAEHOOK_BF16>(a, w, d, y);
+    case SAEHOOK_I8: return axpy_t<SAEHOOK_I8>(a, w, d, y);
+  }
+}
+
+template <saehook_dtype DT>
+static void to_f32_t(const void *sv, int64_t n, float *dst) {
+  using L = Load<DT>;
+  const uint8_t *s = static_cast<const uint8_t *>(sv);
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) {
+    vf v = L::vec(s + i * L::size);
+    std::memcpy(dst + i, &v, VB);
+  }
+  for (; i < n; ++i) dst[i] = L::one(s + i * L::size);
+}
+
+static void to_f32(const void *src, saehook_dtype dt, int64_t n, float *dst) {
+  switch (dt) {
+    case SAEHOOK_F32: return to_f32_t<SAEHOOK_F32>(src, n, dst);
+    case SAEHOOK_F16: return to_f32_t<SAEHOOK_F16>(src, n, dst);
+    case SAEHOOK_BF16: return to_f32_t<SAEHOOK_BF16>(src, n, dst);
+    case SAEHOOK_I8: return to_f32_t<SAEHOOK_I8>(src, n, dst);
+  }
+}
+
+}  // namespace saehook::cpu::SAEHOOK_ISA_NS

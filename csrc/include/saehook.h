@@ -1,0 +1,168 @@
+/*
+ * saehook.h — the stable C API of saehook's Top-K sparse-autoencoder kernels.
+ *
+ * Conventions
+ *  - Every call that can fail returns a saehook_status; on failure
+ *    saehook_last_error() returns a message for the calling thread.
+ *  - Activations (x, h) are float32, row-major, one row per token, with an explicit
+ *    row stride in elements (>= d_model) so views into larger buffers work.
+ *  - The encoder is always stored feature-major: W_enc has shape (d_sae, d_model).
+ *    The decoder may be stored either way (saehook_dec_layout).
+ *  - Weights are borrowed (zero copy: the caller keeps them alive for the life of the
+ *    handle, e.g. an mmapped file) unless saehook_sae_desc.copy_weights is set.
+ *  - A handle is immutable after creation and may be used from several threads at once.
+ */
+#ifndef SAEHOOK_H
+#define SAEHOOK_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define SAEHOOK_API __declspec(dllexport)
+#else
+#define SAEHOOK_API __attribute__((visibility("default")))
+#endif
+
+#define SAEHOOK_API_VERSION 1
+
+typedef enum {
+  SAEHOOK_OK = 0,
+  SAEHOOK_ERR_INVALID_ARGUMENT = 1, /* null pointer, bad enum, bad k, ... */
+  SAEHOOK_ERR_SHAPE = 2,            /* inconsistent or unsupported sizes */
+  SAEHOOK_ERR_DTYPE = 3,            /* dtype not supported for this tensor */
+  SAEHOOK_ERR_INDEX = 4,            /* feature index out of range */
+  SAEHOOK_ERR_NAN = 5,              /* NaN or Inf in an input */
+  SAEHOOK_ERR_ALLOC = 6,            /* out of memory */
+  SAEHOOK_ERR_UNSUPPORTED = 7,      /* e.g. CUDA pointers in a build without CUDA */
+  SAEHOOK_ERR_INTERNAL = 8
+} saehook_status;
+
+typedef enum {
+  SAEHOOK_F32 = 0,
+  SAEHOOK_F16 = 1,
+  SAEHOOK_BF16 = 2,
+  SAEHOOK_I8 = 3 /* symmetric int8 with one float scale per feature (encoder only) */
+} saehook_dtype;
+
+typedef enum {
+  SAEHOOK_ACT_TOPK = 0,      /* k largest pre-activations kept as they are (Qwen-Scope) */
+  SAEHOOK_ACT_TOPK_RELU = 1, /* ReLU, then Top-K (EleutherAI sparsify, OpenAI, SAELens topk) */
+  SAEHOOK_ACT_RELU = 2,      /* ReLU (SAELens standard) */
+  SAEHOOK_ACT_JUMPRELU = 3   /* pre if pre > threshold[f] else 0 (Gemma Scope) */
+} saehook_activation;
+
+typedef enum {
+  SAEHOOK_DEC_ROWS = 0, /* W_dec has shape (d_sae, d_model): feature f is row f */
+  SAEHOOK_DEC_COLS = 1  /* W_dec has shape (d_model, d_sae): feature f is column f (Qwen-Scope) */
+} saehook_dec_layout;
+
+typedef struct {
+  int64_t d_model;
+  int64_t d_sae;
+  int32_t k;                     /* default number of active features per row */
+  saehook_activation activation;
+  int32_t subtract_b_dec;        /* encode (x - b_dec) instead of x */
+  const void *W_enc;             /* (d_sae, d_model), enc_dtype */
+  saehook_dtype enc_dtype;       /* F32, F16, BF16 or I8 */
+  const float *enc_scales;       /* I8 only: (d_sae,), W_enc[f] ~= q[f] * enc_scales[f] */
+  const float *b_enc;            /* (d_sae,) or NULL for zeros */
+  const void *W_dec;             /* see dec_layout, dec_dtype */
+  saehook_dtype dec_dtype;       /* F32, F16 or BF16 */
+  saehook_dec_layout dec_layout;
+  const float *b_dec;            /* (d_model,) or NULL for zeros */
+  const float *threshold;        /* (d_sae,), JUMPRELU only */
+  int32_t copy_weights;          /* 0: borrow the pointers; 1: copy them into the handle */
+} saehook_sae_desc;
+
+/* Per-call execution settings; pass NULL for the defaults. */
+typedef struct {
+  int32_t n_threads; /* <= 0: saehook_get_num_threads() */
+} saehook_exec;
+
+typedef struct saehook_sae saehook_sae;
+
+typedef enum {
+  SAEHOOK_STEER_ADD = 0,    /* h += value * d_f */
+  SAEHOOK_STEER_CLAMP = 1,  /* h += (value - z_f) * d_f */
+  SAEHOOK_STEER_SCALE = 2,  /* h += (value - 1) * z_f * d_f */
+  SAEHOOK_STEER_ABLATE = 3  /* h -= z_f * d_f   (clamp to 0) */
+} saehook_steer_op;
+
+typedef struct {
+  int32_t feature;
+  saehook_steer_op op;
+  float value;
+  int32_t normalize; /* use d_f / ||d_f|| instead of d_f */
+} saehook_steer_item;
+
+/* ---- library ---- */
+SAEHOOK_API int saehook_api_version(void);
+SAEHOOK_API const char *saehook_last_error(void);
+SAEHOOK_API const char *saehook_status_string(saehook_status s);
+/* Default thread count for kernels (initially the number of online CPUs). */
+SAEHOOK_API void saehook_set_num_threads(int32_t n);
+SAEHOOK_API int32_t saehook_get_num_threads(void);
+/* Instruction-set path of the CPU kernels: "auto" (best the CPU supports), "scalar",
+ * "avx2" (AVX2+FMA+F16C) or "avx512" (AVX-512 F/BW/VL, with BF16/VNNI where present). */
+SAEHOOK_API saehook_status saehook_set_isa(const char *name);
+SAEHOOK_API const char *saehook_get_isa(void);
+/* Comma-separated list of the paths this build has and this CPU can run. */
+SAEHOOK_API const char *saehook_available_isas(void);
+
+/* ---- SAE handles ---- */
+SAEHOOK_API saehook_status saehook_sae_create(const saehook_sae_desc *desc, saehook_sae **out);
+SAEHOOK_API void saehook_sae_destroy(saehook_sae *sae);
+/* The description the handle was created from (pointers are the handle's own if it copied). */
+SAEHOOK_API saehook_status saehook_sae_describe(const saehook_sae *sae, saehook_sae_desc *out);
+
+/* ---- kernels ---- */
+/* Encode n rows of x (row stride x_stride) into k (values, indices) per row, sorted by value
+ * descending, ties by lower index. k <= 0 means the SAE's k. For RELU/JUMPRELU/TOPK_RELU the
+ * entries whose activation is zero are padding: value 0, index -1. */
+SAEHOOK_API saehook_status saehook_encode(const saehook_sae *sae, const float *x, int64_t n,
+                                          int64_t x_stride, int32_t k, float *values,
+                                          int32_t *indices, const saehook_exec *exec);
+/* Dense pre-activations (before the activation function): out (n, d_sae). For tests and
+ * analysis; production paths use saehook_encode, which never materialises them. */
+SAEHOOK_API saehook_status saehook_preacts(const saehook_sae *sae, const float *x, int64_t n,
+                                           int64_t x_stride, float *out, const saehook_exec *exec);
+/* x_hat = sum_j values[j] * d_{indices[j]} + b_dec; out (n, d_model) with stride out_stride.
+ * Index -1 is skipped; any other index outside [0, d_sae) is an error. */
+SAEHOOK_API saehook_status saehook_decode(const saehook_sae *sae, const float *values,
+                                          const int32_t *indices, int64_t n, int32_t k,
+                                          float *out, int64_t out_stride, const saehook_exec *exec);
+/* Replace each row of h by its reconstruction decode(encode(h)), in place. */
+SAEHOOK_API saehook_status saehook_reconstruct(const saehook_sae *sae, float *h, int64_t n,
+                                               int64_t h_stride, const saehook_exec *exec);
+/* Steer rows of h in place with n_items operations sharing one encode. row_mask (n bytes, may be
+ * NULL for all rows) selects the rows to change. If values_out/indices_out are not NULL they
+ * receive the encode of the unsteered rows (n x k, k <= 0 meaning the SAE's k). The encode is
+ * skipped when every item is ADD and no output is requested. */
+SAEHOOK_API saehook_status saehook_steer(const saehook_sae *sae, float *h, int64_t n,
+                                         int64_t h_stride, const saehook_steer_item *items,
+                                         int32_t n_items, const uint8_t *row_mask, int32_t k,
+                                         float *values_out, int32_t *indices_out,
+                                         const saehook_exec *exec);
+/* The decoder direction of one feature as float32 (d_model), optionally unit-normalised. */
+SAEHOOK_API saehook_status saehook_decoder_direction(const saehook_sae *sae, int32_t feature,
+                                                     int32_t normalize, float *out);
+
+/* ---- weight conversion helpers ---- */
+/* Symmetric per-row int8 quantisation of a (rows, cols) matrix: scale = max|row| / 127. */
+SAEHOOK_API saehook_status saehook_quantize_int8(const void *src, saehook_dtype src_dtype,
+                                                 int64_t rows, int64_t cols, int8_t *q,
+                                                 float *scales, const saehook_exec *exec);
+/* Elementwise conversion between F32, F16 and BF16 (round to nearest even). */
+SAEHOOK_API saehook_status saehook_convert(const void *src, saehook_dtype src_dtype, void *dst,
+                                           saehook_dtype dst_dtype, int64_t n,
+                                           const saehook_exec *exec);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* SAEHOOK_H */

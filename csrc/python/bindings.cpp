@@ -1,0 +1,178 @@
+// Thin pybind11 bindings over the C API. Arrays travel as raw addresses (numpy's
+// `ctypes.data`, torch's `data_ptr()`), so numpy arrays, torch tensors and mmapped files all reach
+// the kernels without a copy; shapes and dtypes are checked in python/saehook before the call.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "saehook.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <class T>
+T *ptr(uintptr_t a) {
+  return reinterpret_cast<T *>(a);
+}
+
+// Maps a failed status to the Python exception a user expects.
+void check(saehook_status st) {
+  if (st == SAEHOOK_OK) return;
+  std::string msg = saehook_last_error();
+  switch (st) {
+    case SAEHOOK_ERR_INDEX: throw py::index_error(msg);
+    case SAEHOOK_ERR_DTYPE: throw py::type_error(msg);
+    case SAEHOOK_ERR_ALLOC: throw std::bad_alloc();
+    case SAEHOOK_ERR_UNSUPPORTED:
+    case SAEHOOK_ERR_INTERNAL: throw std::runtime_error(msg);
+    default: throw py::value_error(msg);
+  }
+}
+
+saehook_exec exec_of(int threads) {
+  saehook_exec e{};
+  e.n_threads = threads;
+  return e;
+}
+
+struct Handle {
+  saehook_sae *h = nullptr;
+  ~Handle() { saehook_sae_destroy(h); }
+  uintptr_t address() const { return reinterpret_cast<uintptr_t>(h); }
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "saehook compiled core (see csrc/include/saehook.h)";
+  m.attr("API_VERSION") = saehook_api_version();
+
+  py::class_<Handle, std::shared_ptr<Handle>>(m, "Handle")
+      .def_property_readonly("address", &Handle::address,
+                             "The saehook_sae* as an integer (for the C API / torch ops).");
+
+  m.def(
+      "create",
+      [](int64_t d_model, int64_t d_sae, int k, int activation, bool subtract_b_dec,
+         uintptr_t W_enc, int enc_dtype, uintptr_t enc_scales, uintptr_t b_enc, uintptr_t W_dec,
+         int dec_dtype, int dec_layout, uintptr_t b_dec, uintptr_t threshold, bool copy) {
+        saehook_sae_desc d{};
+        d.d_model = d_model;
+        d.d_sae = d_sae;
+        d.k = k;
+        d.activation = saehook_activation(activation);
+        d.subtract_b_dec = subtract_b_dec;
+        d.W_enc = ptr<const void>(W_enc);
+        d.enc_dtype = saehook_dtype(enc_dtype);
+        d.enc_scales = ptr<const float>(enc_scales);
+        d.b_enc = ptr<const float>(b_enc);
+        d.W_dec = ptr<const void>(W_dec);
+        d.dec_dtype = saehook_dtype(dec_dtype);
+        d.dec_layout = saehook_dec_layout(dec_layout);
+        d.b_dec = ptr<const float>(b_dec);
+        d.threshold = ptr<const float>(threshold);
+        d.copy_weights = copy;
+        auto h = std::make_shared<Handle>();
+        check(saehook_sae_create(&d, &h->h));
+        return h;
+      },
+      py::arg("d_model"), py::arg("d_sae"), py::arg("k"), py::arg("activation"),
+      py::arg("subtract_b_dec"), py::arg("W_enc"), py::arg("enc_dtype"), py::arg("enc_scales"),
+      py::arg("b_enc"), py::arg("W_dec"), py::arg("dec_dtype"), py::arg("dec_layout"),
+      py::arg("b_dec"), py::arg("threshold"), py::arg("copy") = false);
+
+  m.def("encode", [](const Handle &s, uintptr_t x, int64_t n, int64_t ldx, int k, uintptr_t vals,
+                     uintptr_t idx, int threads) {
+    saehook_exec e = exec_of(threads);
+    saehook_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = saehook_encode(s.h, ptr<const float>(x), n, ldx, k, ptr<float>(vals), ptr<int32_t>(idx), &e);
+    }
+    check(st);
+  });
+
+  m.def("preacts", [](const Handle &s, uintptr_t x, int64_t n, int64_t ldx, uintptr_t out,
+                      int threads) {
+    saehook_exec e = exec_of(threads);
+    saehook_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = saehook_preacts(s.h, ptr<const float>(x), n, ldx, ptr<float>(out), &e);
+    }
+    check(st);
+  });
+
+  m.def("decode", [](const Handle &s, uintptr_t vals, uintptr_t idx, int64_t n, int k,
+                     uintptr_t out, int64_t ldo, int threads) {
+    saehook_exec e = exec_of(threads);
+    saehook_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = saehook_decode(s.h, ptr<const float>(vals), ptr<const int32_t>(idx), n, k,
+                          ptr<float>(out), ldo, &e);
+    }
+    check(st);
+  });
+
+  m.def("reconstruct", [](const Handle &s, uintptr_t h, int64_t n, int64_t ldh, int threads) {
+    saehook_exec e = exec_of(threads);
+    saehook_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = saehook_reconstruct(s.h, ptr<float>(h), n, ldh, &e);
+    }
+    check(st);
+  });
+
+  // items: address of an array of saehook_steer_item (built with numpy's structured dtype).
+  m.def("steer", [](const Handle &s, uintptr_t h, int64_t n, int64_t ldh, uintptr_t items,
+                    int n_items, uintptr_t mask, int k, uintptr_t vals, uintptr_t idx,
+                    int threads) {
+    saehook_exec e = exec_of(threads);
+    saehook_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = saehook_steer(s.h, ptr<float>(h), n, ldh, ptr<const saehook_steer_item>(items), n_items,
+                         ptr<const uint8_t>(mask), k, ptr<float>(vals), ptr<int32_t>(idx), &e);
+    }
+    check(st);
+  });
+  m.attr("STEER_ITEM_SIZE") = sizeof(saehook_steer_item);
+
+  m.def("decoder_direction", [](const Handle &s, int f, bool normalize, uintptr_t out) {
+    check(saehook_decoder_direction(s.h, f, normalize, ptr<float>(out)));
+  });
+
+  m.def("quantize_int8", [](uintptr_t src, int dtype, int64_t rows, int64_t cols, uintptr_t q,
+                            uintptr_t scales, int threads) {
+    saehook_exec e = exec_of(threads);
+    saehook_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = saehook_quantize_int8(ptr<const void>(src), saehook_dtype(dtype), rows, cols,
+                                 ptr<int8_t>(q), ptr<float>(scales), &e);
+    }
+    check(st);
+  });
+
+  m.def("convert", [](uintptr_t src, int sdt, uintptr_t dst, int ddt, int64_t n, int threads) {
+    saehook_exec e = exec_of(threads);
+    saehook_status st;
+    {
+      py::gil_scoped_release nogil;
+      st = saehook_convert(ptr<const void>(src), saehook_dtype(sdt), ptr<void>(dst),
+                           saehook_dtype(ddt), n, &e);
+    }
+    check(st);
+  });
+
+  m.def("set_num_threads", &saehook_set_num_threads);
+  m.def("get_num_threads", &saehook_get_num_threads);
+  m.def("set_isa", [](const std::string &name) { check(saehook_set_isa(name.c_str())); });
+  m.def("get_isa", [] { return std::string(saehook_get_isa()); });
+  m.def("available_isas", [] { return std::string(saehook_available_isas()); });
+}

@@ -1,0 +1,41 @@
+"""saehook: Top-K sparse autoencoders inside a language model's forward pass.
+
+Compiled CPU kernels (encode with fused Top-K, sparse decode, steering) behind a C API,
+loaders for the published SAE formats, and hooks for llama.cpp and transformers.
+"""
+from __future__ import annotations
+
+import os as _os
+
+from .sae import (
+    SAE,
+    available_isas,
+    get_isa,
+    get_num_threads,
+    set_isa,
+    set_num_threads,
+)
+from .steering import Steering
+from .formats import SAEFormatError, SAESet, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAE", "SAESet", "SAEFormatError", "Steering", "load",
+    "set_num_threads", "get_num_threads", "set_isa", "get_isa", "available_isas",
+    "get_include", "get_library",
+]
+
+
+def get_include() -> str:
+    """Directory of saehook.h (for C/C++ programs using the C API)."""
+    return _os.path.join(_os.path.dirname(__file__), "include")
+
+
+def get_library() -> str:
+    """Path of libsaehook (the C API's shared library)."""
+    here = _os.path.dirname(__file__)
+    for name in _os.listdir(here):
+        if name.startswith("libsaehook") and (".so" in name or name.endswith(".dylib") or name.endswith(".dll")):
+            return _os.path.join(here, name)
+    raise FileNotFoundError("libsaehook was not found next to the package")

@@ -1,0 +1,301 @@
+"""The SAE object: weights (borrowed or owned) plus the compiled kernels that use them."""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from ._arrays import (
+    DTYPE_BYTES,
+    DTYPE_CODES,
+    Rows,
+    address,
+    as_f32_vector,
+    as_weight,
+    buffer_address,
+    canonical_dtype,
+    empty_like_kind,
+    rows,
+)
+
+ACTIVATIONS = {"topk": 0, "topk_relu": 1, "relu": 2, "jumprelu": 3}
+DEC_LAYOUTS = {"rows": 0, "cols": 1}
+
+
+def _threads(threads: Optional[int]) -> int:
+    return 0 if threads is None else int(threads)
+
+
+class SAE:
+    """A sparse autoencoder ready for the compiled kernels.
+
+    W_enc is (d_sae, d_model) (one row per feature). W_dec is (d_sae, d_model) with
+    dec_layout='rows' or (d_model, d_sae) with dec_layout='cols' (Qwen-Scope's layout).
+    Weights may be numpy arrays (including np.memmap), or CPU torch tensors, in f32, f16,
+    bf16 (uint16 bits in numpy, with enc_dtype/dec_dtype='bf16') or int8 (encoder only, with
+    enc_scales). They are borrowed, not copied: the SAE keeps a reference to them.
+
+    Encoding (see README "Semantics"):
+        pre = (x - b_dec if subtract_b_dec else x) @ W_enc.T + b_enc
+        topk:      the k largest pre, kept as they are
+        topk_relu: the k largest of relu(pre); zeros are padding (index -1)
+        relu:      relu(pre), at most k nonzero kept (largest first)
+        jumprelu:  pre where pre > threshold (and > 0), at most k kept
+        x_hat = sum_j values_j * d_{indices_j} + b_dec
+    """
+
+    def __init__(
+        self,
+        W_enc: Any,
+        W_dec: Any,
+        b_enc: Any = None,
+        b_dec: Any = None,
+        *,
+        k: int,
+        activation: str = "topk",
+        subtract_b_dec: bool = False,
+        threshold: Any = None,
+        dec_layout: str = "rows",
+        enc_scales: Any = None,
+        enc_dtype: Optional[str] = None,
+        dec_dtype: Optional[str] = None,
+        metadata: Optional[Mapping[str, Any]] = None,
+        keepalive: Any = None,
+    ):
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+        if dec_layout not in DEC_LAYOUTS:
+            raise ValueError(f"unknown dec_layout {dec_layout!r}; expected 'rows' or 'cols'")
+        W_enc, etag = as_weight(W_enc, "W_enc", enc_dtype)
+        W_dec, dtag = as_weight(W_dec, "W_dec", dec_dtype)
+        if W_enc.ndim != 2 or W_dec.ndim != 2:
+            raise ValueError(f"W_enc and W_dec must be 2-D, got {W_enc.shape} and {W_dec.shape}")
+        d_sae, d_model = W_enc.shape
+        expect_dec = (d_sae, d_model) if dec_layout == "rows" else (d_model, d_sae)
+        if tuple(W_dec.shape) != expect_dec:
+            raise ValueError(
+                f"W_dec has shape {tuple(W_dec.shape)} but W_enc {tuple(W_enc.shape)} with "
+                f"dec_layout={dec_layout!r} needs {expect_dec}"
+            )
+        if dtag == "int8":
+            raise TypeError("the decoder must be f32, f16 or bf16 (int8 is for the encoder)")
+        if etag == "int8" and enc_scales is None:
+            raise ValueError("an int8 encoder needs enc_scales (one float per feature)")
+        if activation == "jumprelu" and threshold is None:
+            raise ValueError("a jumprelu SAE needs a threshold vector")
+        if not (1 <= int(k) <= d_sae):
+            raise ValueError(f"k = {k} must be between 1 and d_sae = {d_sae}")
+
+        self._W_enc, self._W_dec = W_enc, W_dec
+        self._enc_scales = as_f32_vector(enc_scales, d_sae, "enc_scales") if etag == "int8" else None
+        self._b_enc = as_f32_vector(b_enc, d_sae, "b_enc")
+        self._b_dec = as_f32_vector(b_dec, d_model, "b_dec")
+        self._threshold = as_f32_vector(threshold, d_sae, "threshold")
+        if subtract_b_dec and self._b_dec is None:
+            raise ValueError("subtract_b_dec=True needs b_dec")
+        self._keepalive = keepalive
+        self.enc_dtype, self.dec_dtype = etag, dtag
+        self.dec_layout = dec_layout
+        self.activation = activation
+        self.subtract_b_dec = bool(subtract_b_dec)
+        self.metadata: Dict[str, Any] = dict(metadata or {})
+        self._handle = _core.create(
+            d_model, d_sae, int(k), ACTIVATIONS[activation], self.subtract_b_dec,
+            address(W_enc), DTYPE_CODES[etag], address(self._enc_scales), address(self._b_enc),
+            address(W_dec), DTYPE_CODES[dtag], DEC_LAYOUTS[dec_layout], address(self._b_dec),
+            address(self._threshold), False,
+        )
+        self.d_model, self.d_sae, self.k = int(d_model), int(d_sae), int(k)
+
+    # ---- description ----
+    @property
+    def handle(self) -> int:
+        """Address of the underlying saehook_sae* (for the C API and the torch ops)."""
+        return self._handle.address
+
+    @property
+    def layer(self) -> Optional[int]:
+        return self.metadata.get("layer")
+
+    @property
+    def hook_point(self) -> Optional[str]:
+        return self.metadata.get("hook_point")
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights the kernels read: W_enc + W_dec (+ scales and biases)."""
+        n = self.d_model * self.d_sae
+        small = 4 * (self.d_sae * (1 + (self._threshold is not None) + (self._enc_scales is not None)) + self.d_model)
+        return n * (DTYPE_BYTES[self.enc_dtype] + DTYPE_BYTES[self.dec_dtype]) + small
+
+    @property
+    def encoder_bytes(self) -> int:
+        return self.d_model * self.d_sae * DTYPE_BYTES[self.enc_dtype]
+
+    def arrays(self) -> Dict[str, Optional[np.ndarray]]:
+        """The weight arrays as stored (bf16 as uint16 bits)."""
+        return {
+            "W_enc": self._W_enc, "W_dec": self._W_dec, "b_enc": self._b_enc, "b_dec": self._b_dec,
+            "threshold": self._threshold, "enc_scales": self._enc_scales,
+        }
+
+    def __repr__(self) -> str:
+        where = f", layer={self.layer}" if self.layer is not None else ""
+        return (
+            f"SAE(d_model={self.d_model}, d_sae={self.d_sae}, k={self.k}, activation={self.activation!r}, "
+            f"enc={self.enc_dtype}, dec={self.dec_dtype}/{self.dec_layout}{where})"
+        )
+
+    # ---- kernels ----
+    def encode(self, x: Any, k: Optional[int] = None, *, threads: Optional[int] = None) -> Tuple[Any, Any]:
+        """Top-K features of each row of x (..., d_model): (values, indices) of shape (..., k).
+
+        Sorted by value descending (ties: lower index first). Index -1 marks padding (value 0)
+        for the relu-family activations. numpy in -> numpy out, torch in -> torch out.
+        """
+        kk = self.k if k is None else int(k)
+        if not (1 <= kk <= self.d_sae):
+            raise ValueError(f"k = {kk} must be between 1 and d_sae = {self.d_sae}")
+        r = rows(x, self.d_model)
+        vals = empty_like_kind(r.torch, (r.n, kk), "f32")
+        idx = empty_like_kind(r.torch, (r.n, kk), "i32")
+        if r.n:
+            _core.encode(self._handle, r.ptr, r.n, r.ld, kk, buffer_address(vals), buffer_address(idx), _threads(threads))
+        shape = r.batch_shape + (kk,)
+        return vals.reshape(shape), idx.reshape(shape)
+
+    def preacts(self, x: Any, *, threads: Optional[int] = None) -> Any:
+        """Dense pre-activations (..., d_sae) before the activation function (for analysis)."""
+        r = rows(x, self.d_model)
+        out = empty_like_kind(r.torch, (r.n, self.d_sae), "f32")
+        if r.n:
+            _core.preacts(self._handle, r.ptr, r.n, r.ld, buffer_address(out), _threads(threads))
+        return out.reshape(r.batch_shape + (self.d_sae,))
+
+    def decode(self, values: Any, indices: Any, *, threads: Optional[int] = None) -> Any:
+        """x_hat = sum_j values_j * d_{indices_j} + b_dec from the sparse form (..., k)."""
+        from ._arrays import is_torch
+
+        torch_kind = is_torch(values)
+        if torch_kind:
+            import torch
+
+            v = values.detach().to(torch.float32).contiguous()
+            i = indices.detach().to(torch.int32).contiguous()
+            vshape, ishape = tuple(v.shape), tuple(i.shape)
+        else:
+            v = np.ascontiguousarray(values, dtype=np.float32)
+            i = np.asarray(indices)
+            if i.dtype.kind not in "iu":
+                raise TypeError(f"indices must be integers, got {i.dtype}")
+            i = np.ascontiguousarray(i, dtype=np.int32)
+            vshape, ishape = v.shape, i.shape
+        if vshape != ishape or len(vshape) == 0:
+            raise ValueError(f"values {vshape} and indices {ishape} must have the same shape (..., k)")
+        kk = vshape[-1]
+        n = int(np.prod(vshape[:-1])) if len(vshape) > 1 else 1
+        out = empty_like_kind(torch_kind, (n, self.d_model), "f32")
+        if n and kk:
+            _core.decode(self._handle, buffer_address(v), buffer_address(i), n, kk, buffer_address(out),
+                         self.d_model, _threads(threads))
+        elif n:
+            out[:] = 0 if self._b_dec is None else (self._b_dec if not torch_kind else __import__("torch").from_numpy(self._b_dec))
+        return out.reshape(tuple(vshape[:-1]) + (self.d_model,))
+
+    def reconstruct(self, x: Any, *, inplace: bool = False, threads: Optional[int] = None) -> Any:
+        """decode(encode(x)); with inplace=True, x (float32) is overwritten and returned."""
+        if not inplace:
+            from ._arrays import is_torch
+
+            x = x.detach().to(dtype=__import__("torch").float32).clone() if is_torch(x) else np.array(x, dtype=np.float32)
+        r = rows(x, self.d_model, writable=True)
+        if r.n:
+            _core.reconstruct(self._handle, r.ptr, r.n, r.ld, _threads(threads))
+        return x
+
+    def decoder_direction(self, feature: int, normalize: bool = False) -> np.ndarray:
+        """Feature's decoder direction d_f as float32 (d_model,)."""
+        out = np.empty(self.d_model, dtype=np.float32)
+        _core.decoder_direction(self._handle, int(feature), bool(normalize), out.ctypes.data)
+        return out
+
+    # ---- conversion and saving ----
+    def to_dtype(self, dtype: Optional[str] = None, *, dec_dtype: Optional[str] = None,
+                 threads: Optional[int] = None) -> "SAE":
+        """A new SAE with converted weights (owned copies). `dtype` sets the encoder dtype
+        (f32, f16, bf16 or int8: int8 quantizes symmetrically per feature); the decoder follows
+        it for f16/bf16/f32 unless `dec_dtype` says otherwise, and stays as it is for int8."""
+        enc = canonical_dtype(dtype) if dtype is not None else self.enc_dtype
+        if dec_dtype is not None:
+            dec = canonical_dtype(dec_dtype)
+        else:
+            dec = self.dec_dtype if enc == "int8" else enc
+        if dec == "int8":
+            raise ValueError("the decoder cannot be int8")
+        W_enc, scales = self._W_enc, self._enc_scales
+        if enc != self.enc_dtype:
+            if self.enc_dtype == "int8":
+                # Dequantize, then convert.
+                f = W_enc.astype(np.float32) * scales[:, None]
+                W_enc, scales = convert_array(f, "f32", enc, threads=threads), None
+            elif enc == "int8":
+                W_enc, scales = quantize_int8(W_enc, self.enc_dtype, threads=threads)
+            else:
+                W_enc = convert_array(W_enc, self.enc_dtype, enc, threads=threads)
+        W_dec = self._W_dec if dec == self.dec_dtype else convert_array(self._W_dec, self.dec_dtype, dec, threads=threads)
+        return SAE(
+            W_enc, W_dec, self._b_enc, self._b_dec, k=self.k, activation=self.activation,
+            subtract_b_dec=self.subtract_b_dec, threshold=self._threshold, dec_layout=self.dec_layout,
+            enc_scales=scales, enc_dtype=enc, dec_dtype=dec, metadata=self.metadata,
+        )
+
+    def save(self, path: str, dtype: Optional[str] = None, *, dec_dtype: Optional[str] = None,
+             dec_layout: str = "rows") -> None:
+        """Writes saehook's own format (one .safetensors file with metadata), which loads
+        mmapped. The decoder is stored feature-major ('rows', fastest for decode) by default."""
+        from .formats import save_saehook
+
+        sae = self if (dtype is None and dec_dtype is None) else self.to_dtype(dtype, dec_dtype=dec_dtype)
+        save_saehook(sae, path, dec_layout=dec_layout)
+
+
+def convert_array(a: np.ndarray, src: str, dst: str, *, threads: Optional[int] = None) -> np.ndarray:
+    """Converts an f32/f16/bf16 array (bf16 as uint16) with the compiled converter."""
+    out = np.empty(a.shape, dtype={"f32": np.float32, "f16": np.float16, "bf16": np.uint16}[dst])
+    a = np.ascontiguousarray(a)
+    if a.size:
+        _core.convert(a.ctypes.data, DTYPE_CODES[src], out.ctypes.data, DTYPE_CODES[dst], a.size, _threads(threads))
+    return out
+
+
+def quantize_int8(W: np.ndarray, src: str, *, threads: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8: W[f] ~= q[f] * scale[f], scale = max|W[f]| / 127."""
+    W = np.ascontiguousarray(W)
+    rows_, cols = W.shape
+    q = np.empty((rows_, cols), dtype=np.int8)
+    s = np.empty(rows_, dtype=np.float32)
+    _core.quantize_int8(W.ctypes.data, DTYPE_CODES[src], rows_, cols, q.ctypes.data, s.ctypes.data, _threads(threads))
+    return q, s
+
+
+def set_num_threads(n: int) -> None:
+    """Default thread count of the kernels (0 = all CPUs)."""
+    _core.set_num_threads(int(n))
+
+
+def get_num_threads() -> int:
+    return _core.get_num_threads()
+
+
+def set_isa(name: str) -> None:
+    """Forces a CPU kernel path: 'auto', 'baseline', 'avx2' or 'avx512'."""
+    _core.set_isa(name)
+
+
+def get_isa() -> str:
+    return _core.get_isa()
+
+
+def available_isas() -> list:
+    return [s for s in _core.available_isas().split(",") if s]
