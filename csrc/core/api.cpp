@@ -10,6 +10,19 @@
 #include "ops.hpp"
 #include "threadpool.hpp"
 
+#ifdef SAEHOOK_WITH_CUDA
+#include "cuda_ops.hpp"
+// Runs `call` (a saehook::cuda function) for a CUDA handle and leaves the enclosing lambda.
+#define SAEHOOK_ON_CUDA(s, call) \
+  if ((s).d.cuda) {              \
+    call;                        \
+    return;                      \
+  }
+#else
+#define SAEHOOK_ON_CUDA(s, call) \
+  if ((s).d.cuda) fail(SAEHOOK_ERR_UNSUPPORTED, "this saehook build has no CUDA kernels (build with -DSAEHOOK_CUDA=ON)");
+#endif
+
 namespace saehook {
 
 namespace {
@@ -52,6 +65,8 @@ void check_rows(const void *p, int64_t n, int64_t stride, int64_t d, const char 
           std::string(what) + ": row stride " + std::to_string(stride) + " is smaller than d_model " +
               std::to_string(d));
 }
+
+[[maybe_unused]] void *stream_of(const saehook_exec *exec) { return exec ? exec->cuda_stream : nullptr; }
 
 bool valid_dtype(saehook_dtype d) { return d >= SAEHOOK_F32 && d <= SAEHOOK_I8; }
 
@@ -158,6 +173,14 @@ saehook_status saehook_set_isa(const char *name) {
 const char *saehook_get_isa(void) { return cpu::active().name; }
 const char *saehook_available_isas(void) { return cpu::available(); }
 
+int saehook_cuda_available(void) {
+#ifdef SAEHOOK_WITH_CUDA
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 saehook_status saehook_sae_create(const saehook_sae_desc *desc, saehook_sae **out) {
   return guard([&] {
     require(desc && out, SAEHOOK_ERR_INVALID_ARGUMENT, "desc and out must not be NULL");
@@ -182,6 +205,14 @@ saehook_status saehook_sae_create(const saehook_sae_desc *desc, saehook_sae **ou
     require(!d.subtract_b_dec || d.b_dec, SAEHOOK_ERR_INVALID_ARGUMENT,
             "subtract_b_dec is set but b_dec is NULL");
 
+    if (d.cuda) {
+#ifdef SAEHOOK_WITH_CUDA
+      require(!d.copy_weights, SAEHOOK_ERR_UNSUPPORTED, "copy_weights is not supported for CUDA handles");
+      cuda::validate(d);
+#else
+      fail(SAEHOOK_ERR_UNSUPPORTED, "this saehook build has no CUDA kernels (build with -DSAEHOOK_CUDA=ON)");
+#endif
+    }
     auto *s = new saehook_sae();
     s->d = d;
     if (d.copy_weights) {
@@ -240,6 +271,7 @@ saehook_status saehook_encode(const saehook_sae *sae, const float *x, int64_t n,
     const Sae &s = sae_ref(sae);
     check_rows(x, n, x_stride, s.d.d_model, "x");
     require(n == 0 || (values && indices), SAEHOOK_ERR_INVALID_ARGUMENT, "outputs are NULL");
+    SAEHOOK_ON_CUDA(s, cuda::encode(s, x, n, x_stride, k, values, indices, stream_of(exec)));
     encode(s, x, n, x_stride, k, values, indices, resolve_threads(exec));
   });
 }
@@ -250,6 +282,7 @@ saehook_status saehook_preacts(const saehook_sae *sae, const float *x, int64_t n
     const Sae &s = sae_ref(sae);
     check_rows(x, n, x_stride, s.d.d_model, "x");
     require(n == 0 || out, SAEHOOK_ERR_INVALID_ARGUMENT, "out is NULL");
+    SAEHOOK_ON_CUDA(s, cuda::preacts(s, x, n, x_stride, out, stream_of(exec)));
     preacts(s, x, n, x_stride, out, resolve_threads(exec));
   });
 }
@@ -261,6 +294,7 @@ saehook_status saehook_decode(const saehook_sae *sae, const float *values, const
     const Sae &s = sae_ref(sae);
     check_rows(out, n, out_stride, s.d.d_model, "out");
     require(n == 0 || (values && indices), SAEHOOK_ERR_INVALID_ARGUMENT, "inputs are NULL");
+    SAEHOOK_ON_CUDA(s, cuda::decode(s, values, indices, n, k, out, out_stride, stream_of(exec)));
     decode(s, values, indices, n, k, out, out_stride, resolve_threads(exec));
   });
 }
@@ -270,6 +304,7 @@ saehook_status saehook_reconstruct(const saehook_sae *sae, float *h, int64_t n, 
   return guard([&] {
     const Sae &s = sae_ref(sae);
     check_rows(h, n, h_stride, s.d.d_model, "h");
+    SAEHOOK_ON_CUDA(s, cuda::reconstruct(s, h, n, h_stride, stream_of(exec)));
     reconstruct(s, h, n, h_stride, resolve_threads(exec));
   });
 }
@@ -283,6 +318,8 @@ saehook_status saehook_steer(const saehook_sae *sae, float *h, int64_t n, int64_
     check_rows(h, n, h_stride, s.d.d_model, "h");
     require((values_out == nullptr) == (indices_out == nullptr), SAEHOOK_ERR_INVALID_ARGUMENT,
             "values_out and indices_out must both be given or both be NULL");
+    SAEHOOK_ON_CUDA(s, cuda::steer(s, h, n, h_stride, items, n_items, row_mask, k, values_out,
+                                   indices_out, stream_of(exec)));
     steer(s, h, n, h_stride, items, n_items, row_mask, k, values_out, indices_out,
           resolve_threads(exec));
   });
@@ -292,7 +329,9 @@ saehook_status saehook_decoder_direction(const saehook_sae *sae, int32_t feature
                                          float *out) {
   return guard([&] {
     require(out != nullptr, SAEHOOK_ERR_INVALID_ARGUMENT, "out is NULL");
-    decoder_direction(sae_ref(sae), feature, normalize != 0, out);
+    const Sae &s = sae_ref(sae);
+    SAEHOOK_ON_CUDA(s, cuda::decoder_direction(s, feature, normalize != 0, out));
+    decoder_direction(s, feature, normalize != 0, out);
   });
 }
 

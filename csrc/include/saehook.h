@@ -11,6 +11,8 @@
  *  - Weights are borrowed (zero copy: the caller keeps them alive for the life of the
  *    handle, e.g. an mmapped file) unless saehook_sae_desc.copy_weights is set.
  *  - A handle is immutable after creation and may be used from several threads at once.
+ *  - A handle created with desc.cuda = 1 (CUDA builds) takes device pointers everywhere and
+ *    runs on exec->cuda_stream; saehook_cuda_available() says whether this build has CUDA.
  */
 #ifndef SAEHOOK_H
 #define SAEHOOK_H
@@ -77,11 +79,15 @@ typedef struct {
   const float *b_dec;            /* (d_model,) or NULL for zeros */
   const float *threshold;        /* (d_sae,), JUMPRELU only */
   int32_t copy_weights;          /* 0: borrow the pointers; 1: copy them into the handle */
+  int32_t cuda;                  /* 0: host memory (zero-initialised default); 1: every pointer
+                                    above and every kernel argument is CUDA device memory */
+  int32_t cuda_device;           /* the CUDA device ordinal when cuda = 1 */
 } saehook_sae_desc;
 
 /* Per-call execution settings; pass NULL for the defaults. */
 typedef struct {
-  int32_t n_threads; /* <= 0: saehook_get_num_threads() */
+  int32_t n_threads; /* CPU: <= 0 means saehook_get_num_threads() */
+  void *cuda_stream; /* CUDA: the cudaStream_t to run on (NULL: the legacy default stream) */
 } saehook_exec;
 
 typedef struct saehook_sae saehook_sae;
@@ -113,6 +119,8 @@ SAEHOOK_API saehook_status saehook_set_isa(const char *name);
 SAEHOOK_API const char *saehook_get_isa(void);
 /* Comma-separated list of the paths this build has and this CPU can run. */
 SAEHOOK_API const char *saehook_available_isas(void);
+/* 1 if this build has the CUDA kernels, else 0. */
+SAEHOOK_API int saehook_cuda_available(void);
 
 /* ---- SAE handles ---- */
 SAEHOOK_API saehook_status saehook_sae_create(const saehook_sae_desc *desc, saehook_sae **out);

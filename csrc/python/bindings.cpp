@@ -32,9 +32,10 @@ void check(saehook_status st) {
   }
 }
 
-saehook_exec exec_of(int threads) {
+saehook_exec exec_of(int threads, uintptr_t stream) {
   saehook_exec e{};
   e.n_threads = threads;
+  e.cuda_stream = reinterpret_cast<void *>(stream);
   return e;
 }
 
@@ -58,7 +59,7 @@ PYBIND11_MODULE(_core, m) {
       "create",
       [](int64_t d_model, int64_t d_sae, int k, int activation, bool subtract_b_dec,
          uintptr_t W_enc, int enc_dtype, uintptr_t enc_scales, uintptr_t b_enc, uintptr_t W_dec,
-         int dec_dtype, int dec_layout, uintptr_t b_dec, uintptr_t threshold, bool copy) {
+         int dec_dtype, int dec_layout, uintptr_t b_dec, uintptr_t threshold, bool copy, bool cuda, int cuda_device) {
         saehook_sae_desc d{};
         d.d_model = d_model;
         d.d_sae = d_sae;
@@ -75,6 +76,8 @@ PYBIND11_MODULE(_core, m) {
         d.b_dec = ptr<const float>(b_dec);
         d.threshold = ptr<const float>(threshold);
         d.copy_weights = copy;
+        d.cuda = cuda;
+        d.cuda_device = cuda_device;
         auto h = std::make_shared<Handle>();
         check(saehook_sae_create(&d, &h->h));
         return h;
@@ -82,11 +85,12 @@ PYBIND11_MODULE(_core, m) {
       py::arg("d_model"), py::arg("d_sae"), py::arg("k"), py::arg("activation"),
       py::arg("subtract_b_dec"), py::arg("W_enc"), py::arg("enc_dtype"), py::arg("enc_scales"),
       py::arg("b_enc"), py::arg("W_dec"), py::arg("dec_dtype"), py::arg("dec_layout"),
-      py::arg("b_dec"), py::arg("threshold"), py::arg("copy") = false);
+      py::arg("b_dec"), py::arg("threshold"), py::arg("copy") = false, py::arg("cuda") = false,
+      py::arg("cuda_device") = 0);
 
   m.def("encode", [](const Handle &s, uintptr_t x, int64_t n, int64_t ldx, int k, uintptr_t vals,
-                     uintptr_t idx, int threads) {
-    saehook_exec e = exec_of(threads);
+                     uintptr_t idx, int threads, uintptr_t stream) {
+    saehook_exec e = exec_of(threads, stream);
     saehook_status st;
     {
       py::gil_scoped_release nogil;
@@ -96,8 +100,8 @@ PYBIND11_MODULE(_core, m) {
   });
 
   m.def("preacts", [](const Handle &s, uintptr_t x, int64_t n, int64_t ldx, uintptr_t out,
-                      int threads) {
-    saehook_exec e = exec_of(threads);
+                      int threads, uintptr_t stream) {
+    saehook_exec e = exec_of(threads, stream);
     saehook_status st;
     {
       py::gil_scoped_release nogil;
@@ -107,8 +111,8 @@ PYBIND11_MODULE(_core, m) {
   });
 
   m.def("decode", [](const Handle &s, uintptr_t vals, uintptr_t idx, int64_t n, int k,
-                     uintptr_t out, int64_t ldo, int threads) {
-    saehook_exec e = exec_of(threads);
+                     uintptr_t out, int64_t ldo, int threads, uintptr_t stream) {
+    saehook_exec e = exec_of(threads, stream);
     saehook_status st;
     {
       py::gil_scoped_release nogil;
@@ -118,8 +122,8 @@ PYBIND11_MODULE(_core, m) {
     check(st);
   });
 
-  m.def("reconstruct", [](const Handle &s, uintptr_t h, int64_t n, int64_t ldh, int threads) {
-    saehook_exec e = exec_of(threads);
+  m.def("reconstruct", [](const Handle &s, uintptr_t h, int64_t n, int64_t ldh, int threads, uintptr_t stream) {
+    saehook_exec e = exec_of(threads, stream);
     saehook_status st;
     {
       py::gil_scoped_release nogil;
@@ -131,8 +135,8 @@ PYBIND11_MODULE(_core, m) {
   // items: address of an array of saehook_steer_item (built with numpy's structured dtype).
   m.def("steer", [](const Handle &s, uintptr_t h, int64_t n, int64_t ldh, uintptr_t items,
                     int n_items, uintptr_t mask, int k, uintptr_t vals, uintptr_t idx,
-                    int threads) {
-    saehook_exec e = exec_of(threads);
+                    int threads, uintptr_t stream) {
+    saehook_exec e = exec_of(threads, stream);
     saehook_status st;
     {
       py::gil_scoped_release nogil;
@@ -149,7 +153,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("quantize_int8", [](uintptr_t src, int dtype, int64_t rows, int64_t cols, uintptr_t q,
                             uintptr_t scales, int threads) {
-    saehook_exec e = exec_of(threads);
+    saehook_exec e = exec_of(threads, 0);
     saehook_status st;
     {
       py::gil_scoped_release nogil;
@@ -160,7 +164,7 @@ PYBIND11_MODULE(_core, m) {
   });
 
   m.def("convert", [](uintptr_t src, int sdt, uintptr_t dst, int ddt, int64_t n, int threads) {
-    saehook_exec e = exec_of(threads);
+    saehook_exec e = exec_of(threads, 0);
     saehook_status st;
     {
       py::gil_scoped_release nogil;
@@ -170,6 +174,7 @@ PYBIND11_MODULE(_core, m) {
     check(st);
   });
 
+  m.def("cuda_available", [] { return saehook_cuda_available() != 0; });
   m.def("set_num_threads", &saehook_set_num_threads);
   m.def("get_num_threads", &saehook_get_num_threads);
   m.def("set_isa", [](const std::string &name) { check(saehook_set_isa(name.c_str())); });

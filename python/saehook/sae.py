@@ -161,7 +161,7 @@ class SAE:
         vals = empty_like_kind(r.torch, (r.n, kk), "f32")
         idx = empty_like_kind(r.torch, (r.n, kk), "i32")
         if r.n:
-            _core.encode(self._handle, r.ptr, r.n, r.ld, kk, buffer_address(vals), buffer_address(idx), _threads(threads))
+            _core.encode(self._handle, r.ptr, r.n, r.ld, kk, buffer_address(vals), buffer_address(idx), _threads(threads), 0)
         shape = r.batch_shape + (kk,)
         return vals.reshape(shape), idx.reshape(shape)
 
@@ -170,7 +170,7 @@ class SAE:
         r = rows(x, self.d_model)
         out = empty_like_kind(r.torch, (r.n, self.d_sae), "f32")
         if r.n:
-            _core.preacts(self._handle, r.ptr, r.n, r.ld, buffer_address(out), _threads(threads))
+            _core.preacts(self._handle, r.ptr, r.n, r.ld, buffer_address(out), _threads(threads), 0)
         return out.reshape(r.batch_shape + (self.d_sae,))
 
     def decode(self, values: Any, indices: Any, *, threads: Optional[int] = None) -> Any:
@@ -198,7 +198,7 @@ class SAE:
         out = empty_like_kind(torch_kind, (n, self.d_model), "f32")
         if n and kk:
             _core.decode(self._handle, buffer_address(v), buffer_address(i), n, kk, buffer_address(out),
-                         self.d_model, _threads(threads))
+                         self.d_model, _threads(threads), 0)
         elif n:
             out[:] = 0 if self._b_dec is None else (self._b_dec if not torch_kind else __import__("torch").from_numpy(self._b_dec))
         return out.reshape(tuple(vshape[:-1]) + (self.d_model,))
@@ -211,7 +211,7 @@ class SAE:
             x = x.detach().to(dtype=__import__("torch").float32).clone() if is_torch(x) else np.array(x, dtype=np.float32)
         r = rows(x, self.d_model, writable=True)
         if r.n:
-            _core.reconstruct(self._handle, r.ptr, r.n, r.ld, _threads(threads))
+            _core.reconstruct(self._handle, r.ptr, r.n, r.ld, _threads(threads), 0)
         return x
 
     def decoder_direction(self, feature: int, normalize: bool = False) -> np.ndarray:

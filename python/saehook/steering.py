@@ -109,7 +109,7 @@ class Steering:
                 raise ValueError(f"mask has {m.shape[0]} entries for {r.n} rows")
         if r.n and len(items):
             _core.steer(self.sae._handle, r.ptr, r.n, r.ld, items.ctypes.data, len(items),
-                        0 if m is None else m.ctypes.data, 0, 0, 0, _threads(threads))
+                        0 if m is None else m.ctypes.data, 0, 0, 0, _threads(threads), 0)
         return x
 
     def __repr__(self) -> str:
