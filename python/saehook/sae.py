@@ -1,6 +1,7 @@
 """The SAE object: weights (borrowed or owned) plus the compiled kernels that use them."""
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -18,6 +19,18 @@ from ._arrays import (
     empty_like_kind,
     rows,
 )
+
+# handle -> live SAE, so code holding only a handle (torch ops, engine hooks) can reach the
+# SAE's shapes and weights.
+_LIVE: "weakref.WeakValueDictionary[int, SAE]" = weakref.WeakValueDictionary()
+
+
+def live_sae(handle: int) -> "SAE":
+    sae = _LIVE.get(handle)
+    if sae is None:
+        raise ValueError(f"no live saehook SAE with handle {handle:#x}; keep the SAE object alive")
+    return sae
+
 
 ACTIVATIONS = {"topk": 0, "topk_relu": 1, "relu": 2, "jumprelu": 3}
 DEC_LAYOUTS = {"rows": 0, "cols": 1}
@@ -107,6 +120,7 @@ class SAE:
             address(self._threshold), False,
         )
         self.d_model, self.d_sae, self.k = int(d_model), int(d_sae), int(k)
+        _LIVE[self.handle] = self
 
     # ---- description ----
     @property
