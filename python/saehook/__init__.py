@@ -27,14 +27,21 @@ __all__ = [
 ]
 
 
+def _binary_dir() -> str:
+    # The compiled files sit next to _core (outside the sources in an editable install).
+    from . import _core
+
+    return _os.path.dirname(_core.__file__)
+
+
 def get_include() -> str:
     """Directory of saehook.h (for C/C++ programs using the C API)."""
-    return _os.path.join(_os.path.dirname(__file__), "include")
+    return _os.path.join(_binary_dir(), "include")
 
 
 def get_library() -> str:
     """Path of libsaehook (the C API's shared library)."""
-    here = _os.path.dirname(__file__)
+    here = _binary_dir()
     for name in _os.listdir(here):
         if name.startswith("libsaehook") and (".so" in name or name.endswith(".dylib") or name.endswith(".dll")):
             return _os.path.join(here, name)
