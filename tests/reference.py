@@ -35,12 +35,37 @@ def sae_dense(sae):
     return W_enc, W_dec
 
 
-def preacts(sae, x: np.ndarray) -> np.ndarray:
+Q_BLOCK = 256  # int8 input quantization block of the avx512_vnni path
+
+
+def kernel_operand(sae, x: np.ndarray, isa: str) -> np.ndarray:
+    """The input rows as the given kernel path multiplies them (float64): exact for f32 paths,
+    bf16-rounded rows (bf16 encoder) and block-quantized int8 rows (int8 encoder) on the
+    avx512_vnni path, reproducing its float32 arithmetic."""
+    x = np.asarray(x, dtype=np.float32).reshape(-1, sae.d_model)
+    if sae.subtract_b_dec:
+        x = x - sae.arrays()["b_dec"]
+    if isa != "avx512_vnni" or sae.enc_dtype not in ("bf16", "int8"):
+        return x.astype(np.float64)
+    if sae.enc_dtype == "bf16":
+        return bf16_bits_to_f32(f32_to_bf16_bits(x)).astype(np.float64)
+    out = np.zeros(x.shape, dtype=np.float64)
+    for b0 in range(0, sae.d_model, Q_BLOCK):
+        blk = x[:, b0:b0 + Q_BLOCK]
+        amax = np.abs(blk).max(axis=1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        q = np.clip(np.rint(blk * inv), -127, 127)
+        out[:, b0:b0 + Q_BLOCK] = q * (amax / np.float32(127)).astype(np.float32)
+    return out
+
+
+def preacts(sae, x: np.ndarray, isa: str = None) -> np.ndarray:
+    import saehook
+
     a = sae.arrays()
     W_enc, _ = sae_dense(sae)
-    x = np.asarray(x, dtype=np.float64).reshape(-1, sae.d_model)
-    if sae.subtract_b_dec:
-        x = x - a["b_dec"]
+    x = kernel_operand(sae, x, isa or saehook.get_isa())
     pre = x @ W_enc.T
     if a["b_enc"] is not None:
         pre = pre + a["b_enc"]

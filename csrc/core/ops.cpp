@@ -40,24 +40,14 @@ inline float load_scalar(const uint8_t *p, saehook_dtype dt) {
   return 0.f;
 }
 
-// Features per task: about 256 KiB of encoder weights, so a block stays in L2 while every row
-// of the chunk is multiplied with it.
-int64_t feature_block(const saehook_sae_desc &d) {
+// Features per task. With several rows, about 512 KiB of encoder weights, so a block stays in L2
+// while every row of the chunk is multiplied with it (and the packed kernels get 64+ features);
+// a single row streams the weights once, where smaller tasks balance the threads better.
+int64_t feature_block(const saehook_sae_desc &d, int64_t rows) {
   int64_t row_bytes = d.d_model * int64_t(dtype_size(d.enc_dtype));
-  int64_t fb = std::clamp<int64_t>((256 << 10) / std::max<int64_t>(row_bytes, 1), 8, 512);
+  int64_t target = rows > 1 ? (512 << 10) : (128 << 10);
+  int64_t fb = std::clamp<int64_t>(target / std::max<int64_t>(row_bytes, 1), 8, 512);
   return std::min<int64_t>(fb & ~int64_t(7), d.d_sae);
-}
-
-// The rows the encoder sees: x itself, or x - b_dec in `tmp`.
-const float *encoder_input(const saehook_sae_desc &d, const float *x, int64_t n, int64_t ldx,
-                           std::vector<float> &tmp, int64_t &ld_out) {
-  ld_out = ldx;
-  if (!d.subtract_b_dec || !d.b_dec) return x;
-  tmp.resize(size_t(n * d.d_model));
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t i = 0; i < d.d_model; ++i) tmp[r * d.d_model + i] = x[r * ldx + i] - d.b_dec[i];
-  ld_out = d.d_model;
-  return tmp.data();
 }
 
 }  // namespace
@@ -88,7 +78,7 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
   check_finite(x, n, d, ldx, "input");
 
   const cpu::Kernels &K = cpu::active();
-  const int64_t fb = feature_block(D);
+  const int64_t fb = feature_block(D, n);
   const int64_t n_blocks = (m + fb - 1) / fb;
   const int T = int(std::max<int64_t>(1, std::min<int64_t>(threads, n_blocks)));
   const int32_t cap = std::max(2 * k, k + 16);
@@ -98,12 +88,12 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
   std::vector<Cand> cand(size_t(T) * rc_max * cap);
   std::vector<TopK> tk(size_t(T) * rc_max);
   std::vector<Cand> merge(size_t(T) * T * cap);
-  std::vector<float> xtmp;
+  std::vector<uint8_t> operand(K.operand_bytes(D.enc_dtype, rc_max, d));
+  const float *shift = D.subtract_b_dec ? D.b_dec : nullptr;
 
   for (int64_t r0 = 0; r0 < n; r0 += rc_max) {
     const int64_t rc = std::min(rc_max, n - r0);
-    int64_t ldc;
-    const float *xc = encoder_input(D, x + r0 * ldx, rc, ldx, xtmp, ldc);
+    K.prepare(x + r0 * ldx, ldx, shift, rc, d, D.enc_dtype, operand.data());
     for (int w = 0; w < T; ++w)
       for (int64_t r = 0; r < rc; ++r)
         tk[w * rc_max + r].reset(k, &cand[(size_t(w) * rc_max + r) * cap], cap);
@@ -111,7 +101,7 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
     parallel_for(n_blocks, T, [&](int64_t b, int w) {
       const int64_t f0 = b * fb, nf = std::min(fb, m - f0);
       float *P = &pre[size_t(w) * rc_max * fb];
-      K.dot_block(xc, ldc, rc, D.W_enc, D.enc_dtype, D.enc_scales, d, f0, nf, P, fb);
+      K.dot_block(operand.data(), rc, D.W_enc, D.enc_dtype, D.enc_scales, d, f0, nf, P, fb);
       const float *be = D.b_enc ? D.b_enc + f0 : nullptr;
       const float *th = D.threshold ? D.threshold + f0 : nullptr;
       for (int64_t r = 0; r < rc; ++r) {
@@ -152,13 +142,12 @@ void preacts(const Sae &s, const float *x, int64_t n, int64_t ldx, float *out, i
   if (n == 0) return;
   check_finite(x, n, D.d_model, ldx, "input");
   const cpu::Kernels &K = cpu::active();
-  std::vector<float> xtmp;
-  int64_t ldc;
-  const float *xc = encoder_input(D, x, n, ldx, xtmp, ldc);
-  const int64_t fb = feature_block(D), n_blocks = (D.d_sae + fb - 1) / fb;
+  std::vector<uint8_t> operand(K.operand_bytes(D.enc_dtype, n, D.d_model));
+  K.prepare(x, ldx, D.subtract_b_dec ? D.b_dec : nullptr, n, D.d_model, D.enc_dtype, operand.data());
+  const int64_t fb = feature_block(D, n), n_blocks = (D.d_sae + fb - 1) / fb;
   parallel_for(n_blocks, threads, [&](int64_t b, int) {
     const int64_t f0 = b * fb, nf = std::min(fb, D.d_sae - f0);
-    K.dot_block(xc, ldc, n, D.W_enc, D.enc_dtype, D.enc_scales, D.d_model, f0, nf, out + f0,
+    K.dot_block(operand.data(), n, D.W_enc, D.enc_dtype, D.enc_scales, D.d_model, f0, nf, out + f0,
                 D.d_sae);
     if (D.b_enc)
       for (int64_t r = 0; r < n; ++r)

@@ -20,6 +20,9 @@ extern const Kernels kernels_avx2;
 #ifdef SAEHOOK_HAVE_AVX512
 extern const Kernels kernels_avx512;
 #endif
+#ifdef SAEHOOK_HAVE_AVX512_VNNI
+extern const Kernels kernels_avx512_vnni;
+#endif
 
 namespace {
 
@@ -49,6 +52,16 @@ bool cpu_has_avx512() {
   bool f = b & (1u << 16), bw = b & (1u << 30), vl = b & (1u << 31);
   return f && bw && vl;
 }
+
+bool cpu_has_avx512_vnni() {
+  if (!cpu_has_avx512()) return false;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool vnni = c & (1u << 11);
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  const bool bf16 = a & (1u << 5);
+  return vnni && bf16;
+}
 #endif
 
 struct Entry {
@@ -60,6 +73,9 @@ bool always() { return true; }
 
 // Best first.
 const Entry kEntries[] = {
+#ifdef SAEHOOK_HAVE_AVX512_VNNI
+    {&kernels_avx512_vnni, cpu_has_avx512_vnni},
+#endif
 #ifdef SAEHOOK_HAVE_AVX512
     {&kernels_avx512, cpu_has_avx512},
 #endif

@@ -6,11 +6,20 @@
 
 namespace saehook::cpu {
 
+// Encoding runs in two steps: `prepare` converts a chunk of input rows once into the operand
+// form this path multiplies with encoder weights of dtype dt (float32 rows for most paths;
+// bfloat16 rows or block-quantized int8 rows where the CPU has AVX512-BF16 / VNNI dot
+// products), then `dot_block` multiplies that operand with blocks of encoder rows.
 struct Kernels {
   const char *name;
-  // out[r * ldo + j] = scale(f0 + j) * dot(x[r * ldx : +d], W row (f0 + j)) for r < R, j < nf.
+  // Bytes of the operand for R rows of width d.
+  size_t (*operand_bytes)(saehook_dtype dt, int64_t R, int64_t d);
+  // operand <- rows x[r * ldx : +d] (minus `shift`, e.g. b_dec, when not NULL).
+  void (*prepare)(const float *x, int64_t ldx, const float *shift, int64_t R, int64_t d,
+                  saehook_dtype dt, void *operand);
+  // out[r * ldo + j] = scale(f0 + j) * dot(row r, W row (f0 + j)) for r < R, j < nf.
   // W is feature-major (row f at byte offset f * d * dtype_size); scales is used for I8 only.
-  void (*dot_block)(const float *x, int64_t ldx, int64_t R, const void *W, saehook_dtype dt,
+  void (*dot_block)(const void *operand, int64_t R, const void *W, saehook_dtype dt,
                     const float *scales, int64_t d, int64_t f0, int64_t nf, float *out,
                     int64_t ldo);
   // y[0:d] += a * w[0:d], w of dtype dt (F32/F16/BF16).
@@ -21,7 +30,8 @@ struct Kernels {
 
 // The kernels in use (chosen once from the CPU, or forced by saehook_set_isa / SAEHOOK_ISA).
 const Kernels &active();
-// Selects a path by name ("auto", "baseline", "avx2", "avx512"); false if unavailable here.
+// Selects a path by name ("auto", "baseline", "avx2", "avx512", "avx512_vnni"); false if
+// unavailable here.
 bool select(const char *name);
 // Comma-separated names of the paths this build has and this CPU runs.
 const char *available();

@@ -4,5 +4,6 @@
 #include "kernels_impl.hpp"
 
 namespace saehook::cpu {
-extern const Kernels kernels_avx2 = {"avx2", avx2::dot_block, avx2::axpy, avx2::to_f32};
+extern const Kernels kernels_avx2 = {"avx2", avx2::operand_bytes_f32, avx2::prepare_f32, avx2::dot_block_f32, avx2::axpy,
+                                   avx2::to_f32};
 }

@@ -4,5 +4,6 @@
 #include "kernels_impl.hpp"
 
 namespace saehook::cpu {
-extern const Kernels kernels_baseline = {"baseline", baseline::dot_block, baseline::axpy, baseline::to_f32};
+extern const Kernels kernels_baseline = {"baseline", baseline::operand_bytes_f32, baseline::prepare_f32, baseline::dot_block_f32, baseline::axpy,
+                                   baseline::to_f32};
 }

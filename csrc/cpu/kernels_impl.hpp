@@ -7,7 +7,7 @@
 
 #include <cstring>
 
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__F16C__) || defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -42,11 +42,21 @@ template <>
 struct Load<SAEHOOK_BF16> {
   static constexpr size_t size = 2;
   static inline vf vec(const uint8_t *p) {
+    vf v;
+#if SAEHOOK_VBYTES == 64 && defined(__AVX512F__)
+    __m512i u = _mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(p))), 16);
+    std::memcpy(&v, &u, VB);
+#elif SAEHOOK_VBYTES == 32 && defined(__AVX2__)
+    __m256i u = _mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))), 16);
+    std::memcpy(&v, &u, VB);
+#else
     vu16 h;
     std::memcpy(&h, p, VB / 2);
     vu32 u = __builtin_convertvector(h, vu32) << 16;
-    vf v;
     std::memcpy(&v, &u, VB);
+#endif
     return v;
   }
   static inline float one(const uint8_t *p) {
@@ -83,9 +93,21 @@ template <>
 struct Load<SAEHOOK_I8> {
   static constexpr size_t size = 1;
   static inline vf vec(const uint8_t *p) {
+#if SAEHOOK_VBYTES == 64 && defined(__AVX512F__)
+    __m512 r = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))));
+    vf v;
+    std::memcpy(&v, &r, VB);
+    return v;
+#elif SAEHOOK_VBYTES == 32 && defined(__AVX2__)
+    __m256 r = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(p))));
+    vf v;
+    std::memcpy(&v, &r, VB);
+    return v;
+#else
     vi8 q;
     std::memcpy(&q, p, VB / 4);
     return __builtin_convertvector(q, vf);
+#endif
   }
   static inline float one(const uint8_t *p) { return float(int8_t(*p)); }
 };
@@ -139,6 +161,22 @@ static void tile_row_group(const float *x, int64_t ldx, const uint8_t *W, int64_
                    scales ? scales + f0 + j : nullptr);
 }
 
+// The float32 operand: R contiguous rows of width d.
+static size_t operand_bytes_f32(saehook_dtype, int64_t R, int64_t d) { return size_t(R * d) * 4; }
+
+static void prepare_f32(const float *x, int64_t ldx, const float *shift, int64_t R, int64_t d,
+                        saehook_dtype, void *operand) {
+  float *o = static_cast<float *>(operand);
+  for (int64_t r = 0; r < R; ++r) {
+    const float *xr = x + r * ldx;
+    float *orow = o + r * d;
+    if (shift)
+      for (int64_t i = 0; i < d; ++i) orow[i] = xr[i] - shift[i];
+    else
+      std::memcpy(orow, xr, size_t(d) * 4);
+  }
+}
+
 template <saehook_dtype DT>
 static void dot_block_t(const float *x, int64_t ldx, int64_t R, const void *Wv, const float *scales,
                         int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo) {
@@ -154,9 +192,11 @@ static void dot_block_t(const float *x, int64_t ldx, int64_t R, const void *Wv, 
   }
 }
 
-static void dot_block(const float *x, int64_t ldx, int64_t R, const void *W, saehook_dtype dt,
-                      const float *scales, int64_t d, int64_t f0, int64_t nf, float *out,
-                      int64_t ldo) {
+static void dot_block_f32(const void *operand, int64_t R, const void *W, saehook_dtype dt,
+                          const float *scales, int64_t d, int64_t f0, int64_t nf, float *out,
+                          int64_t ldo) {
+  const float *x = static_cast<const float *>(operand);
+  const int64_t ldx = d;
   switch (dt) {
     case SAEHOOK_F32: return dot_block_t<SAEHOOK_F32>(x, ldx, R, W, nullptr, d, f0, nf, out, ldo);
     case SAEHOOK_F16: return dot_block_t<SAEHOOK_F16>(x, ldx, R, W, nullptr, d, f0, nf, out, ldo);
