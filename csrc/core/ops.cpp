@@ -176,11 +176,7 @@ void decode(const Sae &s, const float *values, const int32_t *indices, int64_t n
     parallel_for(n, threads, [&](int64_t r, int) {
       float *o = out + r * ldo;
       for (int64_t i = 0; i < d; ++i) o[i] = D.b_dec ? D.b_dec[i] : 0.f;
-      for (int32_t j = 0; j < k; ++j) {
-        const int32_t f = indices[r * k + j];
-        const float v = values[r * k + j];
-        if (f >= 0 && v != 0.f) K.axpy(v, W + size_t(f) * d * es, D.dec_dtype, d, o);
-      }
+      K.gather_sum(values + r * k, indices + r * k, k, W, D.dec_dtype, d, o);
     });
   } else {
     // Column layout: feature f is strided by d_sae. Walk the decoder row by row (one model

@@ -4,6 +4,7 @@
 #include "kernels_impl.hpp"
 
 namespace saehook::cpu {
-extern const Kernels kernels_avx2 = {"avx2", avx2::operand_bytes_f32, avx2::prepare_f32, avx2::dot_block_f32, avx2::axpy,
+extern const Kernels kernels_avx2 = {"avx2", avx2::operand_bytes_f32, avx2::prepare_f32, avx2::dot_block_f32, avx2::gather_sum,
+                                   avx2::axpy,
                                    avx2::to_f32};
 }

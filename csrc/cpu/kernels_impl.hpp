@@ -205,6 +205,51 @@ static void dot_block_f32(const void *operand, int64_t R, const void *W, saehook
   }
 }
 
+// Sparse decode of one token. The output is walked in register-sized chunks (no load/store of
+// the output per feature) and the next feature's piece is prefetched, so the k rows are read
+// as k concurrent streams.
+template <saehook_dtype DT>
+static void gather_sum_t(const float *vals, const int32_t *idx, int32_t k, const void *Wv, int64_t d,
+                         float *out) {
+  using L = Load<DT>;
+  constexpr int CH = VB == 64 ? 16 : 8;  // vectors per chunk: as many accumulators as registers allow
+  const uint8_t *W = static_cast<const uint8_t *>(Wv);
+  const size_t row_bytes = size_t(d) * L::size;
+  int64_t i0 = 0;
+  for (; i0 + CH * VL <= d; i0 += CH * VL) {
+    vf acc[CH];
+    for (int c = 0; c < CH; ++c) std::memcpy(&acc[c], out + i0 + c * VL, VB);
+    for (int32_t j = 0; j < k; ++j) {
+      if (idx[j] < 0) continue;
+      const uint8_t *row = W + idx[j] * row_bytes + i0 * L::size;
+      if (j + 2 < k && idx[j + 2] >= 0) {
+        const uint8_t *next = W + idx[j + 2] * row_bytes + i0 * L::size;
+        for (size_t line = 0; line < CH * VL * L::size; line += 64) __builtin_prefetch(next + line);
+      }
+      vf a;
+      for (int l = 0; l < VL; ++l) a[l] = vals[j];
+      for (int c = 0; c < CH; ++c) acc[c] += a * L::vec(row + c * VL * L::size);
+    }
+    for (int c = 0; c < CH; ++c) std::memcpy(out + i0 + c * VL, &acc[c], VB);
+  }
+  for (; i0 < d; ++i0) {
+    float s = out[i0];
+    for (int32_t j = 0; j < k; ++j)
+      if (idx[j] >= 0) s += vals[j] * L::one(W + idx[j] * row_bytes + i0 * L::size);
+    out[i0] = s;
+  }
+}
+
+static void gather_sum(const float *vals, const int32_t *idx, int32_t k, const void *W,
+                       saehook_dtype dt, int64_t d, float *out) {
+  switch (dt) {
+    case SAEHOOK_F32: return gather_sum_t<SAEHOOK_F32>(vals, idx, k, W, d, out);
+    case SAEHOOK_F16: return gather_sum_t<SAEHOOK_F16>(vals, idx, k, W, d, out);
+    case SAEHOOK_BF16: return gather_sum_t<SAEHOOK_BF16>(vals, idx, k, W, d, out);
+    case SAEHOOK_I8: return gather_sum_t<SAEHOOK_I8>(vals, idx, k, W, d, out);
+  }
+}
+
 template <saehook_dtype DT>
 static void axpy_t(float a, const void *wv, int64_t d, float *y) {
   using L = Load<DT>;
