@@ -106,6 +106,15 @@ def test_decode_matches_reference(isa, layout, dec):
     np.testing.assert_allclose(out, ref.decode(sae, vals, idx), rtol=1e-5, atol=1e-5)
 
 
+def test_decoder_layout_conversion():
+    cols = make_sae(24, 90, 5, dec_layout="cols")
+    rows = cols.to_dtype(dec_layout="rows")
+    assert rows.dec_layout == "rows" and rows.arrays()["W_dec"].shape == (90, 24)
+    x = np.random.default_rng(0).standard_normal((4, 24)).astype(np.float32)
+    np.testing.assert_allclose(rows.reconstruct(x), cols.reconstruct(x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(rows.decoder_direction(7), cols.decoder_direction(7))
+
+
 def test_decode_errors():
     sae = make_sae(16, 32, 4)
     with pytest.raises(IndexError, match="out of range"):

@@ -236,10 +236,12 @@ class SAE:
 
     # ---- conversion and saving ----
     def to_dtype(self, dtype: Optional[str] = None, *, dec_dtype: Optional[str] = None,
-                 threads: Optional[int] = None) -> "SAE":
-        """A new SAE with converted weights (owned copies). `dtype` sets the encoder dtype
-        (f32, f16, bf16 or int8: int8 quantizes symmetrically per feature); the decoder follows
-        it for f16/bf16/f32 unless `dec_dtype` says otherwise, and stays as it is for int8."""
+                 dec_layout: Optional[str] = None, threads: Optional[int] = None) -> "SAE":
+        """A new SAE with converted weights (owned copies of what changes). `dtype` sets the
+        encoder dtype (f32, f16, bf16 or int8: int8 quantizes symmetrically per feature); the
+        decoder follows it for f16/bf16/f32 unless `dec_dtype` says otherwise, and stays as it is
+        for int8. `dec_layout='rows'` stores a column-major decoder (Qwen-Scope's) feature-major:
+        decode then reads k contiguous rows per token instead of k scattered columns."""
         enc = canonical_dtype(dtype) if dtype is not None else self.enc_dtype
         if dec_dtype is not None:
             dec = canonical_dtype(dec_dtype)
@@ -258,9 +260,14 @@ class SAE:
             else:
                 W_enc = convert_array(W_enc, self.enc_dtype, enc, threads=threads)
         W_dec = self._W_dec if dec == self.dec_dtype else convert_array(self._W_dec, self.dec_dtype, dec, threads=threads)
+        layout = dec_layout or self.dec_layout
+        if layout not in DEC_LAYOUTS:
+            raise ValueError(f"unknown dec_layout {layout!r}; expected 'rows' or 'cols'")
+        if layout != self.dec_layout:
+            W_dec = np.ascontiguousarray(W_dec.T)
         return SAE(
             W_enc, W_dec, self._b_enc, self._b_dec, k=self.k, activation=self.activation,
-            subtract_b_dec=self.subtract_b_dec, threshold=self._threshold, dec_layout=self.dec_layout,
+            subtract_b_dec=self.subtract_b_dec, threshold=self._threshold, dec_layout=layout,
             enc_scales=scales, enc_dtype=enc, dec_dtype=dec, metadata=self.metadata,
         )
 
