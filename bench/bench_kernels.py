@@ -17,51 +17,11 @@ import json
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 
 import saehook
-
-
-def median_time(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
-def read_bandwidth(threads: int) -> dict:
-    """GB/s of a large-array reduction: numpy (one thread) and torch (all threads)."""
-    a = np.ones(1 << 28, dtype=np.float32)  # 1 GiB, far beyond any cache
-    out = {"numpy_sum_1thread": a.nbytes / median_time(a.sum, 5) / 1e9}
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-        t = torch.from_numpy(a)
-        out["torch_sum"] = a.nbytes / median_time(t.sum, 5) / 1e9
-    except ImportError:
-        pass
-    out["bound"] = max(out.values())
-    return out
-
-
-def cpu_flags() -> list:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
-                    have = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in have]
-    except OSError:
-        pass
-    return []
+from common import cpu_flags, median_time, read_bandwidth
 
 
 def realistic_rows(n: int, d: int, rng) -> np.ndarray:

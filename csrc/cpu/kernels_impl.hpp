@@ -151,7 +151,7 @@ template <saehook_dtype DT, int R>
 static void tile_row_group(const float *x, int64_t ldx, const uint8_t *W, int64_t d, int64_t f0,
                            int64_t nf, float *out, int64_t ldo, const float *scales) {
   const size_t row_bytes = size_t(d) * Load<DT>::size;
-  constexpr int F = R == 1 ? 8 : 4;  // batch 1 is bandwidth-bound: more rows in flight
+  constexpr int F = R == 1 ? (VB == 64 ? 16 : 8) : 4;  // batch 1 is bandwidth-bound: more rows in flight
   int64_t j = 0;
   for (; j + F <= nf; j += F)
     tile<DT, R, F>(x, ldx, W + (f0 + j) * row_bytes, row_bytes, d, out + j, ldo,

@@ -1,0 +1,109 @@
+"""Writes Qwen3 weights as a GGUF file llama.cpp loads (arch qwen3, byte-level BPE vocabulary),
+with the `gguf` package, and quantizes it with llama.cpp's own quantizer. Used by the tests
+(tiny random models) and the llama.cpp benchmark (a synthetic model of realistic width)."""
+from __future__ import annotations
+
+import numpy as np
+
+N_BYTES = 256
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
+VOCAB = 272  # 256 bytes + merges + <|endoftext|> + padding control tokens
+
+
+def byte_tokens():
+    """GPT-2's reversible byte -> printable character mapping."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = keep[:]
+    n = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    table = dict(zip(keep, chars))
+    return [chr(table[b]) for b in range(256)]
+
+
+def vocab():
+    toks = byte_tokens() + ["".join(m) for m in MERGES] + ["<|endoftext|>"]
+    types = [1] * (N_BYTES + len(MERGES)) + [3]
+    while len(toks) < VOCAB:
+        toks.append(f"<|pad{len(toks)}|>")
+        types.append(3)
+    return toks, types
+
+
+def write_qwen3(path, cfg: dict, tensors) -> None:
+    """Writes a Qwen3 causal LM as an f32 GGUF. cfg: hidden_size, intermediate_size,
+    num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, max_position_embeddings,
+    rms_norm_eps, rope_theta, vocab_size (== VOCAB). tensors: transformers state-dict names ->
+    float32 numpy arrays (model.embed_tokens.weight, model.layers.N.*, model.norm.weight,
+    lm_head.weight). Linear weights keep transformers' (out, in) layout, as llama.cpp expects."""
+    import gguf
+
+    if cfg["vocab_size"] != VOCAB:
+        raise ValueError(f"the byte-level vocabulary has {VOCAB} tokens, the model {cfg['vocab_size']}")
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_name("saehook-qwen3")
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_freq_base(float(cfg["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    toks, types = vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(toks)
+    w.add_token_types(types)
+    w.add_token_merges([f"{a} {b}" for a, b in MERGES])
+    eos = toks.index("<|endoftext|>")
+    w.add_bos_token_id(eos)
+    w.add_eos_token_id(eos)
+    w.add_add_bos_token(False)
+
+    f32 = lambda name: np.ascontiguousarray(tensors[name], dtype=np.float32)  # noqa: E731
+    w.add_tensor("token_embd.weight", f32("model.embed_tokens.weight"))
+    w.add_tensor("output_norm.weight", f32("model.norm.weight"))
+    w.add_tensor("output.weight", f32("lm_head.weight"))
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, gg in LAYER_TENSORS.items():
+            w.add_tensor(f"blk.{i}.{gg}.weight", f32(f"model.layers.{i}.{hf}.weight"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+# transformers Qwen3 decoder-layer tensor -> llama.cpp's name
+LAYER_TENSORS = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                 "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+                 "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+                 "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def write_hf_model(model, path) -> None:
+    """Writes a transformers Qwen3ForCausalLM (float weights) as an f32 GGUF."""
+    c = model.config
+    cfg = {key: getattr(c, key) for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                            "num_attention_heads", "num_key_value_heads", "head_dim",
+                                            "max_position_embeddings", "rms_norm_eps", "vocab_size")}
+    cfg["rope_theta"] = getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]
+    write_qwen3(path, cfg, {k: v.detach().float().numpy() for k, v in model.state_dict().items()})
+
+
+def quantize(src, dst, ftype: str):
+    """llama.cpp's own quantizer (llama_model_quantize), e.g. ftype 'Q8_0' or 'Q4_K_M'."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({ftype}) failed with {rc}")
