@@ -84,9 +84,9 @@ def main() -> int:
     p.add_argument("--json", default="bench_llama.json")
     args = p.parse_args()
 
-    import llama_cpp
+    from saehook.llama import HookedLlama  # first: it sets up llama.cpp's OpenMP threads
 
-    from saehook.llama import HookedLlama
+    import llama_cpp
 
     path = args.model or synthetic_model(args.cache, args.hidden, args.layers, args.ffn, args.quant)
     common_kw = dict(n_ctx=args.prompt_tokens + args.gen_tokens + 64, n_batch=512, n_ubatch=512,
