@@ -2,7 +2,9 @@
 saehook.gguf_writer)."""
 from __future__ import annotations
 
-from saehook.gguf_writer import VOCAB, quantize, write_hf_model  # noqa: F401
+from saehook.gguf_writer import VOCAB, quantize, vocab, write_hf_model  # noqa: F401
+
+EOS = vocab()[0].index("<|endoftext|>")
 
 
 def build_hf_model(seed=0, **overrides):
@@ -11,7 +13,8 @@ def build_hf_model(seed=0, **overrides):
 
     cfg = dict(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
                num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-               tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=1000000.0)
+               tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=1000000.0,
+               eos_token_id=EOS, bos_token_id=EOS)
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg)).eval()

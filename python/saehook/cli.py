@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -54,6 +55,126 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _load_one(path: str, layer: Optional[int], k: Optional[int]):
+    from . import load
+    from .formats import SAESet
+
+    obj = load(path, k=k, layer=layer)
+    if isinstance(obj, SAESet):
+        raise ValueError(f"{path} holds layers {obj.layers}: pass --layer")
+    if layer is not None:
+        obj.metadata["layer"] = layer
+    if obj.layer is None:
+        raise ValueError(f"{path} does not say which layer it reads: pass --layer")
+    return obj
+
+
+def _pairs(specs: List[str], flag: str, value_type=float):
+    out = []
+    for spec in specs or []:
+        f, sep, v = spec.partition("=")
+        if not sep:
+            raise ValueError(f"{flag} expects FEATURE=VALUE, got {spec!r}")
+        out.append((int(f), value_type(v)))
+    return out
+
+
+def _steering(sae, args):
+    from .steering import Steering
+
+    st = Steering(sae, layer=sae.layer, positions=args.positions, normalize=args.normalize)
+    for f, v in _pairs(args.add, "--add"):
+        st.add(f, v)
+    for f, v in _pairs(args.clamp, "--clamp"):
+        st.clamp(f, v)
+    for f, v in _pairs(args.scale, "--scale"):
+        st.scale(f, v)
+    for f in args.ablate or []:
+        st.ablate(int(f))
+    if not st.ops:
+        raise ValueError("no intervention given: use --add/--clamp/--scale/--ablate")
+    return st
+
+
+def _add_steer_flags(p):
+    p.add_argument("--add", action="append", metavar="F=S", help="h += S * d_F")
+    p.add_argument("--clamp", action="append", metavar="F=V", help="set feature F's activation to V")
+    p.add_argument("--scale", action="append", metavar="F=C", help="multiply feature F's activation by C")
+    p.add_argument("--ablate", action="append", metavar="F", help="remove feature F")
+    p.add_argument("--normalize", action="store_true", help="use unit-norm decoder directions")
+    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
+
+
+def _model_flags(p):
+    p.add_argument("model", help="a GGUF file (llama.cpp) or a transformers model directory")
+    p.add_argument("--engine", choices=["llama", "hf"], help="default: llama for a file, hf for a directory")
+    p.add_argument("--sae", required=True)
+    p.add_argument("--layer", type=int)
+    p.add_argument("--k", type=int)
+
+
+def _cmd_features(args) -> int:
+    from .engines import open_engine
+    from .report import features_html
+
+    sae = _load_one(args.sae, args.layer, args.k)
+    eng = open_engine(args.model, args.engine)
+    tokens = eng.tokenize(args.text)
+    if not tokens:
+        raise ValueError("the text has no tokens")
+    pos, vals, idx = eng.features(tokens, {sae.layer: sae})[sae.layer]
+    texts = [eng.token_text(t) for t in tokens]
+    rows = [{"position": int(p), "token": int(tokens[p]), "text": texts[p],
+             "features": [[int(i), float(v)] for v, i in zip(vals[r], idx[r]) if i >= 0][: args.top]}
+            for r, p in enumerate(pos)]
+    if args.json:
+        print(json.dumps({"layer": sae.layer, "rows": rows}, indent=1))
+    else:
+        for row in rows:
+            feats = "  ".join(f"#{i}={v:.2f}" for i, v in row["features"])
+            print(f"{row['position']:>5} {row['text']!r:>12}  {feats}")
+    if args.html:
+        feature = args.feature
+        if feature is None:  # the feature with the largest total activation over the text
+            totals: dict = {}
+            for row in rows:
+                for i, v in row["features"]:
+                    totals[i] = totals.get(i, 0.0) + v
+            feature = max(totals, key=totals.get) if totals else 0
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(features_html(texts, rows, feature, title=f"{os.path.basename(args.model)}, layer {sae.layer}"))
+        print(f"wrote {args.html} (shaded by feature {feature})", file=sys.stderr)
+    return 0
+
+
+def _cmd_steer(args) -> int:
+    from .engines import open_engine
+
+    sae = _load_one(args.sae, args.layer, args.k)
+    st = _steering(sae, args)
+    eng = open_engine(args.model, args.engine)
+    tokens = eng.tokenize(args.prompt)
+    clean = eng.generate(tokens, args.max_tokens)
+    steered = eng.generate(tokens, args.max_tokens, [st])
+    text = lambda ids: "".join(eng.token_text(t) for t in ids)  # noqa: E731
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "steering": repr(st), "clean": text(clean), "steered": text(steered),
+                          "clean_tokens": clean, "steered_tokens": steered}, indent=1))
+    else:
+        print(f"prompt:  {args.prompt!r}\n{st!r}\nclean:   {text(clean)!r}\nsteered: {text(steered)!r}")
+    return 0
+
+
+def _cmd_export_cvec(args) -> int:
+    from .llama import export_control_vector
+
+    sae = _load_one(args.sae, args.layer, args.k)
+    st = _steering(sae, args)
+    export_control_vector([st], args.out, model_hint=args.model_hint)
+    print(f"wrote {args.out}: control vector for layer {st.layer} (llama.cpp: --control-vector {args.out})")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="saehook", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -78,6 +199,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     c.add_argument("--k", type=int)
     c.add_argument("--layer", type=int)
     c.set_defaults(fn=_cmd_convert)
+
+    f = sub.add_parser("features", help="top SAE features per token of a text (table, JSON, HTML page)")
+    _model_flags(f)
+    f.add_argument("text")
+    f.add_argument("--top", type=int, default=5, help="features shown per token")
+    f.add_argument("--feature", type=int, help="feature that shades the HTML page (default: the most active)")
+    f.add_argument("--html", help="write an HTML page of the text shaded by a feature")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(fn=_cmd_features)
+
+    s = sub.add_parser("steer", help="generate with and without an intervention, greedy, side by side")
+    _model_flags(s)
+    _add_steer_flags(s)
+    s.add_argument("prompt")
+    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_steer)
+
+    e = sub.add_parser("export-cvec", help="write an additive steering as a llama.cpp control-vector GGUF")
+    e.add_argument("sae")
+    e.add_argument("out")
+    e.add_argument("--layer", type=int)
+    e.add_argument("--k", type=int)
+    e.add_argument("--model-hint", default="")
+    _add_steer_flags(e)
+    e.set_defaults(fn=_cmd_export_cvec)
 
     args = p.parse_args(argv)
     try:

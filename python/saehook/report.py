@@ -1,0 +1,33 @@
+"""Self-contained HTML pages (no scripts, no network) for the command line's reports."""
+from __future__ import annotations
+
+import html
+from typing import List, Sequence
+
+
+def features_html(texts: Sequence[str], rows: List[dict], feature: int, title: str = "") -> str:
+    """The text with each token shaded by `feature`'s activation; hovering a token shows its
+    top features. rows: {"position", "features": [[index, value], ...]} per captured token."""
+    act = {row["position"]: dict(map(tuple, row["features"])).get(feature, 0.0) for row in rows}
+    top = {row["position"]: row["features"] for row in rows}
+    peak = max([v for v in act.values() if v > 0], default=1.0)
+    spans = []
+    for p, text in enumerate(texts):
+        a = max(0.0, act.get(p, 0.0)) / peak
+        tip = "; ".join(f"#{i}: {v:.3f}" for i, v in top.get(p, [])) or "not captured"
+        shown = html.escape(text).replace("\n", "&#8629;<br>") or "&nbsp;"
+        spans.append(f'<span class="t" style="background: rgba(255, 120, 0, {a:.3f})" '
+                     f'title="{html.escape(tip)}">{shown}</span>')
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>saehook features</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; background: #fff; color: #111; }}
+.text {{ font-family: monospace; font-size: 18px; line-height: 2; white-space: pre-wrap; }}
+.t {{ border-radius: 3px; padding: 1px 0; }}
+</style></head><body>
+<h1>Feature {feature}</h1>
+<p>{html.escape(title)}: tokens shaded by feature {feature}'s activation (peak {peak:.3f});
+hover a token for its top features.</p>
+<div class="text">{"".join(spans)}</div>
+</body></html>
+"""
