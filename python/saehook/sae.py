@@ -74,7 +74,6 @@ class SAE:
         enc_dtype: Optional[str] = None,
         dec_dtype: Optional[str] = None,
         metadata: Optional[Mapping[str, Any]] = None,
-        keepalive: Any = None,
     ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
@@ -107,7 +106,6 @@ class SAE:
         self._threshold = as_f32_vector(threshold, d_sae, "threshold")
         if subtract_b_dec and self._b_dec is None:
             raise ValueError("subtract_b_dec=True needs b_dec")
-        self._keepalive = keepalive
         self.enc_dtype, self.dec_dtype = etag, dtag
         self.dec_layout = dec_layout
         self.activation = activation
