@@ -287,3 +287,23 @@ def test_c_example_program(models, sae, tmp_path):
     # "Hello" is 5 byte tokens, then 4 generated tokens are fed back: 9 rows at positions 0..8
     assert [int(ln.split()[3].rstrip(":")) for ln in lines] == list(range(9)), out
     assert all(len(ln.split()) == 4 + 5 for ln in lines), out
+
+
+def test_nested_capture_and_steer_with_streaming(models, sae):
+    _, files = models
+    llm = open_llm(files["f32"])
+    prompt = TOKENS[:8]
+    gen = dict(max_tokens=5, temperature=0.0, top_k=1)
+    st = saehook.Steering(sae, layer=1).clamp(2, 9.0)
+    llm.reset()
+    with llm.steer(st):
+        with llm.capture({2: sae}) as outer:
+            with llm.capture({1: sae}) as inner:
+                streamed = "".join(c["choices"][0]["text"] for c in llm(prompt, stream=True, **gen))
+        after_inner = len(inner[1].tokens)
+        llm.reset()
+        plain = llm(prompt, **gen)["choices"][0]["text"]  # still steered: the outer block is open
+    assert streamed == plain
+    assert after_inner == len(prompt) + 4  # the prompt and the 4 sampled tokens fed back
+    assert len(outer[2].tokens) >= 1
+    assert not llm._entries  # every block removed its entries
