@@ -82,3 +82,24 @@ def test_cli_errors(setup, capsys):
     assert "no intervention" in capsys.readouterr().err
     assert main(["features", str(d / "m.gguf"), "--sae", str(d / "sae.safetensors"), "--layer", "9", "x"]) == 2
     assert "outside the model" in capsys.readouterr().err
+
+
+def _identity_sae(tmp_path):
+    eye = np.eye(256, dtype=np.float32)
+    sae = saehook.SAE(eye, eye, k=256, activation="topk", metadata={"layer": LAYER})  # reconstructs exactly
+    sae.save(tmp_path / "identity.safetensors")
+    return tmp_path / "identity.safetensors"
+
+
+@pytest.mark.parametrize("model", ["m.gguf", "hf"])
+def test_eval_perfect_and_random_sae(setup, tmp_path, capsys, model):
+    d = setup
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"text": "cat sat on a mat"}\n{"text": "dogs run far away"}\n')
+    perfect = run_json(capsys, "eval", str(d / model), "--sae", str(_identity_sae(tmp_path)), "--data", str(data), "--json")
+    assert perfect["n_tokens"] == 33 and perfect["l0"] == 256
+    assert perfect["fve"] > 0.9999 and abs(perfect["ce_increase"]) < 1e-3
+    rand = run_json(capsys, "eval", str(d / model), "--sae", str(d / "sae.safetensors"), "--data", str(data), "--json")
+    # A random SAE explains little and moves the loss far (a random model's loss can go either way).
+    assert rand["fve"] < 0.5 and abs(rand["ce_increase"]) > 0.05 and rand["l0"] == 8
+    assert 0 < rand["dead_fraction"] < 1

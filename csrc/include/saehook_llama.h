@@ -70,6 +70,10 @@ SAEHOOK_API bool saehook_llama_callback(struct ggml_tensor *t, bool ask, void *u
 SAEHOOK_API int32_t saehook_llama_hook_add(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae,
                                            int32_t capture, int32_t k, const saehook_steer_item *items,
                                            int32_t n_items, saehook_positions positions);
+/* Adds an entry that replaces every row at block `layer` by the SAE's reconstruction
+ * decode(encode(row)) ("splicing" the SAE in, for evaluation). Returns an id, or -1. */
+SAEHOOK_API int32_t saehook_llama_hook_add_reconstruct(saehook_llama_hook *hook, int32_t layer,
+                                                       const saehook_sae *sae);
 SAEHOOK_API saehook_status saehook_llama_hook_remove(saehook_llama_hook *hook, int32_t id);
 
 /* Describes the tokens of the next llama_decode (in batch order); appended to a queue consumed

@@ -19,7 +19,7 @@ struct Token {
 struct Entry {
   int32_t id, layer;
   const saehook_sae *sae;
-  bool capture;
+  bool capture, reconstruct;
   int32_t k;
   std::vector<saehook_steer_item> items;
   saehook_positions positions;
@@ -111,6 +111,14 @@ struct saehook_llama_hook {
         mask[r] = on;
         any |= on;
       }
+      if (e.reconstruct) {
+        if (saehook_reconstruct(e.sae, buf.data(), nrows, n_embd, nullptr) != SAEHOOK_OK) {
+          error = "layer " + std::to_string(layer) + ": " + saehook_last_error();
+          return;
+        }
+        changed = true;
+        continue;
+      }
       const bool steer = !e.items.empty() && any;
       if (!steer && !e.capture) continue;
       if (e.capture && keep_residuals) e.residuals.insert(e.residuals.end(), buf.begin(), buf.end());
@@ -176,9 +184,9 @@ bool saehook_llama_callback(struct ggml_tensor *t, bool ask, void *user_data) {
   return true;  // false would only skip the rest of the split, never what we want
 }
 
-int32_t saehook_llama_hook_add(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae, int32_t capture,
-                               int32_t k, const saehook_steer_item *items, int32_t n_items,
-                               saehook_positions positions) {
+namespace {
+int32_t add_entry(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae, bool capture, bool reconstruct,
+                  int32_t k, const saehook_steer_item *items, int32_t n_items, saehook_positions positions) {
   if (!hook || !sae || layer < 0 || layer >= hook->n_layer || n_items < 0 || (n_items && !items) ||
       positions < SAEHOOK_POS_ALL || positions > SAEHOOK_POS_GENERATED)
     return -1;
@@ -191,13 +199,25 @@ int32_t saehook_llama_hook_add(saehook_llama_hook *hook, int32_t layer, const sa
   e->id = hook->next_id++;
   e->layer = layer;
   e->sae = sae;
-  e->capture = capture != 0;
+  e->capture = capture;
+  e->reconstruct = reconstruct;
   e->k = k > 0 ? std::min<int32_t>(k, int32_t(d.d_sae)) : d.k;
   e->items.assign(items, items + n_items);
   e->positions = positions;
   if (!hook->hooked(layer)) hook->cursor[layer] = hook->end;  // starts with the next decode
   hook->entries.push_back(std::move(e));
   return hook->entries.back()->id;
+}
+}  // namespace
+
+int32_t saehook_llama_hook_add(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae, int32_t capture,
+                               int32_t k, const saehook_steer_item *items, int32_t n_items,
+                               saehook_positions positions) {
+  return add_entry(hook, layer, sae, capture != 0, false, k, items, n_items, positions);
+}
+
+int32_t saehook_llama_hook_add_reconstruct(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae) {
+  return add_entry(hook, layer, sae, false, true, 0, nullptr, 0, SAEHOOK_POS_ALL);
 }
 
 saehook_status saehook_llama_hook_remove(saehook_llama_hook *hook, int32_t id) {

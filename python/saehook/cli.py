@@ -175,6 +175,27 @@ def _cmd_export_cvec(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .engines import open_engine
+    from .evaluate import evaluate, read_texts
+
+    sae = _load_one(args.sae, args.layer, args.k)
+    texts = list(args.text or []) + (read_texts(args.data) if args.data else [])
+    if not texts:
+        raise ValueError("give texts or --data FILE")
+    engine = args.engine or ("hf" if os.path.isdir(args.model) else "llama")
+    # llama.cpp keeps every position's logits only when asked to (and only n_ctx of them)
+    kw = {"logits_all": True, "n_ctx": args.max_tokens + 8} if engine == "llama" else {}
+    eng = open_engine(args.model, engine, **kw)
+    res = evaluate(eng, sae, sae.layer, texts, max_tokens=args.max_tokens)
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        for key, val in res.items():
+            print(f"{key:>14}: {val:.4f}" if isinstance(val, float) else f"{key:>14}: {val}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="saehook", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -225,6 +246,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     e.add_argument("--model-hint", default="")
     _add_steer_flags(e)
     e.set_defaults(fn=_cmd_export_cvec)
+
+    v = sub.add_parser("eval", help="SAE quality on your model and text: FVE, L0, dead features, loss increase")
+    _model_flags(v)
+    v.add_argument("text", nargs="*")
+    v.add_argument("--data", help="a .txt (one document per line) or .jsonl (field text) file")
+    v.add_argument("--max-tokens", type=int, default=256, help="tokens per document")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(fn=_cmd_eval)
 
     args = p.parse_args(argv)
     try:

@@ -29,16 +29,47 @@ class Engine:
         """Greedy continuation (deterministic, so runs with and without steering compare)."""
         raise NotImplementedError
 
+    def residuals(self, tokens: Sequence[int], layer: int) -> np.ndarray:
+        """The residual stream after `layer` for every token (n, d_model) float32."""
+        raise NotImplementedError
+
+    def token_losses(self, tokens: Sequence[int], splice: Optional[Mapping[int, SAE]] = None) -> np.ndarray:
+        """Cross-entropy (nats) of each next token, tokens[1:], optionally with SAEs spliced in."""
+        raise NotImplementedError
+
     @property
     def n_layer(self) -> int:
         raise NotImplementedError
 
 
+def _next_token_losses(logits: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
+    z = logits[:-1].astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return -logp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])]
+
+
 class LlamaEngine(Engine):
-    def __init__(self, path: str, n_ctx: int = 2048, threads: Optional[int] = None):
+    def __init__(self, path: str, n_ctx: int = 2048, threads: Optional[int] = None, logits_all: bool = False):
         from .llama import HookedLlama
 
-        self.llm = HookedLlama(path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), verbose=False, seed=0)
+        self.llm = HookedLlama(path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), verbose=False, seed=0,
+                               logits_all=logits_all)
+
+    def residuals(self, tokens, layer):
+        self.llm.reset()
+        probe = _probe_sae(self.llm.n_embd_model)
+        with self.llm.capture({layer: probe}, residuals=True) as rec:
+            self.llm.eval(list(tokens))
+        return rec[layer].residuals
+
+    def token_losses(self, tokens, splice=None):
+        if not self.llm._logits_all:
+            raise ValueError("token losses need every position's logits: open the engine with logits_all=True")
+        self.llm.reset()
+        with (self.llm.splice(splice) if splice else _nullcontext()):
+            self.llm.eval(list(tokens))
+        return _next_token_losses(np.asarray(self.llm.scores[: len(tokens)]), tokens)
 
     @property
     def n_layer(self) -> int:
@@ -104,6 +135,21 @@ class HFEngine(Engine):
             self.model(self.torch.tensor([list(tokens)]))
         return {layer: (np.arange(len(tokens)), r.values, r.indices) for layer, r in rec.items()}
 
+    def residuals(self, tokens, layer):
+        from . import hf
+
+        with self.torch.no_grad(), hf.capture(self.model, {layer: _probe_sae(hf._hidden_size(self.model))},
+                                              residuals=True) as rec:
+            self.model(self.torch.tensor([list(tokens)]))
+        return rec[layer].residuals
+
+    def token_losses(self, tokens, splice=None):
+        from . import hf
+
+        with self.torch.no_grad(), (hf.splice(self.model, splice) if splice else _nullcontext()):
+            logits = self.model(self.torch.tensor([list(tokens)])).logits[0].float().numpy()
+        return _next_token_losses(logits, tokens)
+
     def generate(self, tokens, max_tokens, steerings=()):
         from . import hf
 
@@ -114,6 +160,18 @@ class HFEngine(Engine):
         new = out[0, ids.shape[1]:].tolist()
         eos_ids = set(eos if isinstance(eos, list) else [eos])
         return new[: next((i for i, t in enumerate(new) if t in eos_ids), len(new))]  # as llama: EOS not shown
+
+
+def _probe_sae(d_model: int) -> SAE:
+    """A one-feature SAE: capturing with it records the raw residual rows at almost no cost."""
+    z = np.zeros((1, d_model), np.float32)
+    return SAE(z, z, k=1)
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def open_engine(model: str, engine: Optional[str] = None, **kw) -> Engine:

@@ -163,3 +163,27 @@ def steer(model, *steerings: Steering) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def splice(model, saes: Mapping[int, SAE]) -> Iterator[None]:
+    """Replaces the residual stream after each given layer by its SAE reconstruction
+    decode(encode(h)) in every forward call inside the block (to measure the loss with the SAE
+    spliced in)."""
+    import torch
+
+    handles = []
+    try:
+        for layer, sae in saes.items():
+            block = _check(model, int(layer), sae)
+
+            def hook(module, inputs, output, _sae=sae):
+                hidden, rebuild = _split_output(output)
+                rec = _sae.reconstruct(hidden.detach().to("cpu", torch.float32).contiguous())
+                return rebuild(rec.to(hidden.device, hidden.dtype))
+
+            handles.append(block.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

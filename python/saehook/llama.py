@@ -73,6 +73,7 @@ class _Lib:
             "saehook_llama_hook_create": (P, [c.POINTER(_GgmlApi), c.c_int32, c.c_int32]),
             "saehook_llama_hook_destroy": (None, [P]),
             "saehook_llama_hook_add": (c.c_int32, [P, c.c_int32, P, c.c_int32, c.c_int32, P, c.c_int32, c.c_int]),
+            "saehook_llama_hook_add_reconstruct": (c.c_int32, [P, c.c_int32, P]),
             "saehook_llama_hook_remove": (c.c_int, [P, c.c_int32]),
             "saehook_llama_hook_announce": (c.c_int, [P, P, P, P, P, P, c.c_int32]),
             "saehook_llama_hook_reset_queue": (None, [P]),
@@ -264,6 +265,28 @@ class HookedLlama(llama_cpp.Llama):
                 self._entries.remove(i)
             if residuals:
                 lib.keep_residuals(self._hook, 0)
+
+    # ---- splicing ----
+    @contextlib.contextmanager
+    def splice(self, saes: Mapping[int, SAE]) -> Iterator[None]:
+        """Replaces the residual after each given layer by its SAE reconstruction in every decode
+        inside the block (for evaluation: the loss with the SAE spliced in)."""
+        for layer, sae in saes.items():
+            self._check(layer, sae)
+        lib = _lib()
+        ids = []
+        try:
+            for layer, sae in saes.items():
+                i = lib.add_reconstruct(self._hook, int(layer), sae.handle)
+                if i < 0:
+                    raise ValueError(f"saehook: cannot hook layer {layer}")
+                ids.append(i)
+                self._entries.append(i)
+            yield
+        finally:
+            for i in ids:
+                lib.remove(self._hook, i)
+                self._entries.remove(i)
 
     # ---- steering ----
     def _uses_cvec(self, st: Steering) -> bool:
