@@ -196,6 +196,88 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _load_layers(path: str, layers: Optional[str], k: Optional[int]) -> dict:
+    from . import load
+    from .formats import SAESet
+
+    obj = load(path, k=k)
+    wanted = [int(x) for x in layers.split(",")] if layers else None
+    if isinstance(obj, SAESet):
+        return {L: obj[L] for L in (wanted or obj.layers)}
+    layer = wanted[0] if wanted else obj.layer
+    if layer is None or (wanted and len(wanted) > 1):
+        raise ValueError(f"{path} is one SAE: pass the one --layers it reads")
+    return {layer: obj}
+
+
+def _cmd_capture(args) -> int:
+    from .datasets import capture, read_documents
+    from .engines import open_engine
+
+    saes = _load_layers(args.sae, args.layers, args.k)
+    docs = read_documents(args.data)
+    eng = open_engine(args.model, args.engine)
+
+    def progress(done, total):
+        print(f"\rcapturing: {done}/{total} documents", end="", file=sys.stderr, flush=True)
+
+    res = capture(eng, saes, docs, args.out, shard_docs=args.shard_docs, max_tokens=args.max_tokens,
+                  manifest_extra={"model": os.path.abspath(args.model), "sae": os.path.abspath(args.sae),
+                                  "data": os.path.abspath(args.data)}, progress=progress)
+    print(file=sys.stderr)
+    print(json.dumps(res) if args.json else f"{args.out}: {res['written']} shards written, {res['skipped']} already there")
+    return 0
+
+
+def _cmd_stats(args) -> int:
+    from .datasets import FeatureData, feature_stats, write_json
+    from .report import table_html
+
+    data = FeatureData(args.dir, args.layer)
+    stats = feature_stats(data, top=args.top)
+    live = sorted((s for s in stats if not s["dead"]), key=lambda s: -s["frequency"])
+    summary = {"layer": data.layer, "tokens": data.n_tokens, "features": data.d_sae,
+               "dead_fraction": sum(s["dead"] for s in stats) / data.d_sae}
+    write_json(os.path.join(args.dir, f"stats-layer{data.layer}.json"), {"summary": summary, "features": stats})
+    rows = [[s["feature"], s["frequency"], s["mean"], s["max"], s["top_contexts"][0]["context"] if s["top_contexts"] else ""]
+            for s in live[: args.report_rows]]
+    with open(os.path.join(args.dir, f"stats-layer{data.layer}.html"), "w", encoding="utf-8") as f:
+        f.write(table_html(f"Feature statistics, layer {data.layer}",
+                           f"{data.n_tokens} tokens; {summary['dead_fraction']:.1%} of {data.d_sae} features never fired.",
+                           ["feature", "frequency", "mean", "max", "top context"], rows, bars=["frequency", "max"]))
+    if args.json:
+        print(json.dumps({"summary": summary, "features": live[: args.report_rows]}, indent=1))
+    else:
+        print(json.dumps(summary))
+        for s in live[: args.report_rows]:
+            ctx = s["top_contexts"][0]["context"] if s["top_contexts"] else ""
+            print(f"#{s['feature']:<7} freq {s['frequency']:.4f}  mean {s['mean']:.3f}  max {s['max']:.3f}  {ctx!r}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .datasets import FeatureData, compare
+    from .report import table_html
+
+    a, b = FeatureData(args.a, args.layer), FeatureData(args.b, args.layer)
+    res = compare(a, b, top=args.top, redundancy=args.redundancy)
+    if args.html:
+        rows = [[s["feature"], s["freq_a"], s["freq_b"], s["log_ratio"]] for s in res["separating_features"]]
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(table_html(f"{os.path.basename(args.a)} vs {os.path.basename(args.b)}, layer {res['layer']}",
+                               f"coverage of B by A {res['coverage_of_b_by_a']:.1%}, of A by B {res['coverage_of_a_by_b']:.1%}; "
+                               f"{len(res['redundant_docs_b'])} documents of B nearly duplicate one of A.",
+                               ["feature", "freq A", "freq B", "log(A/B)"], rows, bars=["freq A", "freq B"]))
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        print(f"active features: A {res['active_a']}, B {res['active_b']}, both {res['active_both']} "
+              f"(Jaccard {res['jaccard']:.3f})")
+        for s in res["separating_features"]:
+            print(f"#{s['feature']:<7} A {s['freq_a']:.4f}  B {s['freq_b']:.4f}  log(A/B) {s['log_ratio']:+.2f}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="saehook", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -254,6 +336,37 @@ def main(argv: Optional[List[str]] = None) -> int:
     v.add_argument("--max-tokens", type=int, default=256, help="tokens per document")
     v.add_argument("--json", action="store_true")
     v.set_defaults(fn=_cmd_eval)
+
+    cp = sub.add_parser("capture", help="run a dataset through the model and store per-token features (Parquet)")
+    cp.add_argument("model")
+    cp.add_argument("--engine", choices=["llama", "hf"])
+    cp.add_argument("--sae", required=True, help="an SAE file or a directory of layers")
+    cp.add_argument("--layers", help="comma-separated layers (default: the SAE's)")
+    cp.add_argument("--k", type=int)
+    cp.add_argument("--data", required=True, help=".txt, .jsonl or .parquet (text, optional label)")
+    cp.add_argument("--out", required=True)
+    cp.add_argument("--shard-docs", type=int, default=64)
+    cp.add_argument("--max-tokens", type=int, default=512)
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(fn=_cmd_capture)
+
+    sp = sub.add_parser("stats", help="per-feature frequency, activations, top contexts, dead features")
+    sp.add_argument("dir")
+    sp.add_argument("--layer", type=int)
+    sp.add_argument("--top", type=int, default=5, help="contexts kept per feature")
+    sp.add_argument("--report-rows", type=int, default=50)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(fn=_cmd_stats)
+
+    cm = sub.add_parser("compare", help="evaluation analysis between two captured datasets")
+    cm.add_argument("a")
+    cm.add_argument("b")
+    cm.add_argument("--layer", type=int)
+    cm.add_argument("--top", type=int, default=20)
+    cm.add_argument("--redundancy", type=float, default=0.95, help="profile cosine above which documents count as redundant")
+    cm.add_argument("--html")
+    cm.add_argument("--json", action="store_true")
+    cm.set_defaults(fn=_cmd_compare)
 
     args = p.parse_args(argv)
     try:

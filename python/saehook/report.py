@@ -31,3 +31,30 @@ hover a token for its top features.</p>
 <div class="text">{"".join(spans)}</div>
 </body></html>
 """
+
+
+def table_html(title: str, intro: str, columns: List[str], rows: List[list], bars: Sequence[str] = ()) -> str:
+    """A report page: a table whose `bars` columns (numbers) also get a proportional bar."""
+    peaks = {c: max([abs(r[columns.index(c)]) for r in rows] or [1.0]) or 1.0 for c in bars}
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for r in rows:
+        cells = []
+        for c, v in zip(columns, r):
+            if c in peaks:
+                w = 100.0 * abs(v) / peaks[c]
+                cells.append(f'<td><div class="bar" style="width:{w:.1f}px"></div> {v:.4g}</td>')
+            else:
+                cells.append(f"<td>{html.escape(str(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #111; background: #fff; }}
+table {{ border-collapse: collapse; }} td, th {{ border-bottom: 1px solid #ddd; padding: 4px 10px; text-align: left; }}
+.bar {{ display: inline-block; height: 10px; background: #e8700a; vertical-align: middle; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>
+<table><tr>{head}</tr>{"".join(body)}</table>
+</body></html>
+"""

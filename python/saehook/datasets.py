@@ -1,0 +1,251 @@
+"""Feature datasets: run documents through a model and store each token's sparse SAE features
+as Parquet shards, then analyse them (per-feature statistics, comparison of two datasets).
+
+A capture directory holds
+    manifest.json          what was captured (model, SAE, layers, shard size, d_sae) for resume
+    docs.parquet           doc_id, text, label (when the input has labels)
+    shard-00000.parquet    one row per (document, token, layer): doc_id, position, token,
+                           token_text, layer, indices (list<int32>), values (list<float32>)
+Shard i holds documents [i * shard_docs, (i + 1) * shard_docs). A shard is written to a
+temporary name and renamed when complete, so an interrupted run never leaves a shard that looks
+complete, and a rerun with the same arguments skips the shards that exist.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .engines import Engine
+from .sae import SAE
+
+MANIFEST = "manifest.json"
+
+
+def _pa():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("feature datasets need pyarrow: pip install 'saehook[workflows]'") from None
+    return pa, pq
+
+
+def read_documents(path: str) -> List[dict]:
+    """[{"text", "label"?, "id"?}] from .txt (a document per non-empty line), .jsonl (fields text,
+    label, id) or .parquet (columns text, label, id)."""
+    if path.endswith(".parquet"):
+        _, pq = _pa()
+        rows = pq.read_table(path).to_pylist()
+    elif path.endswith(".jsonl"):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+    else:
+        with open(path, encoding="utf-8") as f:
+            rows = [{"text": line.rstrip("\n")} for line in f if line.strip()]
+    for n, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+            raise ValueError(f"{path}: document {n} has no text field")
+    if not rows:
+        raise ValueError(f"{path}: no documents")
+    return rows
+
+
+def _shard_path(out: str, i: int) -> str:
+    return os.path.join(out, f"shard-{i:05d}.parquet")
+
+
+def capture(engine: Engine, saes: Mapping[int, SAE], docs: Sequence[dict], out: str, *, shard_docs: int = 64,
+            max_tokens: int = 512, manifest_extra: Optional[dict] = None, progress=None) -> dict:
+    """Captures the features of every document into `out` (resumable: see the module doc)."""
+    pa, pq = _pa()
+    os.makedirs(out, exist_ok=True)
+    manifest = {"layers": sorted(int(k) for k in saes), "d_sae": {str(k): s.d_sae for k, s in saes.items()},
+                "k": {str(k): s.k for k, s in saes.items()}, "shard_docs": shard_docs, "max_tokens": max_tokens,
+                "n_docs": len(docs), **(manifest_extra or {})}
+    mpath = os.path.join(out, MANIFEST)
+    if os.path.exists(mpath):
+        with open(mpath) as f:
+            old = json.load(f)
+        if old != manifest:
+            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            raise ValueError(f"{out} holds a capture made with other settings ({', '.join(diff)}); use a new directory")
+    else:
+        write_json(mpath, manifest)
+    docs_path = os.path.join(out, "docs.parquet")
+    if not os.path.exists(docs_path):
+        table = {"doc_id": list(range(len(docs))), "text": [d["text"] for d in docs]}
+        if any("label" in d for d in docs):
+            table["label"] = [None if d.get("label") is None else str(d["label"]) for d in docs]
+        _atomic_parquet(pa.table(table), docs_path)
+    n_shards = (len(docs) + shard_docs - 1) // shard_docs
+    written = 0
+    for i in range(n_shards):
+        path = _shard_path(out, i)
+        if os.path.exists(path):
+            continue
+        cols: Dict[str, list] = {k: [] for k in ("doc_id", "position", "token", "token_text", "layer", "indices", "values")}
+        for doc_id in range(i * shard_docs, min(len(docs), (i + 1) * shard_docs)):
+            tokens = engine.tokenize(docs[doc_id]["text"])[:max_tokens]
+            if not tokens:
+                continue
+            texts = [engine.token_text(t) for t in tokens]
+            for layer, (pos, vals, idx) in engine.features(tokens, saes).items():
+                for r, p in enumerate(pos):
+                    keep = idx[r] >= 0
+                    cols["doc_id"].append(doc_id)
+                    cols["position"].append(int(p))
+                    cols["token"].append(int(tokens[p]))
+                    cols["token_text"].append(texts[p])
+                    cols["layer"].append(int(layer))
+                    cols["indices"].append(idx[r][keep].astype(np.int32))
+                    cols["values"].append(vals[r][keep].astype(np.float32))
+            if progress:
+                progress(doc_id + 1, len(docs))
+        schema = pa.schema([("doc_id", pa.int64()), ("position", pa.int32()), ("token", pa.int32()),
+                            ("token_text", pa.string()), ("layer", pa.int32()),
+                            ("indices", pa.list_(pa.int32())), ("values", pa.list_(pa.float32()))])
+        _atomic_parquet(pa.table(cols, schema=schema), path)
+        written += 1
+    return {"out": out, "shards": n_shards, "written": written, "skipped": n_shards - written}
+
+
+def _atomic_parquet(table, path: str) -> None:
+    _, pq = _pa()
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+class FeatureData:
+    """A capture directory loaded for analysis (all rows of one layer in memory)."""
+
+    def __init__(self, path: str, layer: Optional[int] = None):
+        _, pq = _pa()
+        with open(os.path.join(path, MANIFEST)) as f:
+            self.manifest = json.load(f)
+        layers = self.manifest["layers"]
+        self.layer = layers[0] if layer is None else int(layer)
+        if self.layer not in layers:
+            raise ValueError(f"{path} has layers {layers}, not {layer}")
+        self.d_sae = int(self.manifest["d_sae"][str(self.layer)])
+        shards = sorted(f for f in os.listdir(path) if f.startswith("shard-") and f.endswith(".parquet"))
+        expected = (self.manifest["n_docs"] + self.manifest["shard_docs"] - 1) // self.manifest["shard_docs"]
+        if len(shards) != expected:
+            raise ValueError(f"{path}: {len(shards)} of {expected} shards present; rerun capture to complete it")
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        table = pa.concat_tables([pq.read_table(os.path.join(path, s)) for s in shards])
+        table = table.filter(pc.equal(table["layer"], self.layer))
+        self.doc_id = table["doc_id"].to_numpy()
+        self.position = table["position"].to_numpy()
+        self.token_text = table["token_text"].to_pylist()
+        self.indices = [np.asarray(v, dtype=np.int64) for v in table["indices"].to_pylist()]
+        self.values = [np.asarray(v, dtype=np.float32) for v in table["values"].to_pylist()]
+        self.docs = pq.read_table(os.path.join(path, "docs.parquet")).to_pylist()
+        self.path = path
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.indices)
+
+    def feature_counts(self) -> np.ndarray:
+        return np.bincount(np.concatenate(self.indices), minlength=self.d_sae) if self.indices else np.zeros(self.d_sae)
+
+    def doc_profiles(self) -> Dict[int, np.ndarray]:
+        """doc_id -> mean activation of every feature over the document's tokens (dense)."""
+        out: Dict[int, np.ndarray] = {}
+        counts: Dict[int, int] = {}
+        for d, idx, val in zip(self.doc_id.tolist(), self.indices, self.values):
+            prof = out.setdefault(d, np.zeros(self.d_sae, np.float32))
+            np.add.at(prof, idx, val)
+            counts[d] = counts.get(d, 0) + 1
+        return {d: p / counts[d] for d, p in out.items()}
+
+    def context(self, row: int, width: int = 6) -> str:
+        """The tokens around a row, the row's own token in [brackets]."""
+        d, p = self.doc_id[row], self.position[row]
+        parts = []
+        for r in range(max(0, row - width), min(self.n_tokens, row + width + 1)):
+            if self.doc_id[r] == d:
+                parts.append(f"[{self.token_text[r]}]" if self.position[r] == p else self.token_text[r])
+        return "".join(parts)
+
+
+def feature_stats(data: FeatureData, top: int = 5) -> List[dict]:
+    """Per feature: firing frequency, mean and max activation, top-activating contexts."""
+    n = max(1, data.n_tokens)
+    counts = data.feature_counts()
+    sums = np.zeros(data.d_sae)
+    maxv = np.zeros(data.d_sae)
+    best: Dict[int, List[tuple]] = {}
+    for row, (idx, val) in enumerate(zip(data.indices, data.values)):
+        np.add.at(sums, idx, val)
+        np.maximum.at(maxv, idx, val)
+        for f, v in zip(idx.tolist(), val.tolist()):
+            lst = best.setdefault(f, [])
+            lst.append((v, row))
+            if len(lst) > 4 * top:
+                lst.sort(reverse=True)
+                del lst[top:]
+    out = []
+    for f in range(data.d_sae):
+        c = int(counts[f])
+        tops = sorted(best.get(f, []), reverse=True)[:top]
+        out.append({"feature": f, "frequency": c / n, "count": c, "mean": float(sums[f] / c) if c else 0.0,
+                    "max": float(maxv[f]), "dead": c == 0,
+                    "top_contexts": [{"value": v, "doc_id": int(data.doc_id[r]), "position": int(data.position[r]),
+                                      "context": data.context(r)} for v, r in tops]})
+    return out
+
+
+def compare(a: FeatureData, b: FeatureData, *, top: int = 20, redundancy: float = 0.95) -> dict:
+    """Evaluation analysis between two captures of the same SAE: which features separate them,
+    how much of each one's active feature set the other covers, and which documents of B
+    nearly duplicate a document of A (cosine similarity of their feature profiles)."""
+    if a.d_sae != b.d_sae or a.layer != b.layer:
+        raise ValueError("compare needs captures of the same SAE and layer")
+    fa = a.feature_counts() / max(1, a.n_tokens)
+    fb = b.feature_counts() / max(1, b.n_tokens)
+    eps = 1.0 / max(a.n_tokens, b.n_tokens, 1)
+    log_ratio = np.log((fa + eps) / (fb + eps))
+    active_a, active_b = set(np.flatnonzero(fa).tolist()), set(np.flatnonzero(fb).tolist())
+    both = active_a & active_b
+    order = np.argsort(-np.abs(fa - fb))
+    sep = [{"feature": int(f), "freq_a": float(fa[f]), "freq_b": float(fb[f]), "log_ratio": float(log_ratio[f])}
+           for f in order[:top] if fa[f] != fb[f]]
+    pa_, pb_ = a.doc_profiles(), b.doc_profiles()
+    ids_a, ids_b = sorted(pa_), sorted(pb_)
+    near = []
+    if ids_a and ids_b:
+        A = np.stack([pa_[i] for i in ids_a])
+        B = np.stack([pb_[i] for i in ids_b])
+        A /= np.linalg.norm(A, axis=1, keepdims=True) + 1e-12
+        B /= np.linalg.norm(B, axis=1, keepdims=True) + 1e-12
+        sim = B @ A.T
+        for j, i in enumerate(sim.argmax(axis=1)):
+            if sim[j, i] >= redundancy:
+                near.append({"doc_b": ids_b[j], "doc_a": ids_a[int(i)], "similarity": float(sim[j, i])})
+    return {
+        "layer": a.layer, "tokens_a": a.n_tokens, "tokens_b": b.n_tokens,
+        "active_a": len(active_a), "active_b": len(active_b), "active_both": len(both),
+        "coverage_of_b_by_a": len(both) / max(1, len(active_b)), "coverage_of_a_by_b": len(both) / max(1, len(active_a)),
+        "jaccard": len(both) / max(1, len(active_a | active_b)),
+        "separating_features": sep, "redundant_docs_b": near,
+    }

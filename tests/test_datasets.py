@@ -1,0 +1,116 @@
+"""capture -> Parquet shards (resumable), stats and compare, end to end on a tiny model."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pyarrow")
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import saehook  # noqa: E402
+from saehook import datasets  # noqa: E402
+from saehook.cli import main  # noqa: E402
+from saehook.engines import open_engine  # noqa: E402
+
+import gguf_models as gm  # noqa: E402
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ds")
+    gm.build_hf_model(seed=5).save_pretrained(d / "hf")
+    rng = np.random.default_rng(2)
+    W = (rng.standard_normal((256, 256)) / 16).astype(np.float32)
+    saehook.SAE(W, W, k=6, activation="topk_relu", metadata={"layer": LAYER}).save(d / "sae.safetensors")
+    rng = np.random.default_rng(0)
+    plain = "abcdefghijklmnopqrstuvw "
+    def doc(extra):
+        return "".join(rng.choice(list(plain + extra), size=30))
+    a = [{"text": doc("xxxxxxxx")} for _ in range(10)]
+    b = [{"text": doc("")} for _ in range(9)] + [dict(a[3])]  # B's last document duplicates A's fourth
+    for name, docs in (("a.jsonl", a), ("b.jsonl", b)):
+        (d / name).write_text("".join(json.dumps(x) + "\n" for x in docs))
+    return d
+
+
+def _capture(d, data, out, *extra):
+    return main(["capture", str(d / "hf"), "--sae", str(d / "sae.safetensors"), "--data", str(d / data),
+                 "--out", str(out), "--shard-docs", "3", *extra])
+
+
+def test_interrupted_capture_resumes_to_the_same_rows(setup, tmp_path, monkeypatch):
+    d = setup
+    assert _capture(d, "a.jsonl", tmp_path / "full") == 0
+    from saehook.engines import HFEngine
+
+    class Boom(Exception):
+        pass
+
+    orig = HFEngine.features
+    calls = [0]
+
+    def dies_in_shard_2(self, tokens, saes):  # the 8th document is in shard 2 (documents 6..8)
+        calls[0] += 1
+        if calls[0] == 8:
+            raise Boom()
+        return orig(self, tokens, saes)
+
+    monkeypatch.setattr(HFEngine, "features", dies_in_shard_2)
+    with pytest.raises(Boom):
+        _capture(d, "a.jsonl", tmp_path / "part")
+    assert sorted(f for f in os.listdir(tmp_path / "part") if f.startswith("shard-")) == ["shard-00000.parquet", "shard-00001.parquet"]
+    monkeypatch.setattr(HFEngine, "features", orig)
+    assert _capture(d, "a.jsonl", tmp_path / "part") == 0
+    full, part = datasets.FeatureData(str(tmp_path / "full")), datasets.FeatureData(str(tmp_path / "part"))
+    assert full.n_tokens == part.n_tokens == 300
+    np.testing.assert_array_equal(full.doc_id, part.doc_id)
+    for x, y in zip(full.indices, part.indices):
+        np.testing.assert_array_equal(x, y)
+    # other settings in the same directory are refused instead of mixing captures
+    assert _capture(d, "a.jsonl", tmp_path / "part", "--max-tokens", "5") == 2
+
+
+def test_captured_features_equal_encode(setup, tmp_path):
+    d = setup
+    _capture(d, "a.jsonl", tmp_path / "c")
+    data = datasets.FeatureData(str(tmp_path / "c"))
+    eng = open_engine(str(d / "hf"))
+    sae = saehook.load(d / "sae.safetensors")
+    text = json.loads((d / "a.jsonl").read_text().splitlines()[0])["text"]
+    x = eng.residuals(eng.tokenize(text), LAYER)
+    vals, idx = sae.encode(x)
+    rows = np.flatnonzero(data.doc_id == 0)
+    for r, (v, i) in zip(rows, zip(vals, idx)):
+        np.testing.assert_array_equal(data.indices[r], i[i >= 0])
+        np.testing.assert_allclose(data.values[r], v[i >= 0], rtol=1e-6)
+
+
+def test_stats_and_compare_find_the_planted_difference(setup, tmp_path, capsys):
+    d = setup
+    _capture(d, "a.jsonl", tmp_path / "A")
+    _capture(d, "b.jsonl", tmp_path / "B")
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "A"), str(tmp_path / "B"), "--json", "--html", str(tmp_path / "c.html")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    top = res["separating_features"][0]
+    assert top["freq_a"] > top["freq_b"]
+    # The feature that separates A from B is the one 'x' tokens (only in A) activate.
+    eng = open_engine(str(d / "hf"))
+    sae = saehook.load(d / "sae.safetensors")
+    xs = eng.residuals(eng.tokenize("xxxx"), LAYER)
+    fired_on_x = set(sae.encode(xs)[1][1:].ravel().tolist())
+    assert top["feature"] in fired_on_x
+    assert {"doc_b": 9, "doc_a": 3} == {k: v for k, v in res["redundant_docs_b"][0].items() if k != "similarity"}
+    assert "<table>" in (tmp_path / "c.html").read_text()
+    assert main(["stats", str(tmp_path / "A"), "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["summary"]["tokens"] == 300 and 0 < st["summary"]["dead_fraction"] < 1
+    f0 = st["features"][0]
+    assert f0["top_contexts"][0]["context"].count("[") == 1
+    assert os.path.exists(tmp_path / "A" / f"stats-layer{LAYER}.html")
