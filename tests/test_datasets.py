@@ -114,3 +114,38 @@ def test_stats_and_compare_find_the_planted_difference(setup, tmp_path, capsys):
     f0 = st["features"][0]
     assert f0["top_contexts"][0]["context"].count("[") == 1
     assert os.path.exists(tmp_path / "A" / f"stats-layer{LAYER}.html")
+
+
+def test_classify_separates_planted_classes(setup, tmp_path, capsys):
+    d = setup
+    rng = np.random.default_rng(7)
+    docs = []
+    for i in range(40):
+        letters = "abcdefghijkl " if i % 2 == 0 else "mnopqrstuvw "
+        docs.append({"text": "".join(rng.choice(list(letters), size=24)), "label": "first" if i % 2 == 0 else "second"})
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps(x) + "\n" for x in docs))
+    assert main(["capture", str(d / "hf"), "--sae", str(d / "sae.safetensors"), "--data", str(tmp_path / "l.jsonl"),
+                 "--out", str(tmp_path / "L")]) == 0
+    capsys.readouterr()
+    assert main(["classify", "train", str(tmp_path / "L"), "--probe", str(tmp_path / "p.npz"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_test"] == 10 and res["accuracy"] >= 0.9 and res["macro_f1"] >= 0.9
+    assert main(["classify", "predict", str(tmp_path / "L"), "--probe", str(tmp_path / "p.npz"),
+                 "--out", str(tmp_path / "pred.jsonl")]) == 0
+    preds = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert np.mean([p["label"] == docs[p["doc_id"]]["label"] for p in preds]) >= 0.9
+
+
+def test_feature_reward_has_trl_signature(setup):
+    from saehook.probe import feature_reward
+
+    d = setup
+    eng = open_engine(str(d / "hf"))
+    sae = saehook.load(d / "sae.safetensors")
+    _, vals, idx = eng.features(eng.tokenize("xxxx"), {LAYER: sae})[LAYER]
+    f = int(idx[-1, 0])  # the strongest feature on an 'x' token
+    reward = feature_reward(eng, sae, LAYER, {f: 1.0})
+    scores = reward(completions=["xxxxxxxx", "abcabcab"], prompts=["p", "p"])
+    assert scores[0] > scores[1] >= 0
+    expect = float(np.where(idx == f, vals, 0).sum()) / 4
+    assert abs(reward([[{"role": "assistant", "content": "xxxx"}]])[0] - expect) < 1e-6

@@ -278,6 +278,30 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_classify(args) -> int:
+    from .datasets import FeatureData
+    from .probe import LinearProbe, document_matrix, train
+
+    data = FeatureData(args.dir, args.layer)
+    if args.action == "train":
+        res = train(data, test_fraction=args.test_fraction, seed=args.seed)
+        res.pop("probe").save(args.probe)
+        print(json.dumps(res, indent=1) if args.json else
+              f"held-out accuracy {res['accuracy']:.3f}, macro F1 {res['macro_f1']:.3f} "
+              f"({res['n_train']} train / {res['n_test']} test documents); probe written to {args.probe}")
+        return 0
+    probe = LinearProbe.load(args.probe)
+    if probe.layer != data.layer:
+        raise ValueError(f"the probe reads layer {probe.layer}, the capture's layer is {data.layer}")
+    ids, X = document_matrix(data)
+    rows = [{"doc_id": int(i), "label": p} for i, p in zip(ids, probe.predict(X))]
+    with open(args.out, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    print(f"wrote {len(rows)} predictions to {args.out}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="saehook", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -367,6 +391,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     cm.add_argument("--html")
     cm.add_argument("--json", action="store_true")
     cm.set_defaults(fn=_cmd_compare)
+
+    cl = sub.add_parser("classify", help="a linear probe on pooled features: train (held-out metrics) or predict")
+    cl.add_argument("action", choices=["train", "predict"])
+    cl.add_argument("dir", help="a capture directory (labels from the captured data file)")
+    cl.add_argument("--probe", required=True, help="probe file (.npz) written by train, read by predict")
+    cl.add_argument("--out", help="predict: JSONL of doc_id, label")
+    cl.add_argument("--layer", type=int)
+    cl.add_argument("--test-fraction", type=float, default=0.25)
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--json", action="store_true")
+    cl.set_defaults(fn=_cmd_classify)
 
     args = p.parse_args(argv)
     try:
