@@ -302,6 +302,43 @@ def _cmd_classify(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .datasets import read_documents
+    from .engines import open_engine
+    from .evaluate import evaluate
+    from .train import shuffled_batches, train_sae
+
+    docs = [d["text"] for d in read_documents(args.data)]
+    held_out = docs[-max(1, len(docs) // 10):] if len(docs) > 1 else docs
+    train_docs = docs[: len(docs) - len(held_out)] or docs
+    engine = args.engine or ("hf" if os.path.isdir(args.model) else "llama")
+    eng = open_engine(args.model, engine, **({"logits_all": True, "n_ctx": args.max_tokens + 8} if engine == "llama" else {}))
+    d_model = eng.residuals(eng.tokenize(train_docs[0])[:2] or [0], args.layer).shape[1]
+
+    def rows():  # residuals of the training documents, cycling until training ends
+        while True:
+            for text in train_docs:
+                tokens = eng.tokenize(text)[: args.max_tokens]
+                if tokens:
+                    yield eng.residuals(tokens, args.layer)
+
+    def progress(step, loss):
+        if step % 10 == 0 or step == args.steps:
+            print(f"\rtraining: step {step}/{args.steps}  loss {loss:.4f}", end="", file=sys.stderr, flush=True)
+
+    sae = train_sae(shuffled_batches(rows(), args.batch, buffer=max(4 * args.batch, 4096), seed=args.seed),
+                    d_model, args.d_sae, args.k, steps=args.steps, lr=args.lr, seed=args.seed,
+                    checkpoint=args.checkpoint, metadata={"layer": args.layer, "hook_point": "resid_post",
+                                                          "model": os.path.basename(args.model)},
+                    progress=progress)
+    print(file=sys.stderr)
+    sae.save(args.out)
+    res = evaluate(eng, sae, args.layer, held_out, max_tokens=args.max_tokens)
+    print(json.dumps(res, indent=1) if args.json else f"wrote {args.out}; held-out " +
+          ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float)))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="saehook", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -402,6 +439,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     cl.add_argument("--seed", type=int, default=0)
     cl.add_argument("--json", action="store_true")
     cl.set_defaults(fn=_cmd_classify)
+
+    t = sub.add_parser("train", help="train a Top-K SAE on the model's residual stream after a layer")
+    t.add_argument("model")
+    t.add_argument("--engine", choices=["llama", "hf"])
+    t.add_argument("--layer", type=int, required=True)
+    t.add_argument("--data", required=True, help=".txt, .jsonl or .parquet documents (the last 10%% are held out)")
+    t.add_argument("--d-sae", type=int, required=True)
+    t.add_argument("--k", type=int, required=True)
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch", type=int, default=256)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--max-tokens", type=int, default=256)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint", help="resume from / save to this file")
+    t.add_argument("--out", required=True)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(fn=_cmd_train)
 
     args = p.parse_args(argv)
     try:
