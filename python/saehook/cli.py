@@ -11,7 +11,7 @@ from typing import List, Optional
 def _cmd_demo(args) -> int:
     from . import demo
 
-    demo.run(prompt=args.prompt, max_new_tokens=args.max_new_tokens, strength=args.strength)
+    demo.run(prompt=args.prompt, max_tokens=args.max_new_tokens, strength=args.strength)
     return 0
 
 
@@ -343,10 +343,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="saehook", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    d = sub.add_parser("demo", help="capture and steering on a tiny offline model")
-    d.add_argument("--prompt", default="Hello world")
-    d.add_argument("--max-new-tokens", type=int, default=12)
-    d.add_argument("--strength", type=float, default=40.0)
+    d = sub.add_parser("demo", help="features and steering on the shipped tiny model, offline")
+    d.add_argument("--prompt", default="The with statement is used to")
+    d.add_argument("--max-new-tokens", type=int, default=40)
+    d.add_argument("--strength", type=float, help="clamp value (default: twice the feature's largest activation)")
     d.set_defaults(fn=_cmd_demo)
 
     i = sub.add_parser("info", help="format, shapes, k, activation, dtypes and memory of an SAE")

@@ -1,83 +1,156 @@
-"""`saehook demo`: capture and steering end to end, offline, in seconds.
+"""`saehook demo`: find interpretable features in a real (tiny) language model and steer it,
+offline, in seconds.
 
-Builds a tiny Qwen3-architecture model with transformers (random weights, byte vocabulary, no
-download) and an SAE over its layer-1 residual stream whose feature 0 writes the direction that
-the model's unembedding reads as the byte "!" (the other features are random unit directions).
-It then shows the features captured per token of a prompt, and greedy generation with and
-without clamping feature 0: the steered run emits "!" where the clean one does not. A random
-model cannot show *learned* features; that needs a trained model (see the README).
+The package ships (saehook/data, built by `python -m saehook.demo_model`) a 4-layer
+Qwen3-architecture model trained on CPython's own documentation, as a Q8_0 GGUF run by
+llama.cpp, a Top-K SAE trained on its layer-2 residual stream, and demo-features.json: every
+feature's top-activating tokens and a context, from which each feature gets its label.
 """
 from __future__ import annotations
 
+import json
+import os
+from collections import Counter
+from typing import Dict, List, Optional
+
 import numpy as np
 
-from .sae import SAE
-from .steering import Steering
-
-LAYER = 1
-TARGET = ord("!")
-
-
-def build_model(seed: int = 0):
-    import torch
-    import transformers
-
-    cfg = transformers.Qwen3Config(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-        tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return transformers.Qwen3ForCausalLM(cfg).eval()
+DATA = os.path.join(os.path.dirname(__file__), "data")
+MODEL = os.path.join(DATA, "demo-model-Q8_0.gguf")
+SAE_FILE = os.path.join(DATA, "demo-sae.safetensors")
+LABELS = os.path.join(DATA, "demo-features.json")
+PROMPT = "The with statement is used to"
 
 
-def build_sae(model, d_sae: int = 1024, k: int = 16, seed: int = 0) -> SAE:
-    rng = np.random.default_rng(seed)
-    d = model.config.hidden_size
-    W_dec = rng.standard_normal((d_sae, d)).astype(np.float32)
-    target = model.lm_head.weight[TARGET].detach().numpy().astype(np.float32)
-    W_dec[0] = target
-    W_dec /= np.linalg.norm(W_dec, axis=1, keepdims=True)
-    W_enc = W_dec.copy()  # tied encoder: a feature reads the direction it writes
-    return SAE(W_enc, W_dec, np.zeros(d_sae, np.float32), np.zeros(d, np.float32), k=k,
-               activation="topk_relu", metadata={"layer": LAYER, "hook_point": "resid_post",
-                                                  "model": "saehook-demo-random-qwen3"})
+def _show(text: str) -> str:
+    return text.replace("\n", "\\n")
 
 
-def _text(ids) -> str:
-    return "".join(chr(int(t)) if 32 <= int(t) < 127 else "·" for t in ids)
+def build_feature_labels(out: str = LABELS, max_docs: Optional[int] = None, candidates: int = 80) -> dict:
+    """Per feature, over the training topics: the tokens it fires on (its label), the tokens
+    that follow where it fires, its largest activation and a context. Then the steering demo's
+    feature: among the frequent ones, the one whose clamp most raises the probability of the
+    tokens that follow it, measured on the demo prompt."""
+    from . import load
+    from .demo_model import corpus
+    from .engines import LlamaEngine
+    from .steering import Steering
+
+    sae = load(SAE_FILE)
+    eng = LlamaEngine(MODEL, n_ctx=512, logits_all=True)  # every row, the last layer's included
+    on: Dict[int, Counter] = {}
+    after: Dict[int, Counter] = {}
+    best: Dict[int, tuple] = {}
+    docs = [d for i, d in enumerate(corpus()) if i % 10 != 0][:max_docs]
+    for doc in docs:
+        ids = eng.tokenize(doc)
+        for s in range(0, len(ids), 256):
+            chunk = ids[s:s + 256]
+            _, vals, idx = eng.features(chunk, {sae.layer: sae})[sae.layer]
+            texts = [eng.token_text(t) for t in chunk]
+            for r in range(len(chunk)):
+                for v, f in zip(vals[r].tolist(), idx[r].tolist()):
+                    if f < 0 or v <= 0:
+                        continue
+                    on.setdefault(f, Counter())[texts[r]] += v
+                    if r + 1 < len(chunk):
+                        after.setdefault(f, Counter())[chunk[r + 1]] += v
+                    if v > best.get(f, (0.0, ""))[0]:
+                        best[f] = (v, "".join(texts[max(0, r - 8): r]) + "[" + texts[r] + "]" + "".join(texts[r + 1: r + 4]))
+    features = {}
+    for f, c in on.items():
+        total = sum(c.values())
+        nxt = after.get(f, Counter())
+        features[str(f)] = {"top_tokens": [[t, round(w / total, 3)] for t, w in c.most_common(5)],
+                            "next_tokens": [[int(t), eng.token_text(t), round(w / max(1e-9, sum(nxt.values())), 3)]
+                                            for t, w in nxt.most_common(3)],
+                            "max": round(best[f][0], 3), "context": best[f][1], "mass": round(total, 2)}
+    llm = eng.llm
+    ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
+    trials = []
+    for f in sorted(features, key=lambda f: -features[f]["mass"])[:candidates]:
+        e = features[f]
+        if not e["next_tokens"]:
+            continue
+        targets = [e["next_tokens"][0][0]]
+        p0 = target_probability(llm, ids, targets)
+        with llm.steer(Steering(sae, layer=sae.layer).clamp(int(f), 2.0 * e["max"])):
+            p1 = target_probability(llm, ids, targets)
+        trials.append((p1 - p0, int(f), targets, p0, p1))
+    gain, demo, targets, p0, p1 = max(trials)
+    res = {"layer": sae.layer, "features": features, "demo_feature": demo, "demo_targets": targets,
+           "demo_effect": {"p_clean": p0, "p_steered": p1}}
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(res, fh, indent=1)
+    return res
 
 
-def run(prompt: str = "Hello world", max_new_tokens: int = 12, strength: float = 40.0) -> dict:
-    import torch
+def label(info: dict, f: int) -> str:
+    """'on <tokens it fires on> -> <tokens that follow>'."""
+    entry = info["features"].get(str(f))
+    if not entry:
+        return "(never seen)"
+    on = " ".join(repr(t) for t, _ in entry["top_tokens"][:2])
+    nxt = " ".join(repr(t) for _, t, _ in entry["next_tokens"][:2])
+    return f"on {on} -> {nxt}"
 
-    from . import hf
 
-    model = build_model()
-    sae = build_sae(model)
-    ids = torch.tensor([[min(b, 255) for b in prompt.encode("utf-8")]])
+def target_probability(llm, prompt_ids: List[int], targets: List[int]) -> float:
+    """Mean probability, over the prompt's positions, that the next token is one of `targets`."""
+    llm.reset()
+    llm.eval(prompt_ids)
+    logits = np.asarray(llm.scores[: len(prompt_ids)], dtype=np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return float(p[:, targets].sum(1).mean())
 
-    print(f"model: random Qwen3 (3 layers, d_model {model.config.hidden_size}); "
-          f"SAE: {sae.d_sae} features, k={sae.k}, layer {LAYER}")
-    with torch.no_grad(), hf.capture(model, {LAYER: sae}) as rec:
-        model(ids)
-    print(f"\ntop features per token of {prompt!r} (layer {LAYER}):")
-    for t, (vals, idx) in enumerate(zip(rec[LAYER].values, rec[LAYER].indices)):
-        top = ", ".join(f"#{i}={v:.2f}" for v, i in zip(vals[:4], idx[:4]) if i >= 0)
-        print(f"  {_text(ids[0, t:t + 1])!r:>5}  {top}")
 
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        clean = model.generate(ids, **gen)[0, ids.shape[1]:]
-        steering = Steering(sae, layer=LAYER).clamp(0, strength)
-        with hf.steer(model, steering):
-            steered = model.generate(ids, **gen)[0, ids.shape[1]:]
-        logits = model(ids).logits[0, -1]
-        with hf.steer(model, steering):
-            logits_s = model(ids).logits[0, -1]
-    p_clean = torch.softmax(logits, -1)[TARGET].item()
-    p_steer = torch.softmax(logits_s, -1)[TARGET].item()
-    print(f"\nfeature 0 writes the unembedding direction of {chr(TARGET)!r}; clamp it to {strength:g}:")
-    print(f"  p({chr(TARGET)!r} next) clean {p_clean:.4f} -> steered {p_steer:.4f}")
-    print(f"  clean:   {prompt}{_text(clean)!r}")
-    print(f"  steered: {prompt}{_text(steered)!r}")
-    return {"p_clean": p_clean, "p_steered": p_steer, "clean": clean.tolist(), "steered": steered.tolist()}
+def run(prompt: str = PROMPT, max_tokens: int = 40, strength: Optional[float] = None) -> dict:
+    from . import load
+    from .llama import HookedLlama
+    from .steering import Steering
+
+    for path in (MODEL, SAE_FILE, LABELS):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} is missing: rebuild with python -m saehook.demo_model (see its doc)")
+    with open(LABELS, encoding="utf-8") as fh:
+        info = json.load(fh)
+    sae = load(SAE_FILE)
+    llm = HookedLlama(MODEL, n_ctx=512, logits_all=True, verbose=False, seed=0)
+    ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
+
+    print(f"model: {os.path.basename(MODEL)} (4 layers, trained on CPython's docs); SAE: {sae.d_sae} features, "
+          f"k={sae.k}, layer {sae.layer}\n\ntop features per token of {prompt!r}:")
+    with llm.capture({sae.layer: sae}) as rec:
+        llm.eval(ids)
+    r = rec[sae.layer]
+    for t, vals, idx in zip(r.tokens, r.values, r.indices):
+        tops = ", ".join(f"#{f} {label(info, f)} ({v:.1f})" for v, f in zip(vals[:3], idx[:3]) if f >= 0)
+        print(f"  {_show(llm.detokenize([int(t)]).decode(errors='replace'))!r:>8}  {tops}")
+
+    f = info["demo_feature"]
+    entry = info["features"][str(f)]
+    strength = strength if strength is not None else 2.0 * entry["max"]
+    targets = info["demo_targets"]
+    shown = [llm.detokenize([t]).decode(errors="replace") for t in targets]
+    steering = Steering(sae, layer=sae.layer).clamp(f, strength)
+
+    def generate():
+        llm.reset()
+        out = []
+        for tok in llm.generate(ids, top_k=1, temp=0.0):
+            if tok == llm.token_eos() or len(out) >= max_tokens:
+                break
+            out.append(tok)
+        return llm.detokenize(out).decode(errors="replace")
+
+    clean = generate()
+    p_clean = target_probability(llm, ids, targets)
+    with llm.steer(steering):
+        steered = generate()
+        p_steer = target_probability(llm, ids, targets)
+    print(f"\nfeature #{f}: {label(info, f)} (e.g. {entry['context']!r}); clamp it to {strength:.1f} at every token:")
+    print(f"  p(next token is {' or '.join(map(repr, shown))}) clean {p_clean:.3f} -> steered {p_steer:.3f}")
+    print(f"  clean:   {_show(prompt + clean)}")
+    print(f"  steered: {_show(prompt + steered)}")
+    return {"feature": f, "p_clean": p_clean, "p_steered": p_steer, "clean": clean, "steered": steered}
