@@ -3,6 +3,7 @@ transformers directory (hf engine)."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -103,3 +104,12 @@ def test_eval_perfect_and_random_sae(setup, tmp_path, capsys, model):
     # A random SAE explains little and moves the loss far (a random model's loss can go either way).
     assert rand["fve"] < 0.5 and abs(rand["ce_increase"]) > 0.05 and rand["l0"] == 8
     assert 0 < rand["dead_fraction"] < 1
+
+
+def test_bench_subcommand_runs_the_kernel_benchmark(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "b.json"
+    assert main(["bench", "--shapes", "64x512", "--batches", "1,3", "--k", "8", "--reps", "1", "--no-torch",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["op"] for r in rows} >= {"encode (saehook)", "decode (saehook)", "encode (numpy)"}

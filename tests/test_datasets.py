@@ -24,7 +24,9 @@ LAYER = 1
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("ds")
-    gm.build_hf_model(seed=5).save_pretrained(d / "hf")
+    model = gm.build_hf_model(seed=5)
+    model.save_pretrained(d / "hf")
+    gm.write_gguf(model, d / "m.gguf")
     rng = np.random.default_rng(2)
     W = (rng.standard_normal((256, 256)) / 16).astype(np.float32)
     saehook.SAE(W, W, k=6, activation="topk_relu", metadata={"layer": LAYER}).save(d / "sae.safetensors")
@@ -149,3 +151,16 @@ def test_feature_reward_has_trl_signature(setup):
     assert scores[0] > scores[1] >= 0
     expect = float(np.where(idx == f, vals, 0).sum()) / 4
     assert abs(reward([[{"role": "assistant", "content": "xxxx"}]])[0] - expect) < 1e-6
+
+
+def test_capture_on_llama_matches_transformers(setup, tmp_path):
+    pytest.importorskip("llama_cpp")
+    d = setup
+    for model, out in (("hf", "H"), ("m.gguf", "G")):
+        assert main(["capture", str(d / model), "--sae", str(d / "sae.safetensors"), "--data", str(d / "b.jsonl"),
+                     "--out", str(tmp_path / out)]) == 0
+    h, g = datasets.FeatureData(str(tmp_path / "H")), datasets.FeatureData(str(tmp_path / "G"))
+    np.testing.assert_array_equal(h.doc_id, g.doc_id)
+    np.testing.assert_array_equal(h.position, g.position)
+    same_top = np.mean([x[0] == y[0] for x, y in zip(h.indices, g.indices)])
+    assert same_top > 0.95  # llama.cpp's f16 KV cache vs f32 attention: near-ties may swap

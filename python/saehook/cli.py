@@ -339,6 +339,27 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    import runpy
+
+    script = "bench_llama.py" if args.llama else "bench_kernels.py"
+    here = os.path.dirname(os.path.abspath(__file__))
+    for d in (os.environ.get("SAEHOOK_BENCH_DIR"), "bench", os.path.join(here, "..", "..", "bench")):
+        if d and os.path.exists(os.path.join(d, script)):
+            path = os.path.abspath(os.path.join(d, script))
+            break
+    else:
+        raise FileNotFoundError(f"{script} not found: run from a saehook source checkout (it lives in bench/) "
+                                "or set SAEHOOK_BENCH_DIR")
+    sys.argv = [path] + args.args
+    sys.path.insert(0, os.path.dirname(path))
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="saehook", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -457,7 +478,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=_cmd_train)
 
-    args = p.parse_args(argv)
+    b = sub.add_parser("bench", help="run the kernel benchmark (or --llama: the llama.cpp hook benchmark)")
+    b.add_argument("--llama", action="store_true")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark script (see its --help)")
+    b.set_defaults(fn=_cmd_bench)
+
+    args, extra = p.parse_known_args(argv)
+    if args.cmd == "bench":  # everything else belongs to the benchmark script
+        args.args = extra + args.args
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, IndexError, TypeError) as e:
