@@ -156,8 +156,12 @@ def test_feature_reward_has_trl_signature(setup):
 def test_capture_on_llama_matches_transformers(setup, tmp_path):
     pytest.importorskip("llama_cpp")
     d = setup
+    rng = np.random.default_rng(4)
+    # letters that form none of the tiny vocabulary's merges: both engines see the same byte tokens
+    docs = ["".join(rng.choice(list("abcdfgjklmopqrsuvwxyz"), 30)) for _ in range(7)]
+    (tmp_path / "d.txt").write_text("\n".join(docs))
     for model, out in (("hf", "H"), ("m.gguf", "G")):
-        assert main(["capture", str(d / model), "--sae", str(d / "sae.safetensors"), "--data", str(d / "b.jsonl"),
+        assert main(["capture", str(d / model), "--sae", str(d / "sae.safetensors"), "--data", str(tmp_path / "d.txt"),
                      "--out", str(tmp_path / out)]) == 0
     h, g = datasets.FeatureData(str(tmp_path / "H")), datasets.FeatureData(str(tmp_path / "G"))
     np.testing.assert_array_equal(h.doc_id, g.doc_id)
