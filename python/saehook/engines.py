@@ -2,6 +2,7 @@
 transformers model directory, with the same operations and the same output."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -67,7 +68,7 @@ class LlamaEngine(Engine):
         if not self.llm._logits_all:
             raise ValueError("token losses need every position's logits: open the engine with logits_all=True")
         self.llm.reset()
-        with (self.llm.splice(splice) if splice else _nullcontext()):
+        with (self.llm.splice(splice) if splice else contextlib.nullcontext()):
             self.llm.eval(list(tokens))
         return _next_token_losses(np.asarray(self.llm.scores[: len(tokens)]), tokens)
 
@@ -146,7 +147,7 @@ class HFEngine(Engine):
     def token_losses(self, tokens, splice=None):
         from . import hf
 
-        with self.torch.no_grad(), (hf.splice(self.model, splice) if splice else _nullcontext()):
+        with self.torch.no_grad(), (hf.splice(self.model, splice) if splice else contextlib.nullcontext()):
             logits = self.model(self.torch.tensor([list(tokens)])).logits[0].float().numpy()
         return _next_token_losses(logits, tokens)
 
@@ -166,12 +167,6 @@ def _probe_sae(d_model: int) -> SAE:
     """A one-feature SAE: capturing with it records the raw residual rows at almost no cost."""
     z = np.zeros((1, d_model), np.float32)
     return SAE(z, z, k=1)
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def open_engine(model: str, engine: Optional[str] = None, **kw) -> Engine:

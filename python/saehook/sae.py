@@ -211,8 +211,10 @@ class SAE:
         if n and kk:
             _core.decode(self._handle, buffer_address(v), buffer_address(i), n, kk, buffer_address(out),
                          self.d_model, _threads(threads), 0)
-        elif n:
-            out[:] = 0 if self._b_dec is None else (self._b_dec if not torch_kind else __import__("torch").from_numpy(self._b_dec))
+        elif n:  # no entries: every row is b_dec
+            out[:] = 0
+            if self._b_dec is not None:
+                out += self._b_dec if not torch_kind else torch.from_numpy(self._b_dec)
         return out.reshape(tuple(vshape[:-1]) + (self.d_model,))
 
     def reconstruct(self, x: Any, *, inplace: bool = False, threads: Optional[int] = None) -> Any:
@@ -220,7 +222,12 @@ class SAE:
         if not inplace:
             from ._arrays import is_torch
 
-            x = x.detach().to(dtype=__import__("torch").float32).clone() if is_torch(x) else np.array(x, dtype=np.float32)
+            if is_torch(x):
+                import torch
+
+                x = x.detach().to(torch.float32).clone()
+            else:
+                x = np.array(x, dtype=np.float32)
         r = rows(x, self.d_model, writable=True)
         if r.n:
             _core.reconstruct(self._handle, r.ptr, r.n, r.ld, _threads(threads), 0)
