@@ -3,6 +3,7 @@ trained on the Python documentation every CPython carries (pydoc_data.topics), c
 GGUF (Q8_0), and a Top-K SAE trained with saehook's trainer on its residual stream.
 
     python -m saehook.demo_model --out python/saehook/data      # about 10 minutes on 2 cores
+    python -c "from saehook import demo; demo.build_feature_labels()"   # then the labels
 
 Everything is seeded; the loss curve and settings go to demo_model.json beside the files.
 """
@@ -39,10 +40,10 @@ def tokenize_all(texts, gguf_path) -> list:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1000)  # validation loss rises after ~1000 (small corpus)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--sae-steps", type=int, default=1500)
+    p.add_argument("--sae-steps", type=int, default=2000)
     p.add_argument("--d-sae", type=int, default=1024)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
