@@ -230,8 +230,10 @@ def _cmd_capture(args) -> int:
 
 
 def _cmd_stats(args) -> int:
+    import numpy as np
+
     from .datasets import FeatureData, feature_stats, write_json
-    from .report import table_html
+    from .report import histogram_svg, table_html
 
     data = FeatureData(args.dir, args.layer)
     stats = feature_stats(data, top=args.top)
@@ -244,7 +246,10 @@ def _cmd_stats(args) -> int:
     with open(os.path.join(args.dir, f"stats-layer{data.layer}.html"), "w", encoding="utf-8") as f:
         f.write(table_html(f"Feature statistics, layer {data.layer}",
                            f"{data.n_tokens} tokens; {summary['dead_fraction']:.1%} of {data.d_sae} features never fired.",
-                           ["feature", "frequency", "mean", "max", "top context"], rows, bars=["frequency", "max"]))
+                           ["feature", "frequency", "mean", "max", "top context"], rows, bars=["frequency", "max"],
+                           figures=[histogram_svg([np.log10(s["frequency"]) for s in live],
+                                                  "log10 firing frequency of the live features"),
+                                    histogram_svg([s["mean"] for s in live], "mean activation when firing")]))
     if args.json:
         print(json.dumps({"summary": summary, "features": live[: args.report_rows]}, indent=1))
     else:

@@ -33,8 +33,29 @@ hover a token for its top features.</p>
 """
 
 
-def table_html(title: str, intro: str, columns: List[str], rows: List[list], bars: Sequence[str] = ()) -> str:
-    """A report page: a table whose `bars` columns (numbers) also get a proportional bar."""
+def histogram_svg(values: Sequence[float], label: str, bins: int = 30, width: int = 600, height: int = 160) -> str:
+    """An inline SVG histogram (no scripts, no external files)."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        return ""
+    counts, edges = np.histogram(v, bins=bins)
+    peak = max(1, counts.max())
+    bw = width / bins
+    rects = "".join(f'<rect x="{i * bw:.1f}" y="{height - 20 - (c / peak) * (height - 30):.1f}" width="{bw - 1:.1f}" '
+                    f'height="{(c / peak) * (height - 30):.1f}" fill="#e8700a"><title>{c}</title></rect>'
+                    for i, c in enumerate(counts))
+    return (f'<figure><svg width="{width}" height="{height}" role="img">{rects}'
+            f'<text x="0" y="{height - 4}" font-size="11">{edges[0]:.3g}</text>'
+            f'<text x="{width - 40}" y="{height - 4}" font-size="11">{edges[-1]:.3g}</text></svg>'
+            f"<figcaption>{html.escape(label)}</figcaption></figure>")
+
+
+def table_html(title: str, intro: str, columns: List[str], rows: List[list], bars: Sequence[str] = (),
+               figures: Sequence[str] = ()) -> str:
+    """A report page: optional figures (inline SVG), then a table whose `bars` columns (numbers)
+    also get a proportional bar."""
     peaks = {c: max([abs(r[columns.index(c)]) for r in rows] or [1.0]) or 1.0 for c in bars}
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
@@ -55,6 +76,7 @@ table {{ border-collapse: collapse; }} td, th {{ border-bottom: 1px solid #ddd; 
 .bar {{ display: inline-block; height: 10px; background: #e8700a; vertical-align: middle; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>
+{"".join(figures)}
 <table><tr>{head}</tr>{"".join(body)}</table>
 </body></html>
 """
