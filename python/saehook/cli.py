@@ -8,6 +8,53 @@ import sys
 from typing import List, Optional
 
 
+def _print_table(columns: List[str], rows: List[list]) -> None:
+    """A rich table on a terminal, aligned plain text otherwise (pipes, files)."""
+    if sys.stdout.isatty():
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            pass
+        else:
+            t = Table(*columns)
+            for r in rows:
+                t.add_row(*[str(c) for c in r])
+            Console().print(t)
+            return
+    widths = [max(len(str(c)) for c in [col] + [r[i] for r in rows]) for i, col in enumerate(columns)]
+    for r in [columns] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+class _Progress:
+    """A progress bar on stderr (rich on a terminal, a counter line otherwise)."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total, self.bar = label, total, None
+        if sys.stderr.isatty():
+            try:
+                from rich.progress import Progress
+
+                self.bar = Progress(transient=True)
+                self.task = self.bar.add_task(label, total=total)
+                self.bar.start()
+            except ImportError:
+                self.bar = None
+
+    def __call__(self, done: int, note: str = "") -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=done, description=f"{self.label} {note}")
+        else:
+            print(f"\r{self.label}: {done}/{self.total} {note}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        else:
+            print(file=sys.stderr)
+
+
 def _cmd_demo(args) -> int:
     from . import demo
 
@@ -130,9 +177,9 @@ def _cmd_features(args) -> int:
     if args.json:
         print(json.dumps({"layer": sae.layer, "rows": rows}, indent=1))
     else:
-        for row in rows:
-            feats = "  ".join(f"#{i}={v:.2f}" for i, v in row["features"])
-            print(f"{row['position']:>5} {row['text']!r:>12}  {feats}")
+        _print_table(["pos", "token", "top features"],
+                     [[row["position"], repr(row["text"]), "  ".join(f"#{i}={v:.2f}" for i, v in row["features"])]
+                      for row in rows])
     if args.html:
         feature = args.feature
         if feature is None:  # the feature with the largest total activation over the text
@@ -218,13 +265,13 @@ def _cmd_capture(args) -> int:
     docs = read_documents(args.data)
     eng = open_engine(args.model, args.engine)
 
-    def progress(done, total):
-        print(f"\rcapturing: {done}/{total} documents", end="", file=sys.stderr, flush=True)
-
-    res = capture(eng, saes, docs, args.out, shard_docs=args.shard_docs, max_tokens=args.max_tokens,
-                  manifest_extra={"model": os.path.abspath(args.model), "sae": os.path.abspath(args.sae),
-                                  "data": os.path.abspath(args.data)}, progress=progress)
-    print(file=sys.stderr)
+    bar = _Progress("capturing documents", len(docs))
+    try:
+        res = capture(eng, saes, docs, args.out, shard_docs=args.shard_docs, max_tokens=args.max_tokens,
+                      manifest_extra={"model": os.path.abspath(args.model), "sae": os.path.abspath(args.sae),
+                                      "data": os.path.abspath(args.data)}, progress=lambda done, total: bar(done))
+    finally:
+        bar.close()
     print(json.dumps(res) if args.json else f"{args.out}: {res['written']} shards written, {res['skipped']} already there")
     return 0
 
@@ -254,9 +301,9 @@ def _cmd_stats(args) -> int:
         print(json.dumps({"summary": summary, "features": live[: args.report_rows]}, indent=1))
     else:
         print(json.dumps(summary))
-        for s in live[: args.report_rows]:
-            ctx = s["top_contexts"][0]["context"] if s["top_contexts"] else ""
-            print(f"#{s['feature']:<7} freq {s['frequency']:.4f}  mean {s['mean']:.3f}  max {s['max']:.3f}  {ctx!r}")
+        _print_table(["feature", "frequency", "mean", "max", "top context"],
+                     [[f"#{s['feature']}", f"{s['frequency']:.4f}", f"{s['mean']:.3f}", f"{s['max']:.3f}",
+                       repr(s["top_contexts"][0]["context"] if s["top_contexts"] else "")] for s in live[: args.report_rows]])
     return 0
 
 
@@ -278,8 +325,9 @@ def _cmd_compare(args) -> int:
     else:
         print(f"active features: A {res['active_a']}, B {res['active_b']}, both {res['active_both']} "
               f"(Jaccard {res['jaccard']:.3f})")
-        for s in res["separating_features"]:
-            print(f"#{s['feature']:<7} A {s['freq_a']:.4f}  B {s['freq_b']:.4f}  log(A/B) {s['log_ratio']:+.2f}")
+        _print_table(["feature", "freq A", "freq B", "log(A/B)"],
+                     [[f"#{s['feature']}", f"{s['freq_a']:.4f}", f"{s['freq_b']:.4f}", f"{s['log_ratio']:+.2f}"]
+                      for s in res["separating_features"]])
     return 0
 
 
@@ -327,16 +375,13 @@ def _cmd_train(args) -> int:
                 if tokens:
                     yield eng.residuals(tokens, args.layer)
 
-    def progress(step, loss):
-        if step % 10 == 0 or step == args.steps:
-            print(f"\rtraining: step {step}/{args.steps}  loss {loss:.4f}", end="", file=sys.stderr, flush=True)
-
+    bar = _Progress("training", args.steps)
     sae = train_sae(shuffled_batches(rows(), args.batch, buffer=max(4 * args.batch, 4096), seed=args.seed),
                     d_model, args.d_sae, args.k, steps=args.steps, lr=args.lr, seed=args.seed,
                     checkpoint=args.checkpoint, metadata={"layer": args.layer, "hook_point": "resid_post",
                                                           "model": os.path.basename(args.model)},
-                    progress=progress)
-    print(file=sys.stderr)
+                    progress=lambda step, loss: bar(step, f"loss {loss:.4f}"))
+    bar.close()
     sae.save(args.out)
     res = evaluate(eng, sae, args.layer, held_out, max_tokens=args.max_tokens)
     print(json.dumps(res, indent=1) if args.json else f"wrote {args.out}; held-out " +
