@@ -116,6 +116,11 @@ def test_stats_and_compare_find_the_planted_difference(setup, tmp_path, capsys):
     f0 = st["features"][0]
     assert f0["top_contexts"][0]["context"].count("[") == 1
     assert os.path.exists(tmp_path / "A" / f"stats-layer{LAYER}.html")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "A" / f"stats-layer{LAYER}.parquet").to_pydict()
+    assert len(table["feature"]) == 256 and sum(table["count"]) == 300 * 6  # k = 6 features per token
+    assert table["dead"].count(True) / 256 == st["summary"]["dead_fraction"]
 
 
 def test_classify_separates_planted_classes(setup, tmp_path, capsys):

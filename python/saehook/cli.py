@@ -288,6 +288,13 @@ def _cmd_stats(args) -> int:
     summary = {"layer": data.layer, "tokens": data.n_tokens, "features": data.d_sae,
                "dead_fraction": sum(s["dead"] for s in stats) / data.d_sae}
     write_json(os.path.join(args.dir, f"stats-layer{data.layer}.json"), {"summary": summary, "features": stats})
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = ("feature", "frequency", "count", "mean", "max", "dead")
+    pq.write_table(pa.table({c: [s[c] for s in stats] for c in cols} |
+                            {"top_contexts": [[c["context"] for c in s["top_contexts"]] for s in stats]}),
+                   os.path.join(args.dir, f"stats-layer{data.layer}.parquet"))
     rows = [[s["feature"], s["frequency"], s["mean"], s["max"], s["top_contexts"][0]["context"] if s["top_contexts"] else ""]
             for s in live[: args.report_rows]]
     with open(os.path.join(args.dir, f"stats-layer{data.layer}.html"), "w", encoding="utf-8") as f:
