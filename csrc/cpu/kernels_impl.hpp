@@ -205,12 +205,11 @@ static void dot_block_f32(const void *operand, int64_t R, const void *W, saehook
   }
 }
 
-// Sparse decode of one token. The output is walked in register-sized chunks (no load/store of
-// the output per feature) and the next feature's piece is prefetched, so the k rows are read
-// as k concurrent streams.
+// Chunked walk: the output is walked in register-sized chunks (no load/store of the output per
+// feature) and the next feature's piece is prefetched, so the k rows are read as k streams.
 template <saehook_dtype DT>
-static void gather_sum_t(const float *vals, const int32_t *idx, int32_t k, const void *Wv, int64_t d,
-                         float *out) {
+static void gather_sum_chunked(const float *vals, const int32_t *idx, int32_t k, const void *Wv,
+                               int64_t d, float *out) {
   using L = Load<DT>;
   constexpr int CH = VB == 64 ? 16 : 8;  // vectors per chunk: as many accumulators as registers allow
   const uint8_t *W = static_cast<const uint8_t *>(Wv);
@@ -238,6 +237,45 @@ static void gather_sum_t(const float *vals, const int32_t *idx, int32_t k, const
       if (idx[j] >= 0) s += vals[j] * L::one(W + idx[j] * row_bytes + i0 * L::size);
     out[i0] = s;
   }
+}
+
+template <saehook_dtype DT>
+static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, const void *Wv, int64_t d,
+                            float *out) {
+  // One feature row at a time into the output row (which stays in L1), prefetching the row
+  // kAhead features later line by line as this one streams, so several rows are in flight.
+  // Measured faster than the chunked walk for 2-byte weights (bf16 decode 2.2 -> 1.3 ms at
+  // batch 64, 4096 x 65536, k = 100), slower for f32 (2.6 -> 3.0 ms).
+  using L = Load<DT>;
+  constexpr int kAhead = 8;
+  const uint8_t *W = static_cast<const uint8_t *>(Wv);
+  const size_t row_bytes = size_t(d) * L::size;
+  for (int32_t j = 0; j < k; ++j) {
+    if (idx[j] < 0) continue;
+    const uint8_t *row = W + idx[j] * row_bytes;
+    const uint8_t *ahead = (j + kAhead < k && idx[j + kAhead] >= 0) ? W + idx[j + kAhead] * row_bytes : nullptr;
+    vf a;
+    for (int l = 0; l < VL; ++l) a[l] = vals[j];
+    int64_t i = 0;
+    for (; i + VL <= d; i += VL) {
+      if (ahead && (i * L::size) % 64 == 0) __builtin_prefetch(ahead + i * L::size);
+      vf y;
+      std::memcpy(&y, out + i, VB);
+      y += a * L::vec(row + i * L::size);
+      std::memcpy(out + i, &y, VB);
+    }
+    for (; i < d; ++i) out[i] += vals[j] * L::one(row + i * L::size);
+  }
+}
+
+// Sparse decode of one token: out[0:d] += sum_j vals[j] * W[idx[j]].
+template <saehook_dtype DT>
+static void gather_sum_t(const float *vals, const int32_t *idx, int32_t k, const void *W, int64_t d,
+                         float *out) {
+  if constexpr (DT == SAEHOOK_F32)
+    gather_sum_chunked<DT>(vals, idx, k, W, d, out);
+  else
+    gather_sum_rows<DT>(vals, idx, k, W, d, out);
 }
 
 static void gather_sum(const float *vals, const int32_t *idx, int32_t k, const void *W,
