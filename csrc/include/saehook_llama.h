@@ -7,27 +7,45 @@
  * and writes them back with ggml_backend_tensor_set, so every later layer sees the change.
  * It works with any backend (CPU, CUDA, Metal) and any weight type (the residual is f32).
  *
- * It uses no ggml struct layout: only the exported functions in saehook_ggml_api, resolved by
- * the caller from the ggml library the running llama.cpp uses.
+ * It uses no ggml struct layout: only the exported functions in saehook_ggml_api, taken by the
+ * caller from the ggml library the running llama.cpp uses (SAEHOOK_GGML_API_LINKED when the
+ * program links ggml itself).
  *
  * Five-line integration in a llama.cpp program (see examples/llama_capture.c):
  *
  *   saehook_ggml_api api = SAEHOOK_GGML_API_LINKED;           // needs ggml.h, ggml-backend.h
  *   saehook_llama_hook *hook = saehook_llama_hook_create(&api, llama_model_n_embd(model), llama_model_n_layer(model));
- *   saehook_llama_hook_add(hook, 12, sae, 1, 0, NULL, 0, SAEHOOK_POS_ALL);  // capture layer 12
- *   cparams.cb_eval = saehook_llama_callback; cparams.cb_eval_user_data = hook;
- *   ctx = llama_init_from_model(model, cparams);  // ...decode; then saehook_llama_hook_read()
+ *   int id = saehook_llama_hook_add(hook, 12, sae, 1, 0, NULL, 0, SAEHOOK_POS_ALL);  // capture block 12
+ *   cparams.cb_eval = saehook_llama_callback; cparams.cb_eval_user_data = hook;       // then create the context
+ *   SAEHOOK_LLAMA_ANNOUNCE(hook, batch, n_past, 0); llama_decode(ctx, batch);  // per decode; then saehook_llama_hook_read()
  *
- * Token identity: the callback sees rows, not tokens. Announce each batch with
- * saehook_llama_hook_announce() before llama_decode so captured rows carry token ids and
- * positions and steering can select prompt or generated positions. Rows arrive in batch order,
- * micro-batch after micro-batch; on the model's last layer only the rows whose logits were
- * requested exist, and they are matched with the announced tokens flagged as outputs.
+ * Token identity. The callback sees rows, not tokens: announce each batch right before its
+ * llama_decode (SAEHOOK_LLAMA_ANNOUNCE or saehook_llama_hook_announce) so captured rows carry
+ * token ids, positions and sequence ids, and steering can select prompt or generated tokens.
+ * An announcement describes exactly the next decode and replaces whatever the previous one left.
+ * Rows arrive in batch order, micro-batch (n_ubatch) after micro-batch; the hook learns each
+ * micro-batch's size from l_out-0 when llama.cpp asks about that node. A block may hold only
+ * the rows whose outputs were requested (the last block, once llama.cpp has picked the logits'
+ * rows): the row count tells, and rows that fit neither the micro-batch nor its announced
+ * outputs are an error (saehook_llama_hook_error), never silently mislabelled. Rows no
+ * announcement describes (e.g. a warm-up decode) are steered by SAEHOOK_POS_ALL entries but
+ * never captured (saehook_llama_hook_unannounced counts them).
+ * Several sequences in one batch: llama.cpp keeps batch order when the KV cache is unified
+ * (llama_context_params.kv_unified, or n_seq_max = 1); with one KV stream per sequence, or a
+ * recurrent/hybrid model, it may group a micro-batch's rows by sequence, which the hook cannot
+ * see: decode one sequence per batch there.
+ *
+ * Order at one block: steering and reconstruct entries run in the order added; capture entries
+ * record the residual as it was before them (and before a control vector announced with
+ * saehook_llama_hook_set_cvec), i.e. what the model computed at that block.
+ *
+ * Thread safety: the callback and the calls below lock the hook; one hook per llama_context.
  */
 #ifndef SAEHOOK_LLAMA_H
 #define SAEHOOK_LLAMA_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 #include "saehook.h"
 
@@ -37,6 +55,7 @@ extern "C" {
 
 struct ggml_tensor;
 
+/* The ggml functions the hook calls (exported by ggml-base in every llama.cpp build). */
 typedef struct {
   const char *(*get_name)(const struct ggml_tensor *t);
   int64_t (*nelements)(const struct ggml_tensor *t);
@@ -52,21 +71,28 @@ typedef struct {
 
 typedef enum { SAEHOOK_POS_ALL = 0, SAEHOOK_POS_PROMPT = 1, SAEHOOK_POS_GENERATED = 2 } saehook_positions;
 
+/* Flags of an announced batch. */
+enum {
+  SAEHOOK_BATCH_GENERATED = 1,  /* the tokens were sampled (else: prompt) */
+  SAEHOOK_BATCH_OUTPUT_ALL = 2  /* every token is an output (a context with embeddings on) */
+};
+
 typedef struct saehook_llama_hook saehook_llama_hook;
 
 /* n_layer tells which block is the last one (whose output holds only the requested rows). */
 SAEHOOK_API saehook_llama_hook *saehook_llama_hook_create(const saehook_ggml_api *api, int32_t n_embd,
                                                           int32_t n_layer);
+/* Destroy after the llama_context that uses it. */
 SAEHOOK_API void saehook_llama_hook_destroy(saehook_llama_hook *hook);
 
 /* The callback to put in llama_context_params.cb_eval, with the hook as cb_eval_user_data. */
 SAEHOOK_API bool saehook_llama_callback(struct ggml_tensor *t, bool ask, void *user_data);
 
-/* Adds an entry at block `layer`: capture (record the Top-K of every row, k <= 0: the SAE's k)
- * and/or steering items applied to the positions chosen. Returns an id (>= 0) for
- * saehook_llama_hook_remove, or -1 for invalid arguments (layer outside the model, the SAE's
- * d_model != n_embd, a feature out of range). The SAE must outlive the entry;
- * entries of one layer run in the order added. */
+/* Adds an entry at block `layer`: capture (record the Top-K of every announced row, k <= 0: the
+ * SAE's k; k is also the Top-K that clamp/scale/ablate read) and/or steering items applied to
+ * the positions chosen. Returns an id (>= 0) for saehook_llama_hook_remove, or -1 for invalid
+ * arguments (layer outside the model, the SAE's d_model != n_embd, a feature out of range).
+ * The SAE must outlive the entry. Capture starts with the next announced decode. */
 SAEHOOK_API int32_t saehook_llama_hook_add(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae,
                                            int32_t capture, int32_t k, const saehook_steer_item *items,
                                            int32_t n_items, saehook_positions positions);
@@ -76,22 +102,44 @@ SAEHOOK_API int32_t saehook_llama_hook_add_reconstruct(saehook_llama_hook *hook,
                                                        const saehook_sae *sae);
 SAEHOOK_API saehook_status saehook_llama_hook_remove(saehook_llama_hook *hook, int32_t id);
 
-/* Describes the tokens of the next llama_decode (in batch order); appended to a queue consumed
- * as rows arrive. outputs[i]: logits requested; generated[i]: a sampled token (else prompt).
- * seq_ids may be NULL (sequence 0); generated may be NULL (all prompt). */
-SAEHOOK_API saehook_status saehook_llama_hook_announce(saehook_llama_hook *hook, const int32_t *tokens,
-                                                       const int32_t *positions, const int32_t *seq_ids,
-                                                       const int8_t *outputs, const int8_t *generated,
-                                                       int32_t n);
-/* Forgets announced tokens not yet seen (e.g. after an aborted decode). */
+/* Describes the tokens of the next llama_decode, in batch order (replacing any earlier
+ * announcement). positions NULL: pos0, pos0 + 1, ...; seq_ids NULL: sequence 0; outputs NULL:
+ * only the last token is an output (llama.cpp's default), unless SAEHOOK_BATCH_OUTPUT_ALL;
+ * tokens NULL: an embeddings batch (token ids recorded as -1). flags: SAEHOOK_BATCH_*. */
+SAEHOOK_API saehook_status saehook_llama_hook_announce(saehook_llama_hook *hook, int32_t n, const int32_t *tokens,
+                                                       const int32_t *positions, int32_t pos0,
+                                                       const int32_t *seq_ids, const int8_t *outputs,
+                                                       int32_t flags);
+/* The same for a llama_batch's arrays (seq_id: llama_seq_id **, the first id of each token). */
+SAEHOOK_API saehook_status saehook_llama_hook_announce_batch(saehook_llama_hook *hook, int32_t n_tokens,
+                                                             const int32_t *token, const int32_t *pos,
+                                                             int32_t *const *seq_id, const int8_t *logits,
+                                                             int32_t pos0, int32_t flags);
+/* Announces a struct llama_batch (needs llama.h). pos0: the first position when batch.pos is
+ * NULL (llama_batch_get_one), i.e. the number of tokens already in the sequence. */
+#define SAEHOOK_LLAMA_ANNOUNCE(hook, batch, pos0, flags)                                             \
+  saehook_llama_hook_announce_batch((hook), (batch).n_tokens, (batch).token, (batch).pos, (batch).seq_id, \
+                                    (batch).logits, (pos0), (flags))
+/* Forgets the announced tokens not seen yet (e.g. after a failed decode). */
 SAEHOOK_API void saehook_llama_hook_reset_queue(saehook_llama_hook *hook);
+/* Rows seen at hooked blocks that no announced token described (not captured). */
+SAEHOOK_API int64_t saehook_llama_hook_unannounced(const saehook_llama_hook *hook);
 
-/* Rows captured so far by entry `id`; read them (any pointer may be NULL), then optionally clear. */
+/* Tells the hook the control vector llama.cpp adds (same arguments as llama_set_adapter_cvec:
+ * row j of data is added to block j + 1's output for blocks il_start..il_end; data NULL: none),
+ * so that captures at those blocks record the residual before it. Returns SAEHOOK_OK or
+ * SAEHOOK_ERR_SHAPE (n_embd differs from the hook's). */
+SAEHOOK_API saehook_status saehook_llama_hook_set_cvec(saehook_llama_hook *hook, const float *data, size_t len,
+                                                       int32_t n_embd, int32_t il_start, int32_t il_end);
+
+/* Rows captured so far by entry `id` (-1: no such entry); read them (any pointer may be NULL:
+ * tokens, positions, seq_ids, generated: one per row; values, indices: k per row, sorted by
+ * value; residuals: n_embd per row, only with keep_residuals), then optionally clear. */
 SAEHOOK_API int64_t saehook_llama_hook_captured(const saehook_llama_hook *hook, int32_t id);
 SAEHOOK_API int32_t saehook_llama_hook_k(const saehook_llama_hook *hook, int32_t id);
 SAEHOOK_API saehook_status saehook_llama_hook_read(const saehook_llama_hook *hook, int32_t id, int32_t *tokens,
-                                                   int32_t *positions, int32_t *seq_ids, float *values,
-                                                   int32_t *indices, float *residuals);
+                                                   int32_t *positions, int32_t *seq_ids, int8_t *generated,
+                                                   float *values, int32_t *indices, float *residuals);
 SAEHOOK_API void saehook_llama_hook_clear_captured(saehook_llama_hook *hook, int32_t id);
 /* Also keep the raw residual rows of capture entries (n_embd floats per row; for tests/analysis). */
 SAEHOOK_API void saehook_llama_hook_keep_residuals(saehook_llama_hook *hook, int32_t keep);

@@ -1,4 +1,4 @@
-// The llama.cpp eval-callback hook (see csrc/include/saehook_llama.h).
+// The llama.cpp eval-callback hook (see csrc/include/saehook_llama.h for the protocol).
 #include "saehook_llama.h"
 
 #include <algorithm>
@@ -13,19 +13,22 @@ namespace {
 
 struct Token {
   int32_t token, pos, seq;
-  bool output, generated;
+  bool output, generated, known;  // known: described by an announcement
 };
 
 struct Entry {
   int32_t id, layer;
   const saehook_sae *sae;
   bool capture, reconstruct;
-  int32_t k;
+  int32_t k;  // resolved (> 0)
   std::vector<saehook_steer_item> items;
   saehook_positions positions;
   // captured rows
   std::vector<int32_t> tokens, pos, seq, indices;
+  std::vector<int8_t> gen;
   std::vector<float> values, residuals;
+
+  bool modifies() const { return reconstruct || !items.empty(); }
 };
 
 // "l_out-12" -> 12; anything else -> -1.
@@ -36,23 +39,39 @@ int layer_of(const char *name) {
   return (end && *end == '\0' && end != name + 6) ? int(v) : -1;
 }
 
+template <class T>
+void append_rows(std::vector<T> &dst, const T *src, size_t width, const std::vector<int64_t> &rows) {
+  for (int64_t r : rows) dst.insert(dst.end(), src + size_t(r) * width, src + size_t(r + 1) * width);
+}
+
 }  // namespace
 
 struct saehook_llama_hook {
   saehook_ggml_api api{};
   int32_t n_embd = 0, n_layer = 0;
-  std::mutex mu;
+  mutable std::mutex mu;  // the callback runs on llama.cpp's thread, the API on the caller's
   std::vector<std::unique_ptr<Entry>> entries;
   int32_t next_id = 0;
-  // Announced tokens not yet consumed by every hooked layer: queue[i] is token base + i.
-  std::vector<Token> queue;
-  int64_t base = 0, end = 0;
-  std::vector<int64_t> cursor;  // per layer: absolute index of its next token
+  // The tokens of the announced decode, in batch order. llama.cpp computes them micro-batch
+  // after micro-batch, in order; [ub_begin, ub_end) is the one being computed, learnt from the
+  // row count of l_out-0 when llama.cpp asks about that node (every node is asked about, its
+  // shape already known), so no extra graph split is needed.
+  std::vector<Token> batch;
+  size_t ub_begin = 0, ub_end = 0;
+  bool ub_known = false;
+  std::vector<size_t> cursor;  // per layer, for one-block models (l_out-0 is then pruned itself)
+  int64_t unannounced = 0;
+  // The control vector llama.cpp adds to each block's output (row L for block L), if any.
+  std::vector<float> cvec;
+  std::vector<uint8_t> cvec_on;
   bool keep_residuals = false;
   std::string error;
-  std::vector<float> buf, vals;
-  std::vector<int32_t> idx;
+  // scratch, reused across calls
+  std::vector<float> buf, src, vals, vals0;
+  std::vector<int32_t> idx, idx0;
   std::vector<uint8_t> mask;
+  std::vector<Token> toks;
+  std::vector<int64_t> known_rows;
 
   bool hooked(int layer) const {
     for (const auto &e : entries)
@@ -60,94 +79,164 @@ struct saehook_llama_hook {
     return false;
   }
 
-  // Drops tokens every hooked layer has consumed.
-  void trim() {
-    int64_t lo = end;
-    for (const auto &e : entries) lo = std::min(lo, cursor[e->layer]);
-    if (lo > base) {
-      queue.erase(queue.begin(), queue.begin() + (lo - base));
-      base = lo;
-    }
+  void begin_ubatch(int64_t n_tokens) {
+    if (n_layer < 2) return;
+    ub_begin = ub_known ? ub_end : 0;
+    ub_end = ub_begin + size_t(n_tokens);
+    ub_known = true;
   }
 
-  // The tokens of the next n rows at `layer` (unknown rows get token -1).
-  void rows_to_tokens(int layer, int64_t n, std::vector<Token> &out) {
-    out.clear();
-    int64_t &c = cursor[layer];
-    const bool last = layer == n_layer - 1;
-    for (int64_t r = 0; r < n; ++r) {
-      if (last)  // only rows whose logits were requested exist after the output selection
-        while (c < end && !queue[c - base].output) ++c;
-      if (c < end)
-        out.push_back(queue[c++ - base]);
-      else
-        out.push_back(Token{-1, -1, -1, false, false});
+  void push(const Token &tk, int64_t r) {
+    toks.push_back(tk);
+    known_rows.push_back(r);
+  }
+
+  void push_unknown(int64_t n) {
+    for (int64_t r = 0; r < n; ++r) toks.push_back(Token{-1, -1, -1, false, false, false});
+    unannounced += n;
+  }
+
+  // The tokens of the n rows arriving at `layer`: the whole micro-batch, or only its output rows
+  // where llama.cpp pruned the others (the model's last block, once the logits' rows are picked).
+  bool rows_to_tokens(int layer, int64_t n) {
+    toks.clear();
+    known_rows.clear();
+    if (!ub_known) {  // one-block model: rows in order, the block's output rows only
+      size_t &c = cursor[size_t(layer)];
+      for (int64_t r = 0; r < n; ++r) {
+        while (c < batch.size() && !batch[c].output) ++c;
+        if (c < batch.size())
+          push(batch[c++], r);
+        else
+          push_unknown(1);
+      }
+      return true;
     }
+    if (ub_begin >= batch.size()) {  // a decode nobody announced
+      push_unknown(n);
+      return true;
+    }
+    if (ub_end > batch.size())
+      return fail(layer, "llama.cpp decodes more tokens than were announced (" + std::to_string(batch.size()) + ")");
+    if (size_t(n) == ub_end - ub_begin) {
+      for (int64_t r = 0; r < n; ++r) push(batch[ub_begin + size_t(r)], r);
+      return true;
+    }
+    int64_t r = 0;
+    for (size_t i = ub_begin; i < ub_end; ++i)
+      if (batch[i].output) {
+        if (r < n) push(batch[i], r);
+        ++r;
+      }
+    if (r != n)
+      return fail(layer, std::to_string(n) + " rows match neither the micro-batch (" + std::to_string(ub_end - ub_begin) +
+                             " tokens) nor its " + std::to_string(r) + " outputs: the announcement does not describe this decode");
+    return true;
+  }
+
+  bool fail(int layer, const std::string &what) {
+    error = "l_out-" + std::to_string(layer) + ": " + what;
+    return false;
   }
 
   void process(int layer, ggml_tensor *t) {
     if (!error.empty()) return;
     const int64_t nrows = api.nrows(t), ne = api.nelements(t);
-    if (ne != nrows * n_embd || api.nbytes(t) != size_t(ne) * 4) {
-      error = "l_out-" + std::to_string(layer) + " is not an f32 tensor of " + std::to_string(n_embd) +
-              "-wide rows (" + std::to_string(ne) + " elements, " + std::to_string(api.nbytes(t)) + " bytes)";
+    if (ne != nrows * n_embd || api.nbytes(t) != size_t(ne) * sizeof(float)) {
+      fail(layer, "not an f32 tensor of " + std::to_string(n_embd) + "-wide rows (" + std::to_string(ne) +
+                      " elements, " + std::to_string(api.nbytes(t)) + " bytes)");
       return;
     }
-    std::vector<Token> toks;
-    rows_to_tokens(layer, nrows, toks);
+    if (!rows_to_tokens(layer, nrows)) return;
     buf.resize(size_t(ne));
-    api.tensor_get(t, buf.data(), 0, size_t(ne) * 4);
-    bool changed = false;
+    api.tensor_get(t, buf.data(), 0, size_t(ne) * sizeof(float));
+
+    std::vector<Entry *> caps, mods;
     for (auto &ep : entries) {
-      Entry &e = *ep;
-      if (e.layer != layer) continue;
-      mask.assign(size_t(nrows), 0);
-      bool any = false;
-      for (int64_t r = 0; r < nrows; ++r) {
-        const Token &tk = toks[r];
-        const bool on = e.positions == SAEHOOK_POS_ALL ||
-                        (e.positions == SAEHOOK_POS_PROMPT && tk.token >= 0 && !tk.generated) ||
-                        (e.positions == SAEHOOK_POS_GENERATED && tk.generated);
-        mask[r] = on;
-        any |= on;
+      if (ep->layer != layer) continue;
+      if (ep->capture) caps.push_back(ep.get());
+      if (ep->modifies()) mods.push_back(ep.get());
+    }
+    const bool cv = cvec_on[size_t(layer)] != 0;
+    // Captures read the residual before this block's steering (and control vector): keep a copy
+    // of it when something will change buf, or when the control vector has to be taken out.
+    const float *in = buf.data();
+    if (!caps.empty() && (cv || !mods.empty())) {
+      src.assign(buf.begin(), buf.end());
+      if (cv) {
+        const float *v = &cvec[size_t(layer) * n_embd];
+        for (int64_t r = 0; r < nrows; ++r)
+          for (int32_t j = 0; j < n_embd; ++j) src[size_t(r) * n_embd + j] -= v[j];
       }
-      if (e.reconstruct) {
-        if (saehook_reconstruct(e.sae, buf.data(), nrows, n_embd, nullptr) != SAEHOOK_OK) {
-          error = "layer " + std::to_string(layer) + ": " + saehook_last_error();
-          return;
-        }
+      in = src.data();
+    }
+
+    bool changed = false;
+    const saehook_sae *shared_sae = nullptr;  // captures of this SAE and k reuse the first steer's encode
+    int32_t shared_k = 0;
+    for (Entry *m : mods) {
+      if (m->reconstruct) {
+        if (saehook_reconstruct(m->sae, buf.data(), nrows, n_embd, nullptr) != SAEHOOK_OK)
+          return (void)fail(layer, saehook_last_error());
         changed = true;
         continue;
       }
-      const bool steer = !e.items.empty() && any;
-      if (!steer && !e.capture) continue;
-      if (e.capture && keep_residuals) e.residuals.insert(e.residuals.end(), buf.begin(), buf.end());
-      float *v = nullptr;
-      int32_t *ix = nullptr;
-      if (e.capture) {
-        vals.resize(size_t(nrows) * e.k);
-        idx.resize(size_t(nrows) * e.k);
+      mask.assign(size_t(nrows), 0);
+      bool any = false;
+      for (int64_t r = 0; r < nrows; ++r) {
+        const Token &tk = toks[size_t(r)];
+        const bool on = m->positions == SAEHOOK_POS_ALL ||
+                        (m->positions == SAEHOOK_POS_PROMPT && tk.known && !tk.generated) ||
+                        (m->positions == SAEHOOK_POS_GENERATED && tk.known && tk.generated);
+        mask[size_t(r)] = on;
+        any |= on;
+      }
+      if (!any) continue;
+      // The first change sees the residual the captures read: its encode is theirs too.
+      bool share = !changed && !cv;
+      if (share) {
+        share = false;
+        for (Entry *c : caps) share |= c->sae == m->sae && c->k == m->k;
+      }
+      if (share) {
+        vals0.resize(size_t(nrows) * m->k);
+        idx0.resize(size_t(nrows) * m->k);
+      }
+      if (saehook_steer(m->sae, buf.data(), nrows, n_embd, m->items.data(), int32_t(m->items.size()), mask.data(),
+                        m->k, share ? vals0.data() : nullptr, share ? idx0.data() : nullptr,
+                        nullptr) != SAEHOOK_OK)
+        return (void)fail(layer, saehook_last_error());
+      if (share) shared_sae = m->sae, shared_k = m->k;
+      changed = true;
+    }
+
+    for (Entry *c : caps) {
+      if (known_rows.empty()) break;
+      const float *v;
+      const int32_t *ix;
+      if (c->sae == shared_sae && c->k == shared_k) {
+        v = vals0.data();
+        ix = idx0.data();
+      } else {
+        vals.resize(size_t(nrows) * c->k);
+        idx.resize(size_t(nrows) * c->k);
+        if (saehook_encode(c->sae, in, nrows, n_embd, c->k, vals.data(), idx.data(), nullptr) != SAEHOOK_OK)
+          return (void)fail(layer, saehook_last_error());
         v = vals.data();
         ix = idx.data();
       }
-      saehook_status st = saehook_steer(e.sae, buf.data(), nrows, n_embd, steer ? e.items.data() : nullptr,
-                                        steer ? int32_t(e.items.size()) : 0, mask.data(), e.k, v, ix, nullptr);
-      if (st != SAEHOOK_OK) {
-        error = "layer " + std::to_string(layer) + ": " + saehook_last_error();
-        return;
-      }
-      changed |= steer;
-      if (e.capture) {
-        e.values.insert(e.values.end(), vals.begin(), vals.end());
-        e.indices.insert(e.indices.end(), idx.begin(), idx.end());
-        for (const Token &tk : toks) {
-          e.tokens.push_back(tk.token);
-          e.pos.push_back(tk.pos);
-          e.seq.push_back(tk.seq);
-        }
+      append_rows(c->values, v, size_t(c->k), known_rows);
+      append_rows(c->indices, ix, size_t(c->k), known_rows);
+      if (keep_residuals) append_rows(c->residuals, in, size_t(n_embd), known_rows);
+      for (int64_t r : known_rows) {
+        const Token &tk = toks[size_t(r)];
+        c->tokens.push_back(tk.token);
+        c->pos.push_back(tk.pos);
+        c->seq.push_back(tk.seq);
+        c->gen.push_back(tk.generated);
       }
     }
-    if (changed) api.tensor_set(t, buf.data(), 0, size_t(ne) * 4);
+    if (changed) api.tensor_set(t, buf.data(), 0, size_t(ne) * sizeof(float));
   }
 
   Entry *find(int32_t id) const {
@@ -168,6 +257,8 @@ saehook_llama_hook *saehook_llama_hook_create(const saehook_ggml_api *api, int32
   h->n_embd = n_embd;
   h->n_layer = n_layer;
   h->cursor.assign(size_t(n_layer), 0);
+  h->cvec.assign(size_t(n_layer) * size_t(n_embd), 0.f);
+  h->cvec_on.assign(size_t(n_layer), 0);
   return h;
 }
 
@@ -175,11 +266,14 @@ void saehook_llama_hook_destroy(saehook_llama_hook *hook) { delete hook; }
 
 bool saehook_llama_callback(struct ggml_tensor *t, bool ask, void *user_data) {
   auto *h = static_cast<saehook_llama_hook *>(user_data);
-  if (!h) return false;
+  if (!h) return !ask;
   const int layer = layer_of(h->api.get_name(t));
-  if (layer < 0 || layer >= h->n_layer) return false;
+  if (layer < 0 || layer >= h->n_layer) return !ask;  // ask: not ours; compute: carry on
   std::lock_guard<std::mutex> lk(h->mu);
-  if (ask) return h->hooked(layer);
+  if (ask) {
+    if (layer == 0) h->begin_ubatch(h->api.nrows(t));
+    return h->hooked(layer);
+  }
   if (h->hooked(layer)) h->process(layer, t);
   return true;  // false would only skip the rest of the split, never what we want
 }
@@ -191,9 +285,11 @@ int32_t add_entry(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sa
       positions < SAEHOOK_POS_ALL || positions > SAEHOOK_POS_GENERATED)
     return -1;
   saehook_sae_desc d;
-  if (saehook_sae_describe(sae, &d) != SAEHOOK_OK || d.d_model != hook->n_embd) return -1;
+  if (saehook_sae_describe(sae, &d) != SAEHOOK_OK || d.d_model != hook->n_embd || d.cuda) return -1;
   for (int32_t i = 0; i < n_items; ++i)
-    if (items[i].feature < 0 || items[i].feature >= d.d_sae) return -1;
+    if (items[i].feature < 0 || items[i].feature >= d.d_sae || items[i].op < SAEHOOK_STEER_ADD ||
+        items[i].op > SAEHOOK_STEER_ABLATE)
+      return -1;
   std::lock_guard<std::mutex> lk(hook->mu);
   auto e = std::make_unique<Entry>();
   e->id = hook->next_id++;
@@ -201,10 +297,12 @@ int32_t add_entry(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sa
   e->sae = sae;
   e->capture = capture;
   e->reconstruct = reconstruct;
-  e->k = k > 0 ? std::min<int32_t>(k, int32_t(d.d_sae)) : d.k;
+  e->k = k > 0 ? int32_t(std::min<int64_t>(k, d.d_sae)) : d.k;
   e->items.assign(items, items + n_items);
   e->positions = positions;
-  if (!hook->hooked(layer)) hook->cursor[layer] = hook->end;  // starts with the next decode
+  // One-block models map rows with a per-layer cursor: a layer hooked during a decode starts
+  // with the next one.
+  if (!hook->hooked(layer)) hook->cursor[size_t(layer)] = hook->batch.size();
   hook->entries.push_back(std::move(e));
   return hook->entries.back()->id;
 }
@@ -226,47 +324,98 @@ saehook_status saehook_llama_hook_remove(saehook_llama_hook *hook, int32_t id) {
   auto it = std::find_if(hook->entries.begin(), hook->entries.end(), [&](const auto &e) { return e->id == id; });
   if (it == hook->entries.end()) return SAEHOOK_ERR_INVALID_ARGUMENT;
   hook->entries.erase(it);
-  hook->trim();
   return SAEHOOK_OK;
 }
 
-saehook_status saehook_llama_hook_announce(saehook_llama_hook *hook, const int32_t *tokens, const int32_t *positions,
-                                           const int32_t *seq_ids, const int8_t *outputs, const int8_t *generated,
-                                           int32_t n) {
-  if (!hook || n < 0 || (n && (!tokens || !positions || !outputs))) return SAEHOOK_ERR_INVALID_ARGUMENT;
+saehook_status saehook_llama_hook_announce_batch(saehook_llama_hook *hook, int32_t n_tokens, const int32_t *token,
+                                                 const int32_t *pos, int32_t *const *seq_id, const int8_t *logits,
+                                                 int32_t pos0, int32_t flags) {
+  if (!hook || n_tokens < 0) return SAEHOOK_ERR_INVALID_ARGUMENT;
   std::lock_guard<std::mutex> lk(hook->mu);
-  hook->trim();
-  for (int32_t i = 0; i < n; ++i)
-    hook->queue.push_back(Token{tokens[i], positions[i], seq_ids ? seq_ids[i] : 0, outputs[i] != 0,
-                                generated ? generated[i] != 0 : false});
-  hook->end += n;
-  // Layers not hooked follow the end of the queue so a later hook starts at the next token.
-  for (int32_t l = 0; l < hook->n_layer; ++l)
-    if (!hook->hooked(l)) hook->cursor[l] = hook->end;
+  hook->batch.resize(size_t(n_tokens));
+  const bool all = (flags & SAEHOOK_BATCH_OUTPUT_ALL) != 0, gen = (flags & SAEHOOK_BATCH_GENERATED) != 0;
+  for (int32_t i = 0; i < n_tokens; ++i) {
+    // Output rows as llama_batch_allocr decides them: all with embeddings, else the flags,
+    // else the last token only.
+    const bool out = all || (logits ? logits[i] != 0 : i == n_tokens - 1);
+    hook->batch[size_t(i)] = Token{token ? token[i] : -1, pos ? pos[i] : pos0 + i,
+                                   seq_id && seq_id[i] ? seq_id[i][0] : 0, out, gen, true};
+  }
+  std::fill(hook->cursor.begin(), hook->cursor.end(), size_t(0));
+  hook->ub_begin = hook->ub_end = 0;
+  hook->ub_known = false;
   return SAEHOOK_OK;
+}
+
+saehook_status saehook_llama_hook_announce(saehook_llama_hook *hook, int32_t n, const int32_t *tokens,
+                                           const int32_t *positions, int32_t pos0, const int32_t *seq_ids,
+                                           const int8_t *outputs, int32_t flags) {
+  if (!hook || n < 0) return SAEHOOK_ERR_INVALID_ARGUMENT;
+  std::vector<int32_t *> seq_ptrs;
+  if (seq_ids) {
+    seq_ptrs.resize(size_t(n));
+    for (int32_t i = 0; i < n; ++i) seq_ptrs[size_t(i)] = const_cast<int32_t *>(seq_ids + i);
+  }
+  return saehook_llama_hook_announce_batch(hook, n, tokens, positions, seq_ids ? seq_ptrs.data() : nullptr, outputs,
+                                           pos0, flags);
 }
 
 void saehook_llama_hook_reset_queue(saehook_llama_hook *hook) {
   if (!hook) return;
   std::lock_guard<std::mutex> lk(hook->mu);
-  hook->base = hook->end;
-  hook->queue.clear();
-  std::fill(hook->cursor.begin(), hook->cursor.end(), hook->end);
+  hook->batch.clear();
+  std::fill(hook->cursor.begin(), hook->cursor.end(), size_t(0));
+  hook->ub_begin = hook->ub_end = 0;
+  hook->ub_known = false;
+}
+
+int64_t saehook_llama_hook_unannounced(const saehook_llama_hook *hook) {
+  if (!hook) return 0;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  return hook->unannounced;
+}
+
+saehook_status saehook_llama_hook_set_cvec(saehook_llama_hook *hook, const float *data, size_t len, int32_t n_embd,
+                                           int32_t il_start, int32_t il_end) {
+  if (!hook) return SAEHOOK_ERR_INVALID_ARGUMENT;
+  if (data && n_embd != hook->n_embd) return SAEHOOK_ERR_SHAPE;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  std::fill(hook->cvec.begin(), hook->cvec.end(), 0.f);
+  std::fill(hook->cvec_on.begin(), hook->cvec_on.end(), 0);
+  if (!data) return SAEHOOK_OK;
+  const size_t d = size_t(n_embd);
+  // As llama_adapter_cvec: no row for block 0; row il - 1 for block il within [il_start, il_end].
+  for (int32_t il = std::max(1, il_start); il <= il_end && il < hook->n_layer; ++il) {
+    const size_t off = d * size_t(il - 1);
+    if (off + d > len) break;
+    const float *row = data + off;
+    if (std::all_of(row, row + d, [](float x) { return x == 0.f; })) continue;
+    std::copy(row, row + d, hook->cvec.begin() + std::ptrdiff_t(size_t(il) * d));
+    hook->cvec_on[size_t(il)] = 1;
+  }
+  return SAEHOOK_OK;
 }
 
 int64_t saehook_llama_hook_captured(const saehook_llama_hook *hook, int32_t id) {
-  const Entry *e = hook ? hook->find(id) : nullptr;
+  if (!hook) return -1;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  const Entry *e = hook->find(id);
   return e ? int64_t(e->tokens.size()) : -1;
 }
 
 int32_t saehook_llama_hook_k(const saehook_llama_hook *hook, int32_t id) {
-  const Entry *e = hook ? hook->find(id) : nullptr;
+  if (!hook) return -1;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  const Entry *e = hook->find(id);
   return e ? e->k : -1;
 }
 
 saehook_status saehook_llama_hook_read(const saehook_llama_hook *hook, int32_t id, int32_t *tokens, int32_t *positions,
-                                       int32_t *seq_ids, float *values, int32_t *indices, float *residuals) {
-  const Entry *e = hook ? hook->find(id) : nullptr;
+                                       int32_t *seq_ids, int8_t *generated, float *values, int32_t *indices,
+                                       float *residuals) {
+  if (!hook) return SAEHOOK_ERR_INVALID_ARGUMENT;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  const Entry *e = hook->find(id);
   if (!e) return SAEHOOK_ERR_INVALID_ARGUMENT;
   auto copy = [](auto *dst, const auto &src) {
     if (dst && !src.empty()) std::memcpy(dst, src.data(), src.size() * sizeof(src[0]));
@@ -274,6 +423,7 @@ saehook_status saehook_llama_hook_read(const saehook_llama_hook *hook, int32_t i
   copy(tokens, e->tokens);
   copy(positions, e->pos);
   copy(seq_ids, e->seq);
+  copy(generated, e->gen);
   copy(values, e->values);
   copy(indices, e->indices);
   copy(residuals, e->residuals);
@@ -281,15 +431,20 @@ saehook_status saehook_llama_hook_read(const saehook_llama_hook *hook, int32_t i
 }
 
 void saehook_llama_hook_clear_captured(saehook_llama_hook *hook, int32_t id) {
-  Entry *e = hook ? hook->find(id) : nullptr;
+  if (!hook) return;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  Entry *e = hook->find(id);
   if (!e) return;
   for (auto *v : {&e->tokens, &e->pos, &e->seq, &e->indices}) v->clear();
+  e->gen.clear();
   e->values.clear();
   e->residuals.clear();
 }
 
 void saehook_llama_hook_keep_residuals(saehook_llama_hook *hook, int32_t keep) {
-  if (hook) hook->keep_residuals = keep != 0;
+  if (!hook) return;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  hook->keep_residuals = keep != 0;
 }
 
 const char *saehook_llama_hook_error(const saehook_llama_hook *hook) {
@@ -297,7 +452,9 @@ const char *saehook_llama_hook_error(const saehook_llama_hook *hook) {
 }
 
 void saehook_llama_hook_clear_error(saehook_llama_hook *hook) {
-  if (hook) hook->error.clear();
+  if (!hook) return;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  hook->error.clear();
 }
 
 }  // extern "C"

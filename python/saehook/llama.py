@@ -9,8 +9,9 @@
         llm("Tell me a story", max_tokens=32)
 
 The per-layer work runs in C++ (csrc/llama/hook.cpp) inside llama.cpp's eval callback; Python
-only announces which tokens each decode evaluates. Additive-only steering of all positions at
-layers >= 1 uses llama.cpp's control vectors instead (no encode, no per-token cost).
+only tells the hook which tokens each llama_decode evaluates (HookedLlama's context announces
+every batch it decodes). Additive-only steering of all positions at layers >= 1 uses llama.cpp's
+control vectors instead (no encode, no per-token cost).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import contextlib
 import ctypes
 import os
 import threading
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
@@ -32,15 +35,20 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import llama_cpp  # noqa: E402
 import llama_cpp.llama as _llama_mod  # noqa: E402
+from llama_cpp import _internals  # noqa: E402
+from llama_cpp import llama_cpp as _llama_lib  # noqa: E402
 
-from . import get_library
-from .sae import SAE
-from .steering import POSITIONS, Steering
+from . import get_library  # noqa: E402
+from .sae import SAE  # noqa: E402
+from .steering import POSITIONS, Steering  # noqa: E402
 
 _POS_CODE = {p: i for i, p in enumerate(POSITIONS)}  # matches saehook_positions
+_BATCH_GENERATED, _BATCH_OUTPUT_ALL = 1, 2  # SAEHOOK_BATCH_* flags
 
 
 class _GgmlApi(ctypes.Structure):
+    """saehook_ggml_api: the ggml functions the hook calls."""
+
     _fields_ = [(name, ctypes.c_void_p) for name in
                 ("get_name", "nelements", "nrows", "nbytes", "tensor_get", "tensor_set")]
 
@@ -50,20 +58,21 @@ _SYMBOLS = ("ggml_get_name", "ggml_nelements", "ggml_nrows", "ggml_nbytes", "ggm
 
 
 def _ggml_api() -> _GgmlApi:
-    """Addresses of the ggml functions in the libraries llama-cpp-python itself loaded."""
-    libdir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
-    candidates = [os.path.join(libdir, n) for n in sorted(os.listdir(libdir)) if n.startswith(("libggml-base", "ggml-base", "libggml."))]
-    for path in candidates:
-        try:
-            lib = ctypes.CDLL(path)
-            return _GgmlApi(*[ctypes.cast(getattr(lib, s), ctypes.c_void_p).value for s in _SYMBOLS])
-        except (OSError, AttributeError):
-            continue
-    raise RuntimeError(f"cannot find the ggml functions {_SYMBOLS} in {libdir}")
+    """Addresses of the ggml functions in the very library libllama uses. They are looked up
+    through llama_cpp's own handle of libllama (dlsym searches its dependencies): opening
+    lib/libggml-base.so by name would load a second copy, since pip installs libggml-base.so,
+    .so.0 and .so.0.x as separate files rather than symlinks."""
+    lib = getattr(_llama_lib, "_lib", None)  # llama_cpp.llama_cpp's CDLL of libllama
+    if lib is None:
+        raise RuntimeError("cannot find llama_cpp's handle of libllama (llama_cpp.llama_cpp._lib)")
+    try:
+        return _GgmlApi(*[ctypes.cast(getattr(lib, s), ctypes.c_void_p).value for s in _SYMBOLS])
+    except AttributeError as e:
+        raise RuntimeError(f"llama_cpp's library does not export the ggml functions {_SYMBOLS}: {e}") from None
 
 
 class _Lib:
-    """ctypes bindings of the hook's C API in libsaehook."""
+    """ctypes bindings of the hook's C API in libsaehook (csrc/include/saehook_llama.h)."""
 
     def __init__(self):
         lib = ctypes.CDLL(get_library())
@@ -75,11 +84,14 @@ class _Lib:
             "saehook_llama_hook_add": (c.c_int32, [P, c.c_int32, P, c.c_int32, c.c_int32, P, c.c_int32, c.c_int]),
             "saehook_llama_hook_add_reconstruct": (c.c_int32, [P, c.c_int32, P]),
             "saehook_llama_hook_remove": (c.c_int, [P, c.c_int32]),
-            "saehook_llama_hook_announce": (c.c_int, [P, P, P, P, P, P, c.c_int32]),
+            "saehook_llama_hook_announce": (c.c_int, [P, c.c_int32, P, P, c.c_int32, P, P, c.c_int32]),
+            "saehook_llama_hook_announce_batch": (c.c_int, [P, c.c_int32, P, P, P, P, c.c_int32, c.c_int32]),
             "saehook_llama_hook_reset_queue": (None, [P]),
+            "saehook_llama_hook_unannounced": (c.c_int64, [P]),
+            "saehook_llama_hook_set_cvec": (c.c_int, [P, P, c.c_size_t, c.c_int32, c.c_int32, c.c_int32]),
             "saehook_llama_hook_captured": (c.c_int64, [P, c.c_int32]),
             "saehook_llama_hook_k": (c.c_int32, [P, c.c_int32]),
-            "saehook_llama_hook_read": (c.c_int, [P, c.c_int32, P, P, P, P, P, P]),
+            "saehook_llama_hook_read": (c.c_int, [P, c.c_int32, P, P, P, P, P, P, P]),
             "saehook_llama_hook_keep_residuals": (None, [P, c.c_int32]),
             "saehook_llama_hook_error": (c.c_char_p, [P]),
             "saehook_llama_hook_clear_error": (None, [P]),
@@ -103,8 +115,13 @@ def _lib() -> _Lib:
     return _LIB
 
 
-def _ptr(a: Optional[np.ndarray]) -> Optional[int]:
-    return None if a is None else a.ctypes.data
+def _ptr(a) -> Optional[int]:
+    """Address of a numpy array or of a ctypes pointer's target (None for NULL / None)."""
+    if a is None:
+        return None
+    if isinstance(a, np.ndarray):
+        return a.ctypes.data
+    return ctypes.cast(a, ctypes.c_void_p).value
 
 
 @dataclass
@@ -114,9 +131,31 @@ class LlamaLayerRecord:
     tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     seq_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    generated: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # sampled token (else prompt)
     indices: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int32))
     values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
-    residuals: Optional[np.ndarray] = None
+    residuals: Optional[np.ndarray] = None  # (n, n_embd) with capture(..., residuals=True)
+
+
+class _HookedContext(_internals.LlamaContext):
+    """llama-cpp-python's context wrapper whose decode() first tells the hook which tokens the
+    batch holds, so every path into llama_decode (eval, generate, embed) is covered."""
+
+    def __init__(self, *, owner: "HookedLlama", **kw):
+        self._owner = weakref.ref(owner)  # the Llama owns the context: no cycle
+        super().__init__(**kw)
+
+    def decode(self, batch: _internals.LlamaBatch):
+        owner = self._owner()
+        if owner is None or not owner._entries:
+            return super().decode(batch)
+        owner.announce_batch(batch.batch, generated=owner._decode_generated)
+        try:
+            super().decode(batch)
+        except Exception:
+            owner._reset_queue()
+            raise
+        owner.raise_hook_error()
 
 
 class HookedLlama(llama_cpp.Llama):
@@ -127,16 +166,20 @@ class HookedLlama(llama_cpp.Llama):
     def __init__(self, *args, context_overrides: Optional[Mapping[str, object]] = None, **kwargs):
         self._hook = None
         self._entries: List[int] = []
+        self._modifier_layer: Dict[int, int] = {}  # entry id -> layer, for entries that change the residual
         self._cvec: Dict[int, List[np.ndarray]] = {}
         self._in_generate = False
         self._generate_evals = 0
+        self._decode_generated = False
         self._cb = None
-        real_context = _llama_mod.internals.LlamaContext
+        real_context = _internals.LlamaContext
         owner = self
 
         def hooked_context(*, model, params, **kw):
             # Runs inside Llama.__init__ once the model is loaded: create the hook and put the
             # callback into the params the context is created from.
+            if params is not getattr(owner, "context_params", None):  # another Llama, another thread
+                return real_context(model=model, params=params, **kw)
             lib = _lib()
             owner._n_embd = llama_cpp.llama_model_n_embd(model.model)
             owner._n_layer = llama_cpp.llama_model_n_layer(model.model)
@@ -144,15 +187,20 @@ class HookedLlama(llama_cpp.Llama):
             owner._hook = lib.create(ctypes.byref(api), owner._n_embd, owner._n_layer)
             if not owner._hook:
                 raise RuntimeError("saehook: cannot create the llama.cpp hook")
+            # A ctypes function pointer to the C++ callback (no Python on the per-layer path);
+            # kept on the Llama, which outlives its context.
             owner._cb = ctypes.cast(lib.callback_address, llama_cpp.ggml_backend_sched_eval_callback)
             params.cb_eval = owner._cb
             params.cb_eval_user_data = owner._hook
             for name, value in (context_overrides or {}).items():
+                if not hasattr(params, name):
+                    raise TypeError(f"llama_context_params has no field {name!r}")
                 setattr(params, name, value)
-            return real_context(model=model, params=params, **kw)
+            return _HookedContext(owner=owner, model=model, params=params, **kw)
 
         # Llama creates its context in __init__ with no way to pass a callback: swap the context
-        # class for the duration of this constructor only (serialised across threads).
+        # class for the duration of this constructor only (serialised across HookedLlamas; a
+        # plain Llama built meanwhile in another thread is handed the real class).
         with _INIT_LOCK:
             _llama_mod.internals.LlamaContext = hooked_context
             try:
@@ -169,6 +217,11 @@ class HookedLlama(llama_cpp.Llama):
     def n_embd_model(self) -> int:
         return self._n_embd
 
+    @property
+    def unannounced_rows(self) -> int:
+        """Rows the hook saw at hooked layers without knowing their token (not captured)."""
+        return int(_lib().unannounced(self._hook)) if self._hook else 0
+
     def _check(self, layer: int, sae: SAE) -> None:
         if not 0 <= int(layer) < self._n_layer:
             raise ValueError(f"layer {layer} is outside the model (it has {self._n_layer} layers)")
@@ -177,21 +230,60 @@ class HookedLlama(llama_cpp.Llama):
                              f"the model's n_embd is {self._n_embd}")
 
     # ---- token bookkeeping ----
+    def _rows_may_be_grouped_by_sequence(self) -> bool:
+        """llama.cpp keeps batch order only with a single KV stream and no recurrent state; else
+        its micro-batches group rows by sequence (llama_batch_allocr::split_equal)."""
+        p = self.context_params
+        return (p.n_seq_max > 1 and not p.kv_unified) or bool(getattr(self, "_is_recurrent", False)) \
+            or bool(getattr(self, "_is_hybrid", False))
+
+    def _flags(self, generated: bool) -> int:
+        # With embeddings on, llama.cpp makes every token an output whatever the batch says.
+        return (_BATCH_GENERATED if generated else 0) | (_BATCH_OUTPUT_ALL if self.context_params.embeddings else 0)
+
+    def announce_batch(self, batch: "llama_cpp.llama_batch", *, generated: bool = False) -> None:
+        """Tells the hook which tokens the next llama_decode of `batch` (a llama_cpp.llama_batch)
+        evaluates. HookedLlama's own decodes do this; call it before decoding a batch you built."""
+        if self._hook is None or batch.n_tokens <= 0:
+            return
+        n = int(batch.n_tokens)
+        if batch.seq_id and self._rows_may_be_grouped_by_sequence():
+            seqs = {batch.seq_id[i][0] for i in range(n)}
+            if len(seqs) > 1:
+                raise ValueError("several sequences in one batch: this context may group the rows by sequence "
+                                 "(one KV stream per sequence or a recurrent model), so the hook could not tell "
+                                 "which row is which token; use kv_unified=True or one sequence per decode")
+        if batch.pos:
+            pos0 = 0
+        else:  # llama.cpp continues the sequence
+            pos0 = self.n_tokens
+        rc = _lib().announce_batch(self._hook, n, _ptr(batch.token), _ptr(batch.pos), _ptr(batch.seq_id),
+                                   _ptr(batch.logits), pos0, self._flags(generated))
+        if rc != 0:
+            raise RuntimeError(f"saehook_llama_hook_announce_batch failed ({rc})")
+
     def announce(self, tokens: Sequence[int], positions: Sequence[int], *, seq_ids: Optional[Sequence[int]] = None,
                  outputs: Optional[Sequence[bool]] = None, generated: bool = False) -> None:
-        """Tells the hook which tokens the next llama_decode evaluates, in batch order. HookedLlama
-        does this itself in eval(); call it before decoding a hand-built llama_batch."""
+        """Like announce_batch, from lists: the tokens of the next llama_decode, in batch order.
+        outputs: whose logits are requested (default: the last token only, llama.cpp's default)."""
         n = len(tokens)
         if n == 0 or self._hook is None:
             return
         t = np.ascontiguousarray(tokens, dtype=np.int32)
         p = np.ascontiguousarray(positions, dtype=np.int32)
         s = None if seq_ids is None else np.ascontiguousarray(seq_ids, dtype=np.int32)
-        o = np.ones(n, np.int8) if outputs is None else np.ascontiguousarray(outputs, dtype=np.int8)
-        g = np.full(n, int(generated), np.int8)
-        if len(p) != n or len(o) != n or (s is not None and len(s) != n):
+        o = None if outputs is None else np.ascontiguousarray(outputs, dtype=np.int8)
+        if len(p) != n or (o is not None and len(o) != n) or (s is not None and len(s) != n):
             raise ValueError("tokens, positions, seq_ids and outputs must have the same length")
-        _lib().announce(self._hook, _ptr(t), _ptr(p), _ptr(s), _ptr(o), _ptr(g), n)
+        if s is not None and len(np.unique(s)) > 1 and self._rows_may_be_grouped_by_sequence():
+            raise ValueError("several sequences in one batch need kv_unified=True (and a non-recurrent model)")
+        rc = _lib().announce(self._hook, n, _ptr(t), _ptr(p), 0, _ptr(s), _ptr(o), self._flags(generated))
+        if rc != 0:
+            raise RuntimeError(f"saehook_llama_hook_announce failed ({rc})")
+
+    def _reset_queue(self) -> None:
+        if self._hook:
+            _lib().reset_queue(self._hook)
 
     def raise_hook_error(self) -> None:
         """Raises the first error the callback met (it cannot raise inside llama.cpp)."""
@@ -201,29 +293,17 @@ class HookedLlama(llama_cpp.Llama):
             raise RuntimeError(f"saehook llama.cpp hook: {err.decode()}")
 
     def eval(self, tokens: Sequence[int]):
-        if self._entries:
-            tokens = list(tokens)
-            n = len(tokens)
-            outputs = np.zeros(n, np.int8)
-            if self._logits_all:
-                outputs[:] = 1
-            else:  # Llama.eval decodes n_batch tokens at a time, requesting the last one's logits
-                outputs[np.minimum(np.arange(self.n_batch - 1, n + self.n_batch - 1, self.n_batch), n - 1)] = 1
-            generated = self._in_generate and self._generate_evals > 0
-            self.announce(tokens, np.arange(self.n_tokens, self.n_tokens + n), outputs=outputs, generated=generated)
+        # Inside generate(), the first eval is the (uncached part of the) prompt and later ones
+        # evaluate sampled tokens: that is how positions='prompt'|'generated' are told apart.
+        self._decode_generated = self._in_generate and self._generate_evals > 0
         if self._in_generate:
             self._generate_evals += 1
         try:
             super().eval(tokens)
-        except Exception:
-            if self._hook:
-                _lib().reset_queue(self._hook)
-            raise
-        self.raise_hook_error()
+        finally:
+            self._decode_generated = False
 
     def generate(self, tokens, *args, **kwargs):
-        # The first eval of a generate() call is the (uncached part of the) prompt, later ones
-        # evaluate sampled tokens: that is how positions='prompt'|'generated' are told apart.
         self._in_generate, self._generate_evals = True, 0
         try:
             yield from super().generate(tokens, *args, **kwargs)
@@ -231,25 +311,45 @@ class HookedLlama(llama_cpp.Llama):
             self._in_generate = False
 
     # ---- capture ----
+    def _add(self, layer: int, sae: SAE, *, capture: bool = False, k: int = 0, items: Optional[np.ndarray] = None,
+             positions: str = "all", reconstruct: bool = False) -> int:
+        lib = _lib()
+        if reconstruct:
+            i = lib.add_reconstruct(self._hook, int(layer), sae.handle)
+        else:
+            n = 0 if items is None else len(items)
+            i = lib.add(self._hook, int(layer), sae.handle, int(capture), int(k), _ptr(items) if n else None, n,
+                        _POS_CODE[positions])
+        if i < 0:  # _check and Steering validate first, so this is unexpected
+            raise ValueError(f"saehook: cannot hook layer {layer} with this SAE")
+        self._entries.append(i)
+        if reconstruct or (items is not None and len(items)):
+            self._modifier_layer[i] = int(layer)
+        return i
+
+    def _remove(self, i: int) -> None:
+        _lib().remove(self._hook, i)
+        self._entries.remove(i)
+        self._modifier_layer.pop(i, None)
+
     @contextlib.contextmanager
     def capture(self, saes: Mapping[int, SAE], *, k: Optional[int] = None,
                 residuals: bool = False) -> Iterator[Dict[int, LlamaLayerRecord]]:
-        """Records the Top-K features at each layer for every token evaluated inside the block;
-        the records are filled when the block exits."""
+        """Records the Top-K features at each layer for every token evaluated inside the block
+        (a cached prefix is not evaluated again, so not captured again); the records are filled
+        when the block exits. At a steered layer they hold the residual before the steering.
+        residuals=True also keeps the raw residual rows."""
         for layer, sae in saes.items():
             self._check(layer, sae)
         lib = _lib()
         rec: Dict[int, LlamaLayerRecord] = {}
         ids = {}
+        unannounced = self.unannounced_rows
         if residuals:
             lib.keep_residuals(self._hook, 1)
         try:
             for layer, sae in saes.items():
-                i = lib.add(self._hook, int(layer), sae.handle, 1, int(k or 0), None, 0, 0)
-                if i < 0:
-                    raise ValueError(f"saehook: cannot hook layer {layer}")
-                ids[int(layer)] = (i, sae)
-                self._entries.append(i)
+                ids[int(layer)] = (self._add(layer, sae, capture=True, k=int(k or 0)), sae)
                 rec[int(layer)] = LlamaLayerRecord()
             yield rec
         finally:
@@ -257,14 +357,19 @@ class HookedLlama(llama_cpp.Llama):
                 n, kk = lib.captured(self._hook, i), lib.k(self._hook, i)
                 r = rec[layer]
                 r.tokens, r.positions, r.seq_ids = (np.empty(n, np.int32) for _ in range(3))
+                gen = np.empty(n, np.int8)
                 r.values, r.indices = np.empty((n, kk), np.float32), np.empty((n, kk), np.int32)
                 r.residuals = np.empty((n, self._n_embd), np.float32) if residuals else None
-                lib.read(self._hook, i, _ptr(r.tokens), _ptr(r.positions), _ptr(r.seq_ids), _ptr(r.values),
-                         _ptr(r.indices), _ptr(r.residuals))
-                lib.remove(self._hook, i)
-                self._entries.remove(i)
+                lib.read(self._hook, i, _ptr(r.tokens), _ptr(r.positions), _ptr(r.seq_ids), _ptr(gen),
+                         _ptr(r.values), _ptr(r.indices), _ptr(r.residuals))
+                r.generated = gen.astype(bool)
+                self._remove(i)
             if residuals:
                 lib.keep_residuals(self._hook, 0)
+            missed = self.unannounced_rows - unannounced
+            if missed:
+                warnings.warn(f"saehook: {missed} rows were decoded without an announcement and not captured "
+                              "(call announce_batch() before a llama_decode you issue yourself)", stacklevel=3)
 
     # ---- splicing ----
     @contextlib.contextmanager
@@ -273,52 +378,57 @@ class HookedLlama(llama_cpp.Llama):
         inside the block (for evaluation: the loss with the SAE spliced in)."""
         for layer, sae in saes.items():
             self._check(layer, sae)
-        lib = _lib()
         ids = []
         try:
             for layer, sae in saes.items():
-                i = lib.add_reconstruct(self._hook, int(layer), sae.handle)
-                if i < 0:
-                    raise ValueError(f"saehook: cannot hook layer {layer}")
-                ids.append(i)
-                self._entries.append(i)
+                ids.append(self._add(layer, sae, reconstruct=True))
             yield
         finally:
             for i in ids:
-                lib.remove(self._hook, i)
-                self._entries.remove(i)
+                self._remove(i)
 
     # ---- steering ----
     def _uses_cvec(self, st: Steering) -> bool:
-        return st.additive_only and st.positions == "all" and st.layer >= 1
+        # llama.cpp's control vector has no row for block 0 and steers every position. It is
+        # added before the callback sees the block's output, so it must not follow a callback
+        # change at that layer (steerings apply in the order they are given and entered).
+        return (st.additive_only and st.positions == "all" and st.layer >= 1
+                and st.layer not in self._modifier_layer.values())
 
     def _apply_cvec(self) -> None:
-        """Loads the sum of the active additive steerings as llama.cpp's control vector."""
+        """Loads the sum of the active additive steerings as llama.cpp's control vector (and
+        tells the hook, so captures at those layers still read the residual before it)."""
         ctx = self._ctx.ctx
         active = {layer: sum(vs) for layer, vs in self._cvec.items() if vs}
         if not active:
             rc = llama_cpp.llama_set_adapter_cvec(ctx, None, 0, self._n_embd, -1, -1)
+            _lib().set_cvec(self._hook, None, 0, self._n_embd, -1, -1)
         else:
             # Row j of the buffer is added to the output of block j + 1.
-            buf = np.zeros((self._n_layer, self._n_embd), np.float32)
+            buf = np.zeros((self._n_layer - 1, self._n_embd), np.float32)
             for layer, v in active.items():
                 buf[layer - 1] = v
-            data = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             # Only the steered range: llama.cpp adds one graph node per layer in it.
-            rc = llama_cpp.llama_set_adapter_cvec(ctx, data, buf.size, self._n_embd, min(active), max(active))
+            lo, hi = min(active), max(active)
+            rc = llama_cpp.llama_set_adapter_cvec(ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                                  buf.size, self._n_embd, lo, hi)
+            if rc == 0:
+                _lib().set_cvec(self._hook, buf.ctypes.data, buf.size, self._n_embd, lo, hi)
         if rc != 0:
             raise RuntimeError(f"llama_set_adapter_cvec failed ({rc})")
 
     @contextlib.contextmanager
     def steer(self, *steerings: Steering, control_vectors: bool = True) -> Iterator[None]:
-        """Applies the steerings to every decode inside the block. Add-only steerings of all
-        positions at layers >= 1 become llama.cpp control vectors (control_vectors=False forces
-        the callback); the others run in the callback with one encode per layer."""
+        """Applies the steerings to every decode inside the block, in order (after those of
+        enclosing blocks). Add-only steerings of all positions at layers >= 1 become llama.cpp
+        control vectors (control_vectors=False forces the callback) unless a callback change at
+        that layer comes before them; the others run in the callback with one encode per layer."""
         for st in steerings:
+            if not isinstance(st, Steering):
+                raise TypeError(f"steer() takes Steering objects, got {type(st).__name__}")
             if st.layer is None:
                 raise ValueError("Steering has no layer: pass layer= or use an SAE with a layer")
             self._check(st.layer, st.sae)
-        lib = _lib()
         ids, cvecs = [], []
         try:
             for st in steerings:
@@ -327,19 +437,13 @@ class HookedLlama(llama_cpp.Llama):
                     self._cvec.setdefault(st.layer, []).append(v)
                     cvecs.append((st.layer, v))
                     continue
-                items = st.items()
-                i = lib.add(self._hook, st.layer, st.sae.handle, 0, 0, _ptr(items), len(items), _POS_CODE[st.positions])
-                if i < 0:
-                    raise ValueError(f"saehook: cannot hook layer {st.layer}")
-                ids.append(i)
-                self._entries.append(i)
+                ids.append(self._add(st.layer, st.sae, items=st.items(), positions=st.positions))
             if cvecs:
                 self._apply_cvec()
             yield
         finally:
             for i in ids:
-                lib.remove(self._hook, i)
-                self._entries.remove(i)
+                self._remove(i)
             if cvecs:
                 for layer, v in cvecs:
                     lst = self._cvec[layer]
@@ -347,7 +451,7 @@ class HookedLlama(llama_cpp.Llama):
                 self._apply_cvec()
 
     def close(self) -> None:
-        super().close()
+        super().close()  # frees the context first: the hook must outlive it
         if getattr(self, "_hook", None):
             _lib().destroy(self._hook)
             self._hook = None
