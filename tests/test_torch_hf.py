@@ -95,6 +95,22 @@ def test_steering_changes_logits_as_the_formula_says(tiny_qwen3):
         torch.testing.assert_close(model(ids).logits, clean.logits)
 
 
+def test_capture_reads_the_residual_before_steering_in_either_order(tiny_qwen3):
+    model = tiny_qwen3
+    sae = _sae_for(model)
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        clean = model(ids, output_hidden_states=True).hidden_states[LAYER + 1].reshape(-1, sae.d_model)
+    st = saehook.Steering(sae, layer=LAYER).add(3, 40.0)
+    with torch.no_grad():
+        with shf.steer(model, st), shf.capture(model, {LAYER: sae}, residuals=True) as inner:
+            model(ids)
+        with shf.capture(model, {LAYER: sae}, residuals=True) as outer, shf.steer(model, st):
+            model(ids)
+    for rec in (inner, outer):
+        np.testing.assert_allclose(rec[LAYER].residuals, clean.numpy(), rtol=1e-6, atol=1e-6)
+
+
 def test_steer_positions_in_generate(tiny_qwen3):
     model = tiny_qwen3
     sae = _sae_for(model)

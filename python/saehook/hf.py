@@ -92,7 +92,10 @@ class Recorder(dict):
 def capture(model, saes: Mapping[int, SAE], *, k: Optional[int] = None,
             residuals: bool = False) -> Iterator[Recorder]:
     """Records the Top-K features of the residual stream after each given layer for every
-    forward call inside the block. Rows are flattened (batch, seq) -> tokens, batch-major."""
+    forward call inside the block. Rows are flattened (batch, seq) -> tokens, batch-major.
+    At a steered layer the record holds the residual before the steering (as in saehook.llama).
+    A model on a GPU is encoded there by saehook's CUDA kernels (saehook.cuda) when this build
+    has them, else on a CPU copy of the residual."""
     rec = Recorder()
     handles = []
     try:
@@ -104,20 +107,33 @@ def capture(model, saes: Mapping[int, SAE], *, k: Optional[int] = None,
             def hook(module, inputs, output, _sae=sae, _rec=rec[layer]):
                 hidden, _ = _split_output(output)
                 x = hidden.detach()
-                if x.device.type != "cpu":
-                    x = x.cpu()
-                vals, idx = _sae.encode(x, k)
-                _rec.values_per_call.append(vals.reshape(-1, vals.shape[-1]).numpy())
-                _rec.indices_per_call.append(idx.reshape(-1, idx.shape[-1]).numpy())
+                runner, x = _runner(_sae, x)
+                vals, idx = runner.encode(x, k)
+                _rec.values_per_call.append(vals.reshape(-1, vals.shape[-1]).cpu().numpy())
+                _rec.indices_per_call.append(idx.reshape(-1, idx.shape[-1]).cpu().numpy())
                 _rec.shapes.append(tuple(hidden.shape[:-1]))
                 if residuals:
-                    _rec.residuals_per_call.append(x.float().reshape(-1, x.shape[-1]).numpy().copy())
+                    _rec.residuals_per_call.append(x.float().reshape(-1, x.shape[-1]).cpu().numpy().copy())
 
-            handles.append(block.register_forward_hook(hook))
+            # prepend: the capture sees the block's own output, before any steering hook.
+            handles.append(block.register_forward_hook(hook, prepend=True))
         yield rec
     finally:
         for h in handles:
             h.remove()
+
+
+def _runner(sae: SAE, x):
+    """(what runs the SAE, x where it runs): on a CUDA tensor the SAE's device copy
+    (saehook.cuda.cached) when this build has CUDA kernels, else the SAE on a CPU copy of x."""
+    if x.device.type == "cpu":
+        return sae, x
+    if x.device.type == "cuda":
+        from . import cuda
+
+        if cuda.is_available():
+            return cuda.cached(sae, x.device), x
+    return sae, x.cpu()
 
 
 def _steered(hidden, steering: Steering, mask: Optional[np.ndarray]):
@@ -125,14 +141,17 @@ def _steered(hidden, steering: Steering, mask: Optional[np.ndarray]):
     With autograd on, the change is added as a constant (gradients pass straight through)."""
     import torch
 
-    in_place = (hidden.dtype == torch.float32 and hidden.device.type == "cpu" and hidden.is_contiguous()
+    detached = hidden.detach()
+    runner, x = _runner(steering.sae, detached)
+    apply = steering.apply if runner is steering.sae else (lambda h, mask: runner.steer(steering, h, mask=mask))
+    in_place = (x is detached and hidden.dtype == torch.float32 and hidden.is_contiguous()
                 and not (torch.is_grad_enabled() and hidden.requires_grad))
     if in_place:
-        steering.apply(hidden, mask=mask)
+        apply(hidden, mask=mask)
         return hidden
-    work = hidden.detach().to("cpu", torch.float32).contiguous().clone()
+    work = x.to(torch.float32).contiguous().clone()
     before = work.clone()
-    steering.apply(work, mask=mask)
+    apply(work, mask=mask)
     delta = (work - before).to(hidden.device, hidden.dtype)
     return hidden + delta
 
@@ -179,7 +198,8 @@ def splice(model, saes: Mapping[int, SAE]) -> Iterator[None]:
 
             def hook(module, inputs, output, _sae=sae):
                 hidden, rebuild = _split_output(output)
-                rec = _sae.reconstruct(hidden.detach().to("cpu", torch.float32).contiguous())
+                runner, x = _runner(_sae, hidden.detach())
+                rec = runner.reconstruct(x.to(torch.float32).contiguous())
                 return rebuild(rec.to(hidden.device, hidden.dtype))
 
             handles.append(block.register_forward_hook(hook))

@@ -7,7 +7,9 @@ models traced by torch.compile.
     ops.steer_(steering, h)                 # torch.ops.saehook.steer_ (in place)
 
 The ops take the SAE by its handle (an int), which torch.compile treats as a constant; the
-SAE object must stay alive while a compiled graph that uses it runs. `encode` is
+SAE object must stay alive while a compiled graph that uses it runs. CUDA tensors run on
+saehook's CUDA kernels (saehook.cuda) on torch's current stream, with the SAE's weights copied to
+that device on first use. `encode` is
 differentiable with respect to x: the gradient of each kept value is its encoder row
 (d value_j / dx = W_enc[idx_j]), the Top-K selection itself being piecewise constant.
 """
@@ -23,16 +25,20 @@ from ._arrays import rows
 from .sae import SAE, live_sae as _lookup
 from .steering import OPS, Steering
 
-def _cpu_only(t: torch.Tensor, what: str) -> None:
-    if t.device.type != "cpu":
-        raise ValueError(f"{what} is on {t.device}; CUDA tensors need saehook's CUDA build (saehook.cuda)")
+def _runner(sae: SAE, t: torch.Tensor):
+    """The SAE itself for CPU tensors; its device copy for CUDA tensors (saehook.cuda.cached:
+    copied once per device, kept while the SAE lives)."""
+    if t.device.type == "cpu":
+        return sae
+    from . import cuda
+
+    return cuda.for_tensor(sae, t)
 
 
 @torch.library.custom_op("saehook::encode", mutates_args=())
 def _encode(x: torch.Tensor, handle: int, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     sae = _lookup(handle)
-    _cpu_only(x, "x")
-    return sae.encode(x, k)
+    return _runner(sae, x).encode(x, k)
 
 
 @_encode.register_fake
@@ -59,8 +65,7 @@ torch.library.register_autograd("saehook::encode", _encode_backward, setup_conte
 
 @torch.library.custom_op("saehook::decode", mutates_args=())
 def _decode(values: torch.Tensor, indices: torch.Tensor, handle: int) -> torch.Tensor:
-    _cpu_only(values, "values")
-    return _lookup(handle).decode(values, indices)
+    return _runner(_lookup(handle), values).decode(values, indices)
 
 
 @_decode.register_fake
@@ -72,7 +77,6 @@ def _(values, indices, handle):
 def _steer(h: torch.Tensor, handle: int, features: torch.Tensor, ops: torch.Tensor,
            values: torch.Tensor, normalize: torch.Tensor) -> None:
     sae = _lookup(handle)
-    _cpu_only(h, "h")
     from .steering import ITEM_DTYPE
 
     items = np.zeros(features.numel(), dtype=ITEM_DTYPE)
@@ -80,6 +84,9 @@ def _steer(h: torch.Tensor, handle: int, features: torch.Tensor, ops: torch.Tens
     items["op"] = ops.cpu().numpy()
     items["value"] = values.cpu().numpy()
     items["normalize"] = normalize.cpu().numpy()
+    if h.device.type != "cpu":
+        _runner(sae, h).steer(items, h)
+        return
     r = rows(h, sae.d_model, writable=True, name="h")
     if r.n and len(items):
         _core.steer(sae._handle, r.ptr, r.n, r.ld, items.ctypes.data, len(items), 0, 0, 0, 0, 0, 0)
