@@ -125,6 +125,16 @@ def test_decode_errors():
         sae.decode(np.ones((1, 2), np.float32), np.array([[0, 1, 2]]))
 
 
+def test_reconstruct_in_place_nan_leaves_rows_untouched():
+    sae = make_sae(16, 64, 4)
+    x = np.random.default_rng(1).standard_normal((300, 16)).astype(np.float32)
+    x[299, 5] = np.nan  # in the second 256-row chunk
+    h = x.copy()
+    with pytest.raises(ValueError, match="row 299, column 5"):
+        sae.reconstruct(h, inplace=True)
+    np.testing.assert_array_equal(h, x)
+
+
 def test_reconstruct_is_decode_of_encode(isa):
     sae = make_sae(40, 300, 12, dec_layout="cols")
     x = np.random.default_rng(0).standard_normal((9, 40)).astype(np.float32)

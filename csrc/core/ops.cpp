@@ -202,6 +202,9 @@ void decode(const Sae &s, const float *values, const int32_t *indices, int64_t n
 
 void reconstruct(const Sae &s, float *h, int64_t n, int64_t ldh, int threads) {
   const int32_t k = s.d.k;
+  // Check every row first: chunks are rewritten in place, so a NaN found in a later chunk must
+  // not leave earlier ones reconstructed (and its row number is the caller's, not the chunk's).
+  check_finite(h, n, s.d.d_model, ldh, "input");
   const int64_t chunk = std::min<int64_t>(n, 256);
   std::vector<float> vals(size_t(chunk * k));
   std::vector<int32_t> idx(size_t(chunk * k));
