@@ -154,6 +154,7 @@ def main() -> int:
                            speedup_vs_torch_f32=(t_f32 / t) if t_f32 else None, GBps=(wb + dec_bytes) / t / 1e9,
                            fraction_of_bandwidth=(wb + dec_bytes) / bound / t)
                 if torch is not None:
+                    vals, idx = base.encode(x, k)  # the f32 codes (the loop above left the last dtype's)
                     vt, it = torch.from_numpy(vals), torch.from_numpy(idx).long()
                     dense = torch.zeros(n, m)
                     t_dense = median_time(lambda: dense.zero_().scatter_(1, it, vt) @ Wt, args.reps)

@@ -20,6 +20,9 @@ typedef uint32_t vu32 __attribute__((vector_size(VB)));
 typedef uint16_t vu16 __attribute__((vector_size(VB / 2)));
 typedef int8_t vi8 __attribute__((vector_size(VB / 4)));
 
+// Every lane = a. (Filling the lanes in a loop made GCC emit one masked broadcast per lane.)
+static inline vf splat(float a) { return vf{} + a; }
+
 template <saehook_dtype DT>
 struct Load;
 
@@ -205,32 +208,54 @@ static void dot_block_f32(const void *operand, int64_t R, const void *W, saehook
   }
 }
 
-// Chunked walk: the output is walked in register-sized chunks (no load/store of the output per
-// feature) and the next feature's piece is prefetched, so the k rows are read as k streams.
+// Chunked walk: the output is walked in chunks held in registers (no load/store of the output
+// per feature), and the same piece of the feature kGatherAhead places later is prefetched, so
+// the k rows are read as k concurrent streams. Measured on Zen 5 (4096 x 65536 f32, k = 100,
+// 64 tokens, one thread): 30-vector chunks with look-ahead 8 reach 2.7 ms, 16-vector chunks
+// with look-ahead 2 3.2 ms, torch's EmbeddingBag (fbgemm) 3.1 ms.
+constexpr int kGatherAhead = 8;
+constexpr int kGatherChunk = VB == 64 ? 30 : 12;  // vectors: all registers but a few
+
+// out[i0, i0 + CH * VL) += sum_j vals[j] * W[idx[j]][same range], the chunk in CH registers.
+template <saehook_dtype DT, int CH>
+static inline void gather_chunk(const float *vals, const int32_t *idx, int32_t k, const uint8_t *W,
+                                size_t row_bytes, int64_t i0, float *out) {
+  using L = Load<DT>;
+  constexpr size_t piece = size_t(CH) * VL * L::size;  // bytes of one row in this chunk
+  vf acc[CH];
+#pragma GCC unroll 32
+  for (int c = 0; c < CH; ++c) std::memcpy(&acc[c], out + i0 + c * VL, VB);
+  for (int32_t j = 0; j < k; ++j) {
+    if (idx[j] < 0) continue;
+    const uint8_t *row = W + idx[j] * row_bytes + i0 * L::size;
+    if (j + kGatherAhead < k && idx[j + kGatherAhead] >= 0) {
+      const uint8_t *next = W + idx[j + kGatherAhead] * row_bytes + i0 * L::size;
+#pragma GCC unroll 32
+      for (size_t line = 0; line < piece; line += 64) __builtin_prefetch(next + line);
+    }
+    const vf a = splat(vals[j]);
+#pragma GCC unroll 32
+    for (int c = 0; c < CH; ++c) acc[c] += a * L::vec(row + c * VL * L::size);
+  }
+#pragma GCC unroll 32
+  for (int c = 0; c < CH; ++c) std::memcpy(out + i0 + c * VL, &acc[c], VB);
+}
+
 template <saehook_dtype DT>
 static void gather_sum_chunked(const float *vals, const int32_t *idx, int32_t k, const void *Wv,
                                int64_t d, float *out) {
   using L = Load<DT>;
-  constexpr int CH = VB == 64 ? 16 : 8;  // vectors per chunk: as many accumulators as registers allow
   const uint8_t *W = static_cast<const uint8_t *>(Wv);
   const size_t row_bytes = size_t(d) * L::size;
+  constexpr int CH = kGatherChunk;
   int64_t i0 = 0;
-  for (; i0 + CH * VL <= d; i0 += CH * VL) {
-    vf acc[CH];
-    for (int c = 0; c < CH; ++c) std::memcpy(&acc[c], out + i0 + c * VL, VB);
-    for (int32_t j = 0; j < k; ++j) {
-      if (idx[j] < 0) continue;
-      const uint8_t *row = W + idx[j] * row_bytes + i0 * L::size;
-      if (j + 2 < k && idx[j + 2] >= 0) {
-        const uint8_t *next = W + idx[j + 2] * row_bytes + i0 * L::size;
-        for (size_t line = 0; line < CH * VL * L::size; line += 64) __builtin_prefetch(next + line);
-      }
-      vf a;
-      for (int l = 0; l < VL; ++l) a[l] = vals[j];
-      for (int c = 0; c < CH; ++c) acc[c] += a * L::vec(row + c * VL * L::size);
-    }
-    for (int c = 0; c < CH; ++c) std::memcpy(out + i0 + c * VL, &acc[c], VB);
-  }
+  for (; i0 + CH * VL <= d; i0 += CH * VL) gather_chunk<DT, CH>(vals, idx, k, W, row_bytes, i0, out);
+  // The rest in halving chunks (4096 = 8 x 480 + 256 on AVX-512), then scalars.
+  if (i0 + 16 * VL <= d) { gather_chunk<DT, 16>(vals, idx, k, W, row_bytes, i0, out); i0 += 16 * VL; }
+  if (i0 + 8 * VL <= d) { gather_chunk<DT, 8>(vals, idx, k, W, row_bytes, i0, out); i0 += 8 * VL; }
+  if (i0 + 4 * VL <= d) { gather_chunk<DT, 4>(vals, idx, k, W, row_bytes, i0, out); i0 += 4 * VL; }
+  if (i0 + 2 * VL <= d) { gather_chunk<DT, 2>(vals, idx, k, W, row_bytes, i0, out); i0 += 2 * VL; }
+  if (i0 + VL <= d) { gather_chunk<DT, 1>(vals, idx, k, W, row_bytes, i0, out); i0 += VL; }
   for (; i0 < d; ++i0) {
     float s = out[i0];
     for (int32_t j = 0; j < k; ++j)
@@ -254,8 +279,7 @@ static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, co
     if (idx[j] < 0) continue;
     const uint8_t *row = W + idx[j] * row_bytes;
     const uint8_t *ahead = (j + kAhead < k && idx[j + kAhead] >= 0) ? W + idx[j + kAhead] * row_bytes : nullptr;
-    vf a;
-    for (int l = 0; l < VL; ++l) a[l] = vals[j];
+    const vf a = splat(vals[j]);
     int64_t i = 0;
     for (; i + VL <= d; i += VL) {
       if (ahead && (i * L::size) % 64 == 0) __builtin_prefetch(ahead + i * L::size);
@@ -292,8 +316,7 @@ template <saehook_dtype DT>
 static void axpy_t(float a, const void *wv, int64_t d, float *y) {
   using L = Load<DT>;
   const uint8_t *w = static_cast<const uint8_t *>(wv);
-  vf av;
-  for (int i = 0; i < VL; ++i) av[i] = a;
+  const vf av = splat(a);
   int64_t i = 0;
   for (; i + VL <= d; i += VL) {
     vf yv;
