@@ -78,7 +78,7 @@ def main() -> int:
     p.add_argument("--sae-dtype", default="f32", choices=["f32", "bf16", "int8"])
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--gen-tokens", type=int, default=32)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5, help="rounds over all scenarios (medians are reported)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "saehook-bench"))
     p.add_argument("--json", default="bench_llama.json")
@@ -108,11 +108,22 @@ def main() -> int:
     prompt = [int(t) for t in rng.integers(0, 256, args.prompt_tokens)]
     four = [max(1, min(n_layer - 1, layer + d)) for d in (-2, -1, 0, 1)]
 
-    def run(llm, ctx_factory):
+    def once(llm, ctx_factory):
+        """Seconds of one prompt evaluation and of the generation steps (without their prefix)."""
+        def timed(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+
         def pp():
             llm.reset()
             with ctx_factory():
                 llm.eval(prompt)
+
+        def prefix():
+            llm.reset()
+            with ctx_factory():
+                llm.eval(prompt[:16])
 
         def gen():
             llm.reset()
@@ -121,9 +132,7 @@ def main() -> int:
                 for i in range(args.gen_tokens):
                     llm.eval([prompt[16 + i % 200]])
 
-        t_pp = median_time(pp, args.reps)
-        t_gen = median_time(gen, args.reps) - median_time(lambda: (llm.reset(), llm.eval(prompt[:16])), args.reps)
-        return args.prompt_tokens / t_pp, args.gen_tokens / t_gen
+        return timed(pp), timed(gen) - timed(prefix)
 
     from contextlib import nullcontext
 
@@ -141,10 +150,20 @@ def main() -> int:
     ]
     print(f"model {os.path.basename(path)}: n_embd {n_embd}, {n_layer} layers; SAE {sae.d_model}x{sae.d_sae} k={sae.k} "
           f"{sae.enc_dtype}; threads {args.threads}; read bandwidth {bw['bound']:.1f} GB/s")
+    # Rounds: every scenario once per round, medians over rounds, so that this VM's drifting
+    # memory bandwidth affects all scenarios alike (one warm-up round first, not counted).
+    times = {name: [] for name, *_ in scenarios}
+    for rnd in range(args.reps + 1):
+        for name, llm, factory, _ in scenarios:
+            t = once(llm, factory)
+            if rnd:
+                times[name].append(t)
     rows = []
     base_pp = base_gen = None
     for name, llm, factory, n_hooked in scenarios:
-        tps_pp, tps_gen = run(llm, factory)
+        t_pp = float(np.median([t[0] for t in times[name]]))
+        t_gen = float(np.median([t[1] for t in times[name]]))
+        tps_pp, tps_gen = args.prompt_tokens / t_pp, args.gen_tokens / t_gen
         if base_pp is None:
             base_pp, base_gen = tps_pp, tps_gen
         bound_ms = n_hooked * sae.encoder_bytes / (bw["bound"] * 1e9) * 1e3
