@@ -6,9 +6,23 @@ import time
 import numpy as np
 
 
+# Worker threads of the previous measurement's library keep spinning for a while after its last
+# call (OpenBLAS about 0.1 s, OpenMP's default spin), and on a machine with few cores they steal
+# the CPU from whatever is measured next: numpy right before saehook's f32 encode made it read
+# 69% of the bandwidth instead of 89%. Each measurement therefore starts after a short idle,
+# then warms up for at least WARM_S (after the idle, the first calls of a millisecond kernel run
+# on sleeping cores: int8 encode at 2048 x 32768 read 65% instead of 100% of the bandwidth).
+SETTLE_S = 0.2
+WARM_S = 0.15
+
+
 def median_time(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
+    time.sleep(SETTLE_S)
+    t_end = time.perf_counter() + WARM_S
+    done = 0
+    while done < warmup or time.perf_counter() < t_end:
         fn()
+        done += 1
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
