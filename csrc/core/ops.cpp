@@ -45,7 +45,10 @@ inline float load_scalar(const uint8_t *p, saehook_dtype dt) {
 // a single row streams the weights once, where smaller tasks balance the threads better.
 int64_t feature_block(const saehook_sae_desc &d, int64_t rows) {
   int64_t row_bytes = d.d_model * int64_t(dtype_size(d.enc_dtype));
-  int64_t target = rows > 1 ? (512 << 10) : (128 << 10);
+  // Batch 1 streams the weights once: long sequential blocks keep the hardware prefetcher
+  // running (2 MiB blocks vs 128 KiB, alternating in one process at 4096 x 65536: f32 0.82 ->
+  // 0.91, bf16 0.95 -> 0.99, int8 0.93 -> 0.98 of the measured read bandwidth).
+  int64_t target = rows > 1 ? (512 << 10) : (2 << 20);
   int64_t fb = std::clamp<int64_t>(target / std::max<int64_t>(row_bytes, 1), 8, 512);
   return std::min<int64_t>(fb & ~int64_t(7), d.d_sae);
 }

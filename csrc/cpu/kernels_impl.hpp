@@ -150,11 +150,46 @@ static inline void tile(const float *x, int64_t ldx, const uint8_t *W, size_t ro
     for (int f = 0; f < F; ++f) out[r * ldo + f] = scales ? res[r][f] * scales[f] : res[r][f];
 }
 
+// One input row against features [0, nf) one feature row after the other. The block's feature
+// rows are adjacent, so the weights are read as one sequential stream, prefetched kRowAhead bytes
+// ahead (across row ends too); four accumulators break the FMA dependency chain.
+constexpr size_t kRowAhead = 2048;
+template <saehook_dtype DT>
+static void row_dot(const float *x, const uint8_t *W, int64_t d, int64_t nf, float *out, const float *scales) {
+  using L = Load<DT>;
+  const size_t row_bytes = size_t(d) * L::size;
+  for (int64_t f = 0; f < nf; ++f) {
+    const uint8_t *w = W + f * row_bytes;
+    vf acc[4] = {vf{}, vf{}, vf{}, vf{}};
+    int64_t i = 0;
+    for (; i + 4 * VL <= d; i += 4 * VL) {
+      const uint8_t *p = w + i * L::size;
+      for (size_t line = 0; line < 4 * VL * L::size; line += 64) __builtin_prefetch(p + kRowAhead + line);
+      for (int q = 0; q < 4; ++q) {
+        vf xv;
+        std::memcpy(&xv, x + i + q * VL, VB);
+        acc[q] += xv * L::vec(p + q * VL * L::size);
+      }
+    }
+    for (; i + VL <= d; i += VL) {
+      vf xv;
+      std::memcpy(&xv, x + i, VB);
+      acc[0] += xv * L::vec(w + i * L::size);
+    }
+    float s = hsum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+    for (; i < d; ++i) s += x[i] * L::one(w + i * L::size);
+    out[f] = scales ? s * scales[f] : s;
+  }
+}
+
 template <saehook_dtype DT, int R>
 static void tile_row_group(const float *x, int64_t ldx, const uint8_t *W, int64_t d, int64_t f0,
                            int64_t nf, float *out, int64_t ldo, const float *scales) {
+  // Batch 1: one sequential stream (measured 2-11% closer to the bandwidth bound than 16
+  // interleaved feature rows, alternating in one process).
+  if constexpr (R == 1) return row_dot<DT>(x, W + f0 * Load<DT>::size * d, d, nf, out, scales ? scales + f0 : nullptr);
   const size_t row_bytes = size_t(d) * Load<DT>::size;
-  constexpr int F = R == 1 ? (VB == 64 ? 16 : 8) : 4;  // batch 1 is bandwidth-bound: more rows in flight
+  constexpr int F = 4;
   int64_t j = 0;
   for (; j + F <= nf; j += F)
     tile<DT, R, F>(x, ldx, W + (f0 + j) * row_bytes, row_bytes, d, out + j, ldo,
