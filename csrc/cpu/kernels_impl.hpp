@@ -151,9 +151,9 @@ static inline void tile(const float *x, int64_t ldx, const uint8_t *W, size_t ro
 }
 
 // One input row against features [0, nf) one feature row after the other. The block's feature
-// rows are adjacent, so the weights are read as one sequential stream, prefetched kRowAhead bytes
-// ahead (across row ends too); four accumulators break the FMA dependency chain.
-constexpr size_t kRowAhead = 2048;
+// rows are adjacent, so the weights are read as one sequential stream, which the hardware
+// prefetcher follows best (software prefetch 2 KiB ahead measured 2-5% slower); four
+// accumulators break the FMA dependency chain.
 template <saehook_dtype DT>
 static void row_dot(const float *x, const uint8_t *W, int64_t d, int64_t nf, float *out, const float *scales) {
   using L = Load<DT>;
@@ -164,7 +164,6 @@ static void row_dot(const float *x, const uint8_t *W, int64_t d, int64_t nf, flo
     int64_t i = 0;
     for (; i + 4 * VL <= d; i += 4 * VL) {
       const uint8_t *p = w + i * L::size;
-      for (size_t line = 0; line < 4 * VL * L::size; line += 64) __builtin_prefetch(p + kRowAhead + line);
       for (int q = 0; q < 4; ++q) {
         vf xv;
         std::memcpy(&xv, x + i + q * VL, VB);
