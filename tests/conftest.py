@@ -1,6 +1,12 @@
 """Shared fixtures: tiny random models and SAEs built in-process (no downloads)."""
 from __future__ import annotations
 
+# saehook.llama sets this before llama.cpp loads libgomp; torch (imported by test modules first)
+# would load it earlier, so the suite sets it up front.
+import os
+
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
 import numpy as np
 import pytest
 

@@ -559,3 +559,13 @@ def test_c_example_program(models, sae, tmp_path):
     steered = run("--clamp", "5", "40")
     assert steered[:6] == rows[:6] and steered != rows
 
+
+
+@pytest.mark.parametrize("torch_first", [True, False])
+def test_warns_when_gomp_spincount_comes_too_late(torch_first):
+    # torch's own libgomp serves llama.cpp too; once loaded, GOMP_SPINCOUNT no longer applies.
+    order = "import torch; import saehook.llama" if torch_first else "import saehook.llama; import torch"
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    out = subprocess.run([sys.executable, "-W", "always", "-c", order], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert ("libgomp is already loaded" in out.stderr) == torch_first, out.stderr
