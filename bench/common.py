@@ -32,9 +32,14 @@ def median_time(fn, reps: int, warmup: int = 1) -> float:
 
 
 def read_bandwidth(threads: int) -> dict:
-    """GB/s of a large-array reduction: numpy (one thread) and torch (all threads)."""
+    """GB/s of a large-array reduction: numpy (one thread), torch (all threads) and saehook's
+    read probe (the kernels' thread pool and 2 MiB blocks; torch.sum alone read 20-25% below
+    what a gemv reached on this class of VM). The bound is the fastest of them."""
+    from saehook import _core
+
     a = np.ones(1 << 28, dtype=np.float32)  # 1 GiB, far beyond any cache
     out = {"numpy_sum_1thread": a.nbytes / median_time(a.sum, 5) / 1e9}
+    out["saehook_probe"] = a.nbytes / median_time(lambda: _core.read_probe(a.ctypes.data, a.nbytes, threads), 5) / 1e9
     try:
         import torch
 

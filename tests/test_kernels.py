@@ -306,3 +306,12 @@ def test_large_dictionary_batch_one():
     x = np.random.default_rng(9).standard_normal((1, 16)).astype(np.float32)
     vals, idx = sae.encode(x)
     ref.assert_topk_matches(vals, idx, ref.activate(sae, ref.preacts(sae, x)), 100, TOL)
+
+
+@pytest.mark.parametrize("n", [0, 5, 1000, (2 << 20) // 4 * 3 + 7])  # empty, tail only, one block, several
+def test_read_probe_sums_what_it_reads(n):
+    from saehook import _core
+
+    a = (np.arange(n, dtype=np.float32) % 13) - 6
+    got = _core.read_probe(a.ctypes.data, a.nbytes, 2)
+    assert got == pytest.approx(float(a.sum(dtype=np.float64)), abs=1e-3 * max(1, n) ** 0.5)

@@ -389,4 +389,34 @@ saehook_status saehook_convert(const void *src, saehook_dtype src_dtype, void *d
   });
 }
 
+float saehook_read_probe(const void *p, size_t bytes, const saehook_exec *exec) {
+  // Baseline vectors (16 bytes) and four independent accumulators: at two loads per cycle this
+  // reads far faster than memory delivers, so the result measures memory, not this loop.
+  typedef float v4 __attribute__((vector_size(16)));
+  constexpr size_t kBlock = size_t(2) << 20;
+  const float *f = static_cast<const float *>(p);
+  const size_t n = p ? bytes / 4 : 0, per_block = kBlock / 4;
+  const int64_t n_blocks = int64_t((n + per_block - 1) / per_block);
+  const int T = std::max(1, resolve_threads(exec));
+  std::vector<float> part(size_t(T), 0.f);
+  parallel_for(n_blocks, T, [&](int64_t b, int w) {
+    const size_t i0 = size_t(b) * per_block, i1 = std::min(n, i0 + per_block);
+    v4 a[4] = {};
+    size_t i = i0;
+    for (; i + 16 <= i1; i += 16)
+      for (int q = 0; q < 4; ++q) {
+        v4 x;
+        std::memcpy(&x, f + i + 4 * q, 16);
+        a[q] += x;
+      }
+    float s = 0.f;
+    for (; i < i1; ++i) s += f[i];
+    const v4 t = (a[0] + a[1]) + (a[2] + a[3]);
+    part[size_t(w)] += s + t[0] + t[1] + t[2] + t[3];
+  });
+  float total = 0.f;
+  for (float v : part) total += v;
+  return total;
+}
+
 }  // extern "C"

@@ -170,6 +170,11 @@ SAEHOOK_API saehook_status saehook_convert(const void *src, saehook_dtype src_dt
                                            saehook_dtype dst_dtype, int64_t n,
                                            const saehook_exec *exec);
 
+/* Benchmark utility: reads `bytes` bytes at p (4-byte aligned) with the kernels' thread pool,
+ * in the 2 MiB blocks the batch-1 encode streams, and returns the float sum of the data (so the
+ * read cannot be optimised away): the read bandwidth the kernels can reach. */
+SAEHOOK_API float saehook_read_probe(const void *p, size_t bytes, const saehook_exec *exec);
+
 #ifdef __cplusplus
 }
 #endif

@@ -175,6 +175,12 @@ PYBIND11_MODULE(_core, m) {
   });
 
   m.def("cuda_available", [] { return saehook_cuda_available() != 0; });
+  m.def("read_probe", [](uintptr_t p, size_t bytes, int threads) {
+    saehook_exec e{};
+    e.n_threads = threads;
+    py::gil_scoped_release release;
+    return saehook_read_probe(reinterpret_cast<const void *>(p), bytes, &e);
+  }, py::arg("ptr"), py::arg("bytes"), py::arg("threads") = 0);
   m.def("set_num_threads", &saehook_set_num_threads);
   m.def("get_num_threads", &saehook_get_num_threads);
   m.def("set_isa", [](const std::string &name) { check(saehook_set_isa(name.c_str())); });
