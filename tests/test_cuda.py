@@ -188,6 +188,76 @@ def test_preacts(gemm, enc):
         np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
 
 
+@pytest.mark.parametrize("enc", ["f32", "bf16", "int8"])
+def test_preacts_in_tiles_and_chunks(gemm, enc):
+    # 2100 rows x 9000 features: two row chunks (2048 rows), three feature tiles (4096) per chunk,
+    # every tile through the P scratch and the epilogue into its place in the output.
+    sae = host_sae(16, 9000, 8, enc)
+    gpu = sc.to_device(sae, DEV)
+    x = np.random.default_rng(21).standard_normal((2100, 16)).astype(np.float32)
+    got = gpu.preacts(cuda_x(x)).cpu().numpy()
+    W_enc, _ = ref.sae_dense(sae)
+    want = gpu_operand(sae, x) @ W_enc.T + sae.arrays()["b_enc"]
+    np.testing.assert_allclose(got, want, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("enc", ["f32", "bf16", "int8"])
+def test_preacts_failed_call_leaves_the_output_untouched(gemm, enc):
+    # The GEMM writes a scratch tile, never the output: cuBLAS cannot skip its work once the
+    # input check found a NaN (it used to write the product of an unprepared operand there).
+    sae = host_sae(37, 301, 7, enc)
+    gpu = sc.to_device(sae, DEV)
+    for n in (3, 30):  # saehook's skinny GEMM; cuBLAS ('auto') or the tiled kernel ('own')
+        x = np.random.default_rng(n).standard_normal((n, 37)).astype(np.float32)
+        x[n - 1, 5] = np.nan
+        xt = cuda_x(x)
+        out = torch.full((n, 301), 7.0, device=DEV)
+        with pytest.raises(ValueError, match=f"input contains NaN at row {n - 1}, column 5"):
+            _core.preacts(gpu._handle, xt.data_ptr(), n, 37, out.data_ptr(), 0,
+                          torch.cuda.current_stream(DEV).cuda_stream)
+        assert bool((out == 7.0).all())
+
+
+def test_final_select_beyond_48k_of_shared_memory_from_several_threads():
+    # d_sae = 4096 is one selection segment, so a row's pool is k keys, staged in shared memory
+    # next to the sort buffer: k = 1000 needs 16 KiB, k = 3000 56 KiB and k = 4096 64 KiB (over
+    # the default 48 KiB: the kernel's limit is raised). The limit is one per kernel for the
+    # whole process; calls from several threads (the GIL is released) must not lower it under
+    # one another's launches (each used to set it to its own size).
+    import threading
+
+    sae = make_sae(32, 4096, 8)
+    gpu = sc.to_device(sae, DEV)
+    x = np.random.default_rng(12).standard_normal((6, 32)).astype(np.float32)  # skinny GEMM: deterministic
+    want = {}
+    for k in (1000, 3000, 4096):
+        vals, idx = gpu.encode(cuda_x(x), k=k)
+        ref.assert_topk_matches(vals.cpu().numpy(), idx.cpu().numpy(), ref_act(sae, x), k, TOL)
+        want[k] = (vals.cpu(), idx.cpu())
+    errors = []
+
+    def work(k):
+        try:
+            s = torch.cuda.Stream(DEV)
+            with torch.cuda.stream(s):
+                xt = cuda_x(x)
+                for _ in range(30):
+                    v, i = gpu.encode(xt, k=k)
+                    s.synchronize()
+                    if not (torch.equal(v.cpu(), want[k][0]) and torch.equal(i.cpu(), want[k][1])):
+                        errors.append(f"k={k}: result differs")
+                        return
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(f"k={k}: {e!r}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (3000, 4096, 1000, 3000, 4096)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
 @pytest.mark.parametrize("layout", ["rows", "cols"])
 @pytest.mark.parametrize("dec", ["f32", "f16", "bf16"])
 def test_decode_matches_cpu(layout, dec):

@@ -195,7 +195,8 @@ __device__ uint64_t block_radix_select(const KeyAt &key_at, int64_t M, uint32_t 
   return T;
 }
 
-// Sorts a[0 .. n) descending (n a power of two) with the whole block; ends with a barrier.
+// Sorts a[0 .. n) descending (n a power of two) with the whole block; ends with a barrier when
+// n >= 2 (n == 1 runs no step: the caller's barrier after writing a[0] is the last one).
 __device__ __forceinline__ void block_bitonic_desc(uint64_t *a, uint32_t n) {
   for (uint32_t size = 2; size <= n; size <<= 1) {
     for (uint32_t stride = size >> 1; stride > 0; stride >>= 1) {

@@ -338,15 +338,19 @@ __global__ void __launch_bounds__(kFinalThreads) final_kernel(kern::FinalArgs a)
   }
 }
 
-// Dense pre-activations in place: raw dot products -> scaled, plus b_enc.
-__global__ void epilogue_kernel(float *out, int64_t ld, int64_t f0, int64_t nf, const float *row_scale,
-                                const float *enc_scales, const float *b_enc, const ErrRec *err) {
+// Dense pre-activations: the tile's raw dot products (scratch P) -> scaled, plus b_enc, into the
+// caller's output. The GEMM never writes the output itself (cuBLAS cannot check the ErrRec), so
+// a call that found a NaN input leaves it untouched.
+__global__ void epilogue_kernel(const float *__restrict__ P, int64_t ldp, float *__restrict__ out, int64_t ld,
+                                int64_t f0, int64_t nf, const float *row_scale, const float *enc_scales,
+                                const float *b_enc, const ErrRec *err) {
   if (has_error(err)) return;
   const int64_t r = blockIdx.y;
   const float rs = row_scale[r];
+  const float *p = P + r * ldp;
   float *o = out + r * ld + f0;
   for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < nf; j += int64_t(gridDim.x) * blockDim.x)
-    o[j] = sel::pre_activation(o[j], rs, enc_scales, b_enc, f0 + j);
+    o[j] = sel::pre_activation(p[j], rs, enc_scales, b_enc, f0 + j);
 }
 
 __global__ void probe() {}
@@ -428,17 +432,20 @@ void segment_select(const SegmentArgs &a, cudaStream_t st) {
 
 void final_select(const FinalArgs &a, cudaStream_t st) {
   if (a.smem > (48u << 10)) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(final_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(a.smem));
-    if (e != cudaSuccess) return;  // the launch below then fails and reports it
+    // The attribute is per function (and device), shared by every thread of the process: always
+    // the same value, the most any plan asks for, so that a call from another thread with a
+    // smaller pool can never lower it between this call's setting and its launch. A failure is
+    // left in cudaGetLastError (and the launch then fails too): Scratch::finish reports it.
+    (void)cudaFuncSetAttribute(final_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kFinalSmemMax));
   }
   final_kernel<<<unsigned(a.rows), kFinalThreads, a.smem, st>>>(a);
 }
 
-void preacts_epilogue(float *out, int64_t rows, int64_t ld, int64_t f0, int64_t nf, const float *row_scale,
-                      const float *enc_scales, const float *b_enc, const ErrRec *err, cudaStream_t st) {
+void preacts_epilogue(const float *P, int64_t ldp, float *out, int64_t rows, int64_t ld, int64_t f0, int64_t nf,
+                      const float *row_scale, const float *enc_scales, const float *b_enc, const ErrRec *err,
+                      cudaStream_t st) {
   const dim3 grid(grid_for(nf, 256, 1024), unsigned(rows));
-  epilogue_kernel<<<grid, 256, 0, st>>>(out, ld, f0, nf, row_scale, enc_scales, b_enc, err);
+  epilogue_kernel<<<grid, 256, 0, st>>>(P, ldp, out, ld, f0, nf, row_scale, enc_scales, b_enc, err);
 }
 
 const void *probe_kernel() { return reinterpret_cast<const void *>(&probe); }

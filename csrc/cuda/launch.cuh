@@ -87,9 +87,10 @@ struct FinalArgs {
 };
 void final_select(const FinalArgs &a, cudaStream_t st);
 
-// out[r * ld + f0 + j] = pre_activation(out[...], row_scale[r], enc_scales, b_enc, f0 + j).
-void preacts_epilogue(float *out, int64_t rows, int64_t ld, int64_t f0, int64_t nf,
-                      const float *row_scale, const float *enc_scales, const float *b_enc,
+// out[r * ld + f0 + j] = pre_activation(P[r * ldp + j], row_scale[r], enc_scales, b_enc, f0 + j)
+// for r < rows, j < nf (nothing once err holds an error).
+void preacts_epilogue(const float *P, int64_t ldp, float *out, int64_t rows, int64_t ld, int64_t f0,
+                      int64_t nf, const float *row_scale, const float *enc_scales, const float *b_enc,
                       const ErrRec *err, cudaStream_t st);
 
 // err->idx_pos <- first entry e < count with indices[e] outside [-1, m) or a non-finite value.

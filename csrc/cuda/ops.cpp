@@ -65,8 +65,9 @@ struct Encoder {
   EncodePlan p;
   size_t o_rs = 0, o_xop = 0, o_P = 0, o_pool = 0, o_sort = 0, o_deq = 0, o_ws = 0, ws_bytes = 0;
 
-  // Reserves the buffers in L. `dense`: for preacts (the GEMM writes the caller's output;
-  // no P tile, no candidate pools).
+  // Reserves the buffers in L. `dense`: for preacts (the P tile, no candidate pools). The GEMM
+  // always writes the P scratch, never the caller's output: cuBLAS cannot skip its work once a
+  // kernel found a NaN input, and a failed call must leave the output untouched.
   Encoder(const saehook_sae_desc &d, int64_t n, int64_t k, Layout &L, bool dense, cudaStream_t st)
       : D(d), device(d.cuda_device) {
     const bool cublas = n > kSkinnyRows && have_cublas(device, st);
@@ -74,11 +75,10 @@ struct Encoder {
     p = plan_encode(n, D.d_model, D.d_sae, k, dequant);
     engine = choose_gemm(p.R, cublas);
     uses_blas = engine == Gemm::Cublas;
-    if (dense && !dequant) p.T = D.d_sae;  // one GEMM per chunk straight into the output
     o_rs = L.take(size_t(p.R) * 4);
     o_xop = L.take(plan_operand_bytes(p));
+    o_P = L.take(plan_preacts_bytes(p));
     if (!dense) {
-      o_P = L.take(plan_preacts_bytes(p));
       o_pool = L.take(plan_pool_bytes(p));
       if (p.sort_global) o_sort = L.take(plan_sort_bytes(p));
     }
@@ -299,6 +299,7 @@ void preacts(const Sae &s, const float *x, int64_t n, int64_t ldx, float *out, v
   Scratch sc(L.size, st, D.cuda_device);
   kern::check_finite(x, n, D.d_model, ldx, sc.err(), st);
   const int64_t m = D.d_sae;
+  float *P = sc.at<float>(e.o_P);
   for (int64_t r0 = 0; r0 < n; r0 += e.p.R) {
     const int64_t rows = std::min(e.p.R, n - r0);
     saehook_dtype op;
@@ -306,8 +307,8 @@ void preacts(const Sae &s, const float *x, int64_t n, int64_t ldx, float *out, v
     float *o = out + r0 * m;
     for (int64_t f0 = 0; f0 < m; f0 += e.p.T) {
       const int64_t nf = std::min(e.p.T, m - f0);
-      e.gemm(sc, g, op, rows, f0, nf, o + f0, m, st);
-      kern::preacts_epilogue(o, rows, m, f0, nf, sc.at<float>(e.o_rs),
+      e.gemm(sc, g, op, rows, f0, nf, P, e.p.T, st);
+      kern::preacts_epilogue(P, e.p.T, o, rows, m, f0, nf, sc.at<float>(e.o_rs),
                              D.enc_dtype == SAEHOOK_I8 ? D.enc_scales : nullptr, D.b_enc, sc.err(), st);
     }
   }

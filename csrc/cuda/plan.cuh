@@ -28,6 +28,9 @@ enum class Gemm : int {
 constexpr int64_t kSegment = 4096;      // features per selection block (16 KiB of floats)
 constexpr int64_t kSortSmem = 4096;     // final sort in shared memory up to this many keys
 constexpr int64_t kStageMax = 4096;     // final select stages a row's pool in shared memory
+// The most dynamic shared memory the final kernel is ever given (a staged pool plus the sort
+// buffer); final_select sets the kernel's limit to exactly this, whatever the call.
+constexpr int64_t kFinalSmemMax = (kStageMax + kSortSmem) * 8;
 constexpr int64_t kSkinnyRows = 8;      // row chunks up to this use the skinny kernel
 constexpr int64_t kMaxRows = 8192;      // rows per chunk (grid.y of the segment kernel)
 

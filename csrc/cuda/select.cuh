@@ -245,7 +245,7 @@ struct SegmentKeys {
 
 // The host model of the block-wide select the kernels run (serial loops in place of the
 // threads): the threshold T with #{valid keys >= T} == need, for 1 <= need <= #valid keys.
-// The device version (kernels.cuh, block_radix_select) makes the same passes with the
+// The device version (device.cuh, dev::block_radix_select) makes the same passes with the
 // histogram built by all threads and the bin chosen by warp 0's lanes.
 template <class KeyAt>
 inline uint64_t host_radix_select(const KeyAt &key_at, int64_t M, uint32_t need) {

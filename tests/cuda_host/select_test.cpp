@@ -394,6 +394,7 @@ static void test_pipeline() {
 
 static void test_plan() {
   const Budget b;
+  size_t max_final_smem = 0;
   for (int64_t n : {1, 2, 8, 9, 64, 300, 4096, 100000})
     for (int64_t d : {16, 37, 64, 2048, 5120, 100000})
       for (int64_t m : {1, 40, 301, 4096, 4097, 65536, 131072})
@@ -412,7 +413,10 @@ static void test_plan() {
             CHECK(p.sort_n >= k && (p.sort_n & (p.sort_n - 1)) == 0, "sort_n");
             CHECK(p.sort_global == (k > kSortSmem), "sort_global");
             CHECK(!p.stage || p.M <= kStageMax, "stage");
-            CHECK(p.final_smem <= size_t(kStageMax + kSortSmem) * 8, "final smem %zu", p.final_smem);
+            // final_select sets the kernel's dynamic shared memory limit to kFinalSmemMax for every
+            // call that needs more than the default 48 KiB: no plan may ask for more.
+            CHECK(p.final_smem <= size_t(kFinalSmemMax), "final smem %zu", p.final_smem);
+            max_final_smem = std::max(max_final_smem, p.final_smem);
             // Budgets hold unless one row alone exceeds them (R = 1 then).
             CHECK(p.R == 1 || plan_pool_bytes(p) + plan_sort_bytes(p) <= b.pool, "pool budget");
             CHECK(p.R == 1 || plan_operand_bytes(p) <= b.operand, "operand budget");
@@ -423,6 +427,11 @@ static void test_plan() {
             CHECK(p.R <= 65535 && ceil_div(p.T, p.S) <= 2147483647, "grid");
           }
         }
+  // The limit is reached (m = k = 4096: a staged pool of 4096 keys plus a 4096-key sort) and,
+  // with the kernel's ~1 KiB of static shared memory, fits every architecture built (sm_86/89
+  // allow 99 KiB per block).
+  CHECK(max_final_smem == size_t(kFinalSmemMax), "largest final smem %zu", max_final_smem);
+  CHECK(kFinalSmemMax + 2048 <= 99 * 1024, "kFinalSmemMax");
   CHECK(choose_gemm(1, true) == Gemm::Skinny && choose_gemm(8, true) == Gemm::Skinny &&
             choose_gemm(9, true) == Gemm::Cublas && choose_gemm(9, false) == Gemm::Tiled,
         "choose_gemm");
