@@ -35,7 +35,7 @@ def sae_dense(sae):
     return W_enc, W_dec
 
 
-Q_BLOCK = 256  # int8 input quantization block of the avx512_vnni path
+Q_BLOCK = 128  # int8 input quantization block of the avx512_vnni path
 
 
 def kernel_operand(sae, x: np.ndarray, isa: str) -> np.ndarray:

@@ -34,6 +34,7 @@ SHAPES = [
     (64, 256, 1, 1),      # k = 1, batch 1
     (24, 40, 40, 3),      # k = d_sae
     (48, 1000, 16, 300),  # several row chunks and feature blocks
+    (300, 500, 12, 9),    # several int8 input quantization blocks, the last one partial
 ]
 
 
