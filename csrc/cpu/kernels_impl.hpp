@@ -214,8 +214,8 @@ static void dot_block_f32(const void *operand, int64_t R, const void *W, saehook
 // Chunked walk: the output is walked in chunks held in registers (no load/store of the output
 // per feature), and the same piece of the feature kGatherAhead places later is prefetched, so
 // the k rows are read as k concurrent streams. Measured on Zen 5 (4096 x 65536 f32, k = 100,
-// 64 tokens, one thread): 30-vector chunks with look-ahead 8 reach 2.7 ms, 16-vector chunks
-// with look-ahead 2 3.2 ms, torch's EmbeddingBag (fbgemm) 3.1 ms.
+// 64 tokens, one thread): 30-vector chunks with look-ahead 8 take 3.3 ms, the former 16-vector
+// chunks with look-ahead 2 4.4 ms, torch's EmbeddingBag (fbgemm) 3.2 ms.
 constexpr int kGatherAhead = 8;
 constexpr int kGatherChunk = VB == 64 ? 30 : 12;  // vectors: all registers but a few
 
