@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 import saehook
-from common import cpu_flags, median_time, read_bandwidth
+from common import cpu_flags, median_time, paired_times, read_bandwidth
 
 
 def realistic_rows(n: int, d: int, rng) -> np.ndarray:
@@ -171,6 +171,14 @@ def main() -> int:
                            fraction_of_bandwidth=dec_bytes / bound / t_dense)
                     report(**common, op="decode (torch emb_bag)", dtype="f32", seconds=t_bag, GBps=dec_bytes / t_bag / 1e9,
                            fraction_of_bandwidth=dec_bytes / bound / t_bag)
+                    # The head-to-head number: saehook's f32 decode and EmbeddingBag on the same
+                    # codes, timed in alternation.
+                    t_s, t_b, ratio = paired_times(lambda: base.decode(vals, idx), lambda: bag(it, per_sample_weights=vt),
+                                                   args.reps)
+                    print(f"{shape:>12} k={k:<3} n={n:<4} decode f32 paired: saehook {1e3 * t_s:.2f} ms, "
+                          f"emb_bag {1e3 * t_b:.2f} ms, saehook/emb_bag time ratio {ratio:.3f}")
+                    rows.append(dict(**common, op="decode f32 paired (saehook / emb_bag)", saehook_s=t_s, emb_bag_s=t_b,
+                                     time_ratio=ratio))
         del variants, base, W, Wt, Wt_bf16
     with open(args.json, "w") as f:
         json.dump({"header": header, "rows": rows}, f, indent=1)
