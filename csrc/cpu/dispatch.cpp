@@ -22,6 +22,7 @@ extern const Kernels kernels_avx512;
 #endif
 #ifdef SAEHOOK_HAVE_AVX512_VNNI
 extern const Kernels kernels_avx512_vnni;
+extern const Kernels kernels_avx512_vnni_int8;
 #endif
 
 namespace {
@@ -53,14 +54,18 @@ bool cpu_has_avx512() {
   return f && bw && vl;
 }
 
-bool cpu_has_avx512_vnni() {
+bool cpu_has_avx512_vnni_int8() {  // AVX512_VNNI (vpdpbusd)
   if (!cpu_has_avx512()) return false;
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-  const bool vnni = c & (1u << 11);
+  return c & (1u << 11);
+}
+
+bool cpu_has_avx512_vnni() {  // AVX512_VNNI and AVX512_BF16 (vdpbf16ps)
+  if (!cpu_has_avx512_vnni_int8()) return false;
+  unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
-  const bool bf16 = a & (1u << 5);
-  return vnni && bf16;
+  return a & (1u << 5);
 }
 #endif
 
@@ -75,6 +80,7 @@ bool always() { return true; }
 const Entry kEntries[] = {
 #ifdef SAEHOOK_HAVE_AVX512_VNNI
     {&kernels_avx512_vnni, cpu_has_avx512_vnni},
+    {&kernels_avx512_vnni_int8, cpu_has_avx512_vnni_int8},
 #endif
 #ifdef SAEHOOK_HAVE_AVX512
     {&kernels_avx512, cpu_has_avx512},

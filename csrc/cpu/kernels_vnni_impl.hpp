@@ -1,0 +1,447 @@
+// Body of the VNNI paths, included by kernels_avx512_vnni.cpp (AVX-512 + VNNI + BF16) and
+// kernels_avx512_vnni_int8.cpp (AVX-512 + VNNI without BF16: Cascade Lake, Ice Lake, Tiger Lake),
+// which define SAEHOOK_ISA_NS, SAEHOOK_VBYTES (64) and SAEHOOK_VNNI_BF16 (1 or 0) and the Kernels
+// table.
+//
+// bf16 encoder (SAEHOOK_VNNI_BF16): the input rows are rounded to bfloat16 once per row chunk and
+// multiplied with vdpbf16ps (32 products per instruction, float32 accumulation), as torch's bf16
+// matmul does. Without BF16 the bf16 encoder takes the plain AVX-512 loops.
+// int8 encoder: the input rows are quantized to int8 in blocks of 128 values (one float scale per
+// block, so an outlier dimension only coarsens its own block) and multiplied with vpdpbusd (64
+// products per instruction, int32 accumulation per block). vpdpbusd multiplies unsigned by
+// signed bytes: the weights are offset by 128 (w ^ 0x80 = w + 128 as unsigned) and the
+// offset's contribution 128 * sum(x_q) is removed per row.
+// f32 and f16 encoders use the plain AVX-512 loops (the same source as the avx512 path).
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "kernels_impl.hpp"
+
+namespace saehook::cpu::SAEHOOK_ISA_NS {
+
+// int8 quantization block of the input rows. 128 against 256: Top-K agreement with f32 at batch
+// 64 0.966 -> 0.974 (2048 x 131072) and 0.974 -> 0.979 (4096 x 65536), 5-8% slower; 64 gained
+// little more (0.976, 0.981) for 11-13%.
+constexpr int64_t kQBlock = 128;
+
+// acc += u8 . s8 (vpdpbusd). Inline asm: with the intrinsic, GCC 12 copied every accumulator
+// through a temporary and the stack on each update, halving the kernel's speed.
+static inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// ---- operand layouts ----
+// bf16: R rows of round_up(d, 32) uint16 (zero padded).
+// int8: per row, round_up(d, 64) int8 values, then n_blocks float scales, then one float
+//       correction (128 * sum_b scale_b * sum(x_q in block b)); rows 64-byte aligned.
+inline int64_t bf16_ld(int64_t d) { return round_up(d, 32); }
+inline int64_t i8_blocks(int64_t d) { return (d + kQBlock - 1) / kQBlock; }
+inline int64_t i8_row_bytes(int64_t d) { return round_up(round_up(d, 64) + 4 * (i8_blocks(d) + 1), 64); }
+
+static size_t operand_bytes(saehook_dtype dt, int64_t R, int64_t d) {
+  if (SAEHOOK_VNNI_BF16 && dt == SAEHOOK_BF16) return size_t(R * bf16_ld(d)) * 2;
+  if (dt == SAEHOOK_I8) return size_t(R * i8_row_bytes(d)) + 64;
+  return operand_bytes_f32(dt, R, d);
+}
+
+static inline uint8_t *i8_base(void *operand) {
+  uintptr_t p = reinterpret_cast<uintptr_t>(operand);
+  return reinterpret_cast<uint8_t *>((p + 63) & ~uintptr_t(63));
+}
+
+static void prepare(const float *x, int64_t ldx, const float *shift, int64_t R, int64_t d,
+                    saehook_dtype dt, void *operand) {
+  if (SAEHOOK_VNNI_BF16 && dt == SAEHOOK_BF16) {
+    const int64_t ld = bf16_ld(d);
+    uint16_t *o = static_cast<uint16_t *>(operand);
+    for (int64_t r = 0; r < R; ++r) {
+      uint16_t *orow = o + r * ld;
+      for (int64_t i = 0; i < d; ++i)
+        orow[i] = f32_to_bf16(shift ? x[r * ldx + i] - shift[i] : x[r * ldx + i]);
+      std::fill(orow + d, orow + ld, uint16_t(0));
+    }
+    return;
+  }
+  if (dt != SAEHOOK_I8) return prepare_f32(x, ldx, shift, R, d, dt, operand);
+  const int64_t nb = i8_blocks(d), rb = i8_row_bytes(d), dpad = round_up(d, 64);
+  uint8_t *base = i8_base(operand);
+  float tmp[kQBlock];
+  for (int64_t r = 0; r < R; ++r) {
+    int8_t *q = reinterpret_cast<int8_t *>(base + r * rb);
+    float *scales = reinterpret_cast<float *>(base + r * rb + dpad);
+    double correction = 0;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t i0 = b * kQBlock, len = std::min(kQBlock, d - i0);
+      float amax = 0.f;
+      for (int64_t i = 0; i < len; ++i) {
+        tmp[i] = shift ? x[r * ldx + i0 + i] - shift[i0 + i] : x[r * ldx + i0 + i];
+        amax = std::max(amax, std::fabs(tmp[i]));
+      }
+      const float s = amax / 127.f, inv = amax > 0 ? 127.f / amax : 0.f;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < len; ++i) {
+        const int v = int(std::nearbyint(tmp[i] * inv));
+        q[i0 + i] = int8_t(std::clamp(v, -127, 127));
+        sum += q[i0 + i];
+      }
+      scales[b] = s;
+      correction += 128.0 * double(s) * sum;
+    }
+    std::fill(q + d, q + dpad, int8_t(0));
+    scales[nb] = float(correction);
+  }
+}
+
+// Two kernels per dtype. Few rows (generation, batch < kPackRows): a dot-product tile over
+// each feature's contiguous weight row, which streams the weights once at full bandwidth.
+// More rows (prompt processing): the block of feature rows is first packed into a panel where
+// one vector holds 16 features x (2 bf16 | 4 int8) consecutive inputs, then a register tile of
+// R rows x G*16 features multiplies broadcast input pairs/quads with panel vectors: no
+// horizontal sums, every weight vector loaded once is used for R rows.
+constexpr int64_t kPackRows = 4;
+constexpr int64_t kChunk = 1024;  // panel inputs per pass (a multiple of kQBlock): L1/L2 reuse
+
+// ---------------- dot-product tiles (few rows) ----------------
+#if SAEHOOK_VNNI_BF16
+template <int R, int F>
+static inline void dot_bf16(const uint16_t *x, int64_t ldx, const uint16_t *W, int64_t d, float *out,
+                            int64_t ldo) {
+  __m512 acc[R][F];
+  for (int r = 0; r < R; ++r)
+    for (int f = 0; f < F; ++f) acc[r][f] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= d; i += 32)
+    for (int f = 0; f < F; ++f) {
+      const __m512bh w = (__m512bh)_mm512_loadu_si512(W + f * d + i);
+      for (int r = 0; r < R; ++r)
+        acc[r][f] = _mm512_dpbf16_ps(acc[r][f], (__m512bh)_mm512_loadu_si512(x + r * ldx + i), w);
+    }
+  if (i < d) {  // the operand is zero padded; the weights must not be read past the row end
+    const __mmask32 m = _cvtu32_mask32((1u << (d - i)) - 1u);
+    for (int f = 0; f < F; ++f) {
+      const __m512bh w = (__m512bh)_mm512_maskz_loadu_epi16(m, W + f * d + i);
+      for (int r = 0; r < R; ++r)
+        acc[r][f] = _mm512_dpbf16_ps(acc[r][f], (__m512bh)_mm512_loadu_si512(x + r * ldx + i), w);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int f = 0; f < F; ++f) out[r * ldo + f] = _mm512_reduce_add_ps(acc[r][f]);
+}
+
+#endif  // SAEHOOK_VNNI_BF16
+
+template <int R, int F>
+static inline void dot_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8_t *W, int64_t d,
+                          const float *wscale, float *out, int64_t ldo) {
+  const __m512i offset = _mm512_set1_epi8(char(0x80));
+  __m512 facc[R][F];
+  for (int r = 0; r < R; ++r)
+    for (int f = 0; f < F; ++f) facc[r][f] = _mm512_setzero_ps();
+  for (int64_t b0 = 0; b0 < d; b0 += kQBlock) {
+    const int64_t b1 = std::min(d, b0 + kQBlock);
+    __m512i iacc[R][F];
+    for (int r = 0; r < R; ++r)
+      for (int f = 0; f < F; ++f) iacc[r][f] = _mm512_setzero_si512();
+    int64_t i = b0;
+    for (; i + 64 <= b1; i += 64)
+      for (int f = 0; f < F; ++f) {
+        const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(W + f * d + i), offset);
+        for (int r = 0; r < R; ++r) iacc[r][f] = dpbusd(iacc[r][f], w, _mm512_load_si512(x + r * rb + i));
+      }
+    if (i < b1) {
+      const __mmask64 m = _cvtu64_mask64((uint64_t(1) << (b1 - i)) - 1);
+      for (int f = 0; f < F; ++f) {
+        const __m512i w = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, W + f * d + i), offset);
+        for (int r = 0; r < R; ++r) iacc[r][f] = dpbusd(iacc[r][f], w, _mm512_load_si512(x + r * rb + i));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 s = _mm512_set1_ps(reinterpret_cast<const float *>(x + r * rb + dpad)[b0 / kQBlock]);
+      for (int f = 0; f < F; ++f) facc[r][f] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][f]), s, facc[r][f]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const float correction = reinterpret_cast<const float *>(x + r * rb + dpad)[i8_blocks(d)];
+    for (int f = 0; f < F; ++f) out[r * ldo + f] = (_mm512_reduce_add_ps(facc[r][f]) - correction) * wscale[f];
+  }
+}
+
+// One input row against features [0, nf), one feature row after the other: the block's rows are
+// adjacent in memory, so this reads the weights as one sequential stream (the prefetcher's best
+// case: interleaving 8 short int8 rows of d bytes each starved it). A full quantization block is
+// kQBlock / 64 independent 64-byte products (unrolled: with a runtime-indexed accumulator array
+// GCC kept the accumulators on the stack).
+static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, int64_t nf,
+                   const float *wscale, float *out) {
+  static_assert(kQBlock % 64 == 0 && kQBlock <= 256, "row_i8 unrolls a block into 64-byte steps");
+  constexpr int kSteps = int(kQBlock / 64);
+  const __m512i offset = _mm512_set1_epi8(char(0x80));
+  const __m512i zero = _mm512_setzero_si512();
+  const float *xs = reinterpret_cast<const float *>(x + dpad);
+  const int64_t nb = i8_blocks(d);
+  auto step = [&](const int8_t *w, int64_t i) {
+    return dpbusd(zero, _mm512_xor_si512(_mm512_loadu_si512(w + i), offset), _mm512_load_si512(x + i));
+  };
+  for (int64_t j = 0; j < nf; ++j) {
+    const int8_t *w = W + j * d;
+    __m512 facc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t b0 = b * kQBlock, b1 = std::min(d, b0 + kQBlock);
+      __m512i sum;
+      if (b1 - b0 == kQBlock) {
+        sum = step(w, b0);
+#pragma GCC unroll 4
+        for (int q = 1; q < kSteps; ++q) sum = _mm512_add_epi32(sum, step(w, b0 + 64 * q));
+      } else {  // the row's last, partial block: the weights must not be read past the row end
+        sum = zero;
+        for (int64_t i = b0; i < b1; i += 64) {
+          const int64_t left = b1 - i;
+          const __m512i wv = left >= 64 ? _mm512_loadu_si512(w + i)
+                                        : _mm512_maskz_loadu_epi8(_cvtu64_mask64((uint64_t(1) << left) - 1), w + i);
+          sum = dpbusd(sum, _mm512_xor_si512(wv, offset), _mm512_load_si512(x + i));
+        }
+      }
+      facc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xs[b]), facc);
+    }
+    out[j] = (_mm512_reduce_add_ps(facc) - xs[nb]) * wscale[j];
+  }
+}
+
+// Rows in groups of RG x features in groups of FG (1 x 8 for the last rows, 1 feature at the edge).
+template <int RG, int FG, class Tile>
+static inline void walk_dot(int64_t R, int64_t nf, const Tile &tile) {
+  using std::integral_constant;
+  int64_t r = 0;
+  for (; r + RG <= R; r += RG) {
+    int64_t j = 0;
+    for (; j + FG <= nf; j += FG) tile(integral_constant<int, RG>(), integral_constant<int, FG>(), r, j);
+    for (; j < nf; ++j) tile(integral_constant<int, RG>(), integral_constant<int, 1>(), r, j);
+  }
+  for (; r < R; ++r) {
+    int64_t j = 0;
+    for (; j + 8 <= nf; j += 8) tile(integral_constant<int, 1>(), integral_constant<int, 8>(), r, j);
+    for (; j < nf; ++j) tile(integral_constant<int, 1>(), integral_constant<int, 1>(), r, j);
+  }
+}
+
+// ---------------- packed panels (many rows) ----------------
+// Panel layout: for each step s (a pair of bf16 / a quad of int8 inputs) and each group g of 16
+// features, one 64-byte vector: lane l holds the step's inputs of feature 16 g + l. Inputs past
+// d meet zero padding in the operand, so their weights never matter.
+// In-register transpose of a 16 x 16 matrix of 32-bit elements: r[i][j] -> r[j][i].
+static inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i + 3.
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(v0, w0, 0xdd);
+    r[4 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xdd);
+  }
+}
+
+// Packs features [0, nf) of W (feature-major rows of `row_bytes`) into the panel, 16 steps of
+// 4 bytes (2 bf16 / 4 int8) at a time with one 16 x 16 transpose per group. `flip` XORs every
+// byte with it (0x80 turns int8 into the unsigned +128 form vpdpbusd takes). Bytes past the
+// row end and features past nf are zero before the flip.
+static void pack(const uint8_t *W, int64_t row_bytes, int64_t nf, uint32_t *panel, uint8_t flip) {
+  const int64_t ng = (nf + 15) / 16, steps = (row_bytes + 3) / 4;
+  const __m512i fl = _mm512_set1_epi8(char(flip));
+  for (int64_t g = 0; g < ng; ++g)
+    for (int64_t s0 = 0; s0 < steps; s0 += 16) {
+      const int64_t bytes = std::min<int64_t>(64, row_bytes - 4 * s0);
+      const __mmask64 m = bytes >= 64 ? ~__mmask64(0) : _cvtu64_mask64((uint64_t(1) << bytes) - 1);
+      __m512i r[16];
+      for (int l = 0; l < 16; ++l) {
+        const int64_t f = g * 16 + l;
+        r[l] = f < nf ? _mm512_maskz_loadu_epi8(m, W + f * row_bytes + 4 * s0) : _mm512_setzero_si512();
+        r[l] = _mm512_xor_si512(r[l], fl);
+      }
+      transpose16(r);
+      const int64_t n_steps = std::min<int64_t>(16, steps - s0);
+      for (int64_t c = 0; c < n_steps; ++c) _mm512_store_si512(panel + ((s0 + c) * ng + g) * 16, r[c]);
+    }
+}
+
+static inline __mmask16 lane_mask(int64_t valid) {
+  return valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1u);
+}
+
+#if SAEHOOK_VNNI_BF16
+// R rows x G groups over steps [s0, s1); accumulates into out (first pass starts from zero).
+template <int R, int G>
+static inline void panel_bf16(const uint16_t *x, int64_t ldx, const uint32_t *panel, int64_t ng,
+                              int64_t g0, int64_t s0, int64_t s1, float *out, int64_t ldo,
+                              int64_t nf) {
+  __m512 acc[R][G];
+  for (int g = 0; g < G; ++g) {
+    const __mmask16 m = lane_mask(nf - (g0 + g) * 16);
+    for (int r = 0; r < R; ++r)
+      acc[r][g] = s0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, out + r * ldo + (g0 + g) * 16);
+  }
+  for (int64_t s = s0; s < s1; ++s) {
+    __m512bh b[G];
+    for (int g = 0; g < G; ++g) b[g] = (__m512bh)_mm512_load_si512(panel + (s * ng + g0 + g) * 16);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, x + r * ldx + 2 * s, 4);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], a, b[g]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __mmask16 m = lane_mask(nf - (g0 + g) * 16);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * ldo + (g0 + g) * 16, m, acc[r][g]);
+  }
+}
+
+#endif  // SAEHOOK_VNNI_BF16
+
+// int8: int32 sums over one quantization block [b0, b1) of steps, scaled by the block's input
+// scale and added into out (float). Kept as its own function so the accumulators of one block
+// live in registers (GCC spilled them when the block loop was around them).
+template <int R, int G>
+__attribute__((always_inline)) static inline void panel_i8_block(
+    const uint8_t *x, int64_t rb, int64_t dpad, const uint32_t *panel, int64_t ng, int64_t g0,
+    int64_t b0, int64_t b1, bool first, float *out, int64_t ldo, int64_t nf) {
+  __m512i acc[R][G];
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_si512();
+  for (int64_t s = b0; s < b1; ++s) {
+    __m512i b[G];
+    for (int g = 0; g < G; ++g) b[g] = _mm512_load_si512(panel + (s * ng + g0 + g) * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512i a = _mm512_set1_epi32(*reinterpret_cast<const int32_t *>(x + r * rb + 4 * s));
+      for (int g = 0; g < G; ++g) acc[r][g] = dpbusd(acc[r][g], b[g], a);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 sx = _mm512_set1_ps(reinterpret_cast<const float *>(x + r * rb + dpad)[b0 / (kQBlock / 4)]);
+    for (int g = 0; g < G; ++g) {
+      const __mmask16 m = lane_mask(nf - (g0 + g) * 16);
+      float *o = out + r * ldo + (g0 + g) * 16;
+      const __m512 prev = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, o);
+      _mm512_mask_storeu_ps(o, m, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][g]), sx, prev));
+    }
+  }
+}
+
+template <int R, int G>
+static inline void panel_i8(const uint8_t *x, int64_t rb, int64_t dpad, const uint32_t *panel,
+                            int64_t ng, int64_t g0, int64_t s0, int64_t s1, float *out, int64_t ldo,
+                            int64_t nf) {
+  constexpr int64_t kStepsPerBlock = kQBlock / 4;
+  for (int64_t b0 = s0; b0 < s1; b0 += kStepsPerBlock)
+    panel_i8_block<R, G>(x, rb, dpad, panel, ng, g0, b0, std::min(s1, b0 + kStepsPerBlock), b0 == 0,
+                         out, ldo, nf);
+}
+
+template <int RG, int GG, class Tile>
+static inline void walk_panel(int64_t R, int64_t ng, const Tile &tile) {
+  using std::integral_constant;
+  auto groups = [&](auto rows, int64_t r) {
+    int64_t g = 0;
+    for (; g + GG <= ng; g += GG) tile(rows, integral_constant<int, GG>(), r, g);
+    for (; g < ng; ++g) tile(rows, integral_constant<int, 1>(), r, g);
+  };
+  int64_t r = 0;
+  for (; r + RG <= R; r += RG) groups(integral_constant<int, RG>(), r);
+  switch (R - r) {  // RG - 1 rows at most remain
+    case 5: groups(integral_constant<int, 5>(), r); break;
+    case 4: groups(integral_constant<int, 4>(), r); break;
+    case 3: groups(integral_constant<int, 3>(), r); break;
+    case 2: groups(integral_constant<int, 2>(), r); break;
+    case 1: groups(integral_constant<int, 1>(), r); break;
+    default: break;
+  }
+}
+
+// The thread's panel buffer (64-byte aligned), reused across calls.
+static uint32_t *panel_buffer(size_t words) {
+  thread_local std::vector<uint32_t> buf;
+  if (buf.size() < words + 16) buf.resize(words + 16);
+  return reinterpret_cast<uint32_t *>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+}
+
+static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dtype dt,
+                      const float *scales, int64_t d, int64_t f0, int64_t nf, float *out,
+                      int64_t ldo) {
+  const int64_t ng = (nf + 15) / 16;
+#if SAEHOOK_VNNI_BF16
+  if (dt == SAEHOOK_BF16) {
+    const uint16_t *x = static_cast<const uint16_t *>(operand);
+    const uint16_t *W = static_cast<const uint16_t *>(Wv) + f0 * d;
+    const int64_t ld = bf16_ld(d);
+    if (R < kPackRows) {
+      walk_dot<4, 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j) {
+        dot_bf16<decltype(rg)::value, decltype(fg)::value>(x + r * ld, ld, W + j * d, d, out + r * ldo + j, ldo);
+      });
+      return;
+    }
+    const int64_t steps = (d + 1) / 2;
+    uint32_t *panel = panel_buffer(size_t(steps * ng * 16));
+    pack(reinterpret_cast<const uint8_t *>(W), 2 * d, nf, panel, 0);
+    for (int64_t s0 = 0; s0 < steps; s0 += kChunk / 2) {
+      const int64_t s1 = std::min(steps, s0 + kChunk / 2);
+      walk_panel<6, 4>(R, ng, [&](auto rg, auto gg, int64_t r, int64_t g) {
+        panel_bf16<decltype(rg)::value, decltype(gg)::value>(x + r * ld, ld, panel, ng, g, s0, s1,
+                                                             out + r * ldo, ldo, nf);
+      });
+    }
+    return;
+  }
+#endif  // without BF16 the bf16 encoder takes dot_block_f32 below
+  if (dt == SAEHOOK_I8) {
+    const uint8_t *x = i8_base(const_cast<void *>(operand));
+    const int8_t *W = static_cast<const int8_t *>(Wv) + f0 * d;
+    const int64_t rb = i8_row_bytes(d), dpad = round_up(d, 64);
+    // Batch 1: one sequential stream (0.94x the read probe's rate vs 0.85x for 4 interleaved rows).
+    if (R == 1) return row_i8(x, dpad, W, d, nf, scales + f0, out);
+    if (R < kPackRows) {
+      walk_dot<3, 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j) {
+        dot_i8<decltype(rg)::value, decltype(fg)::value>(x + r * rb, rb, dpad, W + j * d, d, scales + f0 + j,
+                                                        out + r * ldo + j, ldo);
+      });
+      return;
+    }
+    const int64_t steps = (d + 3) / 4;
+    uint32_t *panel = panel_buffer(size_t(steps * ng * 16));
+    pack(reinterpret_cast<const uint8_t *>(W), d, nf, panel, 0x80);
+    for (int64_t s0 = 0; s0 < steps; s0 += kChunk / 4) {
+      const int64_t s1 = std::min(steps, s0 + kChunk / 4);
+      walk_panel<6, 4>(R, ng, [&](auto rg, auto gg, int64_t r, int64_t g) {
+        panel_i8<decltype(rg)::value, decltype(gg)::value>(x + r * rb, rb, dpad, panel, ng, g, s0, s1,
+                                                           out + r * ldo, ldo, nf);
+      });
+    }
+    // Remove the +128 offset's contribution and apply the per-feature weight scales.
+    for (int64_t r = 0; r < R; ++r) {
+      const float correction = reinterpret_cast<const float *>(x + r * rb + dpad)[i8_blocks(d)];
+      for (int64_t j = 0; j < nf; ++j) out[r * ldo + j] = (out[r * ldo + j] - correction) * scales[f0 + j];
+    }
+    return;
+  }
+  dot_block_f32(operand, R, Wv, dt, scales, d, f0, nf, out, ldo);
+}
+
+}  // namespace saehook::cpu::SAEHOOK_ISA_NS
