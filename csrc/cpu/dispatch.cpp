@@ -17,6 +17,9 @@ extern const Kernels kernels_baseline;
 #ifdef SAEHOOK_HAVE_AVX2
 extern const Kernels kernels_avx2;
 #endif
+#ifdef SAEHOOK_HAVE_AVX2_VNNI
+extern const Kernels kernels_avx2_vnni;
+#endif
 #ifdef SAEHOOK_HAVE_AVX512
 extern const Kernels kernels_avx512;
 #endif
@@ -43,6 +46,13 @@ bool cpu_has_avx2() {
   if ((xgetbv0() & 0x6) != 0x6) return false;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
   return b & (1u << 5);
+}
+
+bool cpu_has_avx2_vnni() {  // AVX-VNNI: VEX-encoded vpdpbusd on ymm
+  if (!cpu_has_avx2()) return false;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return a & (1u << 4);
 }
 
 bool cpu_has_avx512() {
@@ -84,6 +94,9 @@ const Entry kEntries[] = {
 #endif
 #ifdef SAEHOOK_HAVE_AVX512
     {&kernels_avx512, cpu_has_avx512},
+#endif
+#ifdef SAEHOOK_HAVE_AVX2_VNNI
+    {&kernels_avx2_vnni, cpu_has_avx2_vnni},
 #endif
 #ifdef SAEHOOK_HAVE_AVX2
     {&kernels_avx2, cpu_has_avx2},

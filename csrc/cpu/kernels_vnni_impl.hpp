@@ -24,10 +24,7 @@
 
 namespace saehook::cpu::SAEHOOK_ISA_NS {
 
-// int8 quantization block of the input rows. 128 against 256: Top-K agreement with f32 at batch
-// 64 0.966 -> 0.974 (2048 x 131072) and 0.974 -> 0.979 (4096 x 65536), 5-8% slower; 64 gained
-// little more (0.976, 0.981) for 11-13%.
-constexpr int64_t kQBlock = 128;
+#include "kernels_i8_operand.inc"
 
 // acc += u8 . s8 (vpdpbusd). Inline asm: with the intrinsic, GCC 12 copied every accumulator
 // through a temporary and the stack on each update, halving the kernel's speed.
@@ -36,25 +33,14 @@ static inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
   return acc;
 }
 
-inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
 // ---- operand layouts ----
-// bf16: R rows of round_up(d, 32) uint16 (zero padded).
-// int8: per row, round_up(d, 64) int8 values, then n_blocks float scales, then one float
-//       correction (128 * sum_b scale_b * sum(x_q in block b)); rows 64-byte aligned.
+// bf16: R rows of round_up(d, 32) uint16 (zero padded). int8: see kernels_i8_operand.inc.
 inline int64_t bf16_ld(int64_t d) { return round_up(d, 32); }
-inline int64_t i8_blocks(int64_t d) { return (d + kQBlock - 1) / kQBlock; }
-inline int64_t i8_row_bytes(int64_t d) { return round_up(round_up(d, 64) + 4 * (i8_blocks(d) + 1), 64); }
 
 static size_t operand_bytes(saehook_dtype dt, int64_t R, int64_t d) {
   if (SAEHOOK_VNNI_BF16 && dt == SAEHOOK_BF16) return size_t(R * bf16_ld(d)) * 2;
-  if (dt == SAEHOOK_I8) return size_t(R * i8_row_bytes(d)) + 64;
+  if (dt == SAEHOOK_I8) return i8_operand_bytes(R, d);
   return operand_bytes_f32(dt, R, d);
-}
-
-static inline uint8_t *i8_base(void *operand) {
-  uintptr_t p = reinterpret_cast<uintptr_t>(operand);
-  return reinterpret_cast<uint8_t *>((p + 63) & ~uintptr_t(63));
 }
 
 static void prepare(const float *x, int64_t ldx, const float *shift, int64_t R, int64_t d,
@@ -71,33 +57,7 @@ static void prepare(const float *x, int64_t ldx, const float *shift, int64_t R, 
     return;
   }
   if (dt != SAEHOOK_I8) return prepare_f32(x, ldx, shift, R, d, dt, operand);
-  const int64_t nb = i8_blocks(d), rb = i8_row_bytes(d), dpad = round_up(d, 64);
-  uint8_t *base = i8_base(operand);
-  float tmp[kQBlock];
-  for (int64_t r = 0; r < R; ++r) {
-    int8_t *q = reinterpret_cast<int8_t *>(base + r * rb);
-    float *scales = reinterpret_cast<float *>(base + r * rb + dpad);
-    double correction = 0;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t i0 = b * kQBlock, len = std::min(kQBlock, d - i0);
-      float amax = 0.f;
-      for (int64_t i = 0; i < len; ++i) {
-        tmp[i] = shift ? x[r * ldx + i0 + i] - shift[i0 + i] : x[r * ldx + i0 + i];
-        amax = std::max(amax, std::fabs(tmp[i]));
-      }
-      const float s = amax / 127.f, inv = amax > 0 ? 127.f / amax : 0.f;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < len; ++i) {
-        const int v = int(std::nearbyint(tmp[i] * inv));
-        q[i0 + i] = int8_t(std::clamp(v, -127, 127));
-        sum += q[i0 + i];
-      }
-      scales[b] = s;
-      correction += 128.0 * double(s) * sum;
-    }
-    std::fill(q + d, q + dpad, int8_t(0));
-    scales[nb] = float(correction);
-  }
+  prepare_i8(x, ldx, shift, R, d, operand);
 }
 
 // Two kernels per dtype. Few rows (generation, batch < kPackRows): a dot-product tile over
