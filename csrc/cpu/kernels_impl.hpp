@@ -188,6 +188,12 @@ static void dot_block_t(const float *x, int64_t ldx, int64_t R, const void *Wv, 
                         int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo) {
   const uint8_t *W = static_cast<const uint8_t *>(Wv);
   int64_t r = 0;
+  if constexpr (VB < 64) {
+    // 16 vector registers: 2 rows x 4 features (8 accumulators) stay in registers; with 4 rows
+    // GCC kept the 16 accumulators on the stack (AVX2, batch 64, 4096 x 65536 f32: 598 ms).
+    for (; r + 2 <= R; r += 2)
+      tile_row_group<DT, 2>(x + r * ldx, ldx, W, d, f0, nf, out + r * ldo, ldo, scales);
+  }
   for (; r + 4 <= R; r += 4)
     tile_row_group<DT, 4>(x + r * ldx, ldx, W, d, f0, nf, out + r * ldo, ldo, scales);
   switch (R - r) {
