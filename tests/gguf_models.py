@@ -2,7 +2,7 @@
 saehook.gguf_writer)."""
 from __future__ import annotations
 
-from saehook.gguf_writer import VOCAB, quantize, vocab, write_hf_model  # noqa: F401
+from saehook.gguf_writer import VOCAB, quantize, vocab, write_hf_model  # noqa: F401 (the tests call gm.quantize)
 
 EOS = vocab()[0].index("<|endoftext|>")
 

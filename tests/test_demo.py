@@ -3,7 +3,6 @@ the demo feature raises the probability of the tokens it stands for."""
 import json
 import os
 
-import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp")

@@ -3,7 +3,6 @@ checked for content (text and the orange shading/bars), not just written. Skippe
 Chromium is installed."""
 from __future__ import annotations
 
-import json
 import shutil
 import struct
 import subprocess

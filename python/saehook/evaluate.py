@@ -3,7 +3,7 @@ features, and the loss increase when the residual is replaced by the reconstruct
 from __future__ import annotations
 
 import json
-from typing import Iterable, List, Sequence
+from typing import Iterable, List
 
 import numpy as np
 

@@ -10,7 +10,6 @@ from . import _core
 from ._arrays import (
     DTYPE_BYTES,
     DTYPE_CODES,
-    Rows,
     address,
     as_f32_vector,
     as_weight,
