@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 import saehook
-from common import median_time, read_bandwidth
+from common import read_bandwidth
 
 
 def synthetic_model(cache: str, hidden: int, layers: int, ffn: int, quant: str) -> str:
@@ -103,7 +103,6 @@ def main() -> int:
     if args.sae_dtype != sae.enc_dtype:
         sae = sae.to_dtype(args.sae_dtype)
     saehook.set_num_threads(args.threads)
-    bw = read_bandwidth(args.threads)
     rng = np.random.default_rng(1)
     prompt = [int(t) for t in rng.integers(0, 256, args.prompt_tokens)]
     four = [max(1, min(n_layer - 1, layer + d)) for d in (-2, -1, 0, 1)]
@@ -162,8 +161,7 @@ def main() -> int:
                 times[name].append(t)
         if rnd:
             bws.append(read_bandwidth(args.threads)["bound"])
-    bw["bound_rounds"] = bws
-    bw["bound"] = float(np.median(bws))
+    bw = {"bound_rounds": bws, "bound": float(np.median(bws))}
     print(f"read bandwidth {bw['bound']:.1f} GB/s (median of the rounds: "
           + ", ".join(f"{b:.0f}" for b in bws) + ")")
     rows = []

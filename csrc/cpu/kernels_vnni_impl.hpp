@@ -6,11 +6,8 @@
 // bf16 encoder (SAEHOOK_VNNI_BF16): the input rows are rounded to bfloat16 once per row chunk and
 // multiplied with vdpbf16ps (32 products per instruction, float32 accumulation), as torch's bf16
 // matmul does. Without BF16 the bf16 encoder takes the plain AVX-512 loops.
-// int8 encoder: the input rows are quantized to int8 in blocks of 128 values (one float scale per
-// block, so an outlier dimension only coarsens its own block) and multiplied with vpdpbusd (64
-// products per instruction, int32 accumulation per block). vpdpbusd multiplies unsigned by
-// signed bytes: the weights are offset by 128 (w ^ 0x80 = w + 128 as unsigned) and the
-// offset's contribution 128 * sum(x_q) is removed per row.
+// int8 encoder: the input rows quantized as kernels_i8_operand.inc describes, multiplied with
+// vpdpbusd (64 products per instruction, int32 accumulation per block).
 // f32 and f16 encoders use the plain AVX-512 loops (the same source as the avx512 path).
 #pragma once
 #include <immintrin.h>

@@ -23,16 +23,8 @@ import torch
 from . import _core
 from ._arrays import rows
 from .sae import SAE, live_sae as _lookup
+from .cuda import for_tensor as _runner  # the SAE itself for CPU tensors, its device copy for CUDA ones
 from .steering import OPS, Steering
-
-def _runner(sae: SAE, t: torch.Tensor):
-    """The SAE itself for CPU tensors; its device copy for CUDA tensors (saehook.cuda.cached:
-    copied once per device, kept while the SAE lives)."""
-    if t.device.type == "cpu":
-        return sae
-    from . import cuda
-
-    return cuda.for_tensor(sae, t)
 
 
 @torch.library.custom_op("saehook::encode", mutates_args=())
