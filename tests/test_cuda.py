@@ -31,7 +31,11 @@ DEV = torch.device("cuda", torch.cuda.current_device())
 ACTIVATIONS = ["topk", "topk_relu", "relu", "jumprelu"]
 ENC = ["f32", "f16", "bf16", "int8"]
 TOL = 2e-4
-SKINNY_ROWS = 8  # batches up to this use saehook's f32 GEMM kernel (csrc/cuda/plan.cuh)
+# Which GEMM a call uses (csrc/cuda/plan.cuh, choose_gemm): up to SKINNY_ROWS rows saehook's f32
+# kernel; 16-bit/int8 weights with rows of whole 16-byte loads the tensor-core kernel (operand
+# split in hi + lo halves: near-f32) up to MMA_ROWS (16-bit) or MMA_ROWS_I8 rows; else cuBLAS.
+SKINNY_ROWS = 8
+MMA_ROWS, MMA_ROWS_I8 = 16, 64
 
 
 @pytest.fixture(params=["auto", "own"])
@@ -44,10 +48,16 @@ def gemm(request, monkeypatch):
     return request.param
 
 
-def uses_cublas(n_rows: int) -> bool:
+def uses_mma(sae, n_rows: int) -> bool:
+    per_load = {"f16": 8, "bf16": 8, "int8": 16}.get(sae.enc_dtype)
+    return (per_load is not None and sae.d_model % per_load == 0
+            and n_rows <= (MMA_ROWS_I8 if sae.enc_dtype == "int8" else MMA_ROWS))
+
+
+def uses_cublas(sae, n_rows: int) -> bool:
     import os
 
-    return (n_rows > SKINNY_ROWS and os.environ.get("SAEHOOK_CUBLAS") != "0"
+    return (n_rows > SKINNY_ROWS and not uses_mma(sae, n_rows) and os.environ.get("SAEHOOK_CUBLAS") != "0"
             and sc.describe(DEV).startswith("gemm=cublas"))
 
 
@@ -57,7 +67,7 @@ def gpu_operand(sae, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32).reshape(-1, sae.d_model)
     if sae.subtract_b_dec:
         x = x - sae.arrays()["b_dec"]
-    if not uses_cublas(x.shape[0]) or sae.enc_dtype == "f32":
+    if not uses_cublas(sae, x.shape[0]) or sae.enc_dtype == "f32":
         return x.astype(np.float64)
     amax = np.abs(x).max(axis=1, keepdims=True)
     _, e = np.frexp(amax)
@@ -98,6 +108,9 @@ SHAPES = [
     (48, 1000, 16, 300),  # large batch: cuBLAS / tiled GEMM
     (20, 9000, 64, 9),    # several selection segments, just past the skinny limit
     (16, 5000, 4100, 2),  # k beyond the shared-memory sort: the global-memory sort
+    (40, 500, 8, 12),     # tensor cores, 2 n-tiles, a partial last chunk (16-bit); int8: d % 16 != 0
+    (32, 700, 10, 20),    # int8: tensor cores, 4 n-tiles; a partial feature block
+    (64, 3000, 20, 50),   # int8: tensor cores in chunks of 32 rows; 16-bit: cuBLAS
 ]
 
 
@@ -117,13 +130,13 @@ def test_encode_matches_reference(gemm, enc, activation):
 def test_encode_agrees_with_cpu_kernels(enc):
     sae = host_sae(64, 2048, 32, enc, activation="topk_relu")
     gpu = sc.to_device(sae, DEV)
-    x = np.random.default_rng(3).standard_normal((40, 64)).astype(np.float32)
-    for rows in (1, 8, 40):  # skinny GEMM, and cuBLAS (16-bit operand) or the tiled kernel
+    x = np.random.default_rng(3).standard_normal((100, 64)).astype(np.float32)
+    for rows in (1, 8, 20, 40, 100):  # skinny or tensor-core GEMM, then cuBLAS (16-bit operand) or tiled
         cv, ci = sae.encode(x[:rows])
         gv, gi = (t.cpu().numpy() for t in gpu.encode(cuda_x(x[:rows])))
         same = np.mean([len(set(a) & set(b)) / 32 for a, b in zip(ci.tolist(), gi.tolist())])
         # The CPU's bf16/int8 paths round or quantize the rows too (avx512_vnni), differently.
-        exact = enc in ("f32", "f16") and (rows <= SKINNY_ROWS or enc == "f32")
+        exact = enc in ("f32", "f16") and not uses_cublas(sae, rows)
         assert same >= (0.999 if exact else 0.9), (rows, same)
         match = ci == gi
         scale = np.abs(cv).max()

@@ -32,9 +32,11 @@ __global__ void check_finite_kernel(const float *__restrict__ x, int64_t d, int6
 
 // ---------------------------------------------------------------- GEMM operand
 
-// One block per row: (x - shift) into the operand row (zero padded to ldk). f16/bf16 operands
+// One block per row: (x - shift) into the operand row (zero padded to ldk). 16-bit operands
 // are divided by a power of two so that max |row| lies in [0.5, 1): no f16 overflow, and the
-// rounding is the same as rounding (x - shift) itself (scaling by 2^e is exact).
+// rounding is the same as rounding (x - shift) itself (scaling by 2^e is exact). The split
+// operands (kOpF16Split, kOpBF16Split) hold two 16-bit rows per row, hi = round(y) at 2r and
+// lo = round(y - hi) at 2r + 1: hi + lo carries 22 (f16) or 16 (bf16) significant bits of y.
 template <int OP>
 __global__ void __launch_bounds__(256) prepare_kernel(const float *__restrict__ x, int64_t ldx, int64_t d,
                                                       const float *__restrict__ shift, void *xop, int64_t ldk,
@@ -43,12 +45,14 @@ __global__ void __launch_bounds__(256) prepare_kernel(const float *__restrict__ 
   if (has_error(err)) return;
   const int64_t r = blockIdx.x;
   const float *row = x + r * ldx;
-  if constexpr (OP == 0) {
+  if constexpr (OP == kern::kOpF32) {
     float *o = static_cast<float *>(xop) + r * ldk;
     for (int64_t i = threadIdx.x; i < ldk; i += blockDim.x)
       o[i] = i < d ? (shift ? row[i] - shift[i] : row[i]) : 0.f;
     if (threadIdx.x == 0) row_scale[r] = 1.f;
   } else {
+    constexpr bool kHalf = OP == kern::kOpF16 || OP == kern::kOpF16Split;
+    constexpr bool kSplit = OP == kern::kOpF16Split || OP == kern::kOpBF16Split;
     float amax = 0.f;
     for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
       amax = fmaxf(amax, fabsf(shift ? row[i] - shift[i] : row[i]));
@@ -60,13 +64,25 @@ __global__ void __launch_bounds__(256) prepare_kernel(const float *__restrict__ 
       e = e < -126 ? -126 : e > 127 ? 127 : e;  // s stays a finite normal power of two
       s = ldexpf(1.f, e);
     }
-    unsigned short *o = static_cast<unsigned short *>(xop) + r * ldk;
+    unsigned short *o = static_cast<unsigned short *>(xop) + (kSplit ? 2 * r : r) * ldk;
     for (int64_t i = threadIdx.x; i < ldk; i += blockDim.x) {
       const float y = i < d ? (shift ? row[i] - shift[i] : row[i]) / s : 0.f;
-      if constexpr (OP == 1)
-        o[i] = __half_as_ushort(__float2half_rn(y));
-      else
-        o[i] = __bfloat16_as_ushort(__float2bfloat16_rn(y));
+      float hi;
+      if constexpr (kHalf) {
+        const __half h = __float2half_rn(y);
+        o[i] = __half_as_ushort(h);
+        hi = __half2float(h);
+      } else {
+        const __nv_bfloat16 h = __float2bfloat16_rn(y);
+        o[i] = __bfloat16_as_ushort(h);
+        hi = __bfloat162float(h);
+      }
+      if constexpr (kSplit) {
+        if constexpr (kHalf)
+          o[ldk + i] = __half_as_ushort(__float2half_rn(y - hi));
+        else
+          o[ldk + i] = __bfloat16_as_ushort(__float2bfloat16_rn(y - hi));
+      }
     }
     if (threadIdx.x == 0) row_scale[r] = s;
   }
@@ -214,6 +230,182 @@ __global__ void __launch_bounds__(256)
       const int64_t gj = j0 + tx * 4 + j;
       if (gj < nf) P[gr * ldp + gj] = acc[i][j];
     }
+  }
+}
+
+// ---------------------------------------------------------------- tensor-core GEMM
+
+// mma.sync m16n8k16, f32 accumulation: c (16 features x 8 rows) += a (16 x 16 weights) . b (16
+// operand values x 8 rows). Lane (g = lane / 4, t = lane % 4) holds a = {row g, k 2t..2t+1},
+// {row g+8, same k}, {row g, k 2t+8..2t+9}, {row g+8, same}; b = {k 2t..2t+1 of row g},
+// {k 2t+8..2t+9}; c = {feature g: rows 2t, 2t+1}, {feature g+8: rows 2t, 2t+1}.
+template <bool BF16>
+__device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (BF16)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two int8 values (bytes 2h, 2h+1 of w) as an f16x2 word, exactly: the byte + 128 goes into the
+// mantissa of 1024 (0x6400), then 1152 is subtracted.
+__device__ __forceinline__ uint32_t i8x2_to_f16x2(uint32_t w, int h) {
+  const uint32_t u = __byte_perm(w ^ 0x80808080u, 0x64646464u, h ? 0x4342 : 0x4140);
+  const __half2 v = __hsub2(*reinterpret_cast<const __half2 *>(&u), __half2half2(__ushort_as_half(0x6480)));
+  return *reinterpret_cast<const uint32_t *>(&v);
+}
+
+// The weights of the tensor-core kernel, per dtype: a lane loads E consecutive weights of a row
+// per chunk (one 16-byte load), used as E / 2 16-bit pairs.
+template <int DT>
+struct MmaLoad {  // f16 (1), bf16 (2)
+  static constexpr int E = 8;
+  static constexpr bool kBF16 = DT == 2;
+  __device__ __forceinline__ static void words(const uint4 &u, uint32_t (&w)[E / 2]) {
+    w[0] = u.x;
+    w[1] = u.y;
+    w[2] = u.z;
+    w[3] = u.w;
+  }
+};
+template <>
+struct MmaLoad<3> {  // int8, converted to f16 (exact)
+  static constexpr int E = 16;
+  static constexpr bool kBF16 = false;
+  __device__ __forceinline__ static void words(const uint4 &u, uint32_t (&w)[E / 2]) {
+    const uint32_t q[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      w[2 * i] = i8x2_to_f16x2(q[i], 0);
+      w[2 * i + 1] = i8x2_to_f16x2(q[i], 1);
+    }
+  }
+};
+
+constexpr int kMmaWarps = 4;
+
+// P (rows x nf, ld ldp) = split operand . W[f0 .. f0 + nf)^T for up to 8 * NT rows. A block
+// takes 16 * FT features; its warps take every 4th chunk of 4 * E columns (a lane E
+// consecutive ones: the mma's k order is the same permutation of them for weights and operand,
+// which a dot product does not see), U chunks per step (their loads in flight together), and
+// add their partial sums at the end. The weights are read once, in 16-byte loads; the operand
+// (2 * rows x ldk, hi and lo rows, zero padded to a multiple of the chunk) comes from L1/L2.
+template <int DT, int NT, int FT, int U>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    mma_kernel(const unsigned short *__restrict__ xop, int64_t ldk, int rows, const void *__restrict__ W,
+               int64_t K, int64_t f0, int64_t nf, float *__restrict__ P, int64_t ldp, const ErrRec *err) {
+  using L = MmaLoad<DT>;
+  constexpr int E = L::E, C = 4 * E, NW = E / 2, NM = E / 4;  // chunk columns, words, mmas per chunk
+  constexpr int ES = DT == 3 ? 1 : 2;
+  __shared__ float red[kMmaWarps - 1][FT * NT * 4][32];
+  if (has_error(err)) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int64_t jb = int64_t(blockIdx.x) * (16 * FT);
+  const unsigned char *Wb = static_cast<const unsigned char *>(W);
+
+  int64_t wrow[FT][2];  // byte offsets of the lane's two weight rows per tile (clamped)
+#pragma unroll
+  for (int f = 0; f < FT; ++f)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = jb + 16 * f + g + 8 * h;
+      wrow[f][h] = ((f0 + (j < nf ? j : nf - 1)) * K + E * t) * ES;
+    }
+  const unsigned short *xrow[NT];  // the lane's hi row per n-tile (lo row: + ldk)
+  bool xin[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int r = 8 * n + g;
+    xin[n] = r < rows;
+    xrow[n] = xop + int64_t(2 * (xin[n] ? r : 0)) * ldk + E * t;
+  }
+  float acc[FT][NT][4];
+#pragma unroll
+  for (int f = 0; f < FT; ++f)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[f][n][q] = 0.f;
+
+  const int64_t n_chunks = (K + C - 1) / C;
+  for (int64_t c0 = warp; c0 < n_chunks; c0 += kMmaWarps * U) {
+    uint4 raw[U][FT][2];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (c0 + int64_t(kMmaWarps) * u) * C;
+      const bool in = k + E * t < K;  // K % E == 0: a lane's E columns are all in or all out
+#pragma unroll
+      for (int f = 0; f < FT; ++f)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          raw[u][f][h] = in ? __ldg(reinterpret_cast<const uint4 *>(Wb + wrow[f][h] + k * ES)) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = (c0 + int64_t(kMmaWarps) * u) * C;
+      if (k >= K) break;  // warp-uniform
+      uint32_t a[FT][2][NW];
+#pragma unroll
+      for (int f = 0; f < FT; ++f) {
+        L::words(raw[u][f][0], a[f][0]);
+        L::words(raw[u][f][1], a[f][1]);
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        uint32_t xh[NW], xl[NW];
+#pragma unroll
+        for (int v = 0; v < NW; v += 4) {  // the padded operand: always in bounds
+          uint4 hv = make_uint4(0, 0, 0, 0), lv = make_uint4(0, 0, 0, 0);
+          if (xin[n]) {
+            hv = __ldg(reinterpret_cast<const uint4 *>(xrow[n] + k + 2 * v));
+            lv = __ldg(reinterpret_cast<const uint4 *>(xrow[n] + ldk + k + 2 * v));
+          }
+          xh[v] = hv.x, xh[v + 1] = hv.y, xh[v + 2] = hv.z, xh[v + 3] = hv.w;
+          xl[v] = lv.x, xl[v + 1] = lv.y, xl[v + 2] = lv.z, xl[v + 3] = lv.w;
+        }
+#pragma unroll
+        for (int f = 0; f < FT; ++f)
+#pragma unroll
+          for (int m = 0; m < NM; ++m) {
+            const uint32_t a0 = a[f][0][2 * m], a1 = a[f][1][2 * m], a2 = a[f][0][2 * m + 1],
+                           a3 = a[f][1][2 * m + 1];
+            mma16816<L::kBF16>(acc[f][n], a0, a1, a2, a3, xh[2 * m], xh[2 * m + 1]);
+            mma16816<L::kBF16>(acc[f][n], a0, a1, a2, a3, xl[2 * m], xl[2 * m + 1]);
+          }
+      }
+    }
+  }
+
+  if (warp > 0) {
+#pragma unroll
+    for (int f = 0; f < FT; ++f)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) red[warp - 1][(f * NT + n) * 4 + q][lane] = acc[f][n][q];
+  }
+  __syncthreads();
+  if (warp == 0) {
+#pragma unroll
+    for (int f = 0; f < FT; ++f)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          float v = acc[f][n][q];
+#pragma unroll
+          for (int w = 0; w < kMmaWarps - 1; ++w) v += red[w][(f * NT + n) * 4 + q][lane];
+          const int64_t j = jb + 16 * f + g + 8 * (q >> 1);
+          const int r = 8 * n + 2 * t + (q & 1);
+          if (j < nf && r < rows) P[int64_t(r) * ldp + j] = v;
+        }
   }
 }
 
@@ -370,6 +562,24 @@ void skinny_launch(int rows, const float *xop, int64_t ldk, const void *W, int64
 }
 
 template <int DT>
+void mma_launch(int rows, const unsigned short *xop, int64_t ldk, const void *W, int64_t K, int64_t f0, int64_t nf,
+                float *P, int64_t ldp, const ErrRec *err, cudaStream_t st) {
+  const dim3 block(kMmaWarps * 32);
+  const dim3 grid(unsigned(ceil_div(nf, 64)));
+  // Two chunks in flight per step for int8 (half the bytes per load); 16-bit weights run
+  // faster with one (fewer registers, more warps). Measured on an H100.
+  constexpr int U = DT == 3 ? 2 : 1;
+  switch (mma_rows(rows)) {
+    case 8: mma_kernel<DT, 1, 4, U><<<grid, block, 0, st>>>(xop, ldk, rows, W, K, f0, nf, P, ldp, err); break;
+    case 16: mma_kernel<DT, 2, 4, U><<<grid, block, 0, st>>>(xop, ldk, rows, W, K, f0, nf, P, ldp, err); break;
+    default:
+      if constexpr (DT == 3)  // chunks of up to kMmaRowsI8 rows only for int8
+        mma_kernel<DT, 4, 4, 1><<<grid, block, 0, st>>>(xop, ldk, rows, W, K, f0, nf, P, ldp, err);
+      break;
+  }
+}
+
+template <int DT>
 bool vec_aligned(const void *W, int64_t K) {
   using L = Load<DT>;
   return reinterpret_cast<uintptr_t>(W) % L::VB == 0 && (K * L::ES) % L::VB == 0;
@@ -390,10 +600,17 @@ void check_finite(const float *x, int64_t n, int64_t d, int64_t ld, ErrRec *err,
 
 void prepare_operand(const float *x, int64_t n, int64_t ldx, int64_t d, const float *shift, int op_dtype,
                      void *xop, int64_t ldk, float *row_scale, const ErrRec *err, cudaStream_t st) {
+  const unsigned b = unsigned(n);
   switch (op_dtype) {
-    case 1: prepare_kernel<1><<<unsigned(n), 256, 0, st>>>(x, ldx, d, shift, xop, ldk, row_scale, err); break;
-    case 2: prepare_kernel<2><<<unsigned(n), 256, 0, st>>>(x, ldx, d, shift, xop, ldk, row_scale, err); break;
-    default: prepare_kernel<0><<<unsigned(n), 256, 0, st>>>(x, ldx, d, shift, xop, ldk, row_scale, err); break;
+    case kOpF16: prepare_kernel<kOpF16><<<b, 256, 0, st>>>(x, ldx, d, shift, xop, ldk, row_scale, err); break;
+    case kOpBF16: prepare_kernel<kOpBF16><<<b, 256, 0, st>>>(x, ldx, d, shift, xop, ldk, row_scale, err); break;
+    case kOpF16Split:
+      prepare_kernel<kOpF16Split><<<b, 256, 0, st>>>(x, ldx, d, shift, xop, ldk, row_scale, err);
+      break;
+    case kOpBF16Split:
+      prepare_kernel<kOpBF16Split><<<b, 256, 0, st>>>(x, ldx, d, shift, xop, ldk, row_scale, err);
+      break;
+    default: prepare_kernel<kOpF32><<<b, 256, 0, st>>>(x, ldx, d, shift, xop, ldk, row_scale, err); break;
   }
 }
 
@@ -406,6 +623,23 @@ void skinny_gemm(int dtype, const float *xop, int64_t ldk, int64_t rows, const v
     case 2: skinny_launch<2>(r, xop, ldk, W, K, f0, nf, P, ldp, vec_aligned<2>(W, K), err, st); break;
     default: skinny_launch<3>(r, xop, ldk, W, K, f0, nf, P, ldp, vec_aligned<3>(W, K), err, st); break;
   }
+}
+
+void mma_gemm(int dtype, const unsigned short *xop, int64_t ldk, int64_t rows, const void *W, int64_t K,
+              int64_t f0, int64_t nf, float *P, int64_t ldp, const ErrRec *err, cudaStream_t st) {
+  const int r = int(rows);
+  switch (dtype) {
+    case 1: mma_launch<1>(r, xop, ldk, W, K, f0, nf, P, ldp, err, st); break;
+    case 2: mma_launch<2>(r, xop, ldk, W, K, f0, nf, P, ldp, err, st); break;
+    default: mma_launch<3>(r, xop, ldk, W, K, f0, nf, P, ldp, err, st); break;
+  }
+}
+
+bool mma_supported(int dtype, const void *W, int64_t K) {
+  if (dtype == 0) return false;  // f32 weights: the skinny kernel's exact f32 math
+  const int64_t row_bytes = K * (dtype == 3 ? 1 : 2);
+  const int64_t E = dtype == 3 ? MmaLoad<3>::E : MmaLoad<1>::E;
+  return K % E == 0 && row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(W) % 16 == 0;
 }
 
 void tiled_gemm(int dtype, const float *xop, int64_t ldk, int64_t rows, const void *W, int64_t K,

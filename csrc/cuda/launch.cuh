@@ -35,8 +35,12 @@ namespace kern {
 // err->nan_pos <- first non-finite element of x (n rows of d, stride ld).
 void check_finite(const float *x, int64_t n, int64_t d, int64_t ld, ErrRec *err, cudaStream_t st);
 
-// The GEMM operand of n rows: (x - shift) as f32 (op_dtype SAEHOOK_F32, row_scale 1) or as
-// f16/bf16 divided by a power-of-two row scale (max |row| / scale in [0.5, 1)), ld ldk.
+// GEMM operand formats: f32 rows; f16/bf16 rows (cuBLAS); split rows, hi and lo halves of the
+// 16-bit type (the tensor-core kernel: 2 rows per row).
+enum Operand : int { kOpF32 = 0, kOpF16 = 1, kOpBF16 = 2, kOpF16Split = 3, kOpBF16Split = 4 };
+
+// The GEMM operand of n rows: (x - shift) as f32 (kOpF32, row_scale 1) or as 16-bit values
+// divided by a power-of-two row scale (max |row| / scale in [0.5, 1)), ld ldk (zero padded).
 void prepare_operand(const float *x, int64_t n, int64_t ldx, int64_t d, const float *shift,
                      int op_dtype, void *xop, int64_t ldk, float *row_scale, const ErrRec *err,
                      cudaStream_t st);
@@ -45,6 +49,11 @@ void prepare_operand(const float *x, int64_t n, int64_t ldx, int64_t d, const fl
 // bf16 or int8 values, unscaled), rows of K elements. Exact f32 accumulation.
 void skinny_gemm(int dtype, const float *xop, int64_t ldk, int64_t rows, const void *W, int64_t K,
                  int64_t f0, int64_t nf, float *P, int64_t ldp, const ErrRec *err, cudaStream_t st);
+// The same with tensor cores, for up to kMmaRows rows of f16/bf16/int8 weights (the operand
+// split, kOpF16Split for f16 and int8 weights, kOpBF16Split for bf16) where mma_supported.
+void mma_gemm(int dtype, const unsigned short *xop, int64_t ldk, int64_t rows, const void *W, int64_t K,
+              int64_t f0, int64_t nf, float *P, int64_t ldp, const ErrRec *err, cudaStream_t st);
+bool mma_supported(int dtype, const void *W, int64_t K);
 void tiled_gemm(int dtype, const float *xop, int64_t ldk, int64_t rows, const void *W, int64_t K,
                 int64_t f0, int64_t nf, float *P, int64_t ldp, const ErrRec *err, cudaStream_t st);
 

@@ -27,11 +27,14 @@ namespace {
 
 cudaStream_t as_stream(void *s) { return static_cast<cudaStream_t>(s); }
 
-// The dtype of the GEMM operand: f32 for the custom kernels and f32 weights; the weights'
-// 16-bit type for cuBLAS (f16 for int8 weights, converted tile by tile).
-saehook_dtype operand_dtype(Gemm g, saehook_dtype enc) {
-  if (g != Gemm::Cublas || enc == SAEHOOK_F32) return SAEHOOK_F32;
-  return enc == SAEHOOK_BF16 ? SAEHOOK_BF16 : SAEHOOK_F16;
+// The operand format of a GEMM: f32 for the f32 kernels and f32 weights; the weights' 16-bit
+// type for cuBLAS (f16 for int8 weights, converted tile by tile); split halves of it for the
+// tensor-core kernel.
+kern::Operand operand_of(Gemm g, saehook_dtype enc) {
+  const bool bf16 = enc == SAEHOOK_BF16;
+  if (g == Gemm::Mma) return bf16 ? kern::kOpBF16Split : kern::kOpF16Split;
+  if (g != Gemm::Cublas || enc == SAEHOOK_F32) return kern::kOpF32;
+  return bf16 ? kern::kOpBF16 : kern::kOpF16;
 }
 
 int cuda_type(saehook_dtype t) {
@@ -70,11 +73,11 @@ struct Encoder {
   // kernel found a NaN input, and a failed call must leave the output untouched.
   Encoder(const saehook_sae_desc &d, int64_t n, int64_t k, Layout &L, bool dense, cudaStream_t st)
       : D(d), device(d.cuda_device) {
-    const bool cublas = n > kSkinnyRows && have_cublas(device, st);
-    const bool dequant = cublas && D.enc_dtype == SAEHOOK_I8;
-    p = plan_encode(n, D.d_model, D.d_sae, k, dequant);
-    engine = choose_gemm(p.R, cublas);
+    const bool int8 = D.enc_dtype == SAEHOOK_I8;
+    const bool mma = kern::mma_supported(D.enc_dtype, D.W_enc, D.d_model);
+    engine = choose_gemm(n, n > kSkinnyRows && have_cublas(device, st), mma, int8);
     uses_blas = engine == Gemm::Cublas;
+    p = plan_encode(n, D.d_model, D.d_sae, k, uses_blas && int8, Budget(), gemm_max_rows(engine, int8));
     o_rs = L.take(size_t(p.R) * 4);
     o_xop = L.take(plan_operand_bytes(p));
     o_P = L.take(plan_preacts_bytes(p));
@@ -90,7 +93,7 @@ struct Encoder {
   }
 
   // P[r * ldp + j] = raw dot products of the operand rows with features f0 .. f0 + nf.
-  void gemm(const Scratch &sc, Gemm g, saehook_dtype op, int64_t rows, int64_t f0, int64_t nf, float *P,
+  void gemm(const Scratch &sc, Gemm g, kern::Operand op, int64_t rows, int64_t f0, int64_t nf, float *P,
             int64_t ldp, cudaStream_t st) const {
     const int64_t d = D.d_model;
     const void *xop = sc.at<void>(o_xop);
@@ -98,6 +101,10 @@ struct Encoder {
       case Gemm::Skinny:
         kern::skinny_gemm(D.enc_dtype, static_cast<const float *>(xop), p.ldk, rows, D.W_enc, d, f0, nf, P, ldp,
                           sc.err(), st);
+        return;
+      case Gemm::Mma:
+        kern::mma_gemm(D.enc_dtype, static_cast<const unsigned short *>(xop), p.ldk, rows, D.W_enc, d, f0, nf, P, ldp,
+                       sc.err(), st);
         return;
       case Gemm::Tiled:
         kern::tiled_gemm(D.enc_dtype, static_cast<const float *>(xop), p.ldk, rows, D.W_enc, d, f0, nf, P, ldp,
@@ -116,17 +123,18 @@ struct Encoder {
           a_type = cuda_type(D.enc_dtype);
         }
         cublas_gemm_tn(device, st, sc.at<void>(o_ws), ws_bytes, int(nf), int(rows), int(d), A, a_type, int(d), xop,
-                       cuda_type(op), int(p.ldk), P, int(ldp));
+                       op == kern::kOpBF16 ? CUDA_R_16BF : op == kern::kOpF16 ? CUDA_R_16F : CUDA_R_32F, int(p.ldk),
+                       P, int(ldp));
         return;
       }
     }
   }
 
   // The GEMM operand of `rows` rows of x; returns the GEMM that takes it.
-  Gemm prepare(const Scratch &sc, const float *x, int64_t ldx, int64_t rows, saehook_dtype &op,
+  Gemm prepare(const Scratch &sc, const float *x, int64_t ldx, int64_t rows, kern::Operand &op,
                cudaStream_t st) const {
     const Gemm g = engine;
-    op = operand_dtype(g, D.enc_dtype);
+    op = operand_of(g, D.enc_dtype);
     kern::prepare_operand(x, rows, ldx, D.d_model, D.subtract_b_dec ? D.b_dec : nullptr, op, sc.at<void>(o_xop),
                           p.ldk, sc.at<float>(o_rs), sc.err(), st);
     return g;
@@ -135,7 +143,7 @@ struct Encoder {
   // Top-K of `rows` (<= p.R) rows: values/indices rows x k.
   void chunk(const Scratch &sc, const float *x, int64_t ldx, int64_t rows, int32_t k, float *values,
              int32_t *indices, cudaStream_t st) const {
-    saehook_dtype op;
+    kern::Operand op;
     const Gemm g = prepare(sc, x, ldx, rows, op, st);
     float *P = sc.at<float>(o_P);
     uint64_t *pool = sc.at<uint64_t>(o_pool);
@@ -302,7 +310,7 @@ void preacts(const Sae &s, const float *x, int64_t n, int64_t ldx, float *out, v
   float *P = sc.at<float>(e.o_P);
   for (int64_t r0 = 0; r0 < n; r0 += e.p.R) {
     const int64_t rows = std::min(e.p.R, n - r0);
-    saehook_dtype op;
+    kern::Operand op;
     const Gemm g = e.prepare(sc, x + r0 * ldx, ldx, rows, op, st);
     float *o = out + r0 * m;
     for (int64_t f0 = 0; f0 < m; f0 += e.p.T) {

@@ -14,14 +14,20 @@ torch's current stream of the SAE's device and takes and returns torch tensors o
 Weights already on the GPU (a torch SAE's parameters) are used without a copy through
 `from_tensors`.
 
-Numerics (see README, "CUDA"): the Top-K order, padding and activations are the CPU's. Batches of
-up to 8 rows use saehook's own GEMM kernel with float32 accumulation of float32 inputs, as the
-CPU does; larger batches use cuBLAS (loaded at run time: the process's own libcublas, e.g.
-torch's; SAEHOOK_CUBLAS_LIBRARY=path picks one) with the rows rounded to the weights' 16-bit type
-(float16 for int8 weights, whose integer values are exact in it), float32 accumulation.
-SAEHOOK_CUBLAS=0 keeps everything on saehook's float32 kernels. Errors found on the device (NaN input, bad decode index) make the call
-wait for its stream to report them; SAEHOOK_CUDA_SYNC=0 skips that wait (and the report), and
-calls inside CUDA-graph capture never wait.
+Numerics (see README, "CUDA"): the Top-K order, padding and activations are the CPU's. Which
+matrix product runs depends on the weights and the number of rows n of a call:
+- float32 weights, n <= 8: saehook's own kernel, float32 products and accumulation, as the CPU.
+- float16/bfloat16 weights, n <= 16, and int8 weights, n <= 64: saehook's tensor-core kernel,
+  the weights read once per 16 (int8: 32) rows; each row is split into two 16-bit halves
+  (hi = round(x), lo = round(x - hi)) so the products carry 22 (f16, int8) or 16 (bf16)
+  significant bits of x, with float32 accumulation: near float32, far closer than one rounding.
+- more rows: cuBLAS (loaded at run time: the process's own libcublas, e.g. torch's;
+  SAEHOOK_CUBLAS_LIBRARY=path picks one) with the rows rounded once to the weights' 16-bit type
+  (float16 for int8 weights, whose integer values are exact in it), float32 accumulation.
+SAEHOOK_CUBLAS=0 keeps larger batches on saehook's float32 kernels. Errors found on the device
+(NaN input, bad decode index) make the call wait for its stream to report them;
+SAEHOOK_CUDA_SYNC=0 skips that wait (and the report), and calls inside CUDA-graph capture never
+wait.
 """
 from __future__ import annotations
 

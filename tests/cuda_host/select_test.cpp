@@ -435,6 +435,18 @@ static void test_plan() {
   CHECK(choose_gemm(1, true) == Gemm::Skinny && choose_gemm(8, true) == Gemm::Skinny &&
             choose_gemm(9, true) == Gemm::Cublas && choose_gemm(9, false) == Gemm::Tiled,
         "choose_gemm");
+  CHECK(choose_gemm(1, true, true) == Gemm::Mma && choose_gemm(kMmaCallRows16, true, true) == Gemm::Mma &&
+            choose_gemm(kMmaCallRows16 + 1, true, true) == Gemm::Cublas &&
+            choose_gemm(kMmaCallRowsI8, true, true, true) == Gemm::Mma &&
+            choose_gemm(kMmaCallRowsI8 + 1, false, true, true) == Gemm::Tiled,
+        "choose_gemm (tensor cores)");
+  for (bool i8 : {false, true})
+    for (int64_t n : {1, 9, 16, 17, 32, 33, 64, 1000}) {
+      const int64_t rows = i8 ? kMmaRowsI8 : kMmaRows16;
+      const EncodePlan p = plan_encode(n, 4096, 65536, 100, false, b, gemm_max_rows(Gemm::Mma, i8));
+      CHECK(p.R == std::min(n, rows) && p.ldk % kOperandAlign == 0, "mma plan n=%lld", (long long)n);
+      CHECK(mma_rows(p.R) >= p.R && mma_rows(p.R) <= rows && mma_rows(p.R) % 8 == 0, "mma_rows %lld", (long long)p.R);
+    }
   for (int r = 1; r <= 8; ++r) CHECK(skinny_rows(r) >= r && skinny_rows(r) <= 8, "skinny_rows %d", r);
   Layout L;
   const size_t a = L.take(1), c = L.take(300), e = L.take(0), f = L.take(8);
