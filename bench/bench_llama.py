@@ -84,9 +84,7 @@ def main() -> int:
     p.add_argument("--json", default="bench_llama.json")
     args = p.parse_args()
 
-    from saehook.llama import HookedLlama  # first: it sets up llama.cpp's OpenMP threads
-
-    import llama_cpp
+    from saehook.llama import HookedLlama, plain_llama  # first: it sets up llama.cpp's OpenMP threads
 
     path = args.model or synthetic_model(args.cache, args.hidden, args.layers, args.ffn, args.quant)
     common_kw = dict(n_ctx=args.prompt_tokens + args.gen_tokens + 64, n_batch=512, n_ubatch=512,
@@ -135,7 +133,7 @@ def main() -> int:
 
     from contextlib import nullcontext
 
-    plain = llama_cpp.Llama(path, **common_kw)
+    plain = plain_llama(path, **common_kw)  # loaded as HookedLlama loads (see use_extra_bufts)
     st_clamp = saehook.Steering(sae, layer=layer)
     for f in range(4):
         st_clamp.clamp(f, 5.0)

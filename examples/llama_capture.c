@@ -1,11 +1,13 @@
 /* Captures SAE features while llama.cpp generates, from plain C (and optionally steers).
  *
- *   llama_capture MODEL.gguf LAYER --random-sae D_SAE K [--clamp FEATURE VALUE] [--tokens N] ["prompt"]
+ *   llama_capture MODEL.gguf LAYER --random-sae D_SAE K [--clamp FEATURE VALUE] [--tokens N] [--no-repack] ["prompt"]
  *
  * For brevity the SAE is a seeded random one with the model's width; a real program fills the
  * saehook_sae_desc with the weights of a released SAE (e.g. a file mapped with mmap). Prints,
  * for every evaluated token, its top features at LAYER (before the steering, if any):
- *   token <id> pos <p> <prompt|gen>: f<index>=<value> ... (5 features) */
+ *   token <id> pos <p> <prompt|gen>: f<index>=<value> ... (5 features)
+ * --no-repack loads the model without llama.cpp's repacked CPU weight buffers: its AMX matrix
+ * product crashes on Sapphire Rapids (ggml-org/llama.cpp#20824). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,18 +32,20 @@ static int decode(struct llama_context *ctx, saehook_llama_hook *hook, llama_tok
 
 int main(int argc, char **argv) {
   if (argc < 6 || strcmp(argv[3], "--random-sae") != 0) {
-    fprintf(stderr, "usage: %s MODEL.gguf LAYER --random-sae D_SAE K [--clamp F V] [--tokens N] [prompt]\n",
+    fprintf(stderr, "usage: %s MODEL.gguf LAYER --random-sae D_SAE K [--clamp F V] [--tokens N] [--no-repack] [prompt]\n",
             argv[0]);
     return 2;
   }
   const int layer = atoi(argv[2]), d_sae = atoi(argv[4]), k = atoi(argv[5]);
   const char *prompt = "Hello";
-  int n_gen = 4, clamp_feature = -1;
+  int n_gen = 4, clamp_feature = -1, repack = 1;
   float clamp_value = 0.f;
   for (int a = 6; a < argc; ++a) {
     if (!strcmp(argv[a], "--clamp") && a + 2 < argc) {
       clamp_feature = atoi(argv[++a]);
       clamp_value = (float)atof(argv[++a]);
+    } else if (!strcmp(argv[a], "--no-repack")) {
+      repack = 0;
     } else if (!strcmp(argv[a], "--tokens") && a + 1 < argc) {
       n_gen = atoi(argv[++a]);
     } else {
@@ -50,7 +54,9 @@ int main(int argc, char **argv) {
   }
 
   llama_backend_init();
-  struct llama_model *model = llama_model_load_from_file(argv[1], llama_model_default_params());
+  struct llama_model_params mparams = llama_model_default_params();
+  mparams.use_extra_bufts = repack;
+  struct llama_model *model = llama_model_load_from_file(argv[1], mparams);
   if (!model) { fprintf(stderr, "cannot load %s\n", argv[1]); return 1; }
   const int n_embd = llama_model_n_embd(model);
 

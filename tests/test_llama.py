@@ -17,6 +17,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
 import saehook  # noqa: E402
+import saehook.llama as shl  # noqa: E402
 from saehook.llama import HookedLlama, export_control_vector  # noqa: E402
 
 import gguf_models as gm  # noqa: E402
@@ -491,6 +492,46 @@ def test_quantized_models_keep_the_features(models, sae, quant, floor):
         assert ov >= floor, (quant, L, ov)
 
 
+def _gpu_offload() -> bool:
+    supported = getattr(llama_cpp, "llama_supports_gpu_offload", None)
+    return bool(supported and supported())
+
+
+@pytest.mark.skipif(not _gpu_offload(),
+                    reason="llama-cpp-python has no GPU backend (build it with CMAKE_ARGS=-DGGML_CUDA=on)")
+def test_capture_and_steering_with_every_layer_on_the_gpu(models, sae):
+    """n_gpu_layers=-1: the residual lives in the GPU backend's buffers, which the hook reads and
+    writes through ggml_backend_tensor_get/set; the control vector lives there too. transformers
+    is the oracle, as on the CPU (to GPU float32 matmul precision)."""
+    hf, files = models
+    outs, clean, hidden_states = hf_forward(hf, TOKENS)
+    llm = open_llm(files["f32"], n_gpu_layers=-1, logits_all=True)
+    with llm.capture({0: sae, 1: sae}, residuals=True) as rec:
+        llm.eval(TOKENS)
+    for L in (0, 1):
+        assert rel_err(rec[L].residuals, hidden_states[L + 1]) < 1e-3
+        assert overlap(rec[L].indices, sae.encode(hidden_states[L + 1])[1]) >= 0.98
+    base = np.array(llm.scores[: len(TOKENS)])
+    assert rel_err(base, clean) < 1e-3
+    st = _spec(sae, outs[1][-1], layer=1)  # clamp/scale/ablate through the callback
+    add = saehook.Steering(sae, layer=2).add(7, 4.0)  # through the control vector
+    _, hf_steered, _ = hf_forward(hf, TOKENS, [st, add])
+    llm.reset()
+    with llm.steer(st, add):
+        llm.eval(TOKENS)
+    steered = np.array(llm.scores[: len(TOKENS)])
+    assert rel_err(steered, base) > 0.1
+    assert rel_err(steered, hf_steered) < 1e-3
+    # A quantized model on the GPU keeps the features of the same model on the CPU.
+    feats = {}
+    for layers in (0, -1):
+        q = open_llm(files["Q8_0"], n_gpu_layers=layers)
+        with q.capture({1: sae}) as r:
+            q.eval(TOKENS)
+        feats[layers] = r[1].indices
+    assert overlap(feats[0], feats[-1]) >= 0.9
+
+
 def test_errors_before_any_token(models, sae):
     _, files = models
     llm = open_llm(files["f32"])
@@ -543,9 +584,12 @@ def test_c_example_program(models, sae, tmp_path):
                    check=True, capture_output=True)
     subprocess.run([cmake, "--build", str(build)], check=True, capture_output=True)
 
+    # The example loads models as HookedLlama does where llama.cpp's AMX product would crash.
+    repack = () if shl._resolve_extra_bufts(None) else ("--no-repack",)
+
     def run(*extra):
         out = subprocess.run([str(build / "llama_capture"), str(files["Q8_0"]), "1", "--random-sae", "1024", "16",
-                              *extra, "Hello"], check=True, capture_output=True, text=True, timeout=120).stdout
+                              *repack, *extra, "Hello"], check=True, capture_output=True, text=True, timeout=120).stdout
         rows = [ln.split() for ln in out.splitlines() if ln.startswith("token")]
         assert rows and all(len(r) == 5 + 5 for r in rows), out  # token T pos P KIND: + 5 features
         return rows
@@ -569,3 +613,27 @@ def test_warns_when_gomp_spincount_comes_too_late(torch_first):
     out = subprocess.run([sys.executable, "-W", "always", "-c", order], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert ("libgomp is already loaded" in out.stderr) == torch_first, out.stderr
+
+
+def test_repacked_weight_buffers_follow_the_cpu_and_the_caller(models):
+    # llama.cpp's AMX product crashes on Sapphire Rapids (ggml-org/llama.cpp#20824): the
+    # repacked buffers are off by default exactly where llama.cpp reports AMX, and the caller
+    # decides when it says so. A plain Llama loaded the same way computes the same logits.
+    _, files = models
+    assert shl._resolve_extra_bufts(None) == (not shl._llama_has_amx())
+    assert shl._resolve_extra_bufts(False) is False and shl._resolve_extra_bufts(True) is True
+    default = open_llm(files["Q8_0"], logits_all=True)
+    assert bool(default.model_params.use_extra_bufts) == shl._resolve_extra_bufts(None)
+    off = open_llm(files["Q8_0"], use_extra_bufts=False, logits_all=True)
+    assert not off.model_params.use_extra_bufts
+    plain = shl.plain_llama(str(files["Q8_0"]), n_ctx=512, n_batch=64, n_ubatch=64, verbose=False, seed=0,
+                            logits_all=True, **KV_F32)
+    assert bool(plain.model_params.use_extra_bufts) == shl._resolve_extra_bufts(None)
+    tokens = default.tokenize(b"The quick brown fox")
+    logits = []
+    for llm in (default, off, plain):
+        llm.reset()
+        llm.eval(tokens)
+        logits.append(np.array(llm.scores[: len(tokens)]))
+    np.testing.assert_allclose(logits[2], logits[0], rtol=0, atol=0)
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4, atol=1e-4)

@@ -123,6 +123,50 @@ _LIB: Optional[_Lib] = None
 _INIT_LOCK = threading.Lock()
 
 
+def _llama_has_amx() -> bool:
+    """Whether llama.cpp's CPU backend was built with its AMX code and runs on an AMX CPU."""
+    info = llama_cpp.llama_print_system_info()
+    return b"AMX_INT8 = 1" in (info if isinstance(info, bytes) else str(info).encode())
+
+
+def _resolve_extra_bufts(use_extra_bufts: Optional[bool]) -> bool:
+    """llama.cpp's extra buffer types (weights repacked for the CPU: AMX tiles, interleaved
+    Q4_0/IQ4_NL). None: on, except where llama.cpp uses AMX: its AMX matrix product crashes on
+    Sapphire Rapids (ggml-org/llama.cpp#20824; here every model, the demo's Q8_0 included,
+    segfaulted in ggml_backend_amx_mul_mat with llama-cpp-python 0.3.36 built from source)."""
+    return (not _llama_has_amx()) if use_extra_bufts is None else bool(use_extra_bufts)
+
+
+@contextlib.contextmanager
+def _model_params_hook(owner, use_extra_bufts: bool):
+    """While a Llama constructor runs: the model it loads gets use_extra_bufts (only the model
+    whose params are the owner's; another thread's Llama is left alone)."""
+    real_model = _internals.LlamaModel
+
+    def model(*, path_model, params, **kw):
+        if params is getattr(owner, "model_params", None) and hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = use_extra_bufts
+        return real_model(path_model=path_model, params=params, **kw)
+
+    _llama_mod.internals.LlamaModel = model
+    try:
+        yield
+    finally:
+        _llama_mod.internals.LlamaModel = real_model
+
+
+def plain_llama(*args, use_extra_bufts: Optional[bool] = None, **kwargs) -> "llama_cpp.Llama":
+    """A llama_cpp.Llama (no hook) loaded as HookedLlama loads its model: the baseline to compare
+    a HookedLlama with, and a way around the AMX crash for plain use."""
+
+    class _Plain(llama_cpp.Llama):
+        def __init__(self):
+            with _INIT_LOCK, _model_params_hook(self, _resolve_extra_bufts(use_extra_bufts)):
+                super().__init__(*args, **kwargs)
+
+    return _Plain()
+
+
 def _lib() -> _Lib:
     global _LIB
     if _LIB is None:
@@ -176,9 +220,12 @@ class _HookedContext(_internals.LlamaContext):
 class HookedLlama(llama_cpp.Llama):
     """llama_cpp.Llama whose context carries saehook's eval callback. Same arguments, plus
     `context_overrides`: llama_context_params fields Llama has no argument for (e.g.
-    {"n_seq_max": 4, "kv_unified": True} to decode several sequences in one batch)."""
+    {"n_seq_max": 4, "kv_unified": True} to decode several sequences in one batch), and
+    `use_extra_bufts`: llama.cpp's repacked CPU weight buffers (None: on, except on CPUs where
+    llama.cpp uses AMX, whose matrix product crashes there; see `plain_llama`)."""
 
-    def __init__(self, *args, context_overrides: Optional[Mapping[str, object]] = None, **kwargs):
+    def __init__(self, *args, context_overrides: Optional[Mapping[str, object]] = None,
+                 use_extra_bufts: Optional[bool] = None, **kwargs):
         self._hook = None
         self._entries: List[int] = []
         self._modifier_layer: Dict[int, int] = {}  # entry id -> layer, for entries that change the residual
@@ -216,7 +263,7 @@ class HookedLlama(llama_cpp.Llama):
         # Llama creates its context in __init__ with no way to pass a callback: swap the context
         # class for the duration of this constructor only (serialised across HookedLlamas; a
         # plain Llama built meanwhile in another thread is handed the real class).
-        with _INIT_LOCK:
+        with _INIT_LOCK, _model_params_hook(self, _resolve_extra_bufts(use_extra_bufts)):
             _llama_mod.internals.LlamaContext = hooked_context
             try:
                 super().__init__(*args, **kwargs)
