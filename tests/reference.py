@@ -46,8 +46,8 @@ def kernel_operand(sae, x: np.ndarray, isa: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32).reshape(-1, sae.d_model)
     if sae.subtract_b_dec:
         x = x - sae.arrays()["b_dec"]
-    rounds_bf16 = sae.enc_dtype == "bf16" and isa == "avx512_vnni"
-    quantizes_int8 = sae.enc_dtype == "int8" and isa in ("avx512_vnni", "avx512_vnni_int8", "avx2_vnni")
+    rounds_bf16 = sae.enc_dtype == "bf16" and isa in ("avx512_vnni", "avx512_amx")
+    quantizes_int8 = sae.enc_dtype == "int8" and isa in ("avx512_amx", "avx512_vnni", "avx512_vnni_int8", "avx2_vnni")
     if not (rounds_bf16 or quantizes_int8):
         return x.astype(np.float64)
     if sae.enc_dtype == "bf16":

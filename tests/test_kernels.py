@@ -50,6 +50,21 @@ def test_encode_matches_reference(isa, enc, activation):
         ref.assert_topk_matches(vals, idx, pre_act, k, TOL)
 
 
+@pytest.mark.parametrize("enc", ["f32", "bf16", "int8"])
+def test_preacts_match_reference_at_tile_edges(isa, enc):
+    # Row counts around the 16-row tiles and pairs of them (1, 2, 3 groups, 9 with a partial
+    # one), widths that end inside a 64-byte tile row and inside an int8 quantization block,
+    # feature counts that end inside a 16-feature group.
+    for d_model, d_sae, n in [(37, 33, 2), (64, 100, 17), (200, 700, 40), (300, 129, 131), (40, 16, 8)]:
+        sae = _with_dtype(make_sae(d_model, d_sae, 4, seed=n), enc)
+        x = np.random.default_rng(d_sae).standard_normal((n, d_model)).astype(np.float32)
+        got = sae.preacts(x)
+        want = ref.preacts(sae, x)
+        W_enc, _ = ref.sae_dense(sae)
+        scale = np.abs(ref.kernel_operand(sae, x, isa)) @ np.abs(W_enc).T  # bound of the rounding error
+        assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-6), (d_model, d_sae, n)
+
+
 def test_encode_subtract_b_dec_and_caller_k(isa):
     sae = make_sae(40, 200, 10, activation="topk_relu", subtract_b_dec=True)
     x = np.random.default_rng(1).standard_normal((7, 40)).astype(np.float32)
@@ -316,3 +331,21 @@ def test_read_probe_sums_what_it_reads(n):
     a = (np.arange(n, dtype=np.float32) % 13) - 6
     got = _core.read_probe(a.ctypes.data, a.nbytes, 2)
     assert got == pytest.approx(float(a.sum(dtype=np.float64)), abs=1e-3 * max(1, n) ** 0.5)
+
+
+@pytest.mark.parametrize("enc", ["f32", "bf16"])
+def test_non_finite_weights_stay_in_their_feature(isa, enc):
+    # Kernels read whole vectors / tile rows: bytes past the end of a feature's row (the next
+    # feature's weights) must never enter its dot product, even where they are Inf (0 * Inf).
+    d_model, d_sae = 37, 33
+    sae = _with_dtype(make_sae(d_model, d_sae, 4, seed=5), enc)
+    W = sae.arrays()["W_enc"].copy()
+    inf = np.float32(np.inf) if enc == "f32" else ref.f32_to_bf16_bits(np.array([np.inf], np.float32))[0]
+    W[6, :] = inf  # feature 6 is all Inf; features 5 and 7 are its neighbours in memory
+    a = sae.arrays()
+    bad = saehook.SAE(W, a["W_dec"], a.get("b_enc"), a.get("b_dec"), k=4, enc_dtype=enc, dec_dtype=sae.dec_dtype)
+    x = np.random.default_rng(0).standard_normal((20, d_model)).astype(np.float32)
+    got = bad.preacts(x)
+    keep = np.arange(d_sae) != 6
+    assert np.all(np.isfinite(got[:, keep]))
+    np.testing.assert_allclose(got[:, keep], sae.preacts(x)[:, keep], rtol=0, atol=0)

@@ -10,6 +10,10 @@
 #include <cpuid.h>
 #define SAEHOOK_X86 1
 #endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace saehook::cpu {
 
@@ -26,6 +30,9 @@ extern const Kernels kernels_avx512;
 #ifdef SAEHOOK_HAVE_AVX512_VNNI
 extern const Kernels kernels_avx512_vnni;
 extern const Kernels kernels_avx512_vnni_int8;
+#endif
+#ifdef SAEHOOK_HAVE_AMX
+extern const Kernels kernels_avx512_amx;
 #endif
 
 namespace {
@@ -77,6 +84,29 @@ bool cpu_has_avx512_vnni() {  // AVX512_VNNI and AVX512_BF16 (vdpbf16ps)
   if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
   return a & (1u << 5);
 }
+
+#ifdef SAEHOOK_HAVE_AMX
+// AMX-TILE, AMX-BF16 and AMX-INT8, the OS saving the tile state (XCR0 bits 17, 18), and, on
+// Linux, the process's permission to use it (asked once; a thread touching tile data without it
+// dies of SIGILL).
+bool cpu_has_amx() {
+  static const bool ok = [] {
+    if (!cpu_has_avx512_vnni()) return false;
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool bf16 = d & (1u << 22), tile = d & (1u << 24), int8 = d & (1u << 25);
+    if (!(bf16 && tile && int8)) return false;
+    if ((xgetbv0() & (3u << 17)) != (3u << 17)) return false;
+#if defined(__linux__)
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+#endif
 #endif
 
 struct Entry {
@@ -88,6 +118,9 @@ bool always() { return true; }
 
 // Best first.
 const Entry kEntries[] = {
+#ifdef SAEHOOK_HAVE_AMX
+    {&kernels_avx512_amx, cpu_has_amx},
+#endif
 #ifdef SAEHOOK_HAVE_AVX512_VNNI
     {&kernels_avx512_vnni, cpu_has_avx512_vnni},
     {&kernels_avx512_vnni_int8, cpu_has_avx512_vnni_int8},
