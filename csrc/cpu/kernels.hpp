@@ -34,7 +34,7 @@ struct Kernels {
 // The kernels in use (chosen once from the CPU, or forced by saehook_set_isa / SAEHOOK_ISA).
 const Kernels &active();
 // Selects a path by name ("auto", "baseline", "avx2", "avx2_vnni", "avx512", "avx512_vnni_int8",
-// "avx512_vnni"); false if unavailable here.
+// "avx512_vnni", "avx512_amx"); false if unavailable here.
 bool select(const char *name);
 // Comma-separated names of the paths this build has and this CPU runs.
 const char *available();
