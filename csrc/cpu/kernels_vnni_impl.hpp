@@ -247,60 +247,51 @@ static inline __mmask16 lane_mask(int64_t valid) {
   return valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1u);
 }
 
+// Float accumulation over a panel: R rows x G groups over steps [s0, s1); accumulates into out
+// (first pass starts from zero). `Step` multiplies one step: its inputs of a row, broadcast to
+// every lane, with a panel vector (the same 4 bytes per lane in both).
+template <class Step, int R, int G>
+static inline void panel_float(const typename Step::In *x, int64_t ldx, const uint32_t *panel, int64_t ng,
+                               int64_t g0, int64_t s0, int64_t s1, float *out, int64_t ldo, int64_t nf) {
+  __m512 acc[R][G];
+  for (int g = 0; g < G; ++g) {
+    const __mmask16 m = lane_mask(nf - (g0 + g) * 16);
+    for (int r = 0; r < R; ++r)
+      acc[r][g] = s0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, out + r * ldo + (g0 + g) * 16);
+  }
+  for (int64_t s = s0; s < s1; ++s) {
+    __m512i b[G];
+    for (int g = 0; g < G; ++g) b[g] = _mm512_load_si512(panel + (s * ng + g0 + g) * 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512i a = Step::broadcast(x + r * ldx, s);
+      for (int g = 0; g < G; ++g) acc[r][g] = Step::madd(acc[r][g], a, b[g]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const __mmask16 m = lane_mask(nf - (g0 + g) * 16);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * ldo + (g0 + g) * 16, m, acc[r][g]);
+  }
+}
+
+struct StepF32 {  // a step is one float input
+  using In = float;
+  static __m512i broadcast(const float *x, int64_t s) { return _mm512_castps_si512(_mm512_set1_ps(x[s])); }
+  static __m512 madd(__m512 acc, __m512i a, __m512i b) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
+  }
+};
+
 #if SAEHOOK_VNNI_BF16
-// R rows x G groups over steps [s0, s1); accumulates into out (first pass starts from zero).
-template <int R, int G>
-static inline void panel_bf16(const uint16_t *x, int64_t ldx, const uint32_t *panel, int64_t ng,
-                              int64_t g0, int64_t s0, int64_t s1, float *out, int64_t ldo,
-                              int64_t nf) {
-  __m512 acc[R][G];
-  for (int g = 0; g < G; ++g) {
-    const __mmask16 m = lane_mask(nf - (g0 + g) * 16);
-    for (int r = 0; r < R; ++r)
-      acc[r][g] = s0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, out + r * ldo + (g0 + g) * 16);
+struct StepBF16 {  // a step is a pair of bf16 inputs (vdpbf16ps)
+  using In = uint16_t;
+  static __m512i broadcast(const uint16_t *x, int64_t s) {
+    int32_t pair;
+    std::memcpy(&pair, x + 2 * s, 4);
+    return _mm512_set1_epi32(pair);
   }
-  for (int64_t s = s0; s < s1; ++s) {
-    __m512bh b[G];
-    for (int g = 0; g < G; ++g) b[g] = (__m512bh)_mm512_load_si512(panel + (s * ng + g0 + g) * 16);
-    for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, x + r * ldx + 2 * s, 4);
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], a, b[g]);
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    const __mmask16 m = lane_mask(nf - (g0 + g) * 16);
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * ldo + (g0 + g) * 16, m, acc[r][g]);
-  }
-}
-
+  static __m512 madd(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+};
 #endif  // SAEHOOK_VNNI_BF16
-
-// float32 weights: R rows x G groups over steps [s0, s1) (a step is one input), the same walk
-// with FMAs of broadcast inputs; accumulates into out (first pass starts from zero).
-template <int R, int G>
-static inline void panel_f32(const float *x, int64_t ldx, const uint32_t *panel, int64_t ng, int64_t g0,
-                             int64_t s0, int64_t s1, float *out, int64_t ldo, int64_t nf) {
-  __m512 acc[R][G];
-  for (int g = 0; g < G; ++g) {
-    const __mmask16 m = lane_mask(nf - (g0 + g) * 16);
-    for (int r = 0; r < R; ++r)
-      acc[r][g] = s0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, out + r * ldo + (g0 + g) * 16);
-  }
-  for (int64_t s = s0; s < s1; ++s) {
-    __m512 b[G];
-    for (int g = 0; g < G; ++g) b[g] = _mm512_load_ps(reinterpret_cast<const float *>(panel + (s * ng + g0 + g) * 16));
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(x[r * ldx + s]);
-      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_fmadd_ps(a, b[g], acc[r][g]);
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    const __mmask16 m = lane_mask(nf - (g0 + g) * 16);
-    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * ldo + (g0 + g) * 16, m, acc[r][g]);
-  }
-}
 
 // int8: int32 sums over one quantization block [b0, b1) of steps, scaled by the block's input
 // scale and added into out (float). Kept as its own function so the accumulators of one block
@@ -389,7 +380,7 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
     for (int64_t s0 = 0; s0 < steps; s0 += kChunk / 2) {
       const int64_t s1 = std::min(steps, s0 + kChunk / 2);
       walk_panel<6, 4>(R, ng, [&](auto rg, auto gg, int64_t r, int64_t g) {
-        panel_bf16<decltype(rg)::value, decltype(gg)::value>(x + r * ld, ld, panel, ng, g, s0, s1,
+        panel_float<StepBF16, decltype(rg)::value, decltype(gg)::value>(x + r * ld, ld, panel, ng, g, s0, s1,
                                                              out + r * ldo, ldo, nf);
       });
     }
@@ -435,7 +426,7 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
     uint32_t *panel = panel_buffer(size_t(d * ng * 16));
     pack(static_cast<const uint8_t *>(Wv) + f0 * d * 4, 4 * d, nf, panel, 0);
     walk_panel<6, 4>(R, ng, [&](auto rg, auto gg, int64_t r, int64_t g) {
-      panel_f32<decltype(rg)::value, decltype(gg)::value>(x + r * d, d, panel, ng, g, 0, d, out + r * ldo, ldo, nf);
+      panel_float<StepF32, decltype(rg)::value, decltype(gg)::value>(x + r * d, d, panel, ng, g, 0, d, out + r * ldo, ldo, nf);
     });
     return;
   }
