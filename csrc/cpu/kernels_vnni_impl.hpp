@@ -139,6 +139,11 @@ static inline void dot_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8
 // case: interleaving 8 short int8 rows of d bytes each starved it). A full quantization block is
 // kQBlock / 64 independent 64-byte products (unrolled: with a runtime-indexed accumulator array
 // GCC kept the accumulators on the stack).
+// Software prefetch distance of row_i8 (bytes ahead in the stream). One thread, 4096 x 65536,
+// 2-core Sapphire Rapids: 0.77-0.79 of the read probe's rate without, 0.91-0.95 at 1 or 2 KiB
+// ahead, 0.61 at 4 KiB.
+constexpr int64_t kRowPrefetch = 2048;
+
 static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, int64_t nf,
                    const float *wscale, float *out) {
   static_assert(kQBlock % 64 == 0 && kQBlock <= 256, "row_i8 unrolls a block into 64-byte steps");
@@ -155,6 +160,8 @@ static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, i
     __m512 facc = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t b0 = b * kQBlock, b1 = std::min(d, b0 + kQBlock);
+      for (int64_t l = 0; l < kQBlock; l += 64)  // past the block's end too: prefetches never fault
+        _mm_prefetch(reinterpret_cast<const char *>(w + b0 + kRowPrefetch + l), _MM_HINT_T0);
       __m512i sum;
       if (b1 - b0 == kQBlock) {
         sum = step(w, b0);
