@@ -31,13 +31,27 @@ def median_time(fn, reps: int, warmup: int = 1) -> float:
     return float(np.median(ts))
 
 
+_PROBE = None
+
+
+def _probe_buffer() -> np.ndarray:
+    """1 GiB, far beyond any cache, allocated once per process: allocating and freeing it at
+    every measurement slowed whatever ran about a second later (the kernel reclaiming the pages
+    on this 2-core VM): in bench_llama the scenario after the first took 2 ms/token more (+11%),
+    whichever it was."""
+    global _PROBE
+    if _PROBE is None:
+        _PROBE = np.ones(1 << 28, dtype=np.float32)
+    return _PROBE
+
+
 def read_bandwidth(threads: int) -> dict:
     """GB/s of a large-array reduction: numpy (one thread), torch (all threads) and saehook's
     read probe (the kernels' thread pool and 2 MiB blocks; torch.sum alone read 20-25% below
     what a gemv reached on this class of VM). The bound is the fastest of them."""
     from saehook import _core
 
-    a = np.ones(1 << 28, dtype=np.float32)  # 1 GiB, far beyond any cache
+    a = _probe_buffer()
     out = {"numpy_sum_1thread": a.nbytes / median_time(a.sum, 5) / 1e9}
     out["saehook_probe"] = a.nbytes / median_time(lambda: _core.read_probe(a.ctypes.data, a.nbytes, threads), 5) / 1e9
     try:
