@@ -155,16 +155,16 @@ def _model_params_hook(owner, use_extra_bufts: bool):
         _llama_mod.internals.LlamaModel = real_model
 
 
+class _PlainLlama(llama_cpp.Llama):
+    def __init__(self, *args, use_extra_bufts: Optional[bool] = None, **kwargs):
+        with _INIT_LOCK, _model_params_hook(self, _resolve_extra_bufts(use_extra_bufts)):
+            super().__init__(*args, **kwargs)
+
+
 def plain_llama(*args, use_extra_bufts: Optional[bool] = None, **kwargs) -> "llama_cpp.Llama":
     """A llama_cpp.Llama (no hook) loaded as HookedLlama loads its model: the baseline to compare
     a HookedLlama with, and a way around the AMX crash for plain use."""
-
-    class _Plain(llama_cpp.Llama):
-        def __init__(self):
-            with _INIT_LOCK, _model_params_hook(self, _resolve_extra_bufts(use_extra_bufts)):
-                super().__init__(*args, **kwargs)
-
-    return _Plain()
+    return _PlainLlama(*args, use_extra_bufts=use_extra_bufts, **kwargs)
 
 
 def _lib() -> _Lib:
