@@ -10,7 +10,7 @@
 // `prepare` once per row chunk, and C is features x input rows. Two A and two B tiles feed four
 // C tiles: the 8 tile registers.
 //
-// What bounds it (2-core Sapphire Rapids VM): tile loads, not products. A TDPBF16PS alone
+// What bounds it (2-core Sapphire Rapids-class VM): tile loads, not products. A TDPBF16PS alone
 // issues every 4.4 ns; with one 1 KiB tile load per product (the 2 x 2 blocking: the least 8
 // tile registers allow) 14 ns from L1, 15 ns from L2, 23 ns when the A tile's 16 rows are 8 KiB
 // apart as W's rows are. K-chunking so that A comes from L1 for later row groups changed
@@ -30,7 +30,7 @@ namespace saehook::cpu::avx512_amx {
 namespace {
 
 // From this many rows the tile kernels run; below, the AVX-512 dot-product tiles, which stream
-// the weights near the read bandwidth there. Measured at 4096 x 65536 (2-core Sapphire Rapids,
+// the weights near the read bandwidth there. Measured at 4096 x 65536 (2-core Sapphire Rapids-class,
 // 31 GB/s): bf16 at 2 rows 19 ms against 26 ms, 1 row the same (19 ms); int8 even at 8 rows
 // (15 ms each way; the tiles' per-block rescaling costs as much as the products), 16 rows 14
 // against 18 ms.
