@@ -40,14 +40,13 @@ Q_BLOCK = 128  # int8 input quantization block of the avx512_vnni path
 
 def kernel_operand(sae, x: np.ndarray, isa: str) -> np.ndarray:
     """The input rows as the given kernel path multiplies them (float64): exact for f32 paths,
-    bf16-rounded rows (bf16 encoder, avx512_vnni path) and block-quantized int8 rows (int8
-    encoder, avx512_vnni, avx512_vnni_int8 and avx2_vnni paths), reproducing their float32
-    arithmetic."""
+    bf16-rounded rows (bf16 encoder, avx512_vnni and avx512_amx paths) and block-quantized int8
+    rows (int8 encoder, the AMX, VNNI and AVX2 paths), reproducing their float32 arithmetic."""
     x = np.asarray(x, dtype=np.float32).reshape(-1, sae.d_model)
     if sae.subtract_b_dec:
         x = x - sae.arrays()["b_dec"]
     rounds_bf16 = sae.enc_dtype == "bf16" and isa in ("avx512_vnni", "avx512_amx")
-    quantizes_int8 = sae.enc_dtype == "int8" and isa in ("avx512_amx", "avx512_vnni", "avx512_vnni_int8", "avx2_vnni")
+    quantizes_int8 = sae.enc_dtype == "int8" and isa in ("avx512_amx", "avx512_vnni", "avx512_vnni_int8", "avx2_vnni", "avx2")
     if not (rounds_bf16 or quantizes_int8):
         return x.astype(np.float64)
     if sae.enc_dtype == "bf16":

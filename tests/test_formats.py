@@ -474,7 +474,7 @@ def test_saehook_save_replaces_a_file_still_in_use(qwen_dir, tmp_path):
 
 def test_int8_error_is_within_its_quantization_bound(qwen_dir):
     """int8 encoder error, worst case. Weights: symmetric per feature, |W' - W| <= s_f / 2 with
-    s_f = max|W_f| / 127. Inputs (the avx512_vnni and avx512_vnni_int8 paths; others use x exactly): symmetric
+    s_f = max|W_f| / 127. Inputs (the VNNI, AMX and AVX2 paths; baseline and avx512 use x exactly): symmetric
     per 128-value block, |x' - x| <= s_b / 2 with s_b = max|x_block| / 127. So
         |pre' - pre| <= sum_j (s_f / 2 |x_j| + (|W_fj| + s_f / 2) s_b / 2)  (+ f32 rounding).
     Where the f32 top-k margin exceeds twice that bound, int8 must pick the same features and

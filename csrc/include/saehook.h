@@ -117,8 +117,8 @@ SAEHOOK_API int32_t saehook_get_num_threads(void);
  * (AVX2+FMA+F16C), "avx2_vnni" (plus AVX-VNNI: int8 on vpdpbusd), "avx512" (AVX-512 F/BW/VL),
  * "avx512_vnni_int8" (plus AVX512-VNNI), "avx512_vnni" (plus AVX512-VNNI and AVX512-BF16) or
  * "avx512_amx" (plus AMX-TILE, AMX-BF16 and AMX-INT8: tile products for bf16 encoders from 2
- * rows, int8 from 8). The VNNI and AMX paths quantize the input rows of an int8 encoder in
- * blocks of 128 values, and avx512_vnni / avx512_amx round those of a bf16 encoder to bf16;
+ * rows, int8 from 8). The AVX2, VNNI and AMX paths quantize the input rows of an int8 encoder
+ * in blocks of 128 values, and avx512_vnni / avx512_amx round those of a bf16 encoder to bf16;
  * the others use the float32 rows. */
 SAEHOOK_API saehook_status saehook_set_isa(const char *name);
 SAEHOOK_API const char *saehook_get_isa(void);
