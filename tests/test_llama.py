@@ -635,5 +635,6 @@ def test_repacked_weight_buffers_follow_the_cpu_and_the_caller(models):
         llm.reset()
         llm.eval(tokens)
         logits.append(np.array(llm.scores[: len(tokens)]))
-    np.testing.assert_allclose(logits[2], logits[0], rtol=0, atol=0)
-    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits[2], logits[0], rtol=0, atol=0)  # the same loading, the same kernels
+    # Repacked or not, the same products in another order (where the default repacks, e.g. Zen).
+    np.testing.assert_allclose(logits[1], logits[0], rtol=0, atol=1e-3 * np.abs(logits[0]).max())
