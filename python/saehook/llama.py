@@ -49,7 +49,6 @@ if "GOMP_SPINCOUNT" not in os.environ and _libgomp_loaded():
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import llama_cpp  # noqa: E402
-import llama_cpp.llama as _llama_mod  # noqa: E402
 from llama_cpp import _internals  # noqa: E402
 from llama_cpp import llama_cpp as _llama_lib  # noqa: E402
 
@@ -138,26 +137,30 @@ def _resolve_extra_bufts(use_extra_bufts: Optional[bool]) -> bool:
 
 
 @contextlib.contextmanager
-def _model_params_hook(owner, use_extra_bufts: bool):
-    """While a Llama constructor runs: the model it loads gets use_extra_bufts (only the model
-    whose params are the owner's; another thread's Llama is left alone)."""
-    real_model = _internals.LlamaModel
+def _constructing(owner, use_extra_bufts: bool, context_class=None):
+    """While a Llama constructor runs (the caller holds _INIT_LOCK): llama_cpp's internal
+    classes swapped so that the model it loads gets use_extra_bufts and, with `context_class`,
+    its context is built by that. Llama has no argument for either. Only the owner's params are
+    touched: a Llama another thread builds meanwhile gets the real classes' behaviour."""
+    real_model, real_context = _internals.LlamaModel, _internals.LlamaContext
 
     def model(*, path_model, params, **kw):
         if params is getattr(owner, "model_params", None) and hasattr(params, "use_extra_bufts"):
             params.use_extra_bufts = use_extra_bufts
         return real_model(path_model=path_model, params=params, **kw)
 
-    _llama_mod.internals.LlamaModel = model
+    _internals.LlamaModel = model
+    if context_class is not None:
+        _internals.LlamaContext = context_class
     try:
         yield
     finally:
-        _llama_mod.internals.LlamaModel = real_model
+        _internals.LlamaModel, _internals.LlamaContext = real_model, real_context
 
 
 class _PlainLlama(llama_cpp.Llama):
     def __init__(self, *args, use_extra_bufts: Optional[bool] = None, **kwargs):
-        with _INIT_LOCK, _model_params_hook(self, _resolve_extra_bufts(use_extra_bufts)):
+        with _INIT_LOCK, _constructing(self, _resolve_extra_bufts(use_extra_bufts)):
             super().__init__(*args, **kwargs)
 
 
@@ -263,12 +266,8 @@ class HookedLlama(llama_cpp.Llama):
         # Llama creates its context in __init__ with no way to pass a callback: swap the context
         # class for the duration of this constructor only (serialised across HookedLlamas; a
         # plain Llama built meanwhile in another thread is handed the real class).
-        with _INIT_LOCK, _model_params_hook(self, _resolve_extra_bufts(use_extra_bufts)):
-            _llama_mod.internals.LlamaContext = hooked_context
-            try:
-                super().__init__(*args, **kwargs)
-            finally:
-                _llama_mod.internals.LlamaContext = real_context
+        with _INIT_LOCK, _constructing(self, _resolve_extra_bufts(use_extra_bufts), hooked_context):
+            super().__init__(*args, **kwargs)
 
     # ---- model facts ----
     @property
