@@ -108,9 +108,6 @@ static void tile_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8_t *W,
   }
 }
 
-// Software prefetch distance of row_i8 (bytes ahead in the stream), as in the AVX-512 paths.
-constexpr int64_t kStreamPrefetch = 1024;
-
 // One row: one feature row after the other (a sequential stream), a block's four 32-byte steps
 // as independent dot products.
 static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, int64_t nf, const float *wscale,
@@ -127,8 +124,7 @@ static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, i
     float acc = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t b0 = b * kQBlock, b1 = std::min(d, b0 + kQBlock);
-      for (int64_t l = 0; l < kQBlock; l += 64)  // past the row's end too: prefetches never fault
-        _mm_prefetch(reinterpret_cast<const char *>(w + b0 + kStreamPrefetch + l), _MM_HINT_T0);
+      prefetch_ahead(w + b0, kQBlock);
       __m256i sum;
       if (b1 - b0 == kQBlock) {
         sum = _mm256_add_epi32(_mm256_add_epi32(step(w, b0), step(w, b0 + 32)),

@@ -70,11 +70,6 @@ constexpr int64_t kPackRowsF32 = 16;
 constexpr int64_t kChunk = 1024;  // panel inputs per pass (a multiple of kQBlock): L1/L2 reuse
 
 // ---------------- dot-product tiles (few rows) ----------------
-// Software prefetch distance (bytes ahead in each weight row) of the batch-1 kernels, which
-// stream the weights once. 4096 x 65536 on a 2-core Sapphire Rapids-class VM, against the read
-// probe: int8 one thread 0.77-0.79 without, 0.94-0.95 at 1 KiB, 0.91-0.95 at 2 KiB, 0.61 at
-// 4 KiB; bf16 two threads 0.91-0.92 without, 0.96-0.97 at 1 KiB, 0.94-0.95 at 2 KiB.
-constexpr int64_t kStreamPrefetch = 1024;
 #if SAEHOOK_VNNI_BF16
 template <int R, int F>
 static inline void dot_bf16(const uint16_t *x, int64_t ldx, const uint16_t *W, int64_t d, float *out,
@@ -85,7 +80,7 @@ static inline void dot_bf16(const uint16_t *x, int64_t ldx, const uint16_t *W, i
   int64_t i = 0;
   for (; i + 32 <= d; i += 32)
     for (int f = 0; f < F; ++f) {
-      if (R == 1) _mm_prefetch(reinterpret_cast<const char *>(W + f * d + i) + kStreamPrefetch, _MM_HINT_T0);
+      if (R == 1) prefetch_ahead(W + f * d + i, 64);
       const __m512bh w = (__m512bh)_mm512_loadu_si512(W + f * d + i);
       for (int r = 0; r < R; ++r)
         acc[r][f] = _mm512_dpbf16_ps(acc[r][f], (__m512bh)_mm512_loadu_si512(x + r * ldx + i), w);
@@ -161,8 +156,7 @@ static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, i
     __m512 facc = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t b0 = b * kQBlock, b1 = std::min(d, b0 + kQBlock);
-      for (int64_t l = 0; l < kQBlock; l += 64)  // past the block's end too: prefetches never fault
-        _mm_prefetch(reinterpret_cast<const char *>(w + b0 + kStreamPrefetch + l), _MM_HINT_T0);
+      prefetch_ahead(w + b0, kQBlock);
       __m512i sum;
       if (b1 - b0 == kQBlock) {
         sum = step(w, b0);
