@@ -231,6 +231,22 @@ void tile_block(const uint8_t *W, int64_t row_bytes, int64_t nf, int64_t g, cons
   }
 }
 
+// Feature-group pairs outside, row-group pairs inside: a pair's weight rows come from memory
+// once and from L2 for the other row groups.
+template <bool I8>
+void tile_pairs(const uint8_t *W, int64_t row_bytes, int64_t nf, const uint8_t *bop, const BLayout &L, int64_t R,
+                const float *ws, float *out, int64_t ldo) {
+  const int64_t ng = (nf + 15) / 16;
+  for (int64_t g = 0; g < ng; g += 2)
+    for (int64_t q = 0; q < L.groups; q += 2) {
+      const bool a2 = g + 1 < ng, b2 = q + 1 < L.groups;
+      if (a2 && b2) tile_block<2, 2, I8>(W, row_bytes, nf, g, bop, L, q, R, ws, out, ldo);
+      else if (a2) tile_block<2, 1, I8>(W, row_bytes, nf, g, bop, L, q, R, ws, out, ldo);
+      else if (b2) tile_block<1, 2, I8>(W, row_bytes, nf, g, bop, L, q, R, ws, out, ldo);
+      else tile_block<1, 1, I8>(W, row_bytes, nf, g, bop, L, q, R, ws, out, ldo);
+    }
+}
+
 void amx_dot_block(const void *operand, int64_t R, const void *Wv, saehook_dtype dt, const float *scales,
                    int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo) {
   if (!uses_amx(dt, R)) return dot_block(operand, R, Wv, dt, scales, d, f0, nf, out, ldo);
@@ -239,27 +255,11 @@ void amx_dot_block(const void *operand, int64_t R, const void *Wv, saehook_dtype
   const uint8_t *bop = i8_base(const_cast<void *>(operand));
   const int64_t row_bytes = d * (i8 ? 1 : 2);
   const uint8_t *W = static_cast<const uint8_t *>(Wv) + f0 * row_bytes;
-  const float *ws = i8 ? scales + f0 : nullptr;
-  const int64_t ng = (nf + 15) / 16;
   configure_tiles();
-  // Feature-group pairs outside, row-group pairs inside: a pair's weight rows come from memory
-  // once and from L2 for the other row groups.
-  for (int64_t g = 0; g < ng; g += 2) {
-    for (int64_t q = 0; q < L.groups; q += 2) {
-      const bool a2 = g + 1 < ng, b2 = q + 1 < L.groups;
-      if (i8) {
-        if (a2 && b2) tile_block<2, 2, true>(W, row_bytes, nf, g, bop, L, q, R, ws, out, ldo);
-        else if (a2) tile_block<2, 1, true>(W, row_bytes, nf, g, bop, L, q, R, ws, out, ldo);
-        else if (b2) tile_block<1, 2, true>(W, row_bytes, nf, g, bop, L, q, R, ws, out, ldo);
-        else tile_block<1, 1, true>(W, row_bytes, nf, g, bop, L, q, R, ws, out, ldo);
-      } else {
-        if (a2 && b2) tile_block<2, 2, false>(W, row_bytes, nf, g, bop, L, q, R, ws, out, ldo);
-        else if (a2) tile_block<2, 1, false>(W, row_bytes, nf, g, bop, L, q, R, ws, out, ldo);
-        else if (b2) tile_block<1, 2, false>(W, row_bytes, nf, g, bop, L, q, R, ws, out, ldo);
-        else tile_block<1, 1, false>(W, row_bytes, nf, g, bop, L, q, R, ws, out, ldo);
-      }
-    }
-  }
+  if (i8)
+    tile_pairs<true>(W, row_bytes, nf, bop, L, R, scales + f0, out, ldo);
+  else
+    tile_pairs<false>(W, row_bytes, nf, bop, L, R, nullptr, out, ldo);
   _tile_release();  // leaves the thread's tile state clean (smaller context switches)
 }
 
