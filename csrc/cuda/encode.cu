@@ -573,7 +573,10 @@ void mma_launch(int rows, const unsigned short *xop, int64_t ldk, const void *W,
     case 8: mma_kernel<DT, 1, 4, U><<<grid, block, 0, st>>>(xop, ldk, rows, W, K, f0, nf, P, ldp, err); break;
     case 16: mma_kernel<DT, 2, 4, U><<<grid, block, 0, st>>>(xop, ldk, rows, W, K, f0, nf, P, ldp, err); break;
     default:
-      if constexpr (DT == 3)  // chunks of up to kMmaRowsI8 rows only for int8
+      // Chunks of up to kMmaRowsI8 rows only for int8; the plan never gives 16-bit weights more
+      // than kMmaRows16 (the asserts keep the instantiations and the plan in step).
+      static_assert(kMmaRows16 <= 16 && kMmaRowsI8 <= 32, "mma_launch instantiates up to 16 / 32 rows");
+      if constexpr (DT == 3)
         mma_kernel<DT, 4, 4, 1><<<grid, block, 0, st>>>(xop, ldk, rows, W, K, f0, nf, P, ldp, err);
       break;
   }
