@@ -5,7 +5,7 @@
     python bench/bench_llama.py --model my.gguf --sae layer12.safetensors --layer 12
 
 Without --model it builds (once, cached in --cache) a random-weight Qwen3 of realistic width
-written with saehook.gguf_writer and quantized by llama.cpp, and a random Top-K SAE of matching
+written with saehook.demo.gguf_writer and quantized by llama.cpp, and a random Top-K SAE of matching
 width. Scenarios: the plain llama_cpp.Llama, HookedLlama with no entries (the callback's idle
 cost), capture at 1 and 4 layers, clamp steering of 4 features, additive steering through a
 control vector. For each: prompt tokens/s and generation tokens/s, the overhead in percent, and
@@ -26,7 +26,7 @@ from common import read_bandwidth
 
 
 def synthetic_model(cache: str, hidden: int, layers: int, ffn: int, quant: str) -> str:
-    from saehook.gguf_writer import VOCAB, quantize, write_qwen3
+    from saehook.demo.gguf_writer import VOCAB, quantize, write_qwen3
 
     os.makedirs(cache, exist_ok=True)
     name = f"qwen3-h{hidden}-l{layers}-f{ffn}"

@@ -1,8 +1,8 @@
 """Tiny random transformers Qwen3 models for the llama.cpp tests (written as GGUF by
-saehook.gguf_writer)."""
+saehook.demo.gguf_writer)."""
 from __future__ import annotations
 
-from saehook.gguf_writer import VOCAB, quantize, vocab, write_hf_model  # noqa: F401 (the tests call gm.quantize)
+from saehook.demo.gguf_writer import VOCAB, quantize, vocab, write_hf_model  # noqa: F401 (the tests call gm.quantize)
 
 EOS = vocab()[0].index("<|endoftext|>")
 

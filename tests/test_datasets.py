@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import saehook  # noqa: E402
-from saehook import datasets  # noqa: E402
+from saehook.workflows import datasets  # noqa: E402
 from saehook.cli import main  # noqa: E402
 from saehook.engines import open_engine  # noqa: E402
 

@@ -24,9 +24,9 @@ def test_shipped_files_load():
 
 
 def test_recorded_fve_is_reproduced():
-    from saehook.demo_model import corpus
+    from saehook.demo.build import corpus
     from saehook.engines import LlamaEngine
-    from saehook.evaluate import evaluate
+    from saehook.workflows.evaluate import evaluate
 
     rec = _info()["sae"]["held_out_metrics"]
     sae = saehook.load(demo.SAE_FILE)

@@ -18,7 +18,7 @@ from safetensors import safe_open  # noqa: E402
 
 import _format_fixtures as ff  # noqa: E402
 import saehook  # noqa: E402
-from saehook import safetensors_io  # noqa: E402
+from saehook.formats import safetensors_io  # noqa: E402
 
 D, M = 24, 64  # d_model, d_sae
 needs_proc_maps = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")

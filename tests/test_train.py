@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from saehook.train import shuffled_batches, train_sae  # noqa: E402
+from saehook.workflows.train import shuffled_batches, train_sae  # noqa: E402
 
 D, M, K = 32, 128, 4
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -279,10 +279,21 @@ class SAE:
              dec_layout: str = "rows") -> None:
         """Writes saehook's own format (one .safetensors file with metadata), which loads
         mmapped. The decoder is stored feature-major ('rows', fastest for decode) by default."""
-        from .formats import save_saehook
-
+        if _file_writer is None:
+            raise RuntimeError("no SAE file writer is registered: import saehook (saehook.formats registers it)")
         sae = self if (dtype is None and dec_dtype is None) else self.to_dtype(dtype, dec_dtype=dec_dtype)
-        save_saehook(sae, path, dec_layout=dec_layout)
+        _file_writer(sae, path, dec_layout=dec_layout)
+
+
+# The writer of saehook's file format. The formats live in saehook.formats, which depends on this
+# module and never the reverse: saehook.formats.saehook_format registers its writer on import.
+_file_writer: Optional[Callable[..., None]] = None
+
+
+def register_file_writer(writer: Callable[..., None]) -> None:
+    """Sets the function SAE.save calls: writer(sae, path, dec_layout=...)."""
+    global _file_writer
+    _file_writer = writer
 
 
 def convert_array(a: np.ndarray, src: str, dst: str, *, threads: Optional[int] = None) -> np.ndarray:

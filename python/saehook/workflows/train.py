@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from .sae import SAE
+from ..sae import SAE
 
 
 def _torch():

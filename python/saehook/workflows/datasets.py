@@ -18,8 +18,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .engines import Engine
-from .sae import SAE
+from ..engines import Engine
+from ..sae import SAE
 
 MANIFEST = "manifest.json"
 

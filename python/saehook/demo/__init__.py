@@ -1,7 +1,7 @@
 """`saehook demo`: find interpretable features in a real (tiny) language model and steer it,
 offline, in seconds.
 
-The package ships (saehook/data, built by `python -m saehook.demo_model`) a 4-layer
+The package ships (saehook/demo/data, built by `python -m saehook.demo.build`) a 4-layer
 Qwen3-architecture model trained on CPython's own documentation, as a Q8_0 GGUF run by
 llama.cpp, a Top-K SAE trained on its layer-2 residual stream, and demo-features.json: every
 feature's top-activating tokens and a context, from which each feature gets its label.
@@ -31,10 +31,10 @@ def build_feature_labels(out: str = LABELS, max_docs: Optional[int] = None, cand
     that follow where it fires, its largest activation and a context. Then the steering demo's
     feature: among the frequent ones, the one whose clamp most raises the probability of the
     tokens that follow it, measured on the demo prompt."""
-    from . import load
-    from .demo_model import corpus
-    from .engines import LlamaEngine
-    from .steering import Steering
+    from .. import load
+    from .build import corpus
+    from ..engines import LlamaEngine
+    from ..steering import Steering
 
     sae = load(SAE_FILE)
     eng = LlamaEngine(MODEL, n_ctx=512, logits_all=True)  # every row, the last layer's included
@@ -106,13 +106,13 @@ def target_probability(llm, prompt_ids: List[int], targets: List[int]) -> float:
 
 
 def run(prompt: str = PROMPT, max_tokens: int = 40, strength: Optional[float] = None) -> dict:
-    from . import load
-    from .llama import HookedLlama
-    from .steering import Steering
+    from .. import load
+    from ..engines.llama import HookedLlama
+    from ..steering import Steering
 
     for path in (MODEL, SAE_FILE, LABELS):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} is missing: rebuild with python -m saehook.demo_model (see its doc)")
+            raise FileNotFoundError(f"{path} is missing: rebuild with python -m saehook.demo.build (see its doc)")
     with open(LABELS, encoding="utf-8") as fh:
         info = json.load(fh)
     sae = load(SAE_FILE)

@@ -7,8 +7,8 @@ from typing import Iterable, List
 
 import numpy as np
 
-from .engines import Engine
-from .sae import SAE
+from ..engines import Engine
+from ..sae import SAE
 
 
 def read_texts(path: str) -> List[str]:

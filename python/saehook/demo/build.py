@@ -1,8 +1,8 @@
-"""The recipe of the demo model shipped in saehook/data: a tiny Qwen3-architecture causal LM
+"""The recipe of the demo model shipped in saehook/demo/data: a tiny Qwen3-architecture causal LM
 trained on the Python documentation every CPython carries (pydoc_data.topics), converted to
 GGUF (Q8_0), and a Top-K SAE trained with saehook's trainer on its residual stream.
 
-    python -m saehook.demo_model --out python/saehook/data      # about 10 minutes on 2 cores
+    python -m saehook.demo.build --out python/saehook/demo/data      # about 10 minutes on 2 cores
     python -c "from saehook import demo; demo.build_feature_labels()"   # then the labels
 
 Everything is seeded; the loss curve and settings go to demo_model.json beside the files.
@@ -53,9 +53,9 @@ def main() -> int:
     import transformers
 
     from . import gguf_writer
-    from .engines import HFEngine
-    from .evaluate import evaluate
-    from .train import shuffled_batches, train_sae
+    from ..engines import HFEngine
+    from ..workflows.evaluate import evaluate
+    from ..workflows.train import shuffled_batches, train_sae
 
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)

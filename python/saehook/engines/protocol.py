@@ -8,8 +8,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .sae import SAE
-from .steering import Steering
+from ..sae import SAE
+from ..steering import Steering
 
 
 class Engine:

@@ -1,0 +1,60 @@
+"""`saehook info` and `saehook convert`: an SAE file on its own."""
+from __future__ import annotations
+
+import json
+
+
+def describe(sae) -> dict:
+    return {
+        "d_model": sae.d_model, "d_sae": sae.d_sae, "k": sae.k, "activation": sae.activation,
+        "subtract_b_dec": sae.subtract_b_dec, "enc_dtype": sae.enc_dtype, "dec_dtype": sae.dec_dtype,
+        "dec_layout": sae.dec_layout, "weight_bytes": sae.weight_bytes, **{
+            k: v for k, v in sae.metadata.items() if isinstance(v, (str, int, float, bool))},
+    }
+
+
+def cmd_info(args) -> int:
+    from .. import load
+    from ..formats import SAESet
+
+    obj = load(args.sae, k=args.k, layer=args.layer)
+    saes = dict(obj.items()) if isinstance(obj, SAESet) else {obj.layer: obj}
+    info = {str(layer): describe(s) for layer, s in saes.items()}
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for layer, d in info.items():
+            print(f"layer {layer}:")
+            for key, val in d.items():
+                if key == "weight_bytes":
+                    val = f"{val / 2**20:.1f} MiB"
+                print(f"  {key:>15}: {val}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .. import load
+    from ..formats import SAESet
+
+    obj = load(args.sae, k=args.k, layer=args.layer)
+    if isinstance(obj, SAESet):
+        raise SystemExit("convert takes one layer: pass --layer N")
+    obj.save(args.out, dtype=args.dtype)
+    print(f"wrote {args.out} ({args.dtype or obj.enc_dtype} encoder)")
+    return 0
+
+
+def register(sub) -> None:
+    i = sub.add_parser("info", help="format, shapes, k, activation, dtypes and memory of an SAE")
+    i.add_argument("sae")
+    i.add_argument("--k", type=int)
+    i.add_argument("--layer", type=int)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_info)
+    c = sub.add_parser("convert", help="write an SAE in saehook's own mmappable format")
+    c.add_argument("sae")
+    c.add_argument("out")
+    c.add_argument("--dtype", choices=["f32", "f16", "bf16", "int8"])
+    c.add_argument("--k", type=int)
+    c.add_argument("--layer", type=int)
+    c.set_defaults(fn=cmd_convert)

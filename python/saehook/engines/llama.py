@@ -1,0 +1,546 @@
+"""llama.cpp integration: SAE capture and steering on GGUF models through llama-cpp-python.
+
+    from saehook.llama import HookedLlama
+    llm = HookedLlama("model-Q4_K_M.gguf", n_ctx=2048)          # same arguments as llama_cpp.Llama
+    with llm.capture({12: sae}) as rec:
+        llm("The capital of France is", max_tokens=8)
+    rec[12].tokens, rec[12].indices, rec[12].values             # one row per evaluated token
+    with llm.steer(saehook.Steering(sae, layer=12).clamp(1234, 8.0)):
+        llm("Tell me a story", max_tokens=32)
+
+The per-layer work runs in C++ (csrc/llama/hook.cpp) inside llama.cpp's eval callback; Python
+only tells the hook which tokens each llama_decode evaluates (HookedLlama's context announces
+every batch it decodes). Additive-only steering of all positions at layers >= 1 uses llama.cpp's
+control vectors instead (no encode, no per-token cost).
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+# llama.cpp's CPU backend runs on OpenMP; after each graph split its worker threads spin-wait
+# (libgomp's default spin count), and on a machine with as many threads as cores they compete
+# with saehook's kernel threads while the callback runs: measured on 2 cores, capture at one
+# layer cost 9.6 ms/token instead of 7.0 ms, with no change to the unhooked speed at 1000.
+# libgomp reads this once, when it is loaded: set GOMP_SPINCOUNT yourself to override. torch
+# ships a libgomp.so.1 of its own, and llama.cpp then uses that copy: if torch was imported
+# first, the setting comes too late, which is worth a warning.
+def _libgomp_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            return "libgomp" in f.read()
+    except OSError:  # not Linux
+        return False
+
+
+if "GOMP_SPINCOUNT" not in os.environ and _libgomp_loaded():
+    warnings.warn("saehook.llama: libgomp is already loaded (was torch imported first?), so GOMP_SPINCOUNT=1000 "
+                  "cannot take effect: llama.cpp's idle OpenMP threads will spin while saehook's kernels run in its "
+                  "callback and slow hooked layers (by about a third on 2 cores). Import saehook.llama before torch, "
+                  "or set GOMP_SPINCOUNT=1000 in the environment.", RuntimeWarning, stacklevel=2)
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+import llama_cpp  # noqa: E402
+from llama_cpp import _internals  # noqa: E402
+from llama_cpp import llama_cpp as _llama_lib  # noqa: E402
+
+from .. import get_library  # noqa: E402
+from ..sae import SAE  # noqa: E402
+from ..steering import POSITIONS, Steering  # noqa: E402
+
+_POS_CODE = {p: i for i, p in enumerate(POSITIONS)}  # matches saehook_positions
+_BATCH_GENERATED, _BATCH_OUTPUT_ALL = 1, 2  # SAEHOOK_BATCH_* flags
+
+
+class _GgmlApi(ctypes.Structure):
+    """saehook_ggml_api: the ggml functions the hook calls."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("get_name", "nelements", "nrows", "nbytes", "tensor_get", "tensor_set")]
+
+
+_SYMBOLS = ("ggml_get_name", "ggml_nelements", "ggml_nrows", "ggml_nbytes", "ggml_backend_tensor_get",
+            "ggml_backend_tensor_set")
+
+
+def _ggml_api() -> _GgmlApi:
+    """Addresses of the ggml functions in the very library libllama uses. They are looked up
+    through llama_cpp's own handle of libllama (dlsym searches its dependencies): opening
+    lib/libggml-base.so by name would load a second copy, since pip installs libggml-base.so,
+    .so.0 and .so.0.x as separate files rather than symlinks."""
+    lib = getattr(_llama_lib, "_lib", None)  # llama_cpp.llama_cpp's CDLL of libllama
+    if lib is None:
+        raise RuntimeError("cannot find llama_cpp's handle of libllama (llama_cpp.llama_cpp._lib)")
+    try:
+        return _GgmlApi(*[ctypes.cast(getattr(lib, s), ctypes.c_void_p).value for s in _SYMBOLS])
+    except AttributeError as e:
+        raise RuntimeError(f"llama_cpp's library does not export the ggml functions {_SYMBOLS}: {e}") from None
+
+
+class _Lib:
+    """ctypes bindings of the hook's C API in libsaehook (csrc/include/saehook_llama.h)."""
+
+    def __init__(self):
+        lib = ctypes.CDLL(get_library())
+        c = ctypes
+        P = c.c_void_p
+        sig = {
+            "saehook_llama_hook_create": (P, [c.POINTER(_GgmlApi), c.c_int32, c.c_int32]),
+            "saehook_llama_hook_destroy": (None, [P]),
+            "saehook_llama_hook_add": (c.c_int32, [P, c.c_int32, P, c.c_int32, c.c_int32, P, c.c_int32, c.c_int]),
+            "saehook_llama_hook_add_reconstruct": (c.c_int32, [P, c.c_int32, P]),
+            "saehook_llama_hook_remove": (c.c_int, [P, c.c_int32]),
+            "saehook_llama_hook_announce": (c.c_int, [P, c.c_int32, P, P, c.c_int32, P, P, c.c_int32]),
+            "saehook_llama_hook_announce_batch": (c.c_int, [P, c.c_int32, P, P, P, P, c.c_int32, c.c_int32]),
+            "saehook_llama_hook_reset_queue": (None, [P]),
+            "saehook_llama_hook_unannounced": (c.c_int64, [P]),
+            "saehook_llama_hook_set_cvec": (c.c_int, [P, P, c.c_size_t, c.c_int32, c.c_int32, c.c_int32]),
+            "saehook_llama_hook_captured": (c.c_int64, [P, c.c_int32]),
+            "saehook_llama_hook_k": (c.c_int32, [P, c.c_int32]),
+            "saehook_llama_hook_read": (c.c_int, [P, c.c_int32, P, P, P, P, P, P, P]),
+            "saehook_llama_hook_keep_residuals": (None, [P, c.c_int32]),
+            "saehook_llama_hook_error": (c.c_char_p, [P]),
+            "saehook_llama_hook_clear_error": (None, [P]),
+        }
+        for name, (res, args) in sig.items():
+            f = getattr(lib, name)
+            f.restype, f.argtypes = res, args
+            setattr(self, name.replace("saehook_llama_hook_", ""), f)
+        self.callback_address = ctypes.cast(lib.saehook_llama_callback, ctypes.c_void_p).value
+        self.lib = lib
+
+
+_LIB: Optional[_Lib] = None
+_INIT_LOCK = threading.Lock()
+
+
+def _llama_has_amx() -> bool:
+    """Whether llama.cpp's CPU backend was built with its AMX code and runs on an AMX CPU."""
+    info = llama_cpp.llama_print_system_info()
+    return b"AMX_INT8 = 1" in (info if isinstance(info, bytes) else str(info).encode())
+
+
+def _resolve_extra_bufts(use_extra_bufts: Optional[bool]) -> bool:
+    """llama.cpp's extra buffer types (weights repacked for the CPU: AMX tiles, interleaved
+    Q4_0/IQ4_NL). None: on, except where llama.cpp uses AMX: its AMX matrix product crashes on
+    Sapphire Rapids (ggml-org/llama.cpp#20824; here every model, the demo's Q8_0 included,
+    segfaulted in ggml_backend_amx_mul_mat with llama-cpp-python 0.3.36 built from source)."""
+    return (not _llama_has_amx()) if use_extra_bufts is None else bool(use_extra_bufts)
+
+
+@contextlib.contextmanager
+def _constructing(owner, use_extra_bufts: bool, context_class=None):
+    """While a Llama constructor runs (the caller holds _INIT_LOCK): llama_cpp's internal
+    classes swapped so that the model it loads gets use_extra_bufts and, with `context_class`,
+    its context is built by that. Llama has no argument for either. Only the owner's params are
+    touched: a Llama another thread builds meanwhile gets the real classes' behaviour."""
+    real_model, real_context = _internals.LlamaModel, _internals.LlamaContext
+
+    def model(*, path_model, params, **kw):
+        if params is getattr(owner, "model_params", None) and hasattr(params, "use_extra_bufts"):
+            params.use_extra_bufts = use_extra_bufts
+        return real_model(path_model=path_model, params=params, **kw)
+
+    _internals.LlamaModel = model
+    if context_class is not None:
+        _internals.LlamaContext = context_class
+    try:
+        yield
+    finally:
+        _internals.LlamaModel, _internals.LlamaContext = real_model, real_context
+
+
+class _PlainLlama(llama_cpp.Llama):
+    def __init__(self, *args, use_extra_bufts: Optional[bool] = None, **kwargs):
+        with _INIT_LOCK, _constructing(self, _resolve_extra_bufts(use_extra_bufts)):
+            super().__init__(*args, **kwargs)
+
+
+def plain_llama(*args, use_extra_bufts: Optional[bool] = None, **kwargs) -> "llama_cpp.Llama":
+    """A llama_cpp.Llama (no hook) loaded as HookedLlama loads its model: the baseline to compare
+    a HookedLlama with, and a way around the AMX crash for plain use."""
+    return _PlainLlama(*args, use_extra_bufts=use_extra_bufts, **kwargs)
+
+
+def _lib() -> _Lib:
+    global _LIB
+    if _LIB is None:
+        _LIB = _Lib()
+    return _LIB
+
+
+def _ptr(a) -> Optional[int]:
+    """Address of a numpy array or of a ctypes pointer's target (None for NULL / None)."""
+    if a is None:
+        return None
+    if isinstance(a, np.ndarray):
+        return a.ctypes.data
+    return ctypes.cast(a, ctypes.c_void_p).value
+
+
+@dataclass
+class LlamaLayerRecord:
+    """Features captured at one layer, one row per evaluated token, in evaluation order."""
+
+    tokens: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    seq_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    generated: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # sampled token (else prompt)
+    indices: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    values: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    residuals: Optional[np.ndarray] = None  # (n, n_embd) with capture(..., residuals=True)
+
+
+class _HookedContext(_internals.LlamaContext):
+    """llama-cpp-python's context wrapper whose decode() first tells the hook which tokens the
+    batch holds, so every path into llama_decode (eval, generate, embed) is covered."""
+
+    def __init__(self, *, owner: "HookedLlama", **kw):
+        self._owner = weakref.ref(owner)  # the Llama owns the context: no cycle
+        super().__init__(**kw)
+
+    def decode(self, batch: _internals.LlamaBatch):
+        owner = self._owner()
+        if owner is None or not owner._entries:
+            return super().decode(batch)
+        owner.announce_batch(batch.batch, generated=owner._decode_generated)
+        try:
+            super().decode(batch)
+        except Exception:
+            owner._reset_queue()
+            raise
+        owner.raise_hook_error()
+
+
+class HookedLlama(llama_cpp.Llama):
+    """llama_cpp.Llama whose context carries saehook's eval callback. Same arguments, plus
+    `context_overrides`: llama_context_params fields Llama has no argument for (e.g.
+    {"n_seq_max": 4, "kv_unified": True} to decode several sequences in one batch), and
+    `use_extra_bufts`: llama.cpp's repacked CPU weight buffers (None: on, except on CPUs where
+    llama.cpp uses AMX, whose matrix product crashes there; see `plain_llama`)."""
+
+    def __init__(self, *args, context_overrides: Optional[Mapping[str, object]] = None,
+                 use_extra_bufts: Optional[bool] = None, **kwargs):
+        self._hook = None
+        self._entries: List[int] = []
+        self._modifier_layer: Dict[int, int] = {}  # entry id -> layer, for entries that change the residual
+        self._cvec: Dict[int, List[np.ndarray]] = {}
+        self._in_generate = False
+        self._generate_evals = 0
+        self._decode_generated = False
+        self._cb = None
+        real_context = _internals.LlamaContext
+        owner = self
+
+        def hooked_context(*, model, params, **kw):
+            # Runs inside Llama.__init__ once the model is loaded: create the hook and put the
+            # callback into the params the context is created from.
+            if params is not getattr(owner, "context_params", None):  # another Llama, another thread
+                return real_context(model=model, params=params, **kw)
+            lib = _lib()
+            owner._n_embd = llama_cpp.llama_model_n_embd(model.model)
+            owner._n_layer = llama_cpp.llama_model_n_layer(model.model)
+            api = _ggml_api()
+            owner._hook = lib.create(ctypes.byref(api), owner._n_embd, owner._n_layer)
+            if not owner._hook:
+                raise RuntimeError("saehook: cannot create the llama.cpp hook")
+            # A ctypes function pointer to the C++ callback (no Python on the per-layer path);
+            # kept on the Llama, which outlives its context.
+            owner._cb = ctypes.cast(lib.callback_address, llama_cpp.ggml_backend_sched_eval_callback)
+            params.cb_eval = owner._cb
+            params.cb_eval_user_data = owner._hook
+            for name, value in (context_overrides or {}).items():
+                if not hasattr(params, name):
+                    raise TypeError(f"llama_context_params has no field {name!r}")
+                setattr(params, name, value)
+            return _HookedContext(owner=owner, model=model, params=params, **kw)
+
+        # Llama creates its context in __init__ with no way to pass a callback: swap the context
+        # class for the duration of this constructor only (serialised across HookedLlamas; a
+        # plain Llama built meanwhile in another thread is handed the real class).
+        with _INIT_LOCK, _constructing(self, _resolve_extra_bufts(use_extra_bufts), hooked_context):
+            super().__init__(*args, **kwargs)
+
+    # ---- model facts ----
+    @property
+    def n_layer(self) -> int:
+        return self._n_layer
+
+    @property
+    def n_embd_model(self) -> int:
+        return self._n_embd
+
+    @property
+    def unannounced_rows(self) -> int:
+        """Rows the hook saw at hooked layers without knowing their token (not captured)."""
+        return int(_lib().unannounced(self._hook)) if self._hook else 0
+
+    def _check(self, layer: int, sae: SAE) -> None:
+        if not 0 <= int(layer) < self._n_layer:
+            raise ValueError(f"layer {layer} is outside the model (it has {self._n_layer} layers)")
+        if sae.d_model != self._n_embd:
+            raise ValueError(f"d_model mismatch: the SAE for layer {layer} has d_model={sae.d_model}, "
+                             f"the model's n_embd is {self._n_embd}")
+
+    # ---- token bookkeeping ----
+    def _rows_may_be_grouped_by_sequence(self) -> bool:
+        """llama.cpp keeps batch order only with a single KV stream and no recurrent state; else
+        its micro-batches group rows by sequence (llama_batch_allocr::split_equal)."""
+        p = self.context_params
+        return (p.n_seq_max > 1 and not p.kv_unified) or bool(getattr(self, "_is_recurrent", False)) \
+            or bool(getattr(self, "_is_hybrid", False))
+
+    def _flags(self, generated: bool) -> int:
+        # With embeddings on, llama.cpp makes every token an output whatever the batch says.
+        return (_BATCH_GENERATED if generated else 0) | (_BATCH_OUTPUT_ALL if self.context_params.embeddings else 0)
+
+    def announce_batch(self, batch: "llama_cpp.llama_batch", *, generated: bool = False) -> None:
+        """Tells the hook which tokens the next llama_decode of `batch` (a llama_cpp.llama_batch)
+        evaluates. HookedLlama's own decodes do this; call it before decoding a batch you built."""
+        if self._hook is None or batch.n_tokens <= 0:
+            return
+        n = int(batch.n_tokens)
+        if batch.seq_id and self._rows_may_be_grouped_by_sequence():
+            seqs = {batch.seq_id[i][0] for i in range(n)}
+            if len(seqs) > 1:
+                raise ValueError("several sequences in one batch: this context may group the rows by sequence "
+                                 "(one KV stream per sequence or a recurrent model), so the hook could not tell "
+                                 "which row is which token; use kv_unified=True or one sequence per decode")
+        if batch.pos:
+            pos0 = 0
+        else:  # llama.cpp continues the sequence
+            pos0 = self.n_tokens
+        rc = _lib().announce_batch(self._hook, n, _ptr(batch.token), _ptr(batch.pos), _ptr(batch.seq_id),
+                                   _ptr(batch.logits), pos0, self._flags(generated))
+        if rc != 0:
+            raise RuntimeError(f"saehook_llama_hook_announce_batch failed ({rc})")
+
+    def announce(self, tokens: Sequence[int], positions: Sequence[int], *, seq_ids: Optional[Sequence[int]] = None,
+                 outputs: Optional[Sequence[bool]] = None, generated: bool = False) -> None:
+        """Like announce_batch, from lists: the tokens of the next llama_decode, in batch order.
+        outputs: whose logits are requested (default: the last token only, llama.cpp's default)."""
+        n = len(tokens)
+        if n == 0 or self._hook is None:
+            return
+        t = np.ascontiguousarray(tokens, dtype=np.int32)
+        p = np.ascontiguousarray(positions, dtype=np.int32)
+        s = None if seq_ids is None else np.ascontiguousarray(seq_ids, dtype=np.int32)
+        o = None if outputs is None else np.ascontiguousarray(outputs, dtype=np.int8)
+        if len(p) != n or (o is not None and len(o) != n) or (s is not None and len(s) != n):
+            raise ValueError("tokens, positions, seq_ids and outputs must have the same length")
+        if s is not None and len(np.unique(s)) > 1 and self._rows_may_be_grouped_by_sequence():
+            raise ValueError("several sequences in one batch need kv_unified=True (and a non-recurrent model)")
+        rc = _lib().announce(self._hook, n, _ptr(t), _ptr(p), 0, _ptr(s), _ptr(o), self._flags(generated))
+        if rc != 0:
+            raise RuntimeError(f"saehook_llama_hook_announce failed ({rc})")
+
+    def _reset_queue(self) -> None:
+        if self._hook:
+            _lib().reset_queue(self._hook)
+
+    def raise_hook_error(self) -> None:
+        """Raises the first error the callback met (it cannot raise inside llama.cpp)."""
+        err = _lib().error(self._hook) if self._hook else None
+        if err:
+            _lib().clear_error(self._hook)
+            raise RuntimeError(f"saehook llama.cpp hook: {err.decode()}")
+
+    def eval(self, tokens: Sequence[int]):
+        # Inside generate(), the first eval is the (uncached part of the) prompt and later ones
+        # evaluate sampled tokens: that is how positions='prompt'|'generated' are told apart.
+        self._decode_generated = self._in_generate and self._generate_evals > 0
+        if self._in_generate:
+            self._generate_evals += 1
+        try:
+            super().eval(tokens)
+        finally:
+            self._decode_generated = False
+
+    def generate(self, tokens, *args, **kwargs):
+        self._in_generate, self._generate_evals = True, 0
+        try:
+            yield from super().generate(tokens, *args, **kwargs)
+        finally:
+            self._in_generate = False
+
+    # ---- capture ----
+    def _add(self, layer: int, sae: SAE, *, capture: bool = False, k: int = 0, items: Optional[np.ndarray] = None,
+             positions: str = "all", reconstruct: bool = False) -> int:
+        lib = _lib()
+        if reconstruct:
+            i = lib.add_reconstruct(self._hook, int(layer), sae.handle)
+        else:
+            n = 0 if items is None else len(items)
+            i = lib.add(self._hook, int(layer), sae.handle, int(capture), int(k), _ptr(items) if n else None, n,
+                        _POS_CODE[positions])
+        if i < 0:  # _check and Steering validate first, so this is unexpected
+            raise ValueError(f"saehook: cannot hook layer {layer} with this SAE")
+        self._entries.append(i)
+        if reconstruct or (items is not None and len(items)):
+            self._modifier_layer[i] = int(layer)
+        return i
+
+    def _remove(self, i: int) -> None:
+        _lib().remove(self._hook, i)
+        self._entries.remove(i)
+        self._modifier_layer.pop(i, None)
+
+    @contextlib.contextmanager
+    def capture(self, saes: Mapping[int, SAE], *, k: Optional[int] = None,
+                residuals: bool = False) -> Iterator[Dict[int, LlamaLayerRecord]]:
+        """Records the Top-K features at each layer for every token evaluated inside the block
+        (a cached prefix is not evaluated again, so not captured again); the records are filled
+        when the block exits. At a steered layer they hold the residual before the steering.
+        residuals=True also keeps the raw residual rows."""
+        for layer, sae in saes.items():
+            self._check(layer, sae)
+        lib = _lib()
+        rec: Dict[int, LlamaLayerRecord] = {}
+        ids = {}
+        unannounced = self.unannounced_rows
+        if residuals:
+            lib.keep_residuals(self._hook, 1)
+        try:
+            for layer, sae in saes.items():
+                ids[int(layer)] = (self._add(layer, sae, capture=True, k=int(k or 0)), sae)
+                rec[int(layer)] = LlamaLayerRecord()
+            yield rec
+        finally:
+            for layer, (i, sae) in ids.items():
+                n, kk = lib.captured(self._hook, i), lib.k(self._hook, i)
+                r = rec[layer]
+                r.tokens, r.positions, r.seq_ids = (np.empty(n, np.int32) for _ in range(3))
+                gen = np.empty(n, np.int8)
+                r.values, r.indices = np.empty((n, kk), np.float32), np.empty((n, kk), np.int32)
+                r.residuals = np.empty((n, self._n_embd), np.float32) if residuals else None
+                lib.read(self._hook, i, _ptr(r.tokens), _ptr(r.positions), _ptr(r.seq_ids), _ptr(gen),
+                         _ptr(r.values), _ptr(r.indices), _ptr(r.residuals))
+                r.generated = gen.astype(bool)
+                self._remove(i)
+            if residuals:
+                lib.keep_residuals(self._hook, 0)
+            missed = self.unannounced_rows - unannounced
+            if missed:
+                warnings.warn(f"saehook: {missed} rows were decoded without an announcement and not captured "
+                              "(call announce_batch() before a llama_decode you issue yourself)", stacklevel=3)
+
+    # ---- splicing ----
+    @contextlib.contextmanager
+    def splice(self, saes: Mapping[int, SAE]) -> Iterator[None]:
+        """Replaces the residual after each given layer by its SAE reconstruction in every decode
+        inside the block (for evaluation: the loss with the SAE spliced in)."""
+        for layer, sae in saes.items():
+            self._check(layer, sae)
+        ids = []
+        try:
+            for layer, sae in saes.items():
+                ids.append(self._add(layer, sae, reconstruct=True))
+            yield
+        finally:
+            for i in ids:
+                self._remove(i)
+
+    # ---- steering ----
+    def _uses_cvec(self, st: Steering) -> bool:
+        # llama.cpp's control vector has no row for block 0 and steers every position. It is
+        # added before the callback sees the block's output, so it must not follow a callback
+        # change at that layer (steerings apply in the order they are given and entered).
+        return (st.additive_only and st.positions == "all" and st.layer >= 1
+                and st.layer not in self._modifier_layer.values())
+
+    def _apply_cvec(self) -> None:
+        """Loads the sum of the active additive steerings as llama.cpp's control vector (and
+        tells the hook, so captures at those layers still read the residual before it)."""
+        ctx = self._ctx.ctx
+        active = {layer: sum(vs) for layer, vs in self._cvec.items() if vs}
+        if not active:
+            rc = llama_cpp.llama_set_adapter_cvec(ctx, None, 0, self._n_embd, -1, -1)
+            _lib().set_cvec(self._hook, None, 0, self._n_embd, -1, -1)
+        else:
+            # Row j of the buffer is added to the output of block j + 1.
+            buf = np.zeros((self._n_layer - 1, self._n_embd), np.float32)
+            for layer, v in active.items():
+                buf[layer - 1] = v
+            # Only the steered range: llama.cpp adds one graph node per layer in it.
+            lo, hi = min(active), max(active)
+            rc = llama_cpp.llama_set_adapter_cvec(ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                                  buf.size, self._n_embd, lo, hi)
+            if rc == 0:
+                _lib().set_cvec(self._hook, buf.ctypes.data, buf.size, self._n_embd, lo, hi)
+        if rc != 0:
+            raise RuntimeError(f"llama_set_adapter_cvec failed ({rc})")
+
+    @contextlib.contextmanager
+    def steer(self, *steerings: Steering, control_vectors: bool = True) -> Iterator[None]:
+        """Applies the steerings to every decode inside the block, in order (after those of
+        enclosing blocks). Add-only steerings of all positions at layers >= 1 become llama.cpp
+        control vectors (control_vectors=False forces the callback) unless a callback change at
+        that layer comes before them; the others run in the callback with one encode per layer."""
+        for st in steerings:
+            if not isinstance(st, Steering):
+                raise TypeError(f"steer() takes Steering objects, got {type(st).__name__}")
+            if st.layer is None:
+                raise ValueError("Steering has no layer: pass layer= or use an SAE with a layer")
+            self._check(st.layer, st.sae)
+        ids, cvecs = [], []
+        try:
+            for st in steerings:
+                if control_vectors and self._uses_cvec(st):
+                    v = st.vector()
+                    self._cvec.setdefault(st.layer, []).append(v)
+                    cvecs.append((st.layer, v))
+                    continue
+                ids.append(self._add(st.layer, st.sae, items=st.items(), positions=st.positions))
+            if cvecs:
+                self._apply_cvec()
+            yield
+        finally:
+            for i in ids:
+                self._remove(i)
+            if cvecs:
+                for layer, v in cvecs:
+                    lst = self._cvec[layer]
+                    lst.pop(next(j for j, x in enumerate(lst) if x is v))
+                self._apply_cvec()
+
+    def close(self) -> None:
+        super().close()  # frees the context first: the hook must outlive it
+        if getattr(self, "_hook", None):
+            _lib().destroy(self._hook)
+            self._hook = None
+
+
+def export_control_vector(steerings: Iterable[Steering], path: str, *, model_hint: str = "") -> None:
+    """Writes the add-only steerings as a llama.cpp control-vector GGUF (for llama-cli /
+    llama-server --control-vector). Tensor direction.N is added to the output of block N, the
+    residual a layer-N SAE reads (no shift, unlike cvector-generator's own files)."""
+    import gguf
+
+    per_layer: Dict[int, np.ndarray] = {}
+    for st in steerings:
+        if st.layer is None:
+            raise ValueError("Steering has no layer")
+        if not st.additive_only:
+            raise ValueError("only add-only steering is a control vector; clamp/scale/ablate need the hook")
+        if st.layer < 1:
+            raise ValueError("llama.cpp control vectors cannot steer block 0's output; use the hook")
+        per_layer[st.layer] = per_layer.get(st.layer, 0) + st.vector()
+    if not per_layer:
+        raise ValueError("no steering to export")
+    w = gguf.GGUFWriter(str(path), "controlvector")
+    w.add_string("controlvector.model_hint", model_hint)
+    w.add_uint32("controlvector.layer_count", len(per_layer))
+    for layer in sorted(per_layer):
+        w.add_tensor(f"direction.{layer}", np.asarray(per_layer[layer], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
