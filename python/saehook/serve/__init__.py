@@ -6,12 +6,13 @@ per-token features (README "Serve").
     run(state, host="127.0.0.1", port=8080)
 
 Modules: protocol (wire format and errors), scheduler (continuous batching), app (HTTP routes).
-Needs the `serve` extra (fastapi, uvicorn, sse-starlette).
+Needs the `serve` extra (fastapi, uvicorn).
 """
 from __future__ import annotations
 
 import inspect
 import os
+import signal
 from typing import Mapping, Optional
 
 from .protocol import APIError, Limits, SAERegistry
@@ -105,9 +106,18 @@ def run(state, *, host: str = "127.0.0.1", port: int = 8080, log_level: str = "i
 
     from .app import create_app
 
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # uvicorn re-raises a captured signal once it has shut down, so the process would die
+            # by SIGTERM before the scheduler and model are closed; a drained server exits 0.
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            else:
+                self.should_exit = True
+
     app = create_app(state)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     try:
         server.run()
     finally:

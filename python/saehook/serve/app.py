@@ -21,8 +21,7 @@ import uuid
 from typing import Any, Dict, List, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
-from sse_starlette.sse import EventSourceResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import APIError, GenerationRequest, Limits, SAERegistry, bad, parse_request
@@ -197,8 +196,10 @@ def create_app(state: ServeState) -> FastAPI:
         created = int(time.time())
         model = req.model or state.model_name
         if req.stream:
-            return EventSourceResponse(_stream(state, req, job, queue, rid, created, model), ping=15,
-                                       sep="\n")
+            # Starlette cancels the generator when the client disconnects (its finally cancels the job).
+            return StreamingResponse(_sse(_stream(state, req, job, queue, rid, created, model)),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         res = _Result()
         try:
             while res.done is None:
@@ -238,6 +239,12 @@ def create_app(state: ServeState) -> FastAPI:
         return await _generate(request, "completion")
 
     return app
+
+
+async def _sse(events):
+    """Server-Sent Events framing: one `data:` line per event, a blank line after each."""
+    async for e in events:
+        yield f"data: {e['data']}\n\n"
 
 
 async def _stream(state: ServeState, req: GenerationRequest, job: Job, queue: asyncio.Queue, rid: str, created: int,

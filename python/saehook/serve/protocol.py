@@ -77,6 +77,7 @@ class GenerationRequest:
     steer_groups: List[Tuple]                  # (positions, group key) per Steering, same order
     features: Optional[FeatureRequest]
     model: str
+    ignore_eos: bool = False                   # llama-server's and vLLM's extension: generate max_tokens
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -338,7 +339,8 @@ def parse_request(kind: str, body: Any, reg: SAERegistry, limits: Limits) -> Gen
     return GenerationRequest(kind=kind, prompt=prompt, stream=stream, max_tokens=max_tokens, temperature=temperature,
                              top_p=top_p, seed=seed, stop=_stop(body.get("stop"), limits), logprobs=logprobs,
                              include_usage=bool((so or {}).get("include_usage")), steerings=steerings, steer_key=key,
-                             steer_groups=groups, features=feats, model=model or "", chat_template_kwargs=ctk)
+                             steer_groups=groups, features=feats, model=model or "",
+                             ignore_eos=_bool(body, "ignore_eos", "ignore_eos", False), chat_template_kwargs=ctk)
 
 
 def token_key(req_groups: Sequence[Tuple], generated: bool) -> Tuple:

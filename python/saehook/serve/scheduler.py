@@ -414,7 +414,7 @@ class Scheduler:
             n = job.req.logprobs
             alts = np.argsort(-lp, kind="stable")[:n] if n else []
             logprob = (float(lp[tok]), [(int(a), float(lp[a])) for a in alts])
-        if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
+        if llama_cpp.llama_vocab_is_eog(self.vocab, tok) and not job.req.ignore_eos:
             self._decide(job, "stop")
             return
         job.generated.append(tok)
