@@ -474,3 +474,100 @@ def test_api_key_queue_full_and_sigterm_drain(tiny_files):
         assert s.proc.wait(60) == 0
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# a tiny qwen35 hybrid (Gated DeltaNet + full attention): the same guarantees
+
+
+def _write_qwen35(path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+    try:
+        from bench_serve import write_qwen35  # the benchmark's synthetic Qwen3.5 writer
+    finally:
+        sys.path.pop(0)
+    write_qwen35(str(path), hidden=128, layers=4, ffn=256, heads=2, head_dim=64, kv_heads=1, lin_k_heads=2,
+                 lin_v_heads=4, lin_head_dim=32)
+
+
+def fresh(llm):
+    """llm.reset() and the recurrent state too (Llama.reset keeps it, and a hybrid model's next
+    prompt then fails to find a KV slot)."""
+    import llama_cpp
+
+    llm.reset()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm._ctx.ctx), True)
+
+
+def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tiny_files, tmp_path):
+    _, sae_path = tiny_files
+    model = tmp_path / "qwen35.gguf"
+    _write_qwen35(model)
+    sae = saehook.load(str(sae_path))
+    s = Server(model, "--sae", f"t={sae_path}", "--parallel", 8, "--n-ctx", 96, "--n-batch", 32)
+    try:
+        assert s.health()["mode"] == "sequential"  # README "Serve": the fallback for recurrent/hybrid models
+        client = s.client()
+        specs = [[{"feature": f, "op": "clamp", "value": v}] for f, v in
+                 [(3, 0.2), (5, 0.15), (7, 0.25), (11, 0.2), (13, -0.1), (17, 0.3), (19, 0.2), (23, 0.18)]]
+        prompts = ["hello world", "the cat", "hello world", "abc", "xyz", "the cat", "qq", "hello there"]
+
+        def run(i):
+            r = client.completions.create(model="m", prompt=prompts[i], max_tokens=12, temperature=0,
+                                          extra_body={"saehook": {"steer": specs[i], "features": {"top": 4}}})
+            return r.choices[0].text, r.choices[0].model_extra["saehook"]["features"]
+
+        solo = [run(i) for i in range(8)]
+        assert len({t for t, _ in solo}) > 4
+        results = [None] * 8
+        barrier = threading.Barrier(8)
+
+        def worker(i):
+            barrier.wait()
+            results[i] = run(i)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [t for t, _ in results] == [t for t, _ in solo]
+        for (_, fa), (_, fb) in zip(results, solo):
+            _check_features(fa, [(e["position"], e["id"], [f["feature"] for f in e["top"]],
+                                  [f["value"] for f in e["top"]]) for e in fb])
+        # the oracle: HookedLlama's own generation with the same Steering, and its capture
+        llm = HookedLlama(str(model), n_ctx=96, n_batch=32, n_ubatch=32, n_threads=1, verbose=False)
+        try:
+            for i in (0, 4):
+                st = saehook.Steering(sae, layer=1).clamp(specs[i][0]["feature"], specs[i][0]["value"])
+                prompt_ids = llm.tokenize(prompts[i].encode(), special=True)
+                got_ids = [e["id"] for e in solo[i][1]]
+                fresh(llm)
+                with llm.steer(st, control_vectors=False):
+                    want_ids = []
+                    for t in llm.generate(prompt_ids, temp=0.0):
+                        if t == llm.token_eos() or len(want_ids) == 12:
+                            break
+                        want_ids.append(t)
+                assert got_ids == want_ids
+                fresh(llm)
+                with llm.steer(st, control_vectors=False), llm.capture({1: sae}) as rec:
+                    llm.eval(prompt_ids)
+                    for t in got_ids:
+                        llm._in_generate, llm._generate_evals = True, 1
+                        try:
+                            llm.eval([t])
+                        finally:
+                            llm._in_generate = False
+                r = rec[1]
+                want = []
+                for row in range(len(prompt_ids), len(r.tokens)):
+                    keep = r.indices[row] >= 0
+                    idx, val = r.indices[row][keep], r.values[row][keep]
+                    order = np.argsort(-val, kind="stable")[:4]
+                    want.append((int(r.positions[row]), int(r.tokens[row]), idx[order].tolist(), val[order].tolist()))
+                _check_features(solo[i][1], want)
+        finally:
+            llm.close()
+    finally:
+        assert s.stop() == 0
