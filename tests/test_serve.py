@@ -282,6 +282,8 @@ def test_eight_concurrent_specs_each_equal_their_solo_run(demo_server, demo_sae)
 
     solo = [run(i, False) for i in range(8)]
     assert len(set(solo)) > 4, "the specs must lead to different outputs"
+    before = demo_server.health()
+    assert before["mode"] == "batched"
     results = [None] * 8
     start = threading.Barrier(8)
 
@@ -295,6 +297,12 @@ def test_eight_concurrent_specs_each_equal_their_solo_run(demo_server, demo_sae)
     for t in threads:
         t.join()
     assert results == solo
+    after = demo_server.health()
+    steps, decodes, encodes = (after[k] - before[k] for k in ("steps", "decodes", "encodes"))
+    # continuous batching: far fewer steps than the 8 x 16 tokens, one llama_decode per step, and
+    # one encode per decode at the steered layer serves the 8 different clamps (n_batch = n_ubatch)
+    assert decodes == steps and steps < 8 * 16 / 2, after
+    assert encodes == decodes, after
 
 
 def test_prompt_cache_reuses_only_the_same_steering(demo_server, demo_sae, oracle):
@@ -506,7 +514,7 @@ def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tiny_files, t
     sae = saehook.load(str(sae_path))
     s = Server(model, "--sae", f"t={sae_path}", "--parallel", 8, "--n-ctx", 96, "--n-batch", 32)
     try:
-        assert s.health()["mode"] == "sequential"  # README "Serve": the fallback for recurrent/hybrid models
+        assert s.health()["mode"] == "split"  # README "Serve": prompt chunks alone on recurrent/hybrid models
         client = s.client()
         specs = [[{"feature": f, "op": "clamp", "value": v}] for f, v in
                  [(3, 0.2), (5, 0.15), (7, 0.25), (11, 0.2), (13, -0.1), (17, 0.3), (19, 0.2), (23, 0.18)]]
@@ -519,6 +527,7 @@ def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tiny_files, t
 
         solo = [run(i) for i in range(8)]
         assert len({t for t, _ in solo}) > 4
+        before = s.health()
         results = [None] * 8
         barrier = threading.Barrier(8)
 
@@ -532,6 +541,11 @@ def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tiny_files, t
         for t in threads:
             t.join()
         assert [t for t, _ in results] == [t for t, _ in solo]
+        after = s.health()
+        # generated tokens of all sequences share a llama_decode: one decode per request would need
+        # 8 prompt decodes + one per generated token (+ the last tokens' feature evaluations)
+        n_tokens = sum(len(f) for _, f in solo)
+        assert after["decodes"] - before["decodes"] < 8 + 0.75 * n_tokens, (after, n_tokens)
         for (_, fa), (_, fb) in zip(results, solo):
             _check_features(fa, [(e["position"], e["id"], [f["feature"] for f in e["top"]],
                                   [f["value"] for f in e["top"]]) for e in fb])

@@ -74,9 +74,11 @@ def register(sub) -> None:
                    "(default 64)")
     s.add_argument("--max-top", type=int, default=64, help="largest saehook.features.top (default 64)")
     s.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
-    s.add_argument("--decode", choices=["auto", "batched", "sequential"], default="auto",
-                   help="auto: one llama_decode for all running requests where the hook can map rows to "
-                   "sequences (transformer models), else one llama_decode per request (recurrent/hybrid models)")
+    s.add_argument("--decode", choices=["auto", "batched", "split", "sequential"], default="auto",
+                   help="batched: one llama_decode per step for all running requests (auto on transformer "
+                   "models); split: the generated tokens of all requests in one llama_decode, each prompt chunk in "
+                   "its own (auto on recurrent/hybrid models such as qwen35, where llama.cpp groups rows by "
+                   "sequence); sequential: one llama_decode per request (for comparison)")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
     s.set_defaults(fn=cmd_serve)

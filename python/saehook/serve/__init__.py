@@ -87,8 +87,7 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
             raise ValueError(f"--sae {name}={saes[name]}: layer {sae.layer} is outside the model "
                              f"({llm.n_layer} layers)")
     fmt = chat_formatter(llm, chat_format) if (chat_format or "tokenizer.chat_template" in llm.metadata) else None
-    batched = {"auto": None, "batched": True, "sequential": False}[decode]
-    sched = Scheduler(llm, parallel=parallel, n_ctx=n_ctx, n_batch=n_batch, queue_size=queue_size, batched=batched)
+    sched = Scheduler(llm, parallel=parallel, n_ctx=n_ctx, n_batch=n_batch, queue_size=queue_size, mode=decode)
     return ServeState(llm, sched, SAERegistry(loaded, saes, llm.n_layer),
                       model_name=model_name or os.path.basename(model), chat_formatter=fmt or _no_template,
                       limits=limits, api_key=api_key)

@@ -8,24 +8,26 @@ One worker thread owns the model. Every step it
   2. builds one batch: the pending token of every generating request, then prompt chunks of
      newly admitted ones up to n_batch tokens (so running streams keep flowing while a long
      prompt is processed);
-  3. decodes it with a single llama_decode (batched mode) or, where the hook cannot map rows
-     of several sequences in one micro-batch, one llama_decode per sequence (sequential mode);
+  3. decodes it: mode "batched" (transformer models) puts the whole step in one llama_decode;
+     mode "split" (recurrent/hybrid models such as qwen35, where llama.cpp groups a micro-batch's
+     rows by sequence) decodes the one-token segments of all sequences together and each
+     multi-token prompt chunk in a llama_decode of its own, the only batches whose rows the hook
+     can map exactly (HookedLlama.announce refuses the others); mode "sequential" decodes every
+     sequence alone (for comparison);
   4. reads each sequence's captured features, samples each sequence's next token with its own
      llama.cpp sampler chain, and hands tokens to the HTTP side through `Job.emit`.
 
 A generated token's features come from the decode that evaluates it, one step after it was
 sampled; a request that asked for features gets its last token evaluated once more at the end
 (llama.cpp never evaluates the last sampled token otherwise), so every token has its entry.
-
-Steering and capture per sequence use HookedLlama.hook_sequence (batched mode). Without it, or
-in sequential mode, the request's steerings and capture are entered around its own decode
-(`steer()` / `capture()`), which is exact because that decode holds only its rows.
+Steering and capture are per sequence (HookedLlama.hook_sequence): entries at one layer with the
+same SAE share one encode per micro-batch, so 8 requests with 8 different clamps cost one encode
+per step.
 """
 from __future__ import annotations
 
 import codecs
 import collections
-import contextlib
 import ctypes
 import itertools
 import random
@@ -108,7 +110,7 @@ class Scheduler:
     """Runs requests on a HookedLlama built with n_seq_max >= parallel and kv_unified=True."""
 
     def __init__(self, llm, *, parallel: int, n_ctx: int, n_batch: int, queue_size: int = 64,
-                 batched: Optional[bool] = None):
+                 mode: str = "auto"):
         self.llm = llm
         self.parallel, self.n_ctx, self.n_batch, self.queue_size = int(parallel), int(n_ctx), int(n_batch), queue_size
         self.ctx = llm._ctx.ctx
@@ -117,25 +119,27 @@ class Scheduler:
         self.n_vocab = llm.n_vocab()
         model = llm._model.model
         self.recurrent = bool(llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
-        per_seq = hasattr(llm, "hook_sequence")
-        if batched is None:  # see the module docstring and README "Serve" for the fallback
-            batched = per_seq and not self.recurrent
-        if batched and not per_seq:
-            raise ValueError("batched decoding of several steered sequences needs HookedLlama.hook_sequence")
-        self.batched = bool(batched) and self.parallel > 1
-        self.per_seq_hooks = per_seq and self.batched
+        if mode == "auto":  # see the module docstring and README "Serve" for the split mode
+            mode = "split" if self.recurrent else "batched"
+        if mode not in ("batched", "split", "sequential"):
+            raise ValueError(f"unknown decode mode {mode!r} (auto, batched, split, sequential)")
+        if mode == "batched" and self.recurrent:
+            raise ValueError("batched decoding of prompt chunks next to other sequences is not exact on a recurrent/"
+                             "hybrid model (llama.cpp groups the rows by sequence): use split or sequential")
+        self._mode = mode
         self.slots = [_Slot(seq=i) for i in range(self.parallel)]
         self.waiting: Deque[Job] = collections.deque()
         self.cv = threading.Condition()
         self.stopping = False
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self.steps = 0
+        self.steps = 0      # scheduler steps
+        self.decodes = 0    # llama_decode calls (one per step in batched mode)
         self.thread = threading.Thread(target=self._run, name="saehook-scheduler", daemon=True)
         self.thread.start()
 
     @property
     def mode(self) -> str:
-        return "batched" if self.batched else "sequential"
+        return self._mode
 
     # ---- HTTP side ----
     def submit(self, job: Job) -> None:
@@ -155,7 +159,8 @@ class Scheduler:
     def stats(self) -> Dict[str, Any]:
         with self.cv:
             return {"mode": self.mode, "parallel": self.parallel, "active": sum(s.job is not None for s in self.slots),
-                    "waiting": len(self.waiting), "steps": self.steps}
+                    "waiting": len(self.waiting), "steps": self.steps, "decodes": self.decodes,
+                    "encodes": self.llm.encode_count}
 
     def close(self) -> None:
         """Stops after the running requests (the HTTP server drains them first)."""
@@ -236,11 +241,10 @@ class Scheduler:
         job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         job.sampler = self._sampler(job.req)
         slot.job = job
-        if self.per_seq_hooks:
-            f = job.req.features
-            if job.req.steerings or f is not None:
-                job.seq_hook = self.llm.hook_sequence(slot.seq, steerings=job.req.steerings,
-                                                      capture=None if f is None else {f.layer: f.sae})
+        f = job.req.features
+        if job.req.steerings or f is not None:
+            job.seq_hook = self.llm.hook_sequence(slot.seq, steerings=job.req.steerings,
+                                                  capture=None if f is None else {f.layer: f.sae})
 
     def _sampler(self, req: GenerationRequest):
         p = llama_cpp.llama_sampler_chain_default_params()
@@ -298,7 +302,13 @@ class Scheduler:
         segs = self._plan()
         if not segs:
             return
-        groups = [segs] if self.batched else [[s] for s in segs]
+        if self._mode == "batched":
+            groups = [segs]
+        elif self._mode == "split":  # one-token segments together (by sequence id), prompt chunks alone
+            single = sorted((sg for sg in segs if len(sg[1]) == 1), key=lambda sg: sg[0].slot.seq)
+            groups = ([single] if single else []) + [[sg] for sg in segs if len(sg[1]) > 1]
+        else:
+            groups = [[sg] for sg in segs]
         for group in groups:
             records = self._decode(group)
             for i, (job, toks, generated, wants) in enumerate(group):
@@ -324,33 +334,17 @@ class Scheduler:
                 n += 1
         b.n_tokens = n
         llm = self.llm
-        with contextlib.ExitStack() as stack:
-            recs = {}
-            if not self.per_seq_hooks:  # one job per decode: its hooks for this decode only
-                (job, _, _, _), = group
-                if job.req.steerings:
-                    stack.enter_context(llm.steer(*job.req.steerings, control_vectors=False))
-                f = job.req.features
-                if f is not None:
-                    recs[job.id] = stack.enter_context(llm.capture({f.layer: f.sae}))
-            # Always announced (it only replaces the hook's idea of the next decode's tokens).
-            if self.per_seq_hooks and len(set(gens)) > 1:
-                llm.announce(toks, pos, seq_ids=seqs, outputs=outs, generated=gens)
-            else:
-                llm.announce(toks, pos, seq_ids=seqs, outputs=outs, generated=gens[0])
-            rc = llama_cpp.llama_decode(self.ctx, b)
-            if rc != 0:
-                llm._reset_queue()
-                raise RuntimeError(f"llama_decode returned {rc}" + (" (the KV cache is full)" if rc == 1 else ""))
-            llm.raise_hook_error()
+        llm.announce(toks, pos, seq_ids=seqs, outputs=outs, generated=gens)
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        self.decodes += 1
+        if rc != 0:
+            llm._reset_queue()
+            raise RuntimeError(f"llama_decode returned {rc}" + (" (the KV cache is full)" if rc == 1 else ""))
+        llm.raise_hook_error()
         out: Dict[int, Any] = {}
-        if self.per_seq_hooks:
-            for job, _, _, _ in group:
-                if job.seq_hook is not None and job.req.features is not None:
-                    out[job.id] = job.seq_hook.take().get(job.req.features.layer)
-        else:
-            for jid, rec in recs.items():
-                out[jid] = next(iter(rec.values()))
+        for job, _, _, _ in group:
+            if job.seq_hook is not None and job.req.features is not None:
+                out[job.id] = job.seq_hook.take().get(job.req.features.layer)
         return out
 
     def _feature_rows(self, job: Job, rec) -> Dict[int, Dict[str, Any]]:
