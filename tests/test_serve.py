@@ -391,6 +391,10 @@ ERRORS = [
     ({"prompt": "x" * 200}, "prompt", "context"),
     ({"prompt": [1, 2, 99999]}, "prompt[2]", "vocabulary"),
     ({"n": 2}, "n", "not supported"),
+    ({"logit_bias": {"5": -100}}, "logit_bias", "not supported"),
+    ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
+    ({"saehook": {"steer": [{"feature": 1, "op": "clamp"}]}}, "saehook.steer[0].value", "required"),
+    ({"saehook": {"steer": {"feature": 1}}}, "saehook.steer", "list"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
 ]
 
@@ -453,6 +457,9 @@ def test_api_key_queue_full_and_sigterm_drain(tiny_files):
             s.client("wrong").models.list()
         client = s.client("sekret")
         assert client.models.list().data
+        status, err = post(s, "/v1/completions", {"prompt": "x", "saehook": {"features": {"top": 9}}},
+                           headers={"Authorization": "Bearer sekret"})  # this SAE keeps k = 8 per token
+        assert status == 400 and err["error"]["param"] == "saehook.features.top" and "k = 8" in err["error"]["message"]
         # one running (a long stream), one waiting: the third is refused with 503, the others finish
         long = client.completions.create(model="m", prompt="hello", max_tokens=3000, temperature=0, stream=True,
                                          extra_body={"ignore_eos": True})

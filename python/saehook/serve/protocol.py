@@ -283,8 +283,12 @@ def _messages(v: Any) -> List[Dict[str, Any]]:
     return out
 
 
+# Fields saehook serve cannot honour: refused unless they hold their no-op value (OpenAI clients
+# send some of them by default), never silently ignored.
 _UNSUPPORTED = {"n": 1, "echo": False, "best_of": 1, "suffix": None, "tools": None, "functions": None,
-                "response_format": None}
+                "tool_choice": None, "function_call": None, "response_format": None, "logit_bias": None,
+                "presence_penalty": 0, "frequency_penalty": 0}
+_NO_OP = (None, [], {}, "none", "auto")
 
 
 def parse_request(kind: str, body: Any, reg: SAERegistry, limits: Limits) -> GenerationRequest:
@@ -293,7 +297,7 @@ def parse_request(kind: str, body: Any, reg: SAERegistry, limits: Limits) -> Gen
         raise bad(None, "the request body must be a JSON object", "invalid_type")
     for key, ok in _UNSUPPORTED.items():
         v = body.get(key)
-        if v is not None and v != ok and not (key in ("tools", "functions") and v == []):
+        if v is not None and v != ok and not (isinstance(v, (list, dict, str)) and v in _NO_OP):
             raise bad(key, f"{key}={json.dumps(v)} is not supported by saehook serve", "unsupported")
     if kind == "chat":
         prompt: Any = _messages(body.get("messages"))
