@@ -122,7 +122,7 @@ def synthetic_qwen35(cache: str, hidden: int, layers: int, ffn: int, quant: str)
     from saehook.demo.gguf_writer import quantize
 
     os.makedirs(cache, exist_ok=True)
-    name = f"qwen35-h{hidden}-l{layers}-f{ffn}"
+    name = f"qwen35-h{hidden}-l{layers}-f{ffn}-i{min(4, layers)}"
     out = os.path.join(cache, f"{name}-{quant}.gguf")
     if os.path.exists(out):
         return out
@@ -131,7 +131,7 @@ def synthetic_qwen35(cache: str, hidden: int, layers: int, ffn: int, quant: str)
     print(f"writing {f32} ...", flush=True)
     write_qwen35(f32, hidden=hidden, layers=layers, ffn=ffn, heads=heads, head_dim=256 if hidden >= 256 else 64,
                  kv_heads=max(1, heads // 4), lin_k_heads=max(1, hidden // 128), lin_v_heads=max(2, hidden // 64),
-                 lin_head_dim=128 if hidden >= 256 else 32)
+                 lin_head_dim=128 if hidden >= 256 else 32, interval=min(4, layers))
     if quant.lower() == "f32":
         return f32
     print(f"quantizing to {quant} ...", flush=True)
@@ -188,6 +188,7 @@ class Server:
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
+                time.sleep(0.2)
                 raise RuntimeError(f"{name} exited:\n{''.join(self.log)[-3000:]}")
             try:
                 c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
@@ -239,7 +240,9 @@ def stream_completion(port: int, body: dict) -> Dict[str, float]:
                 if "error" in obj:
                     raise RuntimeError(f"stream error: {obj}")
                 ch = obj.get("choices") or []
-                if ch and ch[0].get("text"):
+                # one chunk per token on all three servers (a token whose bytes end inside a UTF-8
+                # character still gets its chunk, with empty text); the last one only says why it ended
+                if ch and (ch[0].get("finish_reason") is None or ch[0].get("text")):
                     times.append(time.perf_counter())
     c.close()
     return {"ttft": times[0] - t0 if times else float("nan"), "itl": list(np.diff(times)), "tokens": len(times),
@@ -356,14 +359,19 @@ def main() -> int:
             else:
                 cmd = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1", "--port",
                        str(port), "--n_ctx", str(n_ctx), "--n_threads", str(args.threads), "--n_threads_batch",
-                       str(args.threads), "--verbose", "false"]
+                       str(args.threads), "--verbose", "false", "--interrupt_requests", "false"]
                 scenarios.append((name, cmd, port, "/v1/models", [
                     ("unsteered", lambda i: {"logit_bias": {str(eos): -100}})]))
         results: Dict[tuple, dict] = {}
         for name, cmd, port, health, variants in scenarios:
             srv = Server(name, cmd, port, health)
             try:
-                stream_completion(port, body(variants[0][1])(0, 0))  # warm-up
+                try:
+                    stream_completion(port, body(variants[0][1])(0, 0))  # warm-up
+                except Exception:
+                    time.sleep(0.5)
+                    print("".join(srv.log)[-3000:], file=sys.stderr)
+                    raise
                 for conc in args.concurrency:
                     for vname, extra in variants:
                         r = load(port, conc, args.reqs, body(extra))
