@@ -320,6 +320,14 @@ def test_prompt_cache_reuses_only_the_same_steering(demo_server, demo_sae, oracl
     plain, _ = oracle_completion(oracle, longer + " is", [], max_tokens=8)
     assert r.choices[0].text == plain
     assert r.usage.prompt_tokens_details.cached_tokens == 0
+    # a clamp of the generated positions leaves the prompt's KV unsteered: the unsteered prefix serves
+    gen_spec = {"steer": [{"feature": 100, "op": "clamp", "value": 5.0, "positions": "generated"}]}
+    r = client.completions.create(model="m", prompt=longer + " is a", max_tokens=8, temperature=0,
+                                  extra_body={"saehook": gen_spec})
+    assert r.usage.prompt_tokens_details.cached_tokens >= len(longer)
+    want, _ = oracle_completion(oracle, longer + " is a", [clamp(demo_sae, 100, 5.0, positions="generated")],
+                                max_tokens=8)
+    assert r.choices[0].text == want
     # asking for the prompt's features: no cached prefix (its rows must be evaluated)
     r = client.completions.create(model="m", prompt=longer, max_tokens=2, temperature=0,
                                   extra_body={"saehook": {**spec, "features": {"prompt": True}}})
@@ -457,6 +465,9 @@ def test_api_key_queue_full_and_sigterm_drain(tiny_files):
             s.client("wrong").models.list()
         client = s.client("sekret")
         assert client.models.list().data
+        status, err = post(s, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
+                           headers={"Authorization": "Bearer sekret"})  # this GGUF has no chat template
+        assert status == 400 and err["error"]["code"] == "no_chat_template" and err["error"]["param"] == "messages"
         status, err = post(s, "/v1/completions", {"prompt": "x", "saehook": {"features": {"top": 9}}},
                            headers={"Authorization": "Bearer sekret"})  # this SAE keeps k = 8 per token
         assert status == 400 and err["error"]["param"] == "saehook.features.top" and "k = 8" in err["error"]["message"]

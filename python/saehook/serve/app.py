@@ -190,7 +190,14 @@ def create_app(state: ServeState) -> FastAPI:
         tokens = _tokenize(state, req)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        job = Job(req=req, prompt=tokens, emit=lambda k, p: loop.call_soon_threadsafe(queue.put_nowait, (k, p)))
+
+        def emit(kind_: str, payload: Any) -> None:  # called from the scheduler's thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind_, payload))
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                job.cancel()
+
+        job = Job(req=req, prompt=tokens, emit=emit)
         state.scheduler.submit(job)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())

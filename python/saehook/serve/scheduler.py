@@ -230,6 +230,10 @@ class Scheduler:
 
     def _start(self, job: Job, free: List[_Slot]) -> None:
         slot = max(free, key=lambda s: (self._reusable(s, job), -s.last_used))
+        f = job.req.features
+        if job.req.steerings or f is not None:  # first: if it fails, nothing is held
+            job.seq_hook = self.llm.hook_sequence(slot.seq, steerings=job.req.steerings,
+                                                  capture=None if f is None else {f.layer: f.sae})
         n = self._reusable(slot, job)
         if n < len(slot.tokens):
             if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, n, -1):
@@ -241,10 +245,6 @@ class Scheduler:
         job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         job.sampler = self._sampler(job.req)
         slot.job = job
-        f = job.req.features
-        if job.req.steerings or f is not None:
-            job.seq_hook = self.llm.hook_sequence(slot.seq, steerings=job.req.steerings,
-                                                  capture=None if f is None else {f.layer: f.sae})
 
     def _sampler(self, req: GenerationRequest):
         p = llama_cpp.llama_sampler_chain_default_params()
