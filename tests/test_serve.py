@@ -603,3 +603,27 @@ def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tmp_path):
             llm.close()
     finally:
         assert s.stop() == 0
+
+
+def test_command_line_errors(tmp_path, capsys):
+    from saehook.cli import main
+
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "saehook", "serve", *map(str, args)], capture_output=True,
+                              text=True, timeout=120)
+
+    r = serve(tmp_path / "missing.gguf")
+    assert r.returncode == 2 and "missing.gguf: no such model file" in r.stderr
+    narrow = saehook.SAE(np.ones((32, 64), np.float32), np.ones((32, 64), np.float32), k=4)
+    narrow.metadata["layer"] = 1
+    narrow.save(str(tmp_path / "narrow.safetensors"))
+    r = serve(demo.MODEL, "--sae", f"n={tmp_path / 'narrow.safetensors'}", "--port", free_port())
+    assert r.returncode == 2 and "d_model 64 does not match the model's n_embd 128" in r.stderr, r.stderr
+    assert main(["serve", demo.MODEL, "--sae", "a=x", "--sae", "a=y"]) == 2
+    assert "given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--sae", "--host", "--port", "--parallel", "--n-ctx", "--api-key", "--threads", "--n-gpu-layers",
+                 "--chat-format", "--queue", "--max-tokens", "--max-steer-ops", "--max-top", "--max-body", "--decode"):
+        assert flag in help_text
