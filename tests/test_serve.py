@@ -570,7 +570,7 @@ def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tmp_path):
         # the oracle: HookedLlama's own generation with the same Steering, and its capture
         llm = HookedLlama(str(model), n_ctx=96, n_batch=32, n_ubatch=32, n_threads=1, verbose=False)
         try:
-            for i in (0, 4):
+            for i in range(8):
                 st = saehook.Steering(sae, layer=1).clamp(specs[i][0]["feature"], specs[i][0]["value"])
                 prompt_ids = llm.tokenize(prompts[i].encode(), special=True)
                 got_ids = [e["id"] for e in solo[i][1]]
@@ -582,6 +582,9 @@ def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tmp_path):
                             break
                         want_ids.append(t)
                 assert got_ids == want_ids
+                # random bytes: the text is Python's own replace-decoding of the tokens' bytes
+                # (a character split across tokens is joined, an unfinished one at the end is U+FFFD)
+                assert solo[i][0] == llm.detokenize(got_ids).decode("utf-8", errors="replace")
                 fresh(llm)
                 with llm.steer(st, control_vectors=False), llm.capture({1: sae}) as rec:
                     llm.eval(prompt_ids)
