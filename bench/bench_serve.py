@@ -15,7 +15,8 @@ steered, the added time per decode step at most the SAE's W_enc read bound + 10%
 
 llama-server is built from the llama.cpp that llama-cpp-python's sdist vendors (--llama-cpp-src,
 or the sdist is fetched with `pip download`), once, into --cache; or pass --llama-server BIN.
-Every request generates exactly --gen-tokens tokens (ignore_eos; llama_cpp.server, which has no
+llama_cpp.server needs llama-cpp-python's server extra (`pip install 'llama-cpp-python[server]'`:
+sse-starlette, starlette-context). Every request generates exactly --gen-tokens tokens (ignore_eos; llama_cpp.server, which has no
 such option, gets a logit_bias against the end-of-text token).
 """
 from __future__ import annotations
