@@ -1,0 +1,29 @@
+"""Labels for SAE features: a store beside each SAE (keyed by a fingerprint of its weights),
+import of published explanations, local explanation and detection scoring with a GGUF model,
+and search (by label, by example against a contrast, by decoder direction).
+
+    import saehook
+    sae = saehook.load("layer11.sae.pt")
+    sae.labels[123].label                            # the store, read lazily from beside the file
+    saehook.labels.resolve_feature(sae, "label:pirate")   # -> 123, or LabelError listing candidates
+    saehook.labels.search_labels(sae.labels, "french text")
+    saehook.labels.similar_features(sae, 123)
+"""
+from __future__ import annotations
+
+from .contexts import Example, FeatureContexts, Samples
+from .explain import capture_for, detection_metrics, explain_features, explained_by, score_features
+from .importers import import_labels, parse_source_id, read_import
+from .models import Explainer, LlamaCppModel, Scorer
+from .resolve import find_label, label_of, resolve_feature
+from .search import search_by_example, search_labels, similar_features
+from .store import (FeatureLabel, LabelError, LabelFileMismatch, LabelStore, check_fingerprint, default_path,
+                    fingerprint)
+
+__all__ = [
+    "LabelStore", "FeatureLabel", "LabelError", "LabelFileMismatch", "fingerprint", "default_path",
+    "check_fingerprint", "resolve_feature", "find_label", "label_of", "import_labels", "read_import",
+    "parse_source_id", "FeatureContexts", "Example", "Samples", "Explainer", "Scorer", "LlamaCppModel",
+    "explain_features", "score_features", "detection_metrics", "explained_by", "capture_for",
+    "search_labels", "search_by_example", "similar_features",
+]
