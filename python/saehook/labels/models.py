@@ -70,8 +70,7 @@ class LlamaCppModel:
 
     def _complete(self, tokens: List[int]) -> str:
         self.llm.reset()
-        out = self.llm.create_completion(tokens, max_tokens=self.max_new_tokens, temperature=0.0, top_k=1,
-                                         stop=["\n"] if self._formatter is None else None)
+        out = self.llm.create_completion(tokens, max_tokens=self.max_new_tokens, temperature=0.0, top_k=1)
         return out["choices"][0]["text"]
 
     def _last_logits(self, tokens: List[int]) -> np.ndarray:
@@ -92,8 +91,10 @@ class LlamaCppModel:
                          "--prompt compact")
 
     def explain(self, examples: Sequence, max_activation: float) -> str:
-        text = parse_explanation(self._complete(self.explanation_prompt(examples, max_activation)))
-        return text or "(no explanation)"
+        answer = self._complete(self.explanation_prompt(examples, max_activation))
+        if self._formatter is None:  # a plain continuation of "[EXPLANATION]:": its first non-empty line
+            answer = "[EXPLANATION]: " + next((ln for ln in answer.split("\n") if ln.strip()), "")
+        return parse_explanation(answer) or "(no explanation)"
 
     # ---- detection scorer ----
     def _answer_tokens(self):
