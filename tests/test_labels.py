@@ -415,3 +415,36 @@ def test_demo_explain_score_show_search_and_resume(demo_setup, tmp_path, monkeyp
     assert main(["search", str(d / "demo-sae.safetensors"), "--by-example", "The with statement", "--against",
                  "class A: pass", "--model", model, "--labels", str(full), "--top", "5", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)) == 5
+
+
+def test_a_chat_template_in_the_gguf_renders_the_prompts(tmp_path):
+    """A GGUF with tokenizer.chat_template: the explainer and scorer prompts go through it (checked
+    against jinja2 rendering the same template), and the answer is what follows [EXPLANATION]:."""
+    pytest.importorskip("llama_cpp")
+    gguf = pytest.importorskip("gguf")
+    jinja2 = pytest.importorskip("jinja2")
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    from saehook import demo
+    from saehook.labels import LlamaCppModel
+    from saehook.labels.contexts import Example
+    from saehook.labels.prompts import detection_messages, explanation_messages, parse_explanation
+
+    template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    reader = gguf.GGUFReader(demo.MODEL)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(tmp_path / "chat.gguf"), arch=arch, endianess=reader.endianess)
+    copy_with_new_metadata(reader, writer, {gguf.Keys.Tokenizer.CHAT_TEMPLATE: MetadataDetails(
+        gguf.GGUFValueType.STRING, template)}, [])
+    m = LlamaCppModel(str(tmp_path / "chat.gguf"), n_ctx=512, style="compact")
+    ex = [Example(0, 0, ["a", "b", "c"], [0.0, 2.0, 0.0])]
+    msgs = explanation_messages(ex, 2.0, style="compact")
+    want = jinja2.Template(template).render(messages=msgs, add_generation_prompt=True)
+    assert m.render(msgs, "[EXPLANATION]:") == want and "a<<b>>c" in want
+    assert m.render(detection_messages("x", "abc"), "Answer:").endswith("<|assistant|>")
+    assert isinstance(m.explain(ex, 2.0), str) and m.explain(ex, 2.0)
+    assert len(m.detect("the letter b", ["abc", "xyz"])) == 2
+    assert parse_explanation("Let me think.\nThe << >> mark b.\n[EXPLANATION]: the letter  b\n") == "the letter b"
+    assert parse_explanation("no marker here\nlast line") == "last line"
+    m.close()

@@ -138,7 +138,25 @@ class FeatureContexts:
         out.explain = [self.example(f, int(wins[i])) for i in chosen]
         test = quantile_sample(test_pool, n_test, n_quantiles, rng)
         out.test_firing = [self.example(f, int(wins[i])) for i in test]
-        silent = np.setdiff1d(np.arange(self.n_windows), wins)
-        pick = rng.choice(len(silent), size=min(len(test), len(silent)), replace=False) if len(silent) else []
-        out.test_silent = [self.example(f, int(silent[i])) for i in np.sort(pick)]
+        out.test_silent = [self.example(f, int(w)) for w in self._silent_windows(wins, len(test), rng)]
         return out
+
+    def _silent_windows(self, firing: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+        """n windows at random where the feature does not fire, in window order. Draws a few
+        times n candidates and drops firing ones (cost O(n log n), not O(windows) per feature);
+        only a feature that fires almost everywhere falls back to listing all silent windows."""
+        firing = np.sort(firing)
+        n_silent = self.n_windows - len(firing)
+        n = min(n, n_silent)
+        if n <= 0:
+            return np.zeros(0, np.int64)
+        if n_silent >= self.n_windows // 2:
+            cand = rng.choice(self.n_windows, size=min(self.n_windows, 4 * n + 16), replace=False)
+            pos = np.searchsorted(firing, cand)
+            hit = (pos < len(firing)) & (firing[np.minimum(pos, len(firing) - 1)] == cand) if len(firing) else \
+                np.zeros(len(cand), bool)
+            cand = cand[~hit]
+            if len(cand) >= n:
+                return np.sort(cand[:n])
+        silent = np.setdiff1d(np.arange(self.n_windows), firing)
+        return np.sort(silent[rng.choice(len(silent), size=n, replace=False)])
