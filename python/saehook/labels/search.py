@@ -96,7 +96,7 @@ def _decoder_rows(sae, start: int, stop: int) -> np.ndarray:
     return np.asarray(block, dtype=np.float32)
 
 
-def similar_features(sae, feature: int, *, top: int = 10, chunk: int = 8192) -> List[Dict[str, Any]]:
+def similar_features(sae, feature: int, *, top: int = 10, chunk: int = 2048) -> List[Dict[str, Any]]:
     """Features whose decoder directions have the largest cosine with `feature`'s (itself left
     out), best first. Reads W_dec in chunks of `chunk` features: extra memory chunk * d_model *
     4 bytes (32 MiB at d_model 4096), never a copy of the whole decoder."""
