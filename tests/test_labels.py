@@ -143,6 +143,13 @@ def test_planted_true_description_scores_high_and_shuffled_near_chance(planted, 
     assert all(store[f].score["detection"]["balanced_accuracy"] >= 0.9 for f in features)
     reread = LabelStore.open(sae, str(tmp_path / "labels.jsonl"))
     assert reread.dumps() == store.dumps()
+    # a label that is there already (say imported) is kept unless overwrite; overwrite drops its score
+    store.set(2, "imported label", source="imported from x.jsonl", score={"neuronpedia": {"value": 0.3}})
+    assert explain_features(store, ctx, [1, 2, 9], MarkedTokenExplainer(), n_top=5, n_quantile=5) == \
+        {"explained": 0, "skipped": 2, "silent": 1}
+    assert store[2].label == "imported label" and 9 not in store
+    explain_features(store, ctx, [2], MarkedTokenExplainer(), n_top=5, n_quantile=5, overwrite=True)
+    assert store[2].label == describe(PLANTED[2]) and store[2].score is None
 
 
 def test_search_by_example_against_a_contrast_finds_the_planted_feature(planted):
@@ -448,3 +455,24 @@ def test_a_chat_template_in_the_gguf_renders_the_prompts(tmp_path):
     assert parse_explanation("Let me think.\nThe << >> mark b.\n[EXPLANATION]: the letter  b\n") == "the letter b"
     assert parse_explanation("no marker here\nlast line") == "last line"
     m.close()
+
+
+def test_cli_errors_name_the_problem(demo_sae, tmp_path, capsys):
+    from saehook import demo
+
+    assert main(["search", demo_sae, "pirate"]) == 2
+    assert "has no labels yet" in capsys.readouterr().err
+    (tmp_path / "d.jsonl").write_text('{"text": "abc"}\n')
+    assert main(["labels", "explain", demo.MODEL, "--sae", demo_sae, "--data", str(tmp_path / "d.jsonl"),
+                 "--explainer", str(tmp_path / "missing.gguf")]) == 2
+    assert "missing.gguf: no such GGUF file (--explainer)" in capsys.readouterr().err
+    assert main(["labels", "explain", demo.MODEL, "--sae", demo_sae, "--data", str(tmp_path / "d.jsonl"),
+                 "--explainer", demo.MODEL, "--features", "9-3"]) == 2
+    assert "the range '9-3' is empty" in capsys.readouterr().err
+    assert main(["similar", demo_sae, "label:pirate"]) == 2
+    assert "has no labels yet" in capsys.readouterr().err
+    assert main(["labels", "show", demo_sae, "--feature", "5000"]) == 2
+    assert "out of range [0, 1024)" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('[{"index": "3"}]')
+    assert main(["labels", "import", str(tmp_path / "bad.json"), "--sae", demo_sae]) == 2
+    assert "bad.json[0]: no field 'description'" in capsys.readouterr().err

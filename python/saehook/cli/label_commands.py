@@ -36,6 +36,8 @@ def parse_features(spec: Optional[str], d_sae: int) -> Optional[List[int]]:
             rng = range(int(lo), int(hi) + 1) if dash else [int(lo)]
         except ValueError:
             raise ValueError(f"--features expects indices and ranges like 1,5,10-20, got {part!r}") from None
+        if not rng:
+            raise ValueError(f"--features: the range {part!r} is empty")
         for f in rng:
             if not 0 <= f < d_sae:
                 raise IndexError(f"--features: feature {f} is out of range [0, {d_sae})")
@@ -127,13 +129,15 @@ def cmd_explain(args) -> int:
     sae = _load_sae(args)
     if sae.layer is None:
         raise ValueError(f"{args.sae} does not say which layer it reads: pass --layer")
-    wanted = parse_features(args.features, sae.d_sae)
-    ctx = _contexts(args, sae, wanted)
-    features = wanted if wanted is not None else sorted(ctx._firing)
-    explainer = LlamaCppModel(args.explainer, n_ctx=args.explainer_ctx, style=args.prompt,
-                              max_new_tokens=args.max_new_tokens)
     if sae.labels.path is None:
         raise ValueError("the SAE has no file beside which to store labels: pass --labels FILE")
+    if not os.path.isfile(args.explainer):
+        raise FileNotFoundError(f"{args.explainer}: no such GGUF file (--explainer)")
+    wanted = parse_features(args.features, sae.d_sae)
+    ctx = _contexts(args, sae, wanted)
+    features = wanted if wanted is not None else ctx.firing_features()
+    explainer = LlamaCppModel(args.explainer, n_ctx=args.explainer_ctx, style=args.prompt,
+                              max_new_tokens=args.max_new_tokens)
     bar = Progress(f"explaining with {explainer.name}", len(features))
     try:
         res = explain_features(sae.labels, ctx, features, explainer, batch=args.batch, overwrite=args.overwrite,
@@ -155,6 +159,8 @@ def cmd_score(args) -> int:
     features = [f for f in (wanted if wanted is not None else list(store)) if f in store]
     if not features:
         raise ValueError(f"no labelled features to score in {store.path}")
+    if not os.path.isfile(args.scorer):
+        raise FileNotFoundError(f"{args.scorer}: no such GGUF file (--scorer)")
     ctx = _contexts(args, sae, features)
     scorer = LlamaCppModel(args.scorer, n_ctx=args.explainer_ctx)
     bar = Progress(f"scoring with {scorer.name}", len(features))
@@ -179,6 +185,8 @@ def cmd_search(args) -> int:
     if args.by_example is None:
         if not args.query:
             raise ValueError("give a query, or --by-example TEXT")
+        if not len(sae.labels):
+            raise ValueError(f"{args.sae} has no labels yet ({sae.labels.path}); see `saehook labels import/explain`")
         hits = search_labels(sae.labels, args.query, top=args.top)
         cols = ["feature", "bm25", "label"]
         rows = [[f"#{h['feature']}", f"{h['score']:.3f}", h["label"]] for h in hits]
@@ -269,7 +277,7 @@ def register(sub) -> None:
     e.add_argument("--prompt", choices=["delphi", "compact"], default="delphi",
                    help="compact: no system prompt or activation lines, for short-context models")
     e.add_argument("--max-new-tokens", type=int, default=48)
-    e.add_argument("--overwrite", action="store_true", help="explain again features this explainer already labelled")
+    e.add_argument("--overwrite", action="store_true", help="explain again features that already have a label")
     e.set_defaults(fn=cmd_explain)
     c = lsub.add_parser("score", help="detection-score labels on held-out examples with a local GGUF scorer")
     _run_flags(c)

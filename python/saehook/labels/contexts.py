@@ -105,6 +105,10 @@ class FeatureContexts:
     def n_windows(self) -> int:
         return len(self.win_start)
 
+    def firing_features(self) -> List[int]:
+        """The requested features that fire somewhere in the capture, ascending."""
+        return sorted(self._firing)
+
     def firing(self, feature: int):
         """(window ids, their max activation), strongest first."""
         return self._firing.get(int(feature), (np.zeros(0, np.int64), np.zeros(0, np.float32)))

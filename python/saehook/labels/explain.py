@@ -3,7 +3,7 @@
 explain_features: for each feature, the explanation examples of contexts.FeatureContexts.sample
 go to the explainer; the label, its source ("explained by MODEL"), the examples and the sampling
 settings are stored. The store is saved after every batch: an interrupted run keeps the batches
-done, and a rerun skips the features this explainer already labelled, so interrupting and
+done, and a rerun skips the features that have a label (imported ones included), so interrupting and
 resuming gives the same store as one run (the sampling is a fixed function of capture, feature
 and seed, and LlamaCppModel answers each prompt from an empty cache).
 
@@ -37,11 +37,11 @@ def _batches(items: List[int], size: int) -> Iterable[List[int]]:
 def explain_features(store: LabelStore, contexts: FeatureContexts, features: Sequence[int], explainer, *,
                      batch: int = 8, seed: int = 0, n_top: int = 10, n_quantile: int = 10, n_quantiles: int = 5,
                      overwrite: bool = False, progress: Progress = None, save: bool = True) -> Dict[str, int]:
-    """Labels `features` with `explainer` (see the module doc). Features already labelled by
-    this explainer are skipped unless overwrite; features that never fire in the capture get no
-    label. Returns counts {explained, skipped, silent}."""
+    """Labels `features` with `explainer` (see the module doc). Features that already have a
+    label are skipped unless overwrite (which also drops their old scores); features that never
+    fire in the capture get no label. Returns counts {explained, skipped, silent}."""
     source = explained_by(explainer.name)
-    todo = [int(f) for f in features if overwrite or int(f) not in store or store[int(f)].source != source]
+    todo = [int(f) for f in features if overwrite or int(f) not in store]
     counts = {"explained": 0, "skipped": len(features) - len(todo), "silent": 0}
     done = counts["skipped"]
     if progress:
