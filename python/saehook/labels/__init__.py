@@ -3,11 +3,12 @@ import of published explanations, local explanation and detection scoring with a
 and search (by label, by example against a contrast, by decoder direction).
 
     import saehook
+    from saehook.labels import resolve_feature, search_labels, similar_features
     sae = saehook.load("layer11.sae.pt")
-    sae.labels[123].label                            # the store, read lazily from beside the file
-    saehook.labels.resolve_feature(sae, "label:pirate")   # -> 123, or LabelError listing candidates
-    saehook.labels.search_labels(sae.labels, "french text")
-    saehook.labels.similar_features(sae, 123)
+    sae.labels[123].label                      # the store, read lazily from beside the file
+    resolve_feature(sae, "label:pirate")       # -> 123, or LabelError listing the candidates
+    search_labels(sae.labels, "french text")   # BM25 over the labels
+    similar_features(sae, 123)                 # decoder-direction cosine
 """
 from __future__ import annotations
 
