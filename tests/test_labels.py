@@ -476,3 +476,21 @@ def test_cli_errors_name_the_problem(demo_sae, tmp_path, capsys):
     (tmp_path / "bad.json").write_text('[{"index": "3"}]')
     assert main(["labels", "import", str(tmp_path / "bad.json"), "--sae", demo_sae]) == 2
     assert "bad.json[0]: no field 'description'" in capsys.readouterr().err
+
+
+def test_open_labels_finds_a_captures_labels_through_its_manifest(tmp_path):
+    sae = make_sae(metadata={"layer": 1})
+    sae.save(str(tmp_path / "s.safetensors"))
+    store = saehook.load(str(tmp_path / "s.safetensors")).labels
+    store.set(3, "French text", source="test")
+    store.save()
+    from saehook.labels import open_labels
+
+    assert open_labels(str(tmp_path / "s.safetensors"), layer=1).label(3) == "French text"
+    (tmp_path / "m.json").write_text(json.dumps({"layer": 1, "features": {"3": {"description": "x"}, "layer": "y"}}))
+    with pytest.raises(LabelError, match="key 'layer' is not a feature index"):
+        import_labels(store, str(tmp_path / "m.json"), saehook.load(str(tmp_path / "s.safetensors")))
+    (tmp_path / "m.json").write_text(json.dumps({"layer": 1, "d_sae": 256, "features": {"4": "German text"}}))
+    assert import_labels(store, str(tmp_path / "m.json"), saehook.load(str(tmp_path / "s.safetensors"))) == \
+        {"imported": 1, "kept": 0}
+    assert store.label(4) == "German text"

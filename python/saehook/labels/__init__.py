@@ -19,10 +19,10 @@ from .models import Explainer, LlamaCppModel, Scorer
 from .resolve import find_label, label_of, resolve_feature
 from .search import search_by_example, search_labels, similar_features
 from .store import (FeatureLabel, LabelError, LabelFileMismatch, LabelStore, check_fingerprint, default_path,
-                    fingerprint)
+                    fingerprint, open_labels)
 
 __all__ = [
-    "LabelStore", "FeatureLabel", "LabelError", "LabelFileMismatch", "fingerprint", "default_path",
+    "LabelStore", "open_labels", "FeatureLabel", "LabelError", "LabelFileMismatch", "fingerprint", "default_path",
     "check_fingerprint", "resolve_feature", "find_label", "label_of", "import_labels", "read_import",
     "parse_source_id", "FeatureContexts", "Example", "Samples", "Explainer", "Scorer", "LlamaCppModel",
     "explain_features", "score_features", "detection_metrics", "explained_by", "capture_for",

@@ -214,7 +214,10 @@ def _from_mapping(obj: dict, file: str, sae, base: str) -> List[Dict[str, Any]]:
     out = []
     for key, val in features.items():
         where = f"{file}: feature {key!r}"
-        f = _index(key, where)
+        if not re.fullmatch(r"\d+", str(key).strip()):
+            raise LabelError(f"{file}: key {key!r} is not a feature index (a label file maps indices to labels, "
+                             "or wraps them as {\"layer\": L, \"features\": {...}})")
+        f = int(key)
         _check_index(f, sae, where)
         if isinstance(val, dict):
             text = next((val[k] for k in ("description", "label", "explanation") if isinstance(val.get(k), str)), None)

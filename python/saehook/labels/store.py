@@ -263,3 +263,16 @@ def check_fingerprint(found: Mapping[str, Any], expected: Mapping[str, Any], pat
         if "sha256" in diff:
             parts = (parts + "; " if parts else "") + "the weights differ"
         raise LabelFileMismatch(f"{path}: these labels were made for another SAE ({parts}); refusing to apply them")
+
+
+def open_labels(sae_path: str, *, layer: Optional[int] = None, labels: Optional[str] = None) -> LabelStore:
+    """The label store of the SAE at `sae_path` (one layer of a multi-layer directory with
+    `layer`), for code that has a path rather than an SAE object: a capture's manifest names the
+    SAE it was made with (`manifest["sae"]`), so `open_labels(data.manifest["sae"],
+    layer=data.layer)` gives the labels of a capture's features. The SAE loads memory-mapped."""
+    from ..formats import SAESet, load
+
+    sae = load(sae_path, layer=layer)
+    if isinstance(sae, SAESet):
+        raise LabelError(f"{sae_path} holds layers {sae.layers}: give the layer")
+    return LabelStore.open(sae, labels)
