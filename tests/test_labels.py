@@ -227,6 +227,15 @@ def test_label_named_features_resolve_or_list_the_candidates():
         resolve_feature(sae, "pirate")
     st = saehook.Steering(sae, layer=0).clamp(resolve_feature(sae, "label:french"), 8.0)
     assert st.ops[0].feature == 12
+    from saehook.labels import feature_value_pairs
+
+    assert feature_value_pairs(sae, ["3=1.5", "label:pirate speech=8"], "--clamp") == [(3, 1.5), (10, 8.0)]
+    with pytest.raises(LabelError, match="ambiguous"):
+        feature_value_pairs(sae, ["label:pirate=8"], "--clamp")
+    with pytest.raises(LabelError, match="--clamp expects FEATURE=VALUE"):
+        feature_value_pairs(sae, ["label:french"], "--clamp")
+    with pytest.raises(LabelError, match="'x' is not a float"):
+        feature_value_pairs(sae, ["label:french=x"], "--clamp")
     with pytest.raises(LabelError, match="has no labels yet"):
         resolve_feature(make_sae(seed=3), "label:french")
 

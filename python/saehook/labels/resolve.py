@@ -87,6 +87,22 @@ def resolve_feature(sae_or_store: Any, spec: Union[int, str]) -> int:
     return f
 
 
+def feature_value_pairs(sae_or_store: Any, specs, flag: str, value_type=float) -> List[Tuple[int, Any]]:
+    """CLI steering flags `F=V` with F an index or a label: ["12=8", "label:pirate speech=4"] ->
+    [(12, 8.0), (f, 4.0)]. The value is after the last '=', so a label may contain '='."""
+    out = []
+    for spec in specs or []:
+        f, sep, v = str(spec).rpartition("=")
+        if not sep or not f:
+            raise LabelError(f"{flag} expects FEATURE=VALUE (FEATURE an index or label:TEXT), got {spec!r}")
+        try:
+            value = value_type(v)
+        except ValueError:
+            raise LabelError(f"{flag} {spec!r}: {v!r} is not a {value_type.__name__}") from None
+        out.append((resolve_feature(sae_or_store, f), value))
+    return out
+
+
 def label_of(sae_or_store: Any, feature: int) -> Optional[str]:
     """The feature's label, or None when it has none (or the SAE has no label file). A label
     file made for another SAE raises LabelFileMismatch rather than showing nothing."""
