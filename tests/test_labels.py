@@ -264,16 +264,16 @@ def demo_sae(tmp_path):
 
 
 def test_neuronpedia_export_imports_and_mismatched_files_are_refused(demo_sae, tmp_path, capsys):
-    exp = tmp_path / "explanations"
+    exp = tmp_path / "explanations"   # as downloaded: <source>/explanations/batch-N.jsonl.gz
     _write_batch(str(exp / "batch-0.jsonl.gz"), [_np_row(5, "the letter y inside words"), _np_row(353, " the  word and "),
                                                  _np_row(5, "a second explanation")])
     _write_batch(str(exp / "batch-1.jsonl.gz"), [_np_row(1023, "the last feature")])
-    assert main(["labels", "import", str(exp), "--sae", demo_sae, "--json"]) == 0
+    assert main(["labels", "import", str(tmp_path), "--sae", demo_sae, "--json"]) == 0   # the source folder
     assert json.loads(capsys.readouterr().out)["imported"] == 3
     sae = saehook.load(demo_sae)
     assert sae.labels[5].label == "the letter y inside words" and sae.labels[5].extra["alternatives"] == 1
     assert sae.labels[353].label == "the word and"
-    assert sae.labels[5].source == "imported from explanations (neuronpedia demo-model/2-qwenscope-res-1k, gpt-4o-mini)"
+    assert sae.labels[5].source == f"imported from {tmp_path.name} (neuronpedia demo-model/2-qwenscope-res-1k, gpt-4o-mini)"
     assert sae.labels[5].extra["neuronpedia"]["typeName"] == "oai_token-act-pair"
     # the feature objects of Neuronpedia's API, with scores: the best scored explanation wins
     feat = {"modelId": "demo-model", "layer": "2-qwenscope-res-1k", "index": "7", "explanations": [

@@ -12,7 +12,8 @@ Formats read (each record's fields as their producers write them):
   `explanations` list of explanation rows), one per line or in a JSON array.
 - A JSON object mapping feature index -> label (a string or an object with description /
   label / explanation), optionally wrapped as {"layer": L, "d_sae": N, "features": {...}}.
-- A .jsonl, .json, .gz of either, or a directory of such files (a downloaded explanations/ folder).
+- A .jsonl, .json, .gz of either, or a directory of such files (a downloaded explanations/
+  folder, or the source folder holding it).
 
 Checks: a file naming a layer other than the SAE's, or a width (`32k`) other than its d_sae, is
 refused; so is an index outside [0, d_sae) and a file mixing several sources. Widths: `Nk` matches
@@ -84,6 +85,8 @@ def _records_of_file(path: str) -> Tuple[List[Tuple[str, Any]], Optional[dict]]:
 
 
 def _files(path: str) -> List[str]:
+    if os.path.isdir(os.path.join(path, "explanations")):  # a downloaded source folder (features/, explanations/, ...)
+        path = os.path.join(path, "explanations")
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if n.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")))
         if not names:
