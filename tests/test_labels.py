@@ -171,7 +171,7 @@ def test_fingerprint_tells_saes_apart_and_the_store_refuses_another_sae(tmp_path
     W = a.arrays()["W_enc"].copy()
     W[0, 0] += 1.0
     edited = saehook.SAE(W, a.arrays()["W_dec"], a.arrays()["b_enc"], a.arrays()["b_dec"], k=a.k)
-    assert fingerprint(edited)["sha256"] != fingerprint(a)["sha256"]
+    assert fingerprint(edited)["sha256"] != fingerprint(a)["sha256"]   # the sampled blocks see it
     path = str(tmp_path / "l.jsonl")
     store = LabelStore.open(a, path)
     store.set(3, "pirate speech", source="test")
@@ -200,11 +200,16 @@ def test_store_lives_beside_the_sae_file_and_sae_labels_reads_it_lazily(tmp_path
     again = saehook.load(str(tmp_path / "s.safetensors"))
     assert str(again.labels[7]) == "French text"
     assert saehook.labels.label_of(again, 7) == "French text" and saehook.labels.label_of(again, 8) is None
-    # a converted copy is another SAE for the store
+    # converted copies of the same SAE read its labels; another training of the same shape does not
     again.save(str(tmp_path / "s16.safetensors"), dtype="f16")
     shutil.copy(tmp_path / "s.safetensors.labels.jsonl", tmp_path / "s16.safetensors.labels.jsonl")
-    with pytest.raises(LabelFileMismatch, match="enc_dtype"):
-        saehook.load(str(tmp_path / "s16.safetensors")).labels
+    assert str(saehook.load(str(tmp_path / "s16.safetensors")).labels[7]) == "French text"
+    path = str(tmp_path / "s.safetensors.labels.jsonl")
+    for conv in (again.to_dtype("bf16"), again.to_dtype("int8"), again.to_dtype(dec_layout="cols"),
+                 again.to_dtype("int8", dec_dtype="bf16", dec_layout="cols")):
+        assert LabelStore.open(conv, path).label(7) == "French text"
+    with pytest.raises(LabelFileMismatch, match=r"the weights differ \(sketch cosine encoder -?0\.\d+"):
+        LabelStore.open(make_sae(seed=5, metadata={"layer": 1}).to_dtype("bf16"), path)
 
 
 # ---------------------------------------------------------------- label-named features

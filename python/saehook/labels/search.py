@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .store import LabelStore
+from .store import LabelStore, _as_f32
 
 BM25_K1 = 1.2
 BM25_B = 0.75
@@ -90,10 +90,7 @@ def _decoder_rows(sae, start: int, stop: int) -> np.ndarray:
     """Decoder directions [start, stop) as float32 (stop - start, d_model): a copy of that chunk
     only (bf16/f16 widened), read from the weights in place (mmapped files stay mmapped)."""
     W = sae.arrays()["W_dec"]
-    block = W[start:stop] if sae.dec_layout == "rows" else W[:, start:stop].T
-    if sae.dec_dtype == "bf16":
-        return (np.ascontiguousarray(block).astype(np.uint32) << 16).view(np.float32)
-    return np.asarray(block, dtype=np.float32)
+    return _as_f32(W[start:stop] if sae.dec_layout == "rows" else W[:, start:stop].T, sae.dec_dtype)
 
 
 def similar_features(sae, feature: int, *, top: int = 10, chunk: int = 2048) -> List[Dict[str, Any]]:

@@ -7,7 +7,8 @@ File layout (UTF-8, one JSON object per line, no pickle):
               "score": {...} | null, "examples": [...], "extra": {...}}
 
 The fingerprint (see `fingerprint`) names the SAE the labels were made for; opening the store for
-another SAE raises LabelFileMismatch instead of attaching wrong names to its features. Saving
+another SAE raises LabelFileMismatch instead of attaching wrong names to its features, while a
+converted copy of the same SAE (f16/bf16/int8, other decoder layout) reads the same labels. Saving
 writes a temporary file in the same directory, fsyncs it and renames it over the store, so a
 crash leaves either the old or the new file, never a torn one.
 """
@@ -23,9 +24,12 @@ import numpy as np
 
 FORMAT = "saehook-labels"
 VERSION = 1
-FINGERPRINT_METHOD = "sampled-blocks-v1"
+FINGERPRINT_METHOD = "sampled-blocks+sketch-v1"
 _BLOCKS = 64          # blocks hashed per weight matrix
 _BLOCK_BYTES = 4096   # bytes per block
+_SKETCH_FEATURES = 16
+_SKETCH_PROJECTIONS = 4
+SKETCH_MIN_COSINE = 0.99
 
 
 class LabelError(ValueError):
@@ -36,15 +40,45 @@ class LabelFileMismatch(LabelError):
     """A label file made for another SAE (its fingerprint differs)."""
 
 
-def fingerprint(sae) -> Dict[str, Any]:
-    """A cheap identity of an SAE's weights: its shapes and dtypes, and a SHA-256 over the small
-    vectors (b_enc, b_dec, threshold, enc_scales, hashed whole) and over 64 evenly spaced 4 KiB
-    blocks of the stored bytes of W_enc and of W_dec (the first and last block included).
+def _as_f32(block: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bf16":
+        return (np.ascontiguousarray(block).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(block, dtype=np.float32)
 
-    Cost: about 512 KiB read whatever the SAE's size (a 2 GiB mmapped layer is not paged in).
-    Two different trainings differ in every block; an SAE that differs from another only outside
-    the sampled blocks (a few edited weights) gets the same fingerprint. The stored layout is
-    part of it: a converted copy (other dtype or decoder layout) is another SAE for the store.
+
+def _sketch(sae) -> Dict[str, List[float]]:
+    """Stored-format-independent numbers of the weights: 16 evenly spaced encoder rows, each
+    projected on 4 fixed pseudo-random vectors, and the decoder's values at 16 consecutive
+    features (from d_sae // 2) x 16 evenly spaced coordinates (a few pages in either layout)."""
+    a = sae.arrays()
+    rng = np.random.default_rng(20240517)
+    proj = rng.standard_normal((sae.d_model, _SKETCH_PROJECTIONS)).astype(np.float32)
+    n = min(_SKETCH_FEATURES, sae.d_sae)
+    enc_f = np.unique(np.linspace(0, sae.d_sae - 1, n).astype(np.int64))
+    enc = a["W_enc"][enc_f]
+    enc = enc.astype(np.float32) * a["enc_scales"][enc_f, None] if sae.enc_dtype == "int8" else _as_f32(enc, sae.enc_dtype)
+    lo = min(sae.d_sae // 2, sae.d_sae - n)
+    coords = np.unique(np.linspace(0, sae.d_model - 1, min(_SKETCH_FEATURES, sae.d_model)).astype(np.int64))
+    dec = a["W_dec"][lo:lo + n][:, coords] if sae.dec_layout == "rows" else a["W_dec"][coords][:, lo:lo + n].T
+    return {"enc": [float(f"{v:.6g}") for v in (enc @ proj).ravel()],
+            "dec": [float(f"{v:.6g}") for v in _as_f32(dec, sae.dec_dtype).ravel()]}
+
+
+def fingerprint(sae) -> Dict[str, Any]:
+    """A cheap identity of an SAE's weights, in two parts:
+
+    - sha256: a SHA-256 over the shapes and dtypes, the small vectors (b_enc, b_dec, threshold,
+      enc_scales, whole) and 64 evenly spaced 4 KiB blocks of the stored bytes of W_enc and of
+      W_dec (first and last included): the same stored weights.
+    - sketch: 16 encoder rows projected on 4 fixed random vectors and a 16 x 16 block of the
+      decoder (see _sketch), which survive a conversion: an f16/bf16/int8 or re-laid-out copy of
+      an SAE has sketches with cosine > 0.9999 to the original's, two different trainings
+      about 0.1 (at most 0.33 over 29 random pairs).
+
+    A label file applies to an SAE with the same d_model and d_sae and either the same sha256
+    or sketches with cosine >= 0.99 (encoder and decoder parts each). Cost: about 1 MiB read
+    whatever the SAE's size (a 2 GiB mmapped layer is not paged in). An SAE differing
+    from another only outside the sampled blocks and rows (a few edited weights) matches it.
     """
     arrays = sae.arrays()
     h = hashlib.sha256()
@@ -66,7 +100,7 @@ def fingerprint(sae) -> Dict[str, Any]:
             h.update(np.ascontiguousarray(v, dtype=np.float32).tobytes())
     return {"method": FINGERPRINT_METHOD, "d_model": int(sae.d_model), "d_sae": int(sae.d_sae),
             "enc_dtype": sae.enc_dtype, "dec_dtype": sae.dec_dtype, "dec_layout": sae.dec_layout,
-            "sha256": h.hexdigest()}
+            "sha256": h.hexdigest(), "sketch": _sketch(sae)}
 
 
 def default_path(sae) -> str:
@@ -254,15 +288,35 @@ class LabelStore(Mapping):
         return path
 
 
+def _cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return 0.0
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(a @ b / (na * nb))
+
+
 def check_fingerprint(found: Mapping[str, Any], expected: Mapping[str, Any], path: str) -> None:
-    """Raises LabelFileMismatch naming what differs between a file's fingerprint and an SAE's."""
-    keys = sorted(set(found) | set(expected))
-    diff = [k for k in keys if found.get(k) != expected.get(k)]
-    if diff:
-        parts = ", ".join(f"{k}: file {found.get(k)!r} vs SAE {expected.get(k)!r}" for k in diff if k != "sha256")
-        if "sha256" in diff:
-            parts = (parts + "; " if parts else "") + "the weights differ"
+    """Raises LabelFileMismatch unless the file's fingerprint and the SAE's are the same SAE
+    (rules in `fingerprint`'s doc); the message names what differs."""
+    shape = [k for k in ("d_model", "d_sae") if found.get(k) != expected.get(k)]
+    if shape:
+        parts = ", ".join(f"{k}: file {found.get(k)!r} vs SAE {expected.get(k)!r}" for k in shape)
         raise LabelFileMismatch(f"{path}: these labels were made for another SAE ({parts}); refusing to apply them")
+    if found.get("sha256") == expected.get("sha256"):
+        return
+    fs, es = found.get("sketch") or {}, expected.get("sketch") or {}
+    cos = {part: _cosine(fs.get(part, []), es.get(part, [])) for part in ("enc", "dec")}
+    if min(cos.values()) >= SKETCH_MIN_COSINE:
+        return
+    stored = [f"{k} {found.get(k)} vs {expected.get(k)}" for k in ("enc_dtype", "dec_dtype", "dec_layout")
+              if found.get(k) != expected.get(k)]
+    raise LabelFileMismatch(
+        f"{path}: these labels were made for another SAE: the weights differ (sketch cosine encoder "
+        f"{cos['enc']:.3f}, decoder {cos['dec']:.3f}; {SKETCH_MIN_COSINE} needed"
+        + (f"; stored as {', '.join(stored)}" if stored else "") + "); refusing to apply them")
 
 
 def open_labels(sae_path: str, *, layer: Optional[int] = None, labels: Optional[str] = None) -> LabelStore:
