@@ -14,9 +14,9 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import dataset_commands, model_commands, sae_commands, tool_commands, train_commands
+from . import dataset_commands, label_commands, model_commands, sae_commands, tool_commands, train_commands
 
-GROUPS = (tool_commands, sae_commands, model_commands, dataset_commands, train_commands)
+GROUPS = (tool_commands, sae_commands, model_commands, dataset_commands, train_commands, label_commands)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
