@@ -110,6 +110,12 @@ def run(prompt: str = PROMPT, max_tokens: int = 40, strength: Optional[float] = 
     from ..engines.llama import HookedLlama
     from ..steering import Steering
 
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the demo needs a prompt with some text (--prompt)")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens (--max-new-tokens) must be at least 1, got {max_tokens!r}")
+    if strength is not None and not np.isfinite(strength):
+        raise ValueError(f"strength must be a finite number, got {strength!r}")
     for path in (MODEL, SAE_FILE, LABELS):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} is missing: rebuild with python -m saehook.demo.build (see its doc)")
