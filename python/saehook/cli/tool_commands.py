@@ -21,6 +21,9 @@ SAEHOOK_BENCH_DIR overrides where they are looked for."""
 def cmd_demo(args) -> int:
     from .. import demo
 
+    if args.paths:
+        print(f"gguf: {demo.MODEL}\nhf:   {demo.hf_model_dir()}\nsae:  {demo.SAE_FILE}\nlabels: {demo.LABELS}")
+        return 0
     demo.run(prompt=args.prompt, max_tokens=args.max_new_tokens, strength=args.strength)
     return 0
 
@@ -76,6 +79,9 @@ def register(sub) -> None:
     d.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens generated with and without steering")
     d.add_argument("--strength", type=finite_float,
                    help="clamp value (default: twice the feature's largest activation)")
+    d.add_argument("--paths", action="store_true",
+                   help="print where the demo's files are (GGUF, SAE, labels, and a transformers copy of the model, "
+                        "built at first use) and exit, e.g. for saehook features MODEL --sae SAE")
     d.set_defaults(fn=cmd_demo)
     # `saehook bench ...` is dispatched before argparse (cli.main -> run_bench): this entry is
     # for the command list and `saehook --help`.

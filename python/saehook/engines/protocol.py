@@ -142,6 +142,20 @@ class LlamaEngine(Engine):
         return out
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """No transformers progress bars (loading / writing shards) on the command line's stderr."""
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
+
+
 class HFEngine(Engine):
     """A transformers causal LM directory (local files only). Without a tokenizer in the
     directory, text is read as bytes (token id = byte value)."""
@@ -151,7 +165,8 @@ class HFEngine(Engine):
         import transformers
 
         self.torch = torch
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        with quiet_transformers():
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
         has_tokenizer = any(os.path.exists(os.path.join(path, f)) for f in
                             ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
         self.tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
