@@ -378,7 +378,8 @@ def test_features_page_has_a_legend(tmp_path, capsys):
     page = tmp_path / "f.html"
     assert main(["features", MODEL, "--sae", SAE, "--feature", "131", "--html", str(page), "a b c"]) == 0
     html = page.read_text()
-    assert "Shading: feature 131" in html and html.count('class="t" style') >= 5 + 5  # 5 tokens + 5 legend steps
+    assert "Shading: feature 131" in html and html.count('class="swatch"') == 5  # the legend's five steps
+    assert html.count('class="t"') == 5  # one span per token ('a', ' ', 'b', ' ', 'c')
 
 
 def test_eval_shows_progress_and_explains_its_metrics(capsys, docs_txt):
@@ -386,6 +387,12 @@ def test_eval_shows_progress_and_explains_its_metrics(capsys, docs_txt):
     out = capsys.readouterr()
     assert "evaluating documents: 4/4" in out.err
     assert "fraction of the residual's variance" in out.out and "ce_increase" in out.out
+
+
+def test_eval_texts_may_follow_the_options(capsys):
+    assert main(["eval", MODEL, "--sae", SAE, "The with statement is used to wrap a block.", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_tokens"] > 10
+    fails(capsys, ["eval", MODEL, "--sae", SAE, "text", "--bogus"], "unrecognized arguments", "--bogus")
 
 
 def test_bench_passes_options_through(capsys, monkeypatch, tmp_path):

@@ -51,7 +51,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if argv[:1] == ["bench"]:  # everything after it belongs to the benchmark script (--help included)
             return tool_commands.run_bench(argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # argparse fills a nargs="*" positional (eval's texts) as soon as the positional before it
+        # is read, so texts after an option land in `extra`: they belong to it
+        rest = getattr(args, "texts_after_options", None)
+        if extra and rest and not any(e.startswith("-") for e in extra):
+            setattr(args, rest, list(getattr(args, rest) or []) + extra)
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         try:
             return args.fn(args)
         except (ValueError, OSError, IndexError, TypeError, RuntimeError) as e:

@@ -163,4 +163,4 @@ def register(sub) -> None:
     v.add_argument("--data", help="a .txt (one document per line), .jsonl (field text), .csv or .parquet file")
     v.add_argument("--max-tokens", type=positive_int, default=256, help="tokens per document")
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    v.set_defaults(fn=cmd_eval)
+    v.set_defaults(fn=cmd_eval, texts_after_options="text")
