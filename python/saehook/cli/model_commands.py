@@ -153,7 +153,8 @@ def register(sub) -> None:
                                    "and its architecture becomes the hint")
     e.add_argument("--model-hint", default="",
                    help="controlvector.model_hint, the architecture name llama.cpp's cvector-generator writes "
-                        "(e.g. qwen3); llama.cpp does not read it (default: the --model's architecture)")
+                        "(e.g. qwen3; llama.cpp's loader ignores it, other GGUF readers take it as the architecture) "
+                        "(default: the --model's architecture)")
     add_steer_flags(e)
     e.set_defaults(fn=cmd_export_cvec)
     v = sub.add_parser("eval", help="SAE quality on your model and text: FVE, L0, dead features, loss increase",
