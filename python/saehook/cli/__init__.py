@@ -32,10 +32,15 @@ GROUPS = (
 )
 
 
+DESCRIPTION = ("Top-K sparse autoencoders inside a language model's forward pass (GGUF models through llama.cpp, "
+               "or transformers). New here? `saehook demo` runs offline on the shipped model; "
+               "`saehook COMMAND --help` shows a command's options and their defaults.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    p = CommandParser(prog="saehook", description=__doc__.splitlines()[0])
+    p = CommandParser(prog="saehook", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"saehook {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=CommandParser)
     for group in GROUPS:
