@@ -32,9 +32,10 @@ GROUPS = (
 )
 
 
-DESCRIPTION = ("Top-K sparse autoencoders inside a language model's forward pass (GGUF models through llama.cpp, "
-               "or transformers). New here? `saehook demo` runs offline on the shipped model; "
-               "`saehook COMMAND --help` shows a command's options and their defaults.")
+DESCRIPTION = """\
+Top-K sparse autoencoders inside a language model's forward pass (GGUF models through
+llama.cpp, or transformers). New here? `saehook demo` runs offline on the shipped model;
+`saehook COMMAND --help` shows a command's options and their defaults."""
 
 
 def build_parser() -> argparse.ArgumentParser:
