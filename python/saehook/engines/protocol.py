@@ -139,15 +139,18 @@ def quiet_llama_log() -> None:
     import sys
 
     import llama_cpp
-    from llama_cpp import _logger
 
+    try:
+        from llama_cpp._logger import logger as llama_logger  # what Llama(verbose=...) sets
+    except ImportError:
+        llama_logger = logging.getLogger("llama-cpp-python")
     last = [0]
 
     @llama_cpp.llama_log_callback
     def callback(level, text, user_data):
         if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous message
             last[0] = level
-        if last[0] >= 4 or _logger.logger.level <= logging.DEBUG:
+        if last[0] >= 4 or llama_logger.level <= logging.DEBUG:
             print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
 
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
