@@ -313,11 +313,13 @@ def test_every_flag_has_help_and_shows_its_default():
             continue
         if name in ("info", "convert"):  # cli/sae_commands.py: the formats change owns its help text
             continue
-        assert p.description, name
-        for a in p._actions:
-            if a.dest == "help":
-                continue
-            assert a.help, f"saehook {name} {'/'.join(a.option_strings) or a.dest} has no help"
+        parsers = [(name, p)] + [(f"{name} {sub}", q) for sub, q in _subparsers(p).items()]
+        for full, q in parsers:  # nested groups too (saehook labels show, ...)
+            assert q.description, full
+            for a in q._actions:
+                if a.dest == "help":
+                    continue
+                assert a.help, f"saehook {full} {'/'.join(a.option_strings) or a.dest} has no help"
     text = " ".join(cmds["capture"].format_help().split())  # unwrapped
     assert "(default: 64)" in text and "(default: 512)" in text and "(default: None)" not in text
 

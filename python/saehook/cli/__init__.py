@@ -48,10 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=CommandParser)
     for group in GROUPS:
         group.register(sub)
-    for choice in sub._choices_actions:  # `saehook CMD --help` starts with the line the list shows
+    _describe_from_help(sub)
+    return p
+
+
+def _describe_from_help(sub: argparse._SubParsersAction) -> None:
+    """`saehook CMD [SUBCMD] --help` starts with the line the command list shows."""
+    for choice in sub._choices_actions:
         parser = sub.choices[choice.dest]
         parser.description = parser.description or choice.help
-    return p
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _describe_from_help(action)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
