@@ -1,0 +1,131 @@
+"""Issue 14, formats: files that loaded silently wrong (or hung, or blew up memory) are refused
+with the file and the problem named. Where the format's reference library has an opinion it is
+the oracle: safetensors' own safe_open refuses the same files, torch.load without mmap refuses
+the same shortened record; fixtures are written by torch.save / np.savez / safetensors."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import tracemalloc
+import zipfile
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+from safetensors import safe_open  # noqa: E402
+
+import _format_fixtures as ff  # noqa: E402
+import saehook  # noqa: E402
+from saehook.formats import safetensors_io  # noqa: E402
+
+D, M = 24, 64  # d_model, d_sae
+needs_proc_maps = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc/self/maps")
+
+
+def _x(n=8, seed=99):
+    return ff.randn(n, D, seed=seed)
+
+
+def _refused(path, message, **kw):
+    with pytest.raises(saehook.SAEFormatError, match=message):
+        saehook.load(path, **kw)
+
+
+# ---------------- the safetensors reader against safetensors' own validation ----------------
+def _reference_file(tmp_path):
+    path = tmp_path / "ref.safetensors"
+    safetensors_torch.save_file({"a": torch.randn(3, 5), "b": torch.randn(7)}, str(path), metadata={"x": "1"})
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return raw[8:8 + n].decode(), raw[8 + n:]
+
+
+def _write(tmp_path, name, header_text, data, n=None):
+    h = header_text.encode()
+    path = tmp_path / name
+    path.write_bytes((len(h) if n is None else n).to_bytes(8, "little") + h + data)
+    return str(path)
+
+
+def _library_refuses(path):
+    with pytest.raises(Exception):
+        with safe_open(path, framework="pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+
+
+def _we_refuse(path, message):
+    with pytest.raises(safetensors_io.SafetensorsError, match=rf"{os.path.basename(path)}: .*{message}"):
+        safetensors_io.read(path)
+
+
+def test_safetensors_layout_errors_the_library_refuses(tmp_path):
+    text, data = _reference_file(tmp_path)
+    hdr = json.loads(text)
+    a, b = hdr["a"], hdr["b"]
+    assert text.endswith(" ")  # the reference pads its header with spaces: one byte less still parses
+    cases = [
+        # Header length one byte short: the JSON still parses, every tensor would load one byte early.
+        (_write(tmp_path, "short.safetensors", text[:-1], text[-1:].encode() + data),
+         "the tensors cover 88 of the 89 bytes after the"),
+        (_write(tmp_path, "trailing.safetensors", text, data + b"\0"), "cover 88 of the 89 bytes"),
+        (_write(tmp_path, "overlap.safetensors", json.dumps(dict(hdr, b=dict(b, data_offsets=[56, 84]))), data[:-4]),
+         "tensor 'b' begins at data byte 56: it overlaps the tensor before it"),
+        (_write(tmp_path, "gap.safetensors", json.dumps(dict(hdr, b=dict(b, data_offsets=[64, 92]))), data + b"\0" * 4),
+         r"tensor 'b' begins at data byte 64: it leaves bytes 60\.\.64 unused"),
+        (_write(tmp_path, "reversed.safetensors", json.dumps(dict(hdr, a=dict(a, data_offsets=[60, 0]))), data),
+         "tensor 'a' spans -60 bytes"),
+        (_write(tmp_path, "dupmeta.safetensors", '{"__metadata__":{"x":"2"},' + text.strip()[1:], data),
+         "duplicate key '__metadata__'"),
+        (_write(tmp_path, "boolshape.safetensors", json.dumps(dict(hdr, b=dict(b, shape=[True, 7]))), data),
+         "malformed header entry for tensor 'b'"),
+        (_write(tmp_path, "floatshape.safetensors", json.dumps(dict(hdr, b=dict(b, shape=[7.0]))), data),
+         "malformed header entry for tensor 'b'"),
+        (_write(tmp_path, "overflow.safetensors",
+                json.dumps(dict(hdr, z={"dtype": "F32", "shape": [2**32, 2**32], "data_offsets": [88, 88]})), data),
+         r"tensor 'z' spans 0 bytes but dtype F32 and shape \[4294967296, 4294967296\] need"),
+    ]
+    for path, message in cases:
+        _library_refuses(path)
+        _we_refuse(path, message)
+    # Entries listed out of offset order are valid (the reference sorts them): both read it.
+    reordered = _write(tmp_path, "order.safetensors", json.dumps({"b": b, "__metadata__": {"x": "1"}, "a": a}), data)
+    with safe_open(reordered, framework="np") as f:
+        want = {k: f.get_tensor(k) for k in f.keys()}
+    got = safetensors_io.read(reordered).tensors
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_safetensors_duplicate_keys_are_refused(tmp_path):
+    """Stricter than the reference, which keeps the last copy of a repeated tensor or metadata
+    key: a file whose meaning depends on which copy a reader keeps is refused."""
+    text, data = _reference_file(tmp_path)
+    a = json.dumps(json.loads(text)["a"])
+    dup_tensor = _write(tmp_path, "duptensor.safetensors", text.rstrip()[:-1] + f', "a": {a}}}', data)
+    dup_meta = _write(tmp_path, "dupmetakey.safetensors", text.replace('"x":"1"', '"x":"1","x":"2"'), data)
+    with safe_open(dup_meta, framework="pt") as f:
+        assert f.metadata() == {"x": "2"}  # what the reference makes of it
+    _we_refuse(dup_tensor, "duplicate key 'a'")
+    _we_refuse(dup_meta, "duplicate key 'x'")
+
+
+def test_saehook_file_with_a_short_header_length_is_refused(tmp_path):
+    good = tmp_path / "g.safetensors"
+    ff_sae = saehook.SAE(ff.randn(M, D).numpy(), ff.randn(M, D, seed=1).numpy(), k=4)
+    ff_sae.save(good)
+    raw = good.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert raw[8 + n - 1:8 + n] == b" "  # padded: one byte less still parses as JSON
+    bad = tmp_path / "b.safetensors"
+    bad.write_bytes((n - 1).to_bytes(8, "little") + raw[8:])
+    _library_refuses(str(bad))
+    _refused(bad, r"b\.safetensors: the tensors cover .* the header length or the file size is wrong")
+
+
