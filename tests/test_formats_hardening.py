@@ -129,3 +129,47 @@ def test_saehook_file_with_a_short_header_length_is_refused(tmp_path):
     _refused(bad, r"b\.safetensors: the tensors cover .* the header length or the file size is wrong")
 
 
+# ---------------- saehook's own format ----------------
+def _saehook_variant(tmp_path, name, edit=None, **meta):
+    """A saehook file written by saehook, then rewritten with the tensors `edit` returns."""
+    src = tmp_path / "src.safetensors"
+    if not src.exists():
+        rng = np.random.default_rng(0)
+        saehook.SAE(rng.standard_normal((M, D)).astype(np.float32), rng.standard_normal((M, D)).astype(np.float32),
+                    rng.standard_normal(M).astype(np.float32), rng.standard_normal(D).astype(np.float32),
+                    k=4, activation="topk_relu", subtract_b_dec=True).save(src)
+    c = safetensors_io.read(str(src))
+    tensors = {n: (np.array(a), safetensors_io.tag_of(c.dtypes[n])) for n, a in c.tensors.items()}
+    if edit:
+        tensors = edit(tensors)
+    path = tmp_path / name
+    safetensors_io.write(str(path), tensors, {**c.metadata, **meta})
+    return path
+
+
+def test_saehook_bias_of_the_right_count_but_wrong_shape(tmp_path):
+    def square(t):
+        t["b_enc"] = (t["b_enc"][0].reshape(8, 8), "f32")
+        return t
+    _refused(_saehook_variant(tmp_path, "sq.safetensors", square),
+             r"sq\.safetensors: inconsistent shapes: b_enc is \(8, 8\), expected \(64,\)")
+
+
+@pytest.mark.parametrize("old, new", [("b_enc", "b_enb"), ("b_dec", "c_dec"), ("W_dec", "W_dex")])
+def test_saehook_misspelt_tensor_is_not_dropped(tmp_path, old, new):
+    def rename(t):
+        t[new] = t.pop(old)
+        return t
+    message = (rf"unexpected tensor\(s\) '{new}'" if old != "W_dec" else r"missing tensor\(s\) W_dec \(the file has")
+    _refused(_saehook_variant(tmp_path, "r.safetensors", rename), message)
+
+
+def test_saehook_vectors_must_be_f32_and_flags_exact(tmp_path):
+    def bf16_bias(t):  # uint16 bits would have been read as the integers 16256, ...
+        t["b_enc"] = ((t["b_enc"][0].view(np.uint32) >> 16).astype(np.uint16), "bf16")
+        return t
+    _refused(_saehook_variant(tmp_path, "h.safetensors", bf16_bias), "b_enc is BF16; saehook stores vectors as F32")
+    _refused(_saehook_variant(tmp_path, "t.safetensors", subtract_b_dec="True"), "bad metadata subtract_b_dec='True'")
+    assert saehook.load(_saehook_variant(tmp_path, "ok.safetensors")).subtract_b_dec
+
+
