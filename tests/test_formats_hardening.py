@@ -173,3 +173,129 @@ def test_saehook_vectors_must_be_f32_and_flags_exact(tmp_path):
     assert saehook.load(_saehook_variant(tmp_path, "ok.safetensors")).subtract_b_dec
 
 
+# ---------------- Qwen-Scope .pt ----------------
+def _rezip(src, dst, edit):
+    """Rewrites a torch.save zip record by record (Python's zipfile: torch reads it as well)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            for data in edit(info.filename, zin.read(info.filename)):
+                zout.writestr(info.filename, data)
+
+
+@needs_proc_maps
+def test_qwenscope_shortened_record_is_refused(tmp_path):
+    sd = ff.qwen_state(D, M)
+    torch.save(sd, tmp_path / "layer1.sae.pt")
+    bad = tmp_path / "layer2.sae.pt"
+    _rezip(tmp_path / "layer1.sae.pt", bad, lambda n, d: [d[:128] if n.endswith("data/2") else d])  # b_enc
+    # The oracle: torch.load without mmap compares the record with the declared size.
+    with pytest.raises(RuntimeError, match="record size"):
+        torch.load(bad, weights_only=True)
+    # With mmap it does not: b_enc's second half would be W_dec's... or b_dec's bytes.
+    leaked = torch.load(bad, weights_only=True, mmap=True)["b_enc"]
+    assert leaked.shape == (M,) and not torch.equal(leaked, sd["b_enc"])
+    _refused(bad, r"layer2\.sae\.pt: b_enc declares a 256-byte storage but its record .*data/2 holds 128 bytes", k=4)
+    # The same records rewritten unchanged load (the check is on sizes, not on who wrote the zip).
+    _rezip(tmp_path / "layer1.sae.pt", tmp_path / "layer3.sae.pt", lambda n, d: [d])
+    torch.testing.assert_close(torch.from_numpy(saehook.load(tmp_path / "layer3.sae.pt", k=4).arrays()["b_enc"]),
+                               sd["b_enc"])
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_qwenscope_duplicate_record_is_refused(tmp_path):
+    torch.save(ff.qwen_state(D, M), tmp_path / "layer1.sae.pt")
+    bad = tmp_path / "layer2.sae.pt"
+    zeros = np.zeros(M, np.float32).tobytes()
+    _rezip(tmp_path / "layer1.sae.pt", bad, lambda n, d: [d, zeros] if n.endswith("data/2") else [d])
+    assert bool((torch.load(bad, weights_only=True, mmap=True)["b_enc"] == 0).all())  # torch takes the second
+    _refused(bad, r"layer2\.sae\.pt: the zip archive holds two records named .*data/2; refused", k=4)
+
+
+def test_qwenscope_expanded_tensor_does_not_inflate(tmp_path):
+    d_model, d_sae = 1024, 16384  # a 64 MiB W_enc if materialised; the file is a few KB
+    sd = {"W_enc": torch.randn(1, d_model).expand(d_sae, d_model), "W_dec": torch.randn(d_model, 1).expand(d_model, d_sae),
+          "b_enc": torch.zeros(1).expand(d_sae), "b_dec": torch.zeros(d_model)}
+    path = tmp_path / "layer0.sae.pt"
+    torch.save(sd, path)
+    assert path.stat().st_size < 16 << 10
+    tracemalloc.start()
+    try:
+        _refused(path, r"layer0\.sae\.pt: W_enc has shape \(16384, 1024\) with strides \(0, 1\): its elements overlap",
+                 k=4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.1f} MiB allocated before the refusal"
+
+
+@pytest.mark.parametrize("fmt", ["qwen", "saelens", "sparsify", "gemma"])
+def test_formats_that_always_write_biases_name_a_missing_one(tmp_path, fmt):
+    """A one-byte flip in a bias name: an error naming the missing tensor (these formats'
+    reference tooling always writes b_enc and b_dec). Regression guard: this held before."""
+    if fmt == "qwen":
+        sd = ff.qwen_state(D, M)
+        sd["b_enb"] = sd.pop("b_enc")
+        torch.save(sd, tmp_path / "layer0.sae.pt")
+        _refused(tmp_path / "layer0.sae.pt", r"missing tensor\(s\) b_enc \(the file has: W_dec, W_enc, b_dec, b_enb\)",
+                 k=4)
+    elif fmt == "saelens":
+        t = {"W_enc": ff.randn(D, M), "W_dec": ff.randn(M, D), "b_enc": ff.randn(M), "c_dec": ff.randn(D)}
+        ff.write_saelens(tmp_path / "s", t, "standard")
+        _refused(tmp_path / "s", r"sae_weights\.safetensors: missing tensor\(s\) b_dec")
+    elif fmt == "sparsify":
+        coder = ff.SparseCoderLike(D, M)
+        ff.write_sparsify(tmp_path / "layers.0", coder, k=4)
+        w = tmp_path / "layers.0" / "sae.safetensors"
+        t = safetensors_torch.load_file(str(w))
+        t["encoder.bias_"] = t.pop("encoder.bias")
+        safetensors_torch.save_file(t, str(w))
+        _refused(tmp_path / "layers.0", r"missing tensor\(s\) encoder\.bias")
+    else:
+        p = {"W_enc": np.zeros((D, M), np.float32), "W_dec": np.zeros((M, D), np.float32),
+             "b_enc": np.zeros(M, np.float32), "b_dex": np.zeros(D, np.float32), "threshold": np.ones(M, np.float32)}
+        np.savez(tmp_path / "params.npz", **p)
+        _refused(tmp_path / "params.npz", r"params\.npz: missing tensor\(s\) b_dec")
+
+
+# ---------------- Gemma Scope .npz ----------------
+def test_npz_declared_sizes_are_checked_before_inflating(tmp_path):
+    """A small params.npz whose compressed threshold declares 256 MiB: refused on its shape
+    before it is decompressed."""
+    path = tmp_path / "params.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        small = {"W_enc": np.zeros((D, M), np.float32), "W_dec": np.zeros((M, D), np.float32),
+                 "b_enc": np.zeros(M, np.float32), "b_dec": np.zeros(D, np.float32)}
+        for name, arr in small.items():
+            with z.open(name + ".npy", "w") as f:
+                np.lib.format.write_array(f, arr)
+        n = 64 << 20  # 256 MiB of float32 zeros, streamed in so the test itself stays small
+        with z.open("threshold.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (n,)})
+            chunk = bytes(4 << 20)
+            for _ in range(n * 4 // len(chunk)):
+                f.write(chunk)
+    assert path.stat().st_size < 1 << 20
+    np.testing.assert_array_equal(np.load(path)["b_enc"], small["b_enc"])  # numpy reads the archive
+    tracemalloc.start()
+    try:
+        _refused(path, r"params\.npz: inconsistent shapes: threshold is \(67108864,\), expected \(64,\)")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2**20:.1f} MiB allocated before the shape check"
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_npz_duplicate_member_is_refused(tmp_path):
+    p = {"W_enc": ff.randn(D, M).numpy(), "W_dec": ff.randn(M, D).numpy(), "b_enc": ff.randn(M).numpy(),
+         "b_dec": ff.randn(D).numpy(), "threshold": np.abs(ff.randn(M).numpy())}
+    np.savez(tmp_path / "a.npz", **p)
+    with zipfile.ZipFile(tmp_path / "a.npz") as zin, zipfile.ZipFile(tmp_path / "params.npz", "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.zeros(M, np.float32))
+        zout.writestr("threshold.npy", buf.getvalue())
+    _refused(tmp_path / "params.npz", r"params\.npz: the zip archive holds two records named threshold\.npy")
+
+
