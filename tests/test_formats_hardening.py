@@ -299,3 +299,92 @@ def test_npz_duplicate_member_is_refused(tmp_path):
     _refused(tmp_path / "params.npz", r"params\.npz: the zip archive holds two records named threshold\.npy")
 
 
+# ---------------- SAELens / sparsify configs ----------------
+def _saelens(tmp_path, name="s", **fields):
+    t = {"W_enc": ff.randn(D, M), "W_dec": ff.randn(M, D), "b_enc": ff.randn(M), "b_dec": ff.randn(D)}
+    arch = "topk" if "rescale_acts_by_decoder_norm" in fields or "k" in fields else "standard"
+    ff.write_saelens(tmp_path / name, t, arch, **fields)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("key", ["apply_b_dec_to_input", "rescale_acts_by_decoder_norm"])
+@pytest.mark.parametrize("value", ["false", "no", "true", "False", 0, 1])
+def test_saelens_boolean_fields_are_json_booleans(tmp_path, key, value):
+    folder = _saelens(tmp_path, **{key: value})
+    _refused(folder, rf"cfg\.json: {key} must be true or false \(a JSON boolean\), got {value!r}")
+
+
+def test_saelens_json_false_and_strict_numbers(tmp_path):
+    assert not saehook.load(_saelens(tmp_path, "f", apply_b_dec_to_input=False)).subtract_b_dec
+    _refused(_saelens(tmp_path, "k", k=6.5), r"cfg\.json: k must be an integer, got 6\.5")
+    assert saehook.load(_saelens(tmp_path, "k2", k=6.0)).k == 6
+    _refused(_saelens(tmp_path, "d", d_sae="64"), r"cfg\.json: d_sae must be an integer, got '64'")
+    folder = _saelens(tmp_path, "dup")
+    text = (folder / "cfg.json").read_text()
+    (folder / "cfg.json").write_text(text[:-1] + ', "apply_b_dec_to_input": false}')
+    _refused(folder, r"cfg\.json: cannot read the config \(duplicate key 'apply_b_dec_to_input'\)")
+
+
+def test_sparsify_flags_and_numbers_as_sparsify_reads_them(tmp_path):
+    """sparsify's loader (simple_parsing's from_dict) converts "false"/"no"/"0" and "7" itself:
+    they mean what sparsify makes of them (before: "false" was truthy, so a plain SAE was refused
+    as a transcoder). What it would not convert, or would truncate, is refused."""
+    for i, value in enumerate(["false", "No", " f ", 0, False]):
+        ff.write_sparsify(tmp_path / f"ok{i}" / "layers.0", ff.SparseCoderLike(D, M), k=7, transcode=value)
+        assert saehook.load(tmp_path / f"ok{i}" / "layers.0").activation == "topk_relu"
+    ff.write_sparsify(tmp_path / "t" / "layers.0", ff.SparseCoderLike(D, M), k=7, skip_connection="yes")
+    _refused(tmp_path / "t" / "layers.0", r"skip connections \(W_skip\) are not supported")
+    ff.write_sparsify(tmp_path / "k" / "layers.0", ff.SparseCoderLike(D, M), k="5")
+    assert saehook.load(tmp_path / "k" / "layers.0").k == 5
+    cases = [({"transcode": "nope"}, r"transcode must be true or false \(a JSON boolean\) or one of yes, true"),
+             ({"signed": 2}, "signed must be true or false"), ({"k": 6.5}, r"k must be an integer, got 6\.5"),
+             ({"num_latents": 64.5}, "num_latents must be an integer")]
+    for i, (fields, message) in enumerate(cases):
+        ff.write_sparsify(tmp_path / f"r{i}" / "layers.0", ff.SparseCoderLike(D, M), **{"k": 7, **fields})
+        _refused(tmp_path / f"r{i}" / "layers.0", message)
+
+
+# ---------------- not a regular file ----------------
+def _load_with_watchdog(path, fifo, message):
+    """saehook.load(path) must refuse at once. Should it block opening the FIFO, a writer that
+    opens and closes it every 50 ms after 5 s releases each blocked open (the reader sees an
+    empty file), so the test fails instead of hanging."""
+    done = threading.Event()
+
+    def release():
+        if done.wait(5):
+            return
+        while not done.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO while no reader waits
+            except OSError:
+                pass
+            done.wait(0.05)
+    t = threading.Thread(target=release, daemon=True)
+    t.start()
+    try:
+        _refused(path, message)
+    finally:
+        done.set()
+        t.join()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("layout", ["layer3.sae.pt", "x.safetensors", "params.npz", "saelens/cfg.json",
+                                    "saelens/sae_weights.safetensors", "run/config.json"])
+def test_fifo_is_refused_at_once(tmp_path, layout):
+    if layout.startswith("saelens/"):
+        folder = _saelens(tmp_path, "saelens")
+        os.remove(tmp_path / layout)
+        os.mkfifo(tmp_path / layout)
+        target = folder
+    elif layout == "run/config.json":  # sparsify's optional run config next to the hook folders
+        ff.write_sparsify(tmp_path / "run" / "layers.0", ff.SparseCoderLike(D, M), k=7)
+        os.mkfifo(tmp_path / layout)
+        target = tmp_path / "run" / "layers.0"
+    else:
+        os.mkfifo(tmp_path / layout)
+        target = tmp_path / layout
+    _load_with_watchdog(target, tmp_path / layout, rf"{os.path.basename(layout).replace('.', '[.]')}: not a regular file \(a FIFO\)")
+
+
