@@ -388,3 +388,104 @@ def test_fifo_is_refused_at_once(tmp_path, layout):
     _load_with_watchdog(target, tmp_path / layout, rf"{os.path.basename(layout).replace('.', '[.]')}: not a regular file \(a FIFO\)")
 
 
+# ---------------- NaN / Inf ----------------
+def _poison(arr, bits=None, value=np.nan, at=5):
+    """A copy of arr with one NaN/Inf (as `value`, or as raw 16-bit `bits` for bf16/f16)."""
+    out = np.array(arr)
+    flat = out.reshape(-1)
+    if bits is not None:
+        flat.view(np.uint16)[at] = bits
+    else:
+        flat[at] = value
+    return out
+
+
+@pytest.mark.parametrize("name", ["W_enc", "W_dec", "b_enc", "b_dec"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_qwenscope_non_finite(tmp_path, name, value):
+    sd = ff.qwen_state(D, M)
+    sd[name] = torch.from_numpy(_poison(sd[name].numpy(), value=value))
+    torch.save(sd, tmp_path / "layer0.sae.pt")
+    _refused(tmp_path / "layer0.sae.pt", rf"layer0\.sae\.pt: {name} holds a non-finite value \({value}", k=4)
+    assert saehook.load(tmp_path / "layer0.sae.pt", k=4, check_finite=False).d_sae == M
+
+
+@pytest.mark.parametrize("name", ["W_enc", "W_dec", "b_enc", "b_dec", "threshold"])
+def test_saelens_and_gemma_non_finite(tmp_path, name):
+    t = {"W_enc": ff.randn(D, M), "W_dec": ff.randn(M, D), "b_enc": ff.randn(M), "b_dec": ff.randn(D),
+         "threshold": ff.randn(M).abs()}
+    t[name] = torch.from_numpy(_poison(t[name].numpy()))
+    ff.write_saelens(tmp_path / "s", t, "jumprelu")
+    _refused(tmp_path / "s", rf"s: {name} holds a non-finite value \(nan")
+    np.savez(tmp_path / "params.npz", **{n: v.numpy() for n, v in t.items()})
+    _refused(tmp_path / "params.npz", rf"params\.npz: {name} holds a non-finite value \(nan")
+
+
+@pytest.mark.parametrize("bits, shown", [(0x7FC0, "nan"), (0x7F80, "inf"), (0xFF80, "-inf")])
+@pytest.mark.parametrize("name", ["encoder.weight", "W_dec", "encoder.bias", "b_dec"])
+def test_sparsify_bf16_non_finite_on_raw_bits(tmp_path, name, bits, shown):
+    coder = ff.SparseCoderLike(D, M, dtype=torch.bfloat16)
+    with torch.no_grad():
+        dict(coder.named_parameters())[name].view(-1).view(torch.int16)[3] = torch.tensor(bits, dtype=torch.int32).to(torch.int16)
+    assert not torch.isfinite(dict(coder.named_parameters())[name]).all()  # torch agrees it is not finite
+    ff.write_sparsify(tmp_path / "layers.0", coder, k=4)
+    ours = {"encoder.weight": "W_enc", "encoder.bias": "b_enc"}.get(name, name)
+    _refused(tmp_path / "layers.0", rf"layers\.0: {ours} holds a non-finite value \({shown} at")
+
+
+@pytest.mark.parametrize("dtype, bits", [("f16", 0x7C00), ("f16", 0x7E00), ("bf16", 0x7FC1), ("bf16", 0x7F80)])
+@pytest.mark.parametrize("name", ["W_enc", "W_dec"])
+def test_saehook_half_precision_non_finite(tmp_path, dtype, bits, name):
+    src = saehook.SAE(ff.randn(M, D).numpy(), ff.randn(M, D, seed=1).numpy(), k=4)
+    src.save(tmp_path / "h.safetensors", dtype=dtype)
+    c = safetensors_io.read(str(tmp_path / "h.safetensors"))
+    tensors = {n: (np.array(a), safetensors_io.tag_of(c.dtypes[n])) for n, a in c.tensors.items()}
+    tensors[name] = (_poison(tensors[name][0], bits=bits, at=D * 3 + 2), tensors[name][1])
+    safetensors_io.write(str(tmp_path / "p.safetensors"), tensors, c.metadata)
+    _refused(tmp_path / "p.safetensors", rf"p\.safetensors: {name} holds a non-finite value \(.* at feature 3, "
+                                         rf"dimension 2\)")
+
+
+def test_int8_scales_non_finite(tmp_path):
+    src = saehook.SAE(ff.randn(M, D).numpy(), ff.randn(M, D, seed=1).numpy(), k=4)
+    src.save(tmp_path / "q.safetensors", dtype="int8")
+    c = safetensors_io.read(str(tmp_path / "q.safetensors"))
+    tensors = {n: (np.array(a), safetensors_io.tag_of(c.dtypes[n])) for n, a in c.tensors.items()}
+    tensors["enc_scales"] = (_poison(tensors["enc_scales"][0], value=np.inf, at=7), "f32")
+    safetensors_io.write(str(tmp_path / "p.safetensors"), tensors, c.metadata)
+    _refused(tmp_path / "p.safetensors", r"enc_scales holds a non-finite value \(inf at index 7\)")
+
+
+def test_half_precision_bit_check_matches_numpy_and_torch_on_every_pattern():
+    from saehook.formats._finite import first_non_finite
+
+    every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    f16_bad = ~np.isfinite(every.view(np.float16))
+    bf16_bad = ~torch.isfinite(torch.from_numpy(every.view(np.int16)).view(torch.bfloat16)).numpy()
+    for tag, bad in (("f16", f16_bad), ("bf16", bf16_bad)):
+        for i in range(0, 1 << 16, 97):  # one non-finite or finite pattern inside finite zeros
+            arr = np.zeros(3000, np.uint16)
+            arr[2999 - i % 3000] = every[i]
+            assert (first_non_finite(arr, tag) is not None) == bad[i], (tag, hex(i))
+        assert first_non_finite(every, tag) == int(np.flatnonzero(bad)[0])
+
+
+def test_finite_check_is_chunked(tmp_path):
+    """Checking a mapped 64 MiB f32 SAE allocates no full-size temporary."""
+    d_model, d_sae = 1024, 8192
+    rng = np.random.default_rng(0)
+    sae = saehook.SAE(rng.standard_normal((d_sae, d_model), dtype=np.float32),
+                      rng.standard_normal((d_sae, d_model), dtype=np.float32), k=8)
+    sae.save(tmp_path / "big.safetensors")
+    sae.save(tmp_path / "big16.safetensors", dtype="bf16")
+    del sae
+    for name in ("big.safetensors", "big16.safetensors"):
+        tracemalloc.start()
+        try:
+            loaded = saehook.load(tmp_path / name)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert loaded.metadata["mapped"] and peak < 4 << 20, f"{name}: {peak / 2**20:.1f} MiB"
+
+
