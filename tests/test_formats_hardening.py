@@ -489,3 +489,53 @@ def test_finite_check_is_chunked(tmp_path):
         assert loaded.metadata["mapped"] and peak < 4 << 20, f"{name}: {peak / 2**20:.1f} MiB"
 
 
+# ---------------- memory mapping: info and the truncation hazard ----------------
+@needs_proc_maps
+def test_cli_info_says_what_is_mapped(tmp_path, capsys):
+    from saehook.cli import main
+
+    saehook.SAE(ff.randn(M, D).numpy(), ff.randn(M, D, seed=1).numpy(), ff.randn(M).numpy(), k=4).save(
+        tmp_path / "m.safetensors")
+    assert main(["info", str(tmp_path / "m.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)["None"]
+    assert info["mapped"] == ["W_enc", "W_dec", "b_enc"]
+    assert os.path.samefile(info["mapped_from"], tmp_path / "m.safetensors")
+    ff.write_saelens(tmp_path / "lens", {"W_enc": ff.randn(D, M), "W_dec": ff.randn(M, D), "b_enc": ff.randn(M),
+                                         "b_dec": ff.randn(D)}, "standard")
+    assert main(["info", str(tmp_path / "lens"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["5"]["mapped"] == ["W_dec"]  # W_enc is the transposed copy
+    np.savez_compressed(tmp_path / "params.npz", W_enc=ff.randn(D, M).numpy(), W_dec=ff.randn(M, D).numpy(),
+                        b_enc=ff.randn(M).numpy(), b_dec=ff.randn(D).numpy(), threshold=np.ones(M, np.float32))
+    assert main(["info", str(tmp_path / "params.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "mapped: no (weights in memory)" in out
+    assert saehook.load(tmp_path / "params.npz").metadata["mapped"] is False
+    assert saehook.load(tmp_path / "m.safetensors").metadata["mapped"] is True
+
+
+@needs_proc_maps
+def test_truncating_a_mapped_file_is_sigbus_as_documented(tmp_path):
+    """README "Memory": a file truncated by another process while mapped ends the process on
+    the next read (SIGBUS, as with any mmap, safetensors' included)."""
+    path = tmp_path / "t.safetensors"
+    saehook.SAE(ff.randn(4096, D).numpy(), ff.randn(4096, D, seed=1).numpy(), k=4).save(path)
+    code = ("import numpy as np, os, saehook, sys\n"
+            f"s = saehook.load({str(path)!r})\n"
+            "assert s.metadata['mapped']\n"
+            f"os.truncate({str(path)!r}, 4096)\n"
+            f"s.encode(np.ones((1, {D}), np.float32))\n"
+            "print('survived')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -signal.SIGBUS, (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+# ---------------- writing ----------------
+def test_convert_into_a_missing_folder_names_the_folder(tmp_path, capsys):
+    from saehook.cli import main
+
+    saehook.SAE(ff.randn(M, D).numpy(), ff.randn(M, D, seed=1).numpy(), k=4).save(tmp_path / "a.safetensors")
+    assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "nope" / "b.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"the folder {tmp_path / 'nope'} does not exist" in err and ".tmp" not in err
+    with pytest.raises(FileNotFoundError, match=r"the folder .*nope does not exist"):
+        saehook.load(tmp_path / "a.safetensors").save(tmp_path / "nope" / "c.safetensors")
