@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from typing import Dict, Optional
+from typing import Optional
 
 from ..sae import SAE
 from . import _files
@@ -110,7 +110,9 @@ def _records_match(torch, sd, names, path: str, entries) -> bool:
             return False
         record = by_offset.get(where[1]) if where and os.path.realpath(where[0]) == real else None
         if record is None or "/data/" not in record.info.filename:
-            raise SAEFormatError(f"{path}: {name}'s storage does not start at a data record of the archive")
+            raise SAEFormatError(f"{path}: {name}'s storage does not start at a data record of the archive "
+                                 f"(a record is shorter or longer than the pickle declares, or the file changed "
+                                 f"while it was loaded)")
         if record.info.compress_type != zipfile.ZIP_STORED:
             raise SAEFormatError(f"{path}: record {record.info.filename} is compressed; torch.save stores data "
                                  f"records uncompressed (they are memory-mapped)")
