@@ -311,8 +311,6 @@ def test_every_flag_has_help_and_shows_its_default():
     for name, p in cmds.items():
         if name == "bench":  # its flags are the scripts' (test_bench_passes_options_through)
             continue
-        if name in ("info", "convert"):  # cli/sae_commands.py: the formats change owns its help text
-            continue
         parsers = [(name, p)] + [(f"{name} {sub}", q) for sub, q in _subparsers(p).items()]
         for full, q in parsers:  # nested groups too (saehook labels show, ...)
             assert q.description, full
