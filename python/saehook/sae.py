@@ -16,6 +16,8 @@ from ._arrays import (
     buffer_address,
     canonical_dtype,
     empty_like_kind,
+    feature_indices,
+    mark_written,
     rows,
 )
 
@@ -193,14 +195,11 @@ class SAE:
             import torch
 
             v = values.detach().to(torch.float32).contiguous()
-            i = indices.detach().to(torch.int32).contiguous()
+            i = feature_indices(indices, self.d_sae)
             vshape, ishape = tuple(v.shape), tuple(i.shape)
         else:
             v = np.ascontiguousarray(values, dtype=np.float32)
-            i = np.asarray(indices)
-            if i.dtype.kind not in "iu":
-                raise TypeError(f"indices must be integers, got {i.dtype}")
-            i = np.ascontiguousarray(i, dtype=np.int32)
+            i = feature_indices(indices, self.d_sae)
             vshape, ishape = v.shape, i.shape
         if vshape != ishape or len(vshape) == 0:
             raise ValueError(f"values {vshape} and indices {ishape} must have the same shape (..., k)")
@@ -217,7 +216,10 @@ class SAE:
         return out.reshape(tuple(vshape[:-1]) + (self.d_model,))
 
     def reconstruct(self, x: Any, *, inplace: bool = False, threads: Optional[int] = None) -> Any:
-        """decode(encode(x)); with inplace=True, x (float32) is overwritten and returned."""
+        """decode(encode(x)); with inplace=True, x (float32) is overwritten and returned.
+
+        In place, x's rows must not overlap and a torch x must not require grad (see
+        _arrays.rows); x is unchanged when the call fails (NaN input, float32 overflow)."""
         if not inplace:
             from ._arrays import is_torch
 
@@ -230,6 +232,7 @@ class SAE:
         r = rows(x, self.d_model, writable=True)
         if r.n:
             _core.reconstruct(self._handle, r.ptr, r.n, r.ld, _threads(threads), 0)
+            mark_written(r)
         return x
 
     def decoder_direction(self, feature: int, normalize: bool = False) -> np.ndarray:
