@@ -324,6 +324,7 @@ saehook_status saehook_reconstruct(const saehook_sae *sae, float *h, int64_t n, 
   return guard([&] {
     const Sae &s = sae_ref(sae);
     check_rows(h, n, h_stride, s.d.d_model, "h");
+    checked_mul(n, s.d.k, 8, "reconstruct: rows x k");
     SAEHOOK_ON_CUDA(s, cuda::reconstruct(s, h, n, h_stride, stream_of(exec)));
     reconstruct(s, h, n, h_stride, resolve_threads(exec));
   });

@@ -128,7 +128,10 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
   const int64_t fb = feature_block(D, n);
   const int64_t n_blocks = (m + fb - 1) / fb;
   const int T = int(std::max<int64_t>(1, std::min<int64_t>(threads, n_blocks)));
-  const int32_t cap = std::max(2 * k, k + 16);
+  // Top-K buffer entries per row and worker: room for 2k (compacting to k when full), never more
+  // than the d_sae candidates a row has (so a buffer of d_sae never fills; computed in int64: 2k
+  // overflows int32 for k > 2**30).
+  const int32_t cap = int32_t(std::min<int64_t>(std::max<int64_t>(2 * int64_t(k), k + 16), m));
   // Rows per pass over W_enc: up to kRowChunk, fewer when the per-thread Top-K buffers and
   // pre-activation tiles of that many rows would exceed kScratchBytes (very large k, many
   // threads), so scratch stays bounded whatever k and threads are.
