@@ -166,6 +166,8 @@ class SAE:
 
         Sorted by value descending (ties: lower index first). Index -1 marks padding (value 0)
         for the relu-family activations. numpy in -> numpy out, torch in -> torch out.
+        OverflowError if a pre-activation overflows float32 (inputs near 3e38, or weights that
+        hold Inf/NaN).
         """
         kk = self.k if k is None else int(k)
         if not (1 <= kk <= self.d_sae):
@@ -187,7 +189,11 @@ class SAE:
         return out.reshape(r.batch_shape + (self.d_sae,))
 
     def decode(self, values: Any, indices: Any, *, threads: Optional[int] = None) -> Any:
-        """x_hat = sum_j values_j * d_{indices_j} + b_dec from the sparse form (..., k)."""
+        """x_hat = sum_j values_j * d_{indices_j} + b_dec from the sparse form (..., k).
+
+        indices: any integer dtype, each in [0, d_sae) or -1 (padding, skipped); bool and float
+        indices and values that would not fit are refused (TypeError / IndexError).
+        OverflowError if a row of x_hat overflows float32."""
         from ._arrays import is_torch
 
         torch_kind = is_torch(values)
