@@ -2,14 +2,17 @@
 llama.cpp): which features of which SAE to add / clamp / scale / ablate at which layer."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import numpy as np
 
 from . import _core
-from ._arrays import rows
+from ._arrays import mark_written, rows
 from .sae import SAE, _threads
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 OPS = {"add": 0, "clamp": 1, "scale": 2, "ablate": 3}
 POSITIONS = ("all", "prompt", "generated")
@@ -17,6 +20,13 @@ POSITIONS = ("all", "prompt", "generated")
 # Mirrors saehook_steer_item in csrc/include/saehook.h.
 ITEM_DTYPE = np.dtype([("feature", "<i4"), ("op", "<i4"), ("value", "<f4"), ("normalize", "<i4")])
 assert ITEM_DTYPE.itemsize == _core.STEER_ITEM_SIZE
+
+
+def _as_int(v: Any) -> Optional[int]:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,9 @@ class Steering:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         if layer is None:
             layer = sae.layer
+        elif _as_int(sae.layer) is not None and int(layer) != _as_int(sae.layer):
+            warnings.warn(f"Steering at layer {int(layer)} with an SAE trained for layer {_as_int(sae.layer)}: its "
+                          "features describe another layer's residual stream", UserWarning, stacklevel=2)
         self.sae = sae
         self.layer = None if layer is None else int(layer)
         self.positions = positions
@@ -61,7 +74,16 @@ class Steering:
         v = float(value)
         if not np.isfinite(v):
             raise ValueError(f"steering value for feature {f} is not finite: {value!r}")
-        self.ops.append(SteerOp(op, f, v, self.normalize if normalize is None else bool(normalize)))
+        if abs(v) > _F32_MAX:  # the kernels take float32
+            raise ValueError(f"{op}({f}, {value!r}): the value overflows float32 (largest {_F32_MAX:.4g})")
+        norm = self.normalize if normalize is None else bool(normalize)
+        if op == "add":
+            # value * d_f must be finite too (clamp/scale depend on the input: the kernels check those).
+            dmax = float(np.abs(self.sae.decoder_direction(f, norm)).max())
+            if abs(v) * dmax > _F32_MAX:
+                raise ValueError(f"add({f}, {value!r}): the value times the feature's decoder direction "
+                                 f"(largest |component| {dmax:.4g}) overflows float32")
+        self.ops.append(SteerOp(op, f, v, norm))
         return self
 
     def add(self, feature: int, strength: float, *, normalize: Optional[bool] = None) -> "Steering":
@@ -93,13 +115,18 @@ class Steering:
         if not self.additive_only:
             raise ValueError("only an add-only Steering is a fixed vector; clamp/scale/ablate depend on the input")
         v = np.zeros(self.sae.d_model, dtype=np.float32)
-        for o in self.ops:
-            v += o.value * self.sae.decoder_direction(o.feature, o.normalize)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for o in self.ops:
+                v += o.value * self.sae.decoder_direction(o.feature, o.normalize)
+        if not np.isfinite(v).all():
+            raise OverflowError("the summed steering vector overflows float32; use smaller strengths")
         return v
 
     def apply(self, x: Any, *, mask: Any = None, threads: Optional[int] = None) -> Any:
         """Steers rows of x (..., d_model, float32) in place and returns x. `mask` (one bool per
-        row) limits the rows changed."""
+        row) limits the rows changed. x's rows must not overlap and a torch x must not require
+        grad (see _arrays.rows); x is unchanged when the call fails (OverflowError when a steered
+        row would overflow float32)."""
         r = rows(x, self.sae.d_model, writable=True)
         items = self.items()
         m = None
@@ -110,6 +137,7 @@ class Steering:
         if r.n and len(items):
             _core.steer(self.sae._handle, r.ptr, r.n, r.ld, items.ctypes.data, len(items),
                         0 if m is None else m.ctypes.data, 0, 0, 0, _threads(threads), 0)
+            mark_written(r)
         return x
 
     def __repr__(self) -> str:
