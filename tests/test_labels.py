@@ -42,6 +42,14 @@ class WordEngine(Engine):
     def token_text(self, token):
         return WORDS[token] + " "
 
+    @property
+    def n_layer(self):  # one "layer": the one-hot embedding
+        return 1
+
+    @property
+    def d_model(self):
+        return len(WORDS)
+
     def features(self, tokens, saes):
         x = np.eye(len(WORDS), dtype=np.float32)[list(tokens)]
         out = {}
