@@ -13,9 +13,7 @@ void preacts(const Sae &s, const float *x, int64_t n, int64_t ldx, float *out, i
 void decode(const Sae &s, const float *values, const int32_t *indices, int64_t n, int32_t k,
             float *out, int64_t ldo, int threads);
 void reconstruct(const Sae &s, float *h, int64_t n, int64_t ldh, int threads);
-void steer(const Sae &s, float *h, int64_t n, int64_t ldh, const saehook_steer_item *items,
-           int32_t n_items, const uint8_t *row_mask, int32_t k, float *values_out,
-           int32_t *indices_out, int threads);
+// steer: steer_modes.hpp (steer::run)
 void decoder_direction(const Sae &s, int32_t feature, bool normalize, float *out);
 
 }  // namespace saehook

@@ -1,0 +1,32 @@
+// Steering with conditions, latches, projection caps and rescales (saehook_steer_ex): item
+// validation and condition evaluation shared by the CPU and CUDA paths, and the CPU steer.
+#pragma once
+
+#include "common.hpp"
+
+namespace saehook::steer {
+
+struct Plan {
+  bool need_encode = false;   // some item reads z (CLAMP/SCALE/ABLATE, a condition)
+  bool has_conditions = false;
+};
+
+// Validates the items (errors name the item and the field) against an SAE of d_sae features.
+Plan check(const saehook_steer_item *items, int32_t n_items, int64_t d_sae);
+
+// Checks the latch slots of n rows against the state (errors name the row).
+void check_state(const saehook_steer_state *state, int64_t n);
+
+// For rows [r0, r0 + n) of a call (vals/idx: their encode, k per row; row_mask: the call's
+// mask, indexed from r0): active[r * n_items + t] = whether condition item t holds on row r
+// (latches applied and updated in state) or whether op item t applies there.
+void evaluate(const saehook_steer_item *items, int32_t n_items, const float *vals, const int32_t *idx,
+              int64_t r0, int64_t n, int32_t k, const uint8_t *row_mask, const saehook_steer_state *state,
+              std::vector<uint8_t> &latch_scratch, uint8_t *active);
+
+// The CPU steer (the contract of saehook_steer_ex).
+void run(const Sae &s, float *h, int64_t n, int64_t ldh, const saehook_steer_item *items, int32_t n_items,
+         const uint8_t *row_mask, int32_t k, float *values_out, int32_t *indices_out,
+         const saehook_steer_state *state, int threads);
+
+}  // namespace saehook::steer
