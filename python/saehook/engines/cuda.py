@@ -319,13 +319,15 @@ class CudaSAE:
         items = np.zeros(len(ops), dtype=ITEM_DTYPE)
         for j, o in enumerate(ops):
             op, feature, value = o[0], int(o[1]), float(o[2])
-            if op not in OPS:
-                raise ValueError(f"unknown steering op {op!r}; expected one of {sorted(OPS)}")
+            if op not in OPS or op == "cap":  # a cap has two bounds: build it with Steering.cap
+                raise ValueError(f"unknown steering op {op!r} in the tuple form; expected one of "
+                                 f"{sorted(set(OPS) - {'cap'})} (caps and conditions: pass a Steering)")
             if not 0 <= feature < self.d_sae:
                 raise IndexError(f"feature {feature} is out of range [0, {self.d_sae})")
             if not np.isfinite(value):
                 raise ValueError(f"steering value for feature {feature} is not finite: {value!r}")
-            items[j] = (feature, OPS[op], value, int(bool(o[3])) if len(o) > 3 else 0)
+            items[j]["feature"], items[j]["op"], items[j]["value"] = feature, OPS[op], value
+            items[j]["normalize"] = int(bool(o[3])) if len(o) > 3 else 0
         return items
 
     def steer(self, steering, h, *, mask=None, k: Optional[int] = None, return_codes: bool = False):

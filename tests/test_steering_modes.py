@@ -1,0 +1,386 @@
+"""Steering modes (issue 16): cap, rescale, conditions (When, &, |), latches, stop_when, position
+windows and the JSON spec, against numpy references written here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import saehook
+from saehook import When
+from saehook.steering_spec import SpecError, load_spec, steering_to_json
+
+import reference as ref
+from conftest import make_sae
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---- the numpy reference: formulas, conditions and latches, one row at a time ----
+def _unit(sae, f):
+    _, W_dec = ref.sae_dense(sae)
+    return W_dec[f] / np.linalg.norm(W_dec[f])
+
+
+def _holds(c, z, latch, slot):
+    """Condition c on a row with activations z ({feature: value}); latch: {(slot, leaf): bool}."""
+    if isinstance(c, When):
+        v = (c.above is None or z.get(c.feature, 0.0) > c.above) and \
+            (c.below is None or z.get(c.feature, 0.0) < c.below)
+        if c.latch:
+            v = v or latch.get((slot, c), False)
+            latch[(slot, c)] = v
+        return v
+    a, b = _holds(c.a, z, latch, slot), _holds(c.b, z, latch, slot)
+    return (a and b) if c.kind == "and" else (a or b)
+
+
+def ref_steer(st, h, *, mask=None, latch=None, slots=None, codes=None):
+    """(steered h in float64, per row the list of stop conditions that held). z comes from the
+    SAE's own encode of the unsteered rows (the encode is tested in test_kernels)."""
+    _, W_dec = ref.sae_dense(st.sae)
+    h = np.asarray(h, np.float64).reshape(-1, st.sae.d_model).copy()
+    vals, idx = codes if codes is not None else st.sae.encode(h.astype(np.float32))
+    latch = {} if latch is None else latch
+    stops = []
+    for r in range(h.shape[0]):
+        slot = 0 if slots is None else int(slots[r])
+        z = {int(i): float(v) for v, i in zip(vals[r], idx[r]) if i >= 0}
+        # every condition is evaluated on every row (latches follow the sequence), masked or not
+        cond = {id(o): _holds(o.when, z, latch, slot) for o in st.ops if o.when is not None}
+        stops.append([j for j, c in enumerate(st.stops) if _holds(c, z, latch, slot)])
+        if mask is not None and not mask[r]:
+            continue
+        for o in st.ops:
+            if o.when is not None and not cond[id(o)]:
+                continue
+            if o.op in ("cap", "rescale"):
+                u = _unit(st.sae, o.feature)
+                p = h[r] @ u
+                c = (np.clip(p, o.value2, o.value) - p) if o.op == "cap" else (o.value - 1) * p
+                h[r] += c * u
+            else:
+                d = W_dec[o.feature] / np.linalg.norm(W_dec[o.feature]) if o.normalize else W_dec[o.feature]
+                zf = z.get(o.feature, 0.0)
+                c = {"add": o.value, "clamp": o.value - zf, "scale": (o.value - 1) * zf, "ablate": -zf}[o.op]
+                h[r] += c * d
+    return h, stops
+
+
+def _rows(d, n=12, seed=1, scale=3.0):
+    return (scale * np.random.default_rng(seed).standard_normal((n, d))).astype(np.float32)
+
+
+# ---- formulas ----
+@pytest.mark.parametrize("dec_layout", ["rows", "cols"])
+def test_cap_and_rescale_match_numpy(dec_layout):
+    sae = make_sae(48, 192, 8, dec_layout=dec_layout, seed=3)
+    x = _rows(48, 20)
+    u = [_unit(sae, f) for f in (5, 9, 11)]
+    p = [x.astype(np.float64) @ v for v in u]
+    # bounds inside the spread of p, so some rows move and some do not
+    hi, lo = float(np.median(p[0])), float(np.percentile(p[1], 30))
+    st = (saehook.Steering(sae).cap(5, max=hi).cap(9, min=lo).cap(11, max=0.5, min=-0.5)
+          .rescale(5, 0.0).rescale(9, 2.5).add(3, 1.5))
+    assert not st.needs_encode and not st.additive_only
+    got = st.apply(x.copy())
+    want, _ = ref_steer(st, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    moved = np.abs(got - x).max(axis=1)
+    assert (moved > 1e-3).all()
+    # cap alone: p within the bound after, rows already inside untouched (bitwise)
+    y = saehook.Steering(sae).cap(5, max=hi).apply(x.copy())
+    p_after = y.astype(np.float64) @ u[0]
+    assert (p_after <= hi + 1e-5).all()
+    inside = p[0] <= hi
+    assert inside.any() and (~inside).any()
+    np.testing.assert_array_equal(y[inside], x[inside])
+    np.testing.assert_allclose(p_after[~inside], hi, atol=1e-5)
+    # rescale 0 removes the direction
+    y = saehook.Steering(sae).rescale(9, 0.0).apply(x.copy())
+    np.testing.assert_allclose(y.astype(np.float64) @ u[1], 0.0, atol=1e-5)
+
+
+def _basis_sae(d=8, m=4, zero_feature=None):
+    """An SAE whose decoder rows are 2 * e_f: u_f = e_f exactly, so p_f = h[f] exactly."""
+    W_dec = np.zeros((m, d), np.float32)
+    for f in range(m):
+        W_dec[f, f] = 2.0
+    if zero_feature is not None:
+        W_dec[zero_feature] = 0.0
+    W_enc = np.eye(m, d, dtype=np.float32)
+    return saehook.SAE(W_enc, W_dec, k=2)
+
+
+def test_cap_exactly_at_the_bound_leaves_the_row_alone():
+    sae = _basis_sae()
+    x = np.array([[3.0, -2.0, 0.5, 7.0, 1, 1, 1, 1]], np.float32)
+    y = saehook.Steering(sae).cap(0, max=3.0).cap(1, min=-2.0).cap(2, max=0.5, min=0.5).apply(x.copy())
+    np.testing.assert_array_equal(y, x)
+    y = saehook.Steering(sae).cap(0, max=2.0).cap(1, min=-1.0).cap(3, max=1.0, min=-1.0).apply(x.copy())
+    np.testing.assert_array_equal(y, [[2.0, -1.0, 0.5, 1.0, 1, 1, 1, 1]])
+
+
+def test_ops_apply_in_order_on_the_current_row():
+    sae = _basis_sae()
+    x = np.zeros((1, 8), np.float32)
+    # add pushes p_0 to 10 * 2 = 20; the cap after it sees 20 and brings it to 1
+    y = saehook.Steering(sae).add(0, 10.0).cap(0, max=1.0).apply(x.copy())
+    np.testing.assert_allclose(y[0, 0], 1.0)
+    y = saehook.Steering(sae).cap(0, max=1.0).add(0, 10.0).apply(x.copy())
+    np.testing.assert_allclose(y[0, 0], 20.0)
+
+
+def test_bad_bounds_and_zero_directions_are_refused():
+    sae = _basis_sae(zero_feature=2)
+    st = saehook.Steering(sae)
+    with pytest.raises(ValueError, match="min 2 > max 1"):
+        st.cap(0, max=1.0, min=2.0)
+    with pytest.raises(ValueError, match="give max= and/or min="):
+        st.cap(0)
+    with pytest.raises(ValueError, match="max is not finite"):
+        st.cap(0, max=float("nan"))
+    with pytest.raises(IndexError, match="out of range"):
+        st.cap(9, max=1.0)
+    x = np.ones((2, 8), np.float32)
+    for bad in (saehook.Steering(sae).cap(2, max=0.0), saehook.Steering(sae).rescale(2, 0.5)):
+        with pytest.raises(ValueError, match="feature 2 has a zero decoder direction"):
+            bad.apply(x.copy())
+    # The C API refuses what bypasses the Python checks (items built by hand).
+    items = saehook.Steering(sae).cap(0, max=1.0).items()
+    items["value2"] = 3.0
+    with pytest.raises(ValueError, match=r"steering item 0: cap of feature 0 has min 3\.0+ > max 1\.0+"):
+        saehook._core.steer(sae._handle, x.ctypes.data, 2, 8, items.ctypes.data, 1, 0, 0, 0, 0, 0, 0)
+    items["value2"], items["value"] = -np.inf, np.inf
+    with pytest.raises(ValueError, match="has neither a max nor a min"):
+        saehook._core.steer(sae._handle, x.ctypes.data, 2, 8, items.ctypes.data, 1, 0, 0, 0, 0, 0, 0)
+    items["value"] = np.nan
+    with pytest.raises(ValueError, match="cap max of feature 0 is nan"):
+        saehook._core.steer(sae._handle, x.ctypes.data, 2, 8, items.ctypes.data, 1, 0, 0, 0, 0, 0, 0)
+
+
+def test_no_nan_is_ever_produced():
+    sae = make_sae(32, 64, 4, seed=5)
+    x = np.concatenate([_rows(32, 4, scale=1e30), np.zeros((2, 32), np.float32), _rows(32, 2, scale=1e-30)])
+    st = (saehook.Steering(sae).cap(1, max=0.0).cap(2, min=-1e-20).rescale(3, 0.0).rescale(4, 1e3)
+          .cap(5, max=1e30, min=-1e30).clamp(6, 0.0, when=When(7, above=0.0)))
+    y = st.apply(x.copy())
+    assert np.isfinite(y).all()
+    with pytest.raises(ValueError, match="NaN"):
+        st.apply(np.full((1, 32), np.nan, np.float32))
+    with pytest.raises(ValueError, match="not finite"):
+        saehook.Steering(sae).rescale(1, float("inf"))
+    with pytest.raises(ValueError, match="finite number"):
+        When(1, above=float("nan"))
+
+
+# ---- conditions and latches ----
+def _conditional(sae, vals, idx):
+    """A Steering whose conditions split the rows (on the SAE and rows of the test below)."""
+    a, b, c, e = (int(f) for f in np.bincount(idx[idx >= 0], minlength=sae.d_sae).argsort()[::-1][:4])
+    ta, tb, tc = 0.0, 0.0, 6.5
+    st = (saehook.Steering(sae)
+          .clamp(a, 0.0, when=When(b, above=tb))
+          .add(e, 2.0, when=When(a, above=ta) & When(c, below=tc))
+          .cap(b, max=0.0, when=When(a, below=ta) | When(c, above=tc, below=tc + 10.0))
+          .rescale(c, 0.0, when=When(e, above=0.0, latch=True))
+          .scale(e, 3.0)
+          .stop_when(When(c, above=tc, latch=False), When(a, above=ta) & When(b, above=tb)))
+    return st
+
+
+def test_conditions_match_the_reference_loop():
+    sae = make_sae(40, 160, 10, seed=11)
+    x = _rows(40, 30, seed=4)
+    vals, idx = sae.encode(x)
+    st = _conditional(sae, vals, idx)
+    mask = np.random.default_rng(2).random(30) < 0.7
+    got = x.copy()
+    fired = st.apply_report(got, mask=mask)
+    want, stops = ref_steer(st, x, mask=mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    si = st.stop_items()
+    for r in range(30):
+        assert [j for j, t in enumerate(si) if fired[r, t]] == stops[r], f"row {r}"
+    # each condition both held and failed somewhere, and the mask skipped some rows
+    op_rows = [t for t, it in enumerate(st.items()) if it["op"] < 6]
+    applied = fired[:, op_rows]
+    assert applied.any(axis=0).all() and (~applied[:, :4]).any(axis=0).all()
+    assert (~fired[~mask][:, op_rows]).all()
+
+
+def test_latches_hold_per_sequence_across_calls():
+    sae = make_sae(40, 160, 10, seed=12)
+    x = _rows(40, 24, seed=6)
+    vals, idx = sae.encode(x)
+    g = int(idx[5, 0])  # a feature that fires on row 5 of the stream
+    t = float(vals[5, 0]) - 1e-3
+    st = (saehook.Steering(sae).add(7, 4.0, when=When(g, above=t, latch=True))
+          .rescale(8, 0.0, when=When(g, above=t, latch=True) & When(3, below=1e9)))
+    # two sequences interleaved, fed in three calls of 8 rows (rows in token order per sequence)
+    slots = np.array([0, 1] * 12, np.int32)
+    state = saehook.SteeringState(st, n_slots=2)
+    got = x.copy()
+    for c in range(3):
+        st.apply(got[8 * c: 8 * (c + 1)], state=state, slots=slots[8 * c: 8 * (c + 1)])
+    want, _ = ref_steer(st, x, slots=slots)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    z = np.array([dict(zip(i, v)).get(g, 0.0) for v, i in zip(vals, idx)])
+    first = {s: np.flatnonzero((z > t) & (slots == s)) for s in (0, 1)}
+    assert len(first[1]) and first[1][0] == 5 and first[1][0] < 20  # it latched mid-stream
+    changed = np.abs(got - x).max(axis=1) > 1e-4
+    expect_on = np.zeros(24, bool)
+    for s in (0, 1):
+        if len(first[s]):
+            expect_on |= (slots == s) & (np.arange(24) >= first[s][0])
+    np.testing.assert_array_equal(changed, expect_on)
+    # without a state the latch holds within one call only; reset() forgets a slot
+    assert state.latch.any()
+    state.reset(1)
+    assert not state.latch[1].any()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PROT_NONE mappings as on Linux")
+def test_add_cap_rescale_without_when_read_no_encoder(tmp_path):
+    """The encoder weights are a PROT_NONE mapping: reading them kills the process."""
+    script = tmp_path / "noenc.py"
+    script.write_text(f"""
+import mmap, sys
+import numpy as np
+import saehook
+d, m = 16, 64
+buf = mmap.mmap(-1, d * m * 4, prot=0)  # PROT_NONE
+W_enc = np.frombuffer(buf, dtype=np.float32).reshape(m, d)
+W_dec = np.random.default_rng(0).standard_normal((m, d)).astype(np.float32)
+sae = saehook.SAE(W_enc, W_dec, k=4)
+x = np.random.default_rng(1).standard_normal((3, d)).astype(np.float32)
+st = saehook.Steering(sae).add(1, 2.0).cap(2, max=0.1).rescale(3, 0.0)
+if sys.argv[1] == "clamp":
+    st.clamp(4, 0.0)
+st.apply(x)
+print("ok")
+""")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    ok = subprocess.run([sys.executable, str(script), "plain"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr[-2000:]
+    # the control: an op that needs the encode touches the mapping and dies
+    bad = subprocess.run([sys.executable, str(script), "clamp"], capture_output=True, text=True, env=env)
+    assert bad.returncode < 0, (bad.returncode, bad.stderr[-2000:])  # killed by the fault, not an exception
+
+
+def test_item_list_errors_name_the_item():
+    sae = make_sae(16, 64, 4)
+    x = _rows(16, 2)
+    items = saehook.Steering(sae).add(1, 1.0, when=When(2, above=0.0)).items()
+    assert list(items["op"]) == [6, 0] and list(items["when"]) == [0, 1]
+
+    def run(it, **kw):
+        saehook._core.steer_ex(sae._handle, x.ctypes.data, 2, 16, it.ctypes.data, len(it), 0, 0, 0, 0,
+                               kw.get("latch", 0), kw.get("slots", 0), kw.get("n_slots", 0), 0, 0, 0)
+
+    bad = items.copy()
+    bad["when"][1] = 2
+    with pytest.raises(ValueError, match="steering item 1: when = 2 does not name a condition item"):
+        run(bad)
+    bad = items.copy()
+    bad["latch"][1] = 1
+    with pytest.raises(ValueError, match="steering item 1: latch is a property of condition items"):
+        run(bad)
+    both = saehook.Steering(sae).add(1, 1.0, when=When(2, above=0.0) & When(3, below=1.0)).items()
+    assert list(both["op"]) == [6, 7, 8, 0]
+    bad = both.copy()
+    bad["arg_b"][2] = 3
+    with pytest.raises(ValueError, match="steering item 2: arg 3 is not an earlier condition item"):
+        run(bad)
+    bad = items.copy()
+    bad["feature"][0] = 64
+    with pytest.raises(IndexError, match="steering feature 64 is out of range"):
+        run(bad)
+    slots = np.array([0, 2], np.int32)
+    latch = np.zeros((2, 2), np.uint8)
+    with pytest.raises(IndexError, match=r"row_slot\[1\] = 2 is outside \[0, 2\)"):
+        run(items, latch=latch.ctypes.data, slots=slots.ctypes.data, n_slots=2)
+    with pytest.raises(ValueError, match="give above= and/or below="):
+        When(3)
+    with pytest.raises(IndexError, match="condition feature 99"):
+        saehook.Steering(sae).add(1, 1.0, when=When(99, above=0.0))
+    with pytest.raises(TypeError, match="conditions combine with conditions"):
+        When(1, above=0.0) & 3
+
+
+def test_positions_windows():
+    sae = make_sae(16, 64, 4)
+    st = saehook.Steering(sae, positions=(2, 5)).add(1, 1.0)
+    np.testing.assert_array_equal(st.position_mask(np.arange(7), False), [0, 0, 1, 1, 1, 0, 0])
+    assert list(saehook.Steering(sae, positions=(3, None)).position_mask(np.arange(5), True)) == [0, 0, 0, 1, 1]
+    assert list(saehook.Steering(sae, positions="generated").position_mask(np.arange(3), [0, 1, 1])) == [0, 1, 1]
+    for bad in ((5, 2), (-1, 3), (1.5, 3), "middle"):
+        with pytest.raises(ValueError, match="positions must be"):
+            saehook.Steering(sae, positions=bad)
+
+
+# ---- JSON spec ----
+def test_json_spec_round_trip(tmp_path):
+    sae = make_sae(16, 64, 4, metadata={"layer": 1})
+    spec = {"layer": 1, "positions": {"from": 2, "to": 9}, "ops": [
+        {"op": "cap", "feature": 3, "max": 3.0},
+        {"op": "cap", "feature": 4, "max": 1.0, "min": -1.0},
+        {"op": "rescale", "feature": 5, "value": 0.0, "when": {"feature": 6, "above": 2.0, "latch": True}},
+        {"op": "add", "feature": 7, "value": 1.5,
+         "when": {"any": [{"feature": 8, "below": 0.1}, {"all": [{"feature": 9, "above": 1.0},
+                                                                 {"feature": 10, "above": 0.5}]}]}},
+        {"op": "clamp", "feature": 11, "value": 2.0, "normalize": True},
+        {"op": "ablate", "feature": 12}],
+        "stop_when": [{"feature": 13, "above": 5.0}]}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    (st,) = load_spec(str(path), {1: sae})
+    assert st.positions == (2, 9) and len(st.ops) == 6 and len(st.stops) == 1
+    assert st.ops[0].value == 3.0 and st.ops[0].value2 == -np.inf and st.ops[2].when == When(6, above=2.0, latch=True)
+    back = steering_to_json(st)
+    assert back["ops"] == spec["ops"] and back["stop_when"] == spec["stop_when"]
+    (st2,) = load_spec(json.dumps(back), sae)
+    np.testing.assert_array_equal(st2.items(), st.items())
+    x = _rows(16, 6)
+    np.testing.assert_array_equal(st.apply(x.copy()), st2.apply(x.copy()))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"ops": [{"op": "cap", "feature": 3}]}, r"spec\.ops\[0\]: cap of feature 3: give max= and/or min="),
+    ({"ops": [{"op": "cap", "feature": 3, "max": 1.0, "min": 2.0}]}, r"spec\.ops\[0\]: cap of feature 3: min 2 > max 1"),
+    ({"ops": [{"op": "cap", "feature": 3, "max": "big"}]}, r"spec\.ops\[0\]\.max: expected a finite number"),
+    ({"ops": [{"op": "rescale", "feature": 3}]}, r"spec\.ops\[0\]\.value: missing"),
+    ({"ops": [{"op": "push", "feature": 3}]}, r"spec\.ops\[0\]\.op: expected one of"),
+    ({"ops": [{"op": "add", "feature": 99, "value": 1}]}, r"spec\.ops\[0\]: feature 99 is out of range"),
+    ({"ops": [{"op": "add", "feature": 1, "value": 1, "max": 2}]}, r"spec\.ops\[0\]: unknown field\(s\) \['max'\]"),
+    ({"ops": [{"op": "add", "feature": 1, "value": 1, "when": {"feature": 2}}]},
+     r"spec\.ops\[0\]\.when: give 'above' and/or 'below'"),
+    ({"ops": [{"op": "add", "feature": 1, "value": 1, "when": {"feature": 2, "above": 1, "latch": "yes"}}]},
+     r"spec\.ops\[0\]\.when\.latch: expected true or false"),
+    ({"ops": [{"op": "add", "feature": 1, "value": 1, "when": {"all": []}}]}, r"spec\.ops\[0\]\.when\.all: expected a non-empty"),
+    ({"ops": [], "stop_when": [{"feature": 70, "above": 1}]}, r"spec\.stop_when\[0\]: condition feature 70 is out of range"),
+    ({"ops": [{"op": "add", "feature": 1, "value": 1}], "positions": {"from": 5, "to": 2}},
+     r"spec\.positions: needs 0 <= from <= to"),
+    ({"ops": [{"op": "add", "feature": 1, "value": 1}], "layer": 4}, r"spec\.layer: no SAE for layer 4"),
+    ({"ops": []}, r"spec\.ops: no operation and no stop_when"),
+    ({"opz": []}, r"spec: unknown field\(s\) \['opz'\]"),
+])
+def test_json_spec_errors_name_the_field(spec, message):
+    sae = make_sae(16, 64, 4, metadata={"layer": 1})
+    with pytest.raises(SpecError, match=message):
+        load_spec(spec, {1: sae})
+
+
+def test_json_spec_file_errors(tmp_path):
+    sae = make_sae(16, 64, 4, metadata={"layer": 1})
+    with pytest.raises(SpecError, match="cannot read the spec file"):
+        load_spec(str(tmp_path / "missing.json"), sae)
+    with pytest.raises(SpecError, match="not valid JSON"):
+        load_spec("{oops", sae)
+    # a list of steerings, each checked with its index
+    with pytest.raises(SpecError, match=r"spec\[1\]\.ops\[0\]\.feature: missing"):
+        load_spec([{"ops": [{"op": "ablate", "feature": 1}]}, {"ops": [{"op": "ablate"}]}], sae)
