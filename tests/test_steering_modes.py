@@ -384,3 +384,148 @@ def test_json_spec_file_errors(tmp_path):
     # a list of steerings, each checked with its index
     with pytest.raises(SpecError, match=r"spec\[1\]\.ops\[0\]\.feature: missing"):
         load_spec([{"ops": [{"op": "ablate", "feature": 1}]}, {"ops": [{"op": "ablate"}]}], sae)
+
+
+# ---- torch ops and the transformers engine ----
+def test_torch_op_matches_numpy():
+    torch = pytest.importorskip("torch")
+    import saehook.torch_ops as ops
+
+    sae = make_sae(40, 160, 10, seed=11)
+    x = _rows(40, 30, seed=4)
+    vals, idx = sae.encode(x)
+    st = _conditional(sae, vals, idx)
+    h = torch.from_numpy(x.copy())
+    ops.steer_(st, h)
+    np.testing.assert_allclose(h.numpy(), st.apply(x.copy()), rtol=1e-6, atol=1e-6)
+    # the op traces (the items as an int32 tensor built outside the graph)
+    items = torch.from_numpy(st.items().view(np.int32).copy())
+    f = torch.compile(lambda t: torch.ops.saehook.steer_items_(t, sae.handle, items), backend="eager", fullgraph=True)
+    h2 = torch.from_numpy(x.copy())
+    f(h2)
+    np.testing.assert_allclose(h2.numpy(), h.numpy(), rtol=0, atol=0)
+
+
+LAYER = 1
+
+
+def _oracle_generate(model, st, ids, n_new):
+    """Greedy generate with the reference loop injected by a plain forward hook (latch state kept
+    across calls as one sequence; positions from the running count)."""
+    import torch
+    from saehook.hf import decoder_layers
+
+    latch, seen, stop = {}, [0], [None]
+
+    def hook(module, args, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        h = hidden.detach().float().reshape(-1, st.sae.d_model).numpy()
+        pos = np.arange(seen[0], seen[0] + h.shape[0])
+        generated = seen[0] > 0
+        seen[0] += h.shape[0]
+        mask = st.position_mask(pos, generated)
+        new, stops = ref_steer(st, h, mask=mask, latch=latch)
+        if generated and stop[0] is None:
+            hit = [(int(p), s[0]) for p, s in zip(pos, stops) if s]
+            if hit:
+                stop[0] = hit[0]
+        t = torch.from_numpy(new.astype(np.float32)).reshape(hidden.shape)
+        return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
+
+    handle = decoder_layers(model)[LAYER].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=n_new, do_sample=False, pad_token_id=0)
+    finally:
+        handle.remove()
+    return out[0].tolist(), stop[0]
+
+
+def _hf_sae(model, seed=7):
+    return make_sae(model.config.hidden_size, 512, 16, seed=seed)
+
+
+def _prompt_features(model, sae, ids):
+    import torch
+
+    with torch.no_grad():
+        h = model(ids, output_hidden_states=True).hidden_states[LAYER + 1][0].numpy()
+    return h, sae.encode(h)
+
+
+@pytest.mark.parametrize("kind", ["cap_rescale", "conditional", "latched", "window"])
+def test_transformers_engine_matches_numpy(tiny_qwen3, kind):
+    torch = pytest.importorskip("torch")
+    import saehook.hf as shf
+
+    model = tiny_qwen3
+    sae = _hf_sae(model)
+    ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    h, (vals, idx) = _prompt_features(model, sae, ids)
+    f0, f1 = int(idx[2, 0]), int(idx[5, 1])
+    p0 = h.astype(np.float64) @ _unit(sae, f0)
+    if kind == "cap_rescale":
+        st = saehook.Steering(sae, layer=LAYER).cap(f0, max=float(np.median(p0))).rescale(f1, 0.0).add(3, 4.0)
+    elif kind == "conditional":
+        t = float(np.median([dict(zip(i, v)).get(f0, 0.0) for v, i in zip(vals, idx)]))
+        st = (saehook.Steering(sae, layer=LAYER).add(3, 30.0, when=When(f0, above=t))
+              .rescale(f1, 3.0, when=When(f0, below=t) | When(f1, above=1.0)))
+    elif kind == "latched":
+        st = saehook.Steering(sae, layer=LAYER).add(3, 30.0, when=When(f0, above=float(vals[2, 0]) - 1e-3, latch=True))
+    else:
+        st = saehook.Steering(sae, layer=LAYER, positions=(4, 10)).add(3, 30.0).cap(f0, max=0.0)
+    want, _ = _oracle_generate(model, st, ids, 6)
+    with torch.no_grad(), shf.steer(model, st):
+        got = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0].tolist()
+    with torch.no_grad():
+        clean = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0].tolist()
+    assert got == want
+    # One forward: logits against the oracle's, so the comparison is not only of argmaxes.
+    with torch.no_grad(), shf.steer(model, st):
+        logits = model(ids).logits[0].numpy()
+    new, _ = ref_steer(st, h, mask=st.position_mask(np.arange(8), False))
+    from saehook.hf import decoder_layers
+
+    handle = decoder_layers(model)[LAYER].register_forward_hook(
+        lambda m, a, out: (torch.from_numpy(new.astype(np.float32)).reshape(out[0].shape if isinstance(out, tuple) else out.shape)))
+    try:
+        with torch.no_grad():
+            oracle = model(ids).logits[0].numpy()
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(logits, oracle, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        base = model(ids).logits[0].numpy()
+    assert np.abs(logits - base).max() > 1e-3 or got != clean
+
+
+def test_transformers_stop_when(tiny_qwen3):
+    torch = pytest.importorskip("torch")
+    import saehook.hf as shf
+
+    model = tiny_qwen3
+    sae = _hf_sae(model)
+    ids = torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        clean = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        hs = model(clean, output_hidden_states=True).hidden_states[LAYER + 1][0].numpy()
+    vals, idx = sae.encode(hs)
+    # a condition that first holds on a generated token in the middle of the clean continuation
+    target = 6 + 4
+    g = int(idx[target, 0])
+    z = np.array([dict(zip(i, v)).get(g, 0.0) for v, i in zip(vals, idx)])
+    t = float(z[target]) - 1e-3
+    st = saehook.Steering(sae, layer=LAYER).stop_when(When(g, above=t))
+    fires = [p for p in range(7, 18) if z[p] > t]
+    want_pos = fires[0]
+    _, oracle_stop = _oracle_generate(model, st, ids, 12)
+    assert oracle_stop == (want_pos, 0)
+    with torch.no_grad(), shf.steer(model, st) as session:
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                             stopping_criteria=session.stopping_criteria())
+    ev = session.stops[0]
+    assert ev is not None and ev.position == want_pos and ev.index == 0 and ev.condition == st.stops[0]
+    # generate sampled one more token after the forward that fired; up to the firing token the
+    # output is the clean continuation (stop_when changes nothing)
+    assert out.shape[1] == want_pos + 2
+    assert out[0, : want_pos + 1].tolist() == clean[0, : want_pos + 1].tolist()
