@@ -516,7 +516,7 @@ def test_transformers_stop_when(tiny_qwen3):
     z = np.array([dict(zip(i, v)).get(g, 0.0) for v, i in zip(vals, idx)])
     t = float(z[target]) - 1e-3
     st = saehook.Steering(sae, layer=LAYER).stop_when(When(g, above=t))
-    fires = [p for p in range(7, 18) if z[p] > t]
+    fires = [p for p in range(6, 18) if z[p] > t]  # generated positions
     want_pos = fires[0]
     _, oracle_stop = _oracle_generate(model, st, ids, 12)
     assert oracle_stop == (want_pos, 0)
@@ -529,3 +529,75 @@ def test_transformers_stop_when(tiny_qwen3):
     # output is the clean continuation (stop_when changes nothing)
     assert out.shape[1] == want_pos + 2
     assert out[0, : want_pos + 1].tolist() == clean[0, : want_pos + 1].tolist()
+
+
+# ---- the command line ----
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import gguf_models as gm
+
+    d = tmp_path_factory.mktemp("steer_cli")
+    model = gm.build_hf_model(seed=3)
+    model.save_pretrained(d / "hf")
+    rng = np.random.default_rng(0)
+    W = (rng.standard_normal((512, 256)) / 16).astype(np.float32)
+    sae = saehook.SAE(W, W.copy(), k=8, metadata={"layer": LAYER, "hook_point": "resid_post"})
+    sae.save(d / "sae.safetensors")
+    return d, model
+
+
+def _cli_json(capsys, *argv):
+    from saehook.cli import main
+
+    assert main(list(argv)) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_steer_new_ops_and_spec(cli_setup, capsys, tmp_path):
+    import torch
+
+    d, model = cli_setup
+    sae = saehook.load(d / "sae.safetensors")
+    prompt = "cat"
+    toks = list(prompt.encode())  # the directory has no tokenizer: bytes
+    ids = torch.tensor([toks])
+    out = _cli_json(capsys, "steer", str(d / "hf"), "--sae", str(d / "sae.safetensors"), "--cap", "3=:-0.5",
+                    "--cap", "4=-1:1", "--rescale", "5=0", "--add", "3=40", "--positions", "1:", "--max-tokens", "6",
+                    "--json", prompt)
+    st = (saehook.Steering(sae, layer=LAYER, positions=(1, None)).add(3, 40.0).cap(3, max=-0.5)
+          .cap(4, min=-1.0, max=1.0).rescale(5, 0.0))
+    want, _ = _oracle_generate(model, st, ids, 6)
+    assert out["steered_tokens"] == want[len(toks):][: len(out["steered_tokens"])] and out["steered_tokens"]
+    assert out["steered_tokens"] != out["clean_tokens"] and out["stopped_by"] is None
+    # --spec: a conditional op and a stop
+    with torch.no_grad():
+        full = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        hs = model(full, output_hidden_states=True).hidden_states[LAYER + 1][0].numpy()
+    vals, idx = sae.encode(hs)
+    g = int(idx[len(toks) + 3, 0])
+    z = np.array([dict(zip(i, v)).get(g, 0.0) for v, i in zip(vals, idx)])
+    t = float(z[len(toks) + 3]) - 1e-3
+    first = next(p for p in range(len(toks), len(z)) if z[p] > t)  # generated positions
+    spec = {"layer": LAYER, "ops": [{"op": "rescale", "feature": 7, "value": 0.0,
+                                     "when": {"feature": g, "above": 1e9}}],
+            "stop_when": [{"feature": g, "above": t}]}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    out = _cli_json(capsys, "steer", str(d / "hf"), "--sae", str(d / "sae.safetensors"), "--spec", str(path),
+                    "--max-tokens", "8", "--json", prompt)
+    assert out["stopped_by"] == {"condition": repr(When(g, above=t)), "when": {"feature": g, "above": t},
+                                 "index": 0, "position": first}
+    assert out["steered_tokens"] == full[0, len(toks): first + 1].tolist()
+    # errors name the field; --spec and op flags do not mix
+    path.write_text(json.dumps({"ops": [{"op": "cap", "feature": 3, "max": 1, "min": 2}]}))
+    from saehook.cli import main
+
+    assert main(["steer", str(d / "hf"), "--sae", str(d / "sae.safetensors"), "--spec", str(path), prompt]) == 2
+    assert "spec.ops[0]: cap of feature 3: min 2 > max 1" in capsys.readouterr().err
+    assert main(["steer", str(d / "hf"), "--sae", str(d / "sae.safetensors"), "--spec", str(path), "--add", "1=2",
+                 prompt]) == 2
+    assert "either --spec or" in capsys.readouterr().err
+    assert main(["steer", str(d / "hf"), "--sae", str(d / "sae.safetensors"), "--cap", "3=", prompt]) == 2
+    assert "--cap expects FEATURE=MAX" in capsys.readouterr().err

@@ -76,10 +76,43 @@ def pairs(specs: List[str], flag: str, value_type=float):
     return out
 
 
+def _cap_bounds(spec: str):
+    """'F=MAX', 'F=MIN:MAX', 'F=MIN:' or 'F=:MAX' -> (F, max, min)."""
+    f, sep, v = spec.partition("=")
+    lo, colon, hi = v.partition(":")
+    if not colon:
+        lo, hi = "", lo
+    if not sep or not (lo or hi):
+        raise ValueError(f"--cap expects FEATURE=MAX or FEATURE=MIN:MAX, got {spec!r}")
+    return int(f), (float(hi) if hi else None), (float(lo) if lo else None)
+
+
+def _positions(text: str):
+    """'all' / 'prompt' / 'generated' / 'START:END' (END may be empty: no end)."""
+    if ":" not in text:
+        return text
+    a, _, b = text.partition(":")
+    try:
+        return (int(a or 0), int(b) if b else None)
+    except ValueError:
+        raise ValueError(f"--positions expects all, prompt, generated or START:END, got {text!r}") from None
+
+
+def steerings(sae, args):
+    """The steerings of the flags, or of --spec FILE.json (then the flags must not add ops)."""
+    if getattr(args, "spec", None):
+        from ..steering_spec import load_spec
+
+        if any(getattr(args, n, None) for n in ("add", "clamp", "scale", "ablate", "cap", "rescale")):
+            raise ValueError("give either --spec or --add/--clamp/--scale/--ablate/--cap/--rescale, not both")
+        return load_spec(args.spec, {sae.layer: sae})
+    return [steering(sae, args)]
+
+
 def steering(sae, args):
     from ..steering import Steering
 
-    st = Steering(sae, layer=sae.layer, positions=args.positions, normalize=args.normalize)
+    st = Steering(sae, layer=sae.layer, positions=_positions(args.positions), normalize=args.normalize)
     for f, v in pairs(args.add, "--add"):
         st.add(f, v)
     for f, v in pairs(args.clamp, "--clamp"):
@@ -88,8 +121,13 @@ def steering(sae, args):
         st.scale(f, v)
     for f in args.ablate or []:
         st.ablate(int(f))
+    for spec in getattr(args, "cap", None) or []:
+        f, hi, lo = _cap_bounds(spec)
+        st.cap(f, max=hi, min=lo)
+    for f, v in pairs(getattr(args, "rescale", None), "--rescale"):
+        st.rescale(f, v)
     if not st.ops:
-        raise ValueError("no intervention given: use --add/--clamp/--scale/--ablate")
+        raise ValueError("no intervention given: use --add/--clamp/--scale/--ablate/--cap/--rescale or --spec")
     return st
 
 
@@ -98,8 +136,12 @@ def add_steer_flags(p):
     p.add_argument("--clamp", action="append", metavar="F=V", help="set feature F's activation to V")
     p.add_argument("--scale", action="append", metavar="F=C", help="multiply feature F's activation by C")
     p.add_argument("--ablate", action="append", metavar="F", help="remove feature F")
+    p.add_argument("--cap", action="append", metavar="F=MAX|F=MIN:MAX",
+                   help="keep the projection on F's unit direction within [MIN, MAX] (either may be empty)")
+    p.add_argument("--rescale", action="append", metavar="F=C", help="multiply the projection on F's unit direction by C")
     p.add_argument("--normalize", action="store_true", help="use unit-norm decoder directions")
-    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
+    p.add_argument("--positions", default="all", metavar="all|prompt|generated|START:END",
+                   help="tokens steered: all, prompt, generated, or absolute positions START <= pos < END")
 
 
 def model_flags(p):
