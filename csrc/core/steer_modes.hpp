@@ -17,9 +17,10 @@ Plan check(const saehook_steer_item *items, int32_t n_items, int64_t d_sae);
 // Checks the latch slots of n rows against the state (errors name the row).
 void check_state(const saehook_steer_state *state, int64_t n);
 
-// For rows [r0, r0 + n) of a call (vals/idx: their encode, k per row; row_mask: the call's
-// mask, indexed from r0): active[r * n_items + t] = whether condition item t holds on row r
-// (latches applied and updated in state) or whether op item t applies there.
+// For rows [r0, r0 + n) of a call (vals/idx: their encode, k per row; row_mask: n bytes for
+// these rows or NULL): active[r * n_items + t] = whether condition item t holds on row r0 + r
+// (latches applied and updated in state; state->row_slot is indexed by the call's row) or
+// whether op item t applies there. Chunks of a call must come in row order.
 void evaluate(const saehook_steer_item *items, int32_t n_items, const float *vals, const int32_t *idx,
               int64_t r0, int64_t n, int32_t k, const uint8_t *row_mask, const saehook_steer_state *state,
               std::vector<uint8_t> &latch_scratch, uint8_t *active);
