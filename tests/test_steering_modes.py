@@ -601,3 +601,126 @@ def test_cli_steer_new_ops_and_spec(cli_setup, capsys, tmp_path):
     assert "either --spec or" in capsys.readouterr().err
     assert main(["steer", str(d / "hf"), "--sae", str(d / "sae.safetensors"), "--cap", "3=", prompt]) == 2
     assert "--cap expects FEATURE=MAX" in capsys.readouterr().err
+
+
+# ---- llama.cpp vs transformers ----
+@pytest.fixture(scope="module")
+def llama_models(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    import gguf_models as gm
+
+    d = tmp_path_factory.mktemp("steer_gguf")
+    hf = gm.build_hf_model(num_hidden_layers=3)
+    path = d / "tiny-f32.gguf"
+    gm.write_gguf(hf, path)
+    rng = np.random.default_rng(0)
+    W_enc = (rng.standard_normal((1024, 256)) / 16).astype(np.float32)
+    W_dec = (rng.standard_normal((1024, 256)) / 16).astype(np.float32)
+    sae = saehook.SAE(W_enc, W_dec, (0.05 * rng.standard_normal(1024)).astype(np.float32), k=16)
+    return hf, path, sae
+
+
+PROMPT = [int(t) for t in np.random.default_rng(1).integers(1, 256, 12)]
+
+
+def _open_llama(path):
+    from saehook.llama import HookedLlama
+
+    return HookedLlama(str(path), n_ctx=256, n_batch=64, n_ubatch=64, verbose=False, seed=0, type_k=0, type_v=0)
+
+
+def _llama_generate(llm, st, n):
+    out = []
+    llm.reset()
+    with llm.steer(st):
+        for tok in llm.generate(PROMPT, top_k=1, temp=0.0, reset=True):
+            out.append(int(tok))
+            if len(out) >= n:
+                break
+    return out
+
+
+def _hf_generate(model, st, n):
+    import torch
+    import saehook.hf as shf
+
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad(), shf.steer(model, st) as session:
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
+                             stopping_criteria=session.stopping_criteria(), eos_token_id=None)
+    return out[0, len(PROMPT):].tolist(), session
+
+
+def _llama_spec(hf, sae, kind):
+    import torch
+
+    with torch.no_grad():
+        full = hf.generate(torch.tensor([PROMPT]), max_new_tokens=10, do_sample=False, pad_token_id=0,
+                           attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long), eos_token_id=None)
+        h = hf(full, output_hidden_states=True).hidden_states[LAYER + 1][0].numpy()
+    vals, idx = sae.encode(h)
+    z = lambda f: np.array([dict(zip(i, v)).get(f, 0.0) for v, i in zip(vals, idx)])  # noqa: E731
+    f0, f1 = int(idx[3, 0]), int(idx[8, 1])
+    p0 = h.astype(np.float64) @ _unit(sae, f0)
+    S = lambda **kw: saehook.Steering(sae, layer=LAYER, **kw)  # noqa: E731
+    if kind == "cap_rescale":
+        return S().cap(f0, max=float(np.median(p0))).rescale(f1, 0.0).add(3, 6.0), full
+    if kind == "conditional":
+        t = float(np.median(z(f0)[z(f0) > 0])) if (z(f0) > 0).any() else 0.0
+        return (S().add(3, 30.0, when=When(f0, above=t))
+                .rescale(f1, 4.0, when=When(f0, below=t) | When(f1, above=1.0))), full
+    if kind == "latched":
+        return S().add(3, 30.0, when=When(f0, above=float(z(f0)[3]) - 1e-3, latch=True)), full
+    if kind == "window":
+        return S(positions=(5, 15)).add(3, 30.0).cap(f0, max=0.0), full
+    # stop: a condition first holding on a generated token of the clean continuation
+    gen = range(len(PROMPT), len(z(f0)))
+    g = next(int(f) for p in gen for f in idx[p][:1] if z(int(f))[len(PROMPT):p].max(initial=-1) < vals[p, 0] - 1e-3)
+    p = next(p for p in gen if z(g)[p] > 0)
+    return S().stop_when(When(g, above=float(z(g)[p]) - 1e-3)), full
+
+
+@pytest.mark.parametrize("kind", ["cap_rescale", "conditional", "latched", "window"])
+def test_llama_matches_transformers(llama_models, kind):
+    hf, path, sae = llama_models
+    st, full = _llama_spec(hf, sae, kind)
+    llm = _open_llama(path)
+    try:
+        got = _llama_generate(llm, st, 10)
+        clean = _llama_generate(llm, saehook.Steering(sae, layer=LAYER).add(3, 0.0), 10)
+    finally:
+        llm.close()
+    want, _ = _hf_generate(hf, st, 10)
+    assert clean == full[0, len(PROMPT):].tolist()  # the engines agree unsteered...
+    assert got == want  # ...and steered
+    assert got != clean  # the steering matters
+
+
+def test_llama_stop_when_stops_where_transformers_does(llama_models):
+    hf, path, sae = llama_models
+    st, full = _llama_spec(hf, sae, "stop")
+    want, session = _hf_generate(hf, st, 10)
+    ev = session.stops[0]
+    assert ev is not None and len(PROMPT) <= ev.position < len(PROMPT) + 9
+    n_keep = ev.position + 1 - len(PROMPT)  # the generated tokens up to the one it held on
+    llm = _open_llama(path)
+    try:
+        got = _llama_generate(llm, st, 10)
+        assert llm.last_stop is not None and llm.last_stop.position == ev.position and llm.last_stop.index == 0
+        assert got == want[:n_keep] == full[0, len(PROMPT): ev.position + 1].tolist()
+        # a completion reports it
+        llm.reset()
+        with llm.steer(st):
+            out = llm.create_completion(PROMPT, max_tokens=10, temperature=0.0, top_k=1)
+        ch = out["choices"][0]
+        assert ch["finish_reason"] == "stop_when"
+        assert ch["saehook"]["stop_when"] == {"condition": repr(st.stops[0]), "when": st.stops[0].to_json(),
+                                              "index": 0, "position": ev.position}
+        # without the stop the generation runs on
+        assert _llama_generate(llm, saehook.Steering(sae, layer=LAYER).add(3, 0.0), 10) == full[0, len(PROMPT):].tolist()
+        assert llm.last_stop is None
+    finally:
+        llm.close()

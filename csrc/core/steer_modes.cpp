@@ -131,6 +131,35 @@ void evaluate(const saehook_steer_item *items, int32_t n_items, const float *val
   }
 }
 
+void directions(const Sae &s, const saehook_steer_item *items, int32_t n_items, float *dirs) {
+  const int64_t d = s.d.d_model;
+  for (int32_t t = 0; t < n_items; ++t) {
+    const int op = int(items[t].op);
+    if (!steer_is_condition(op))
+      decoder_direction(s, items[t].feature, items[t].normalize != 0 || steer_uses_projection(op), dirs + size_t(t) * d);
+  }
+}
+
+void apply_row(const saehook_steer_item *items, int32_t n_items, const uint8_t *act, const float *vals,
+               const int32_t *idx, int32_t k, const float *dirs, int64_t d, float *row) {
+  const cpu::Kernels &K = cpu::active();
+  for (int32_t t = 0; t < n_items; ++t) {
+    const saehook_steer_item &it = items[t];
+    const int op = int(it.op);
+    if (steer_is_condition(op) || (act && !act[t])) continue;
+    const float *dir = dirs + size_t(t) * d;
+    const float z = steer_uses_activation(op) ? activation(vals, idx, k, it.feature) : 0.f;
+    float p = 0.f;
+    if (steer_uses_projection(op)) {  // of the row as the earlier items left it
+      double acc = 0;
+      for (int64_t i = 0; i < d; ++i) acc += double(row[i]) * dir[i];
+      p = float(acc);
+    }
+    const float c = steer_coefficient(op, it.value, it.value2, z, p);
+    if (c != 0.f) K.axpy(c, dir, SAEHOOK_F32, d, row);
+  }
+}
+
 void run(const Sae &s, float *h, int64_t n, int64_t ldh, const saehook_steer_item *items, int32_t n_items,
          const uint8_t *row_mask, int32_t k, float *values_out, int32_t *indices_out,
          const saehook_steer_state *state, int threads) {
@@ -159,14 +188,8 @@ void run(const Sae &s, float *h, int64_t n, int64_t ldh, const saehook_steer_ite
   }
   if (n_items == 0) return;
 
-  // One direction per op item (caps and rescales always on the unit direction).
   std::vector<float> dirs(size_t(n_items) * d);
-  for (int32_t t = 0; t < n_items; ++t) {
-    const int op = int(items[t].op);
-    if (!steer_is_condition(op))
-      decoder_direction(s, items[t].feature, items[t].normalize != 0 || steer_uses_projection(op),
-                        &dirs[size_t(t) * d]);
-  }
+  directions(s, items, n_items, dirs.data());
   uint8_t *fired = state ? state->fired : nullptr;
   std::vector<uint8_t> act_buf, latch_scratch;
   uint8_t *act = nullptr;
@@ -175,26 +198,10 @@ void run(const Sae &s, float *h, int64_t n, int64_t ldh, const saehook_steer_ite
     act = act_buf.data();
     evaluate(items, n_items, vals, idx, 0, n, kk, row_mask, state, latch_scratch, act);
   }
-
-  const cpu::Kernels &K = cpu::active();
   parallel_for(n, threads, [&](int64_t r, int) {
     if (!act && row_mask && !row_mask[r]) return;
-    float *row = h + r * ldh;
-    for (int32_t t = 0; t < n_items; ++t) {
-      const saehook_steer_item &it = items[t];
-      const int op = int(it.op);
-      if (steer_is_condition(op) || (act && !act[r * n_items + t])) continue;
-      const float *dir = &dirs[size_t(t) * d];
-      const float z = steer_uses_activation(op) ? activation(vals + r * kk, idx + r * kk, kk, it.feature) : 0.f;
-      float p = 0.f;
-      if (steer_uses_projection(op)) {  // of the row as the earlier items left it
-        double acc = 0;
-        for (int64_t i = 0; i < d; ++i) acc += double(row[i]) * dir[i];
-        p = float(acc);
-      }
-      const float c = steer_coefficient(op, it.value, it.value2, z, p);
-      if (c != 0.f) K.axpy(c, dir, SAEHOOK_F32, d, row);
-    }
+    apply_row(items, n_items, act ? act + r * n_items : nullptr, vals ? vals + r * kk : nullptr,
+              idx ? idx + r * kk : nullptr, kk, dirs.data(), d, h + r * ldh);
   });
   if (fired) std::copy(act_buf.begin(), act_buf.end(), fired);
 }

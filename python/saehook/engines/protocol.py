@@ -100,6 +100,8 @@ class LlamaEngine(Engine):
                 if tok == self.llm.token_eos() or len(out) >= max_tokens:
                     break
                 out.append(int(tok))
+        stop = self.llm.last_stop
+        self.last_stop = stop.report() if stop is not None else None
         return out
 
 
