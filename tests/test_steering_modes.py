@@ -39,9 +39,10 @@ def _holds(c, z, latch, slot):
     return (a and b) if c.kind == "and" else (a or b)
 
 
-def ref_steer(st, h, *, mask=None, latch=None, slots=None, codes=None):
+def ref_steer(st, h, *, mask=None, latch=None, slots=None, codes=None, coefs=None):
     """(steered h in float64, per row the list of stop conditions that held). z comes from the
-    SAE's own encode of the unsteered rows (the encode is tested in test_kernels)."""
+    SAE's own encode of the unsteered rows (the encode is tested in test_kernels). coefs (a list)
+    receives (row, feature, c, unit) for every change h[row] += c * direction."""
     _, W_dec = ref.sae_dense(st.sae)
     h = np.asarray(h, np.float64).reshape(-1, st.sae.d_model).copy()
     vals, idx = codes if codes is not None else st.sae.encode(h.astype(np.float32))
@@ -63,11 +64,15 @@ def ref_steer(st, h, *, mask=None, latch=None, slots=None, codes=None):
                 p = h[r] @ u
                 c = (np.clip(p, o.value2, o.value) - p) if o.op == "cap" else (o.value - 1) * p
                 h[r] += c * u
+                if coefs is not None:
+                    coefs.append((r, o.feature, c, True))
             else:
                 d = W_dec[o.feature] / np.linalg.norm(W_dec[o.feature]) if o.normalize else W_dec[o.feature]
                 zf = z.get(o.feature, 0.0)
                 c = {"add": o.value, "clamp": o.value - zf, "scale": (o.value - 1) * zf, "ablate": -zf}[o.op]
                 h[r] += c * d
+                if coefs is not None:
+                    coefs.append((r, o.feature, c, o.normalize))
     return h, stops
 
 
@@ -722,5 +727,144 @@ def test_llama_stop_when_stops_where_transformers_does(llama_models):
         # without the stop the generation runs on
         assert _llama_generate(llm, saehook.Steering(sae, layer=LAYER).add(3, 0.0), 10) == full[0, len(PROMPT):].tolist()
         assert llm.last_stop is None
+    finally:
+        llm.close()
+
+
+# ---- CUDA kernels against the CPU ones ----
+def _cuda_or_skip():
+    torch = pytest.importorskip("torch")
+    if not saehook._core.cuda_available():
+        pytest.skip("saehook was built without CUDA kernels (no CUDA toolkit at build time, or SAEHOOK_CUDA=OFF)")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: torch.cuda.is_available() is False")
+    import saehook.cuda as sc
+
+    return torch, sc
+
+
+@pytest.mark.parametrize("dec_layout", ["rows", "cols"])
+def test_cuda_steering_modes_match_cpu(dec_layout):
+    torch, sc = _cuda_or_skip()
+    sae = make_sae(40, 160, 10, seed=11, dec_layout=dec_layout)
+    gpu = sc.to_device(sae, "cuda")
+    x = _rows(40, 30, seed=4)
+    vals, idx = sae.encode(x)
+    st = _conditional(sae, vals, idx)
+    # more items than one kernel batch (64), projections in both batches
+    for f in range(70):
+        if f % 3 == 0:
+            st.cap(f, max=0.5)
+        elif f % 3 == 1:
+            st.rescale(f, 0.9)
+        else:
+            st.add(f, 0.01)
+    mask = np.random.default_rng(2).random(30) < 0.7
+    slots = np.array([0, 1, 2] * 10, np.int32)
+    want = x.copy()
+    state_cpu = saehook.SteeringState(st, 3)
+    fired_cpu = st.apply_report(want, mask=mask, state=state_cpu, slots=slots)
+    h = torch.from_numpy(x.copy()).cuda()
+    state_gpu = saehook.SteeringState(st, 3)
+    fired = np.zeros((30, len(st.items())), np.uint8)
+    gpu.steer(st, h, mask=torch.from_numpy(mask).cuda(), state=state_gpu, slots=slots, fired=fired)
+    np.testing.assert_allclose(h.cpu().numpy(), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(fired.astype(bool), fired_cpu)
+    np.testing.assert_array_equal(state_gpu.latch, state_cpu.latch)
+    # add + cap + rescale without conditions stay on the device, and agree too
+    plain = saehook.Steering(sae).add(3, 2.0).cap(5, max=0.1, min=-0.1).rescale(9, 0.0)
+    h = torch.from_numpy(x.copy()).cuda()
+    gpu.steer(plain, h)
+    np.testing.assert_allclose(h.cpu().numpy(), plain.apply(x.copy()), rtol=1e-4, atol=1e-4)
+    zero = _basis_sae(zero_feature=2)
+    with pytest.raises(ValueError, match="feature 2 has a zero decoder direction"):
+        sc.to_device(zero, "cuda").steer(saehook.Steering(zero).cap(2, max=0.0), torch.ones(2, 8, device="cuda"))
+
+
+# ---- llama.cpp on a hybrid (recurrent + attention) model ----
+def _qwen35(tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("gguf")
+    from gguf_qwen35 import write_qwen35
+
+    path = tmp_path_factory.mktemp("q35") / "qwen35.gguf"
+    write_qwen35(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen35(tmp_path_factory):
+    return _qwen35(tmp_path_factory)
+
+
+def _open_q35(path):
+    from saehook.llama import HookedLlama
+
+    return HookedLlama(str(path), n_ctx=256, n_batch=64, n_ubatch=64, verbose=False, seed=0, logits_all=True,
+                       type_k=0, type_v=0)
+
+
+def _q35_run(llm, sae, steerings, n):
+    """Greedy generate with the steerings and a capture at LAYER (the residual before them)."""
+    llm.reset()
+    out = []
+    with llm.capture({LAYER: sae}, residuals=True) as rec, llm.steer(*steerings):
+        for tok in llm.generate(PROMPT, top_k=1, temp=0.0, reset=True):
+            out.append(int(tok))
+            if len(out) >= n:
+                break
+    return out, rec[LAYER], np.array(llm.scores[: llm.n_tokens])
+
+
+@pytest.mark.parametrize("kind", ["conditional_latched", "stop"])
+def test_llama_hybrid_model_matches_the_reference(qwen35, llama_models, kind):
+    """No transformers twin of the tiny qwen35 exists: the oracle is the reference loop run on
+    the residuals the hook captured (before its steering), turned into one add-only steering per
+    token (a position window of one) for a second, teacher-forced llama.cpp run."""
+    _, _, sae = llama_models
+    llm = _open_q35(qwen35)
+    try:
+        _, rec0, _ = _q35_run(llm, sae, [], 10)
+        vals, idx = sae.encode(rec0.residuals)
+        z = lambda f: np.array([dict(zip(i, v)).get(f, 0.0) for v, i in zip(vals, idx)])  # noqa: E731
+        f0, f1 = int(idx[3, 0]), int(idx[8, 1])
+        if kind == "stop":
+            n0 = len(PROMPT)
+            g = next(int(f) for p in range(n0, len(idx)) for f in idx[p][:1] if z(int(f))[n0:p].max(initial=-1) < vals[p, 0] - 1e-3)
+            p = next(p for p in range(n0, len(idx)) if z(g)[p] > 0)
+            st = saehook.Steering(sae, layer=LAYER).stop_when(When(g, above=float(z(g)[p]) - 1e-3))
+            toks, rec, _ = _q35_run(llm, sae, [st], 10)
+            _, stops = ref_steer(st, rec.residuals)
+            first = next(int(q) for q, s, gen in zip(rec.positions, stops, rec.generated) if s and gen)
+            assert first == p and llm.last_stop is not None and llm.last_stop.position == first
+            assert len(toks) == first + 1 - n0  # ended after the token it held on
+            return
+        t = float(np.median(z(f0)[z(f0) > 0]))
+        st = (saehook.Steering(sae, layer=LAYER)
+              .add(3, 20.0, when=When(f1, above=float(z(f1)[8]) - 1e-3, latch=True))
+              .cap(f0, max=0.0, when=When(f0, above=t) | When(f1, below=0.5))
+              .rescale(f1, 2.0))
+        toks, rec, scores = _q35_run(llm, sae, [st], 10)
+        coefs = []
+        ref_steer(st, rec.residuals, mask=st.position_mask(rec.positions, rec.generated), coefs=coefs)
+        per_row = {}
+        for r, f, c, unit in coefs:
+            per_row.setdefault(int(rec.positions[r]), []).append((f, c, unit))
+        oracle = []
+        for pos, ops in sorted(per_row.items()):
+            o = saehook.Steering(sae, layer=LAYER, positions=(pos, pos + 1))
+            for f, c, unit in ops:
+                o.add(f, float(c), normalize=bool(unit))
+            oracle.append(o)
+        seq = rec.tokens.tolist()  # every evaluated token: the prompt and the generated ones fed back
+        assert seq == (PROMPT + toks)[: len(seq)]
+        llm.reset()
+        with llm.steer(*oracle):
+            llm.eval(seq)
+        want = np.array(llm.scores[: len(seq)])
+        rel = np.linalg.norm(scores - want) / np.linalg.norm(want)
+        assert rel < 1e-4, rel
+        base = _q35_run(llm, sae, [], 10)[2]
+        assert np.linalg.norm(scores - base) / np.linalg.norm(base) > 1e-2  # the steering matters
     finally:
         llm.close()
