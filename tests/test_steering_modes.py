@@ -546,6 +546,13 @@ def cli_setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("steer_cli")
     model = gm.build_hf_model(seed=3)
     model.save_pretrained(d / "hf")
+    try:
+        import llama_cpp  # noqa: F401
+        import gguf  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        gm.write_gguf(model, d / "m.gguf")
     rng = np.random.default_rng(0)
     W = (rng.standard_normal((512, 256)) / 16).astype(np.float32)
     sae = saehook.SAE(W, W.copy(), k=8, metadata={"layer": LAYER, "hook_point": "resid_post"})
@@ -595,6 +602,10 @@ def test_cli_steer_new_ops_and_spec(cli_setup, capsys, tmp_path):
     assert out["stopped_by"] == {"condition": repr(When(g, above=t)), "when": {"feature": g, "above": t},
                                  "index": 0, "position": first}
     assert out["steered_tokens"] == full[0, len(toks): first + 1].tolist()
+    if (d / "m.gguf").exists():  # the llama.cpp engine stops at the same token
+        lo = _cli_json(capsys, "steer", str(d / "m.gguf"), "--sae", str(d / "sae.safetensors"), "--spec", str(path),
+                       "--max-tokens", "8", "--json", prompt)
+        assert lo["stopped_by"] == out["stopped_by"] and lo["steered_tokens"] == out["steered_tokens"]
     # errors name the field; --spec and op flags do not mix
     path.write_text(json.dumps({"ops": [{"op": "cap", "feature": 3, "max": 1, "min": 2}]}))
     from saehook.cli import main
