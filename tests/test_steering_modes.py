@@ -243,7 +243,13 @@ def test_latches_hold_per_sequence_across_calls():
         if len(first[s]):
             expect_on |= (slots == s) & (np.arange(24) >= first[s][0])
     np.testing.assert_array_equal(changed, expect_on)
-    # without a state the latch holds within one call only; reset() forgets a slot
+    # without a state the latches hold within one call, per slot
+    one = x.copy()
+    st.apply(one, slots=slots)
+    np.testing.assert_allclose(one, want, rtol=1e-5, atol=1e-5)
+    # a slot outside the state is refused; reset() forgets a slot
+    with pytest.raises(IndexError, match=r"row_slot\[0\] = 2 is outside \[0, 2\)"):
+        st.apply(x.copy(), state=state, slots=np.full(24, 2))
     assert state.latch.any()
     state.reset(1)
     assert not state.latch[1].any()
@@ -253,7 +259,7 @@ def test_latches_hold_per_sequence_across_calls():
 def test_add_cap_rescale_without_when_read_no_encoder(tmp_path):
     """The encoder weights are a PROT_NONE mapping: reading them kills the process."""
     script = tmp_path / "noenc.py"
-    script.write_text(f"""
+    script.write_text("""
 import mmap, sys
 import numpy as np
 import saehook
@@ -546,12 +552,9 @@ def cli_setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("steer_cli")
     model = gm.build_hf_model(seed=3)
     model.save_pretrained(d / "hf")
-    try:
-        import llama_cpp  # noqa: F401
-        import gguf  # noqa: F401
-    except ImportError:
-        pass
-    else:
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
         gm.write_gguf(model, d / "m.gguf")
     rng = np.random.default_rng(0)
     W = (rng.standard_normal((512, 256)) / 16).astype(np.float32)
@@ -735,6 +738,12 @@ def test_llama_stop_when_stops_where_transformers_does(llama_models):
         assert ch["finish_reason"] == "stop_when"
         assert ch["saehook"]["stop_when"] == {"condition": repr(st.stops[0]), "when": st.stops[0].to_json(),
                                               "index": 0, "position": ev.position}
+        llm.reset()
+        with llm.steer(st):
+            chunks = list(llm.create_completion(PROMPT, max_tokens=10, temperature=0.0, top_k=1, stream=True))
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop_when"
+        assert chunks[-1]["choices"][0]["saehook"] == ch["saehook"]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == ch["text"]
         # without the stop the generation runs on
         assert _llama_generate(llm, saehook.Steering(sae, layer=LAYER).add(3, 0.0), 10) == full[0, len(PROMPT):].tolist()
         assert llm.last_stop is None

@@ -219,11 +219,15 @@ class Steering:
         if state is not None and state.steering is not self:
             raise ValueError("the SteeringState belongs to another Steering")
         latch = state.latch if state is not None else None
+        # without a state, latches hold within this call, per slot
+        n_slots = latch.shape[0] if latch is not None else (int(sl.max()) + 1 if sl is not None and len(sl) else 1)
+        if sl is not None and len(sl) and int(sl.min()) < 0:
+            raise ValueError(f"slots must be >= 0, got {int(sl.min())}")
         if r.n and len(items):
             _core.steer_ex(self.sae._handle, r.ptr, r.n, r.ld, items.ctypes.data, len(items),
                            0 if m is None else m.ctypes.data, 0, 0, 0,
                            0 if latch is None else latch.ctypes.data, 0 if sl is None else sl.ctypes.data,
-                           0 if latch is None else latch.shape[0], fired.ctypes.data, _threads(threads), 0)
+                           n_slots, fired.ctypes.data, _threads(threads), 0)
         return fired.view(bool)
 
     def __repr__(self) -> str:
