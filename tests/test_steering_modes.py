@@ -888,3 +888,47 @@ def test_llama_hybrid_model_matches_the_reference(qwen35, llama_models, kind):
         assert np.linalg.norm(scores - base) / np.linalg.norm(base) > 1e-2  # the steering matters
     finally:
         llm.close()
+
+
+def test_llama_latch_is_forgotten_when_the_sequence_is_cleared(llama_models):
+    import torch
+    from saehook.hf import decoder_layers
+    from saehook.llama import _lib
+
+    hf, path, sae = llama_models
+    st, _ = _llama_spec(hf, sae, "latched")  # latches on PROMPT[3]
+    cut = 6
+
+    def oracle(clear):
+        def hook(module, args, out):
+            h = out[0].detach()[0].numpy() if isinstance(out, tuple) else out.detach()[0].numpy()
+            latch = {}
+            a, _ = ref_steer(st, h[:cut], latch=latch)
+            b, _ = ref_steer(st, h[cut:], latch={} if clear else latch)
+            t = torch.from_numpy(np.concatenate([a, b]).astype(np.float32))[None]
+            return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
+
+        handle = decoder_layers(hf)[LAYER].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return hf(torch.tensor([PROMPT])).logits[0, -1].numpy()
+        finally:
+            handle.remove()
+
+    llm = _open_llama(path)
+    try:
+        got = {}
+        for clear in (False, True):
+            llm.reset()
+            with llm.steer(st):
+                llm.eval(PROMPT[:cut])
+                if clear:
+                    _lib().clear_seq(llm._hook, 0)
+                llm.eval(PROMPT[cut:])
+            got[clear] = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).copy()
+    finally:
+        llm.close()
+    for clear in (False, True):
+        want = oracle(clear)
+        assert np.linalg.norm(got[clear] - want) / np.linalg.norm(want) < 1e-4, clear
+    assert np.linalg.norm(got[True] - got[False]) / np.linalg.norm(got[False]) > 1e-3  # the clear mattered

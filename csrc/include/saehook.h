@@ -193,7 +193,8 @@ SAEHOOK_API saehook_status saehook_reconstruct(const saehook_sae *sae, float *h,
 /* Steer rows of h in place with n_items operations sharing one encode. row_mask (n bytes, may be
  * NULL for all rows) selects the rows to change. If values_out/indices_out are not NULL they
  * receive the encode of the unsteered rows (n x k, k <= 0 meaning the SAE's k). The encode is
- * skipped when every item is ADD and no output is requested. */
+ * skipped when every item is ADD, CAP or RESCALE and no output is requested (saehook_steer_ex
+ * with state NULL). */
 SAEHOOK_API saehook_status saehook_steer(const saehook_sae *sae, float *h, int64_t n,
                                          int64_t h_stride, const saehook_steer_item *items,
                                          int32_t n_items, const uint8_t *row_mask, int32_t k,
