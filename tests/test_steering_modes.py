@@ -932,3 +932,30 @@ def test_llama_latch_is_forgotten_when_the_sequence_is_cleared(llama_models):
         want = oracle(clear)
         assert np.linalg.norm(got[clear] - want) / np.linalg.norm(want) < 1e-4, clear
     assert np.linalg.norm(got[True] - got[False]) / np.linalg.norm(got[False]) > 1e-3  # the clear mattered
+
+
+def test_cuda_transformers_steering_modes_match_cpu(tiny_qwen3):
+    """A model on the GPU: the hooks steer the residual there (CUDA kernels, conditions on the
+    host) and generate the same tokens, and stop at the same token, as on the CPU."""
+    torch, sc = _cuda_or_skip()
+    import copy
+
+    import saehook.hf as shf
+
+    cpu_model = tiny_qwen3
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    sae = _hf_sae(cpu_model)
+    ids = torch.randint(1, 256, (1, 8), generator=torch.Generator().manual_seed(3))
+    h, (vals, idx) = _prompt_features(cpu_model, sae, ids)
+    f0, f1 = int(idx[2, 0]), int(idx[5, 1])
+    st = (saehook.Steering(sae, layer=LAYER).cap(f0, max=0.0).rescale(f1, 0.5)
+          .add(3, 30.0, when=When(f0, above=float(vals[2, 0]) - 1e-3, latch=True))
+          .stop_when(When(f1, above=float(vals[5, 1]) + 1.0)))
+    out = {}
+    for name, model in (("cpu", cpu_model), ("gpu", gpu_model)):
+        x = ids.to(next(model.parameters()).device)
+        with torch.no_grad(), shf.steer(model, st) as session:
+            toks = model.generate(x, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                  stopping_criteria=session.stopping_criteria())
+        out[name] = (toks[0].tolist(), None if session.stops[0] is None else session.stops[0].position)
+    assert out["gpu"] == out["cpu"]

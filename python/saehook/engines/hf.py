@@ -145,20 +145,27 @@ def _steered(hidden, steering: Steering, mask: Optional[np.ndarray], state: Opti
              slots: Optional[np.ndarray] = None):
     """(hidden with the steering applied, fired: Steering.apply_report's rows x items, or None);
     in place when that is safe, else on a float32 copy. With autograd on, the change is added as
-    a constant (gradients pass straight through). Conditions, latches and stops run on the CPU
-    (a CPU copy of a device residual): their state and the report are host memory."""
+    a constant (gradients pass straight through). On a GPU the CUDA kernels steer the residual
+    where it is; conditions, latches and stops keep their state and report in host memory."""
     import torch
 
     detached = hidden.detach()
+    runner, x = _runner(steering.sae, detached)
     stateful = state is not None or bool(steering.stops) or any(o.when is not None for o in steering.ops)
-    runner, x = (steering.sae, detached.cpu()) if stateful else _runner(steering.sae, detached)
     fired = []
     if runner is steering.sae:
         def apply(h, mask):
             fired.append(steering.apply_report(h, mask=mask, state=state, slots=slots))
     else:
         def apply(h, mask):
-            runner.steer(steering, h, mask=mask)
+            out = None
+            if stateful:
+                items = steering.items() if state is None else state.items
+                out = np.zeros((int(np.prod(h.shape[:-1])), len(items)), np.uint8)
+            runner.steer(steering if state is None else state.items, h, mask=mask, state=state, slots=slots,
+                         fired=out)
+            if out is not None:
+                fired.append(out.view(bool))
     in_place = (x is detached and hidden.dtype == torch.float32 and hidden.is_contiguous()
                 and not (torch.is_grad_enabled() and hidden.requires_grad))
     if in_place:
