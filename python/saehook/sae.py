@@ -134,6 +134,20 @@ class SAE:
         return self.metadata.get("hook_point")
 
     @property
+    def labels(self):
+        """The features' labels (saehook.labels.LabelStore: `sae.labels[f].label`), read on first
+        use from beside the SAE's file; assign a LabelStore to use another file."""
+        if getattr(self, "_labels", None) is None:
+            from .labels import LabelStore
+
+            self._labels = LabelStore.open(self)
+        return self._labels
+
+    @labels.setter
+    def labels(self, store) -> None:
+        self._labels = store
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes of weights the kernels read: W_enc + W_dec (+ scales and biases)."""
         n = self.d_model * self.d_sae
