@@ -959,3 +959,21 @@ def test_cuda_transformers_steering_modes_match_cpu(tiny_qwen3):
                                   stopping_criteria=session.stopping_criteria())
         out[name] = (toks[0].tolist(), None if session.stops[0] is None else session.stops[0].position)
     assert out["gpu"] == out["cpu"]
+
+
+def test_an_overflowing_row_leaves_h_and_the_latches_unchanged():
+    sae = _basis_sae()
+    x = np.array([[3.0, 1.0, 0.5, 0.0, 1, 1, 1, 1], [2e38, 1.0, 0.5, 0.0, 1, 1, 1, 1]], np.float32)
+    st = saehook.Steering(sae).rescale(0, 3e38, when=When(1, above=0.0, latch=True))
+    state = saehook.SteeringState(st, 1)
+    y = x.copy()
+    with pytest.raises(OverflowError, match="row 0 overflows float32"):
+        st.apply(y, state=state)
+    np.testing.assert_array_equal(y, x)
+    assert not state.latch.any()  # the latch set on row 0 was not kept: the call failed
+    with pytest.raises(ValueError, match="max 1e\\+39 overflows float32"):
+        saehook.Steering(sae).cap(0, max=1e39)
+    ok = saehook.Steering(sae).rescale(0, 2.0, when=When(1, above=0.0, latch=True))
+    state = saehook.SteeringState(ok, 1)
+    ok.apply(x[:1].copy(), state=state)
+    assert state.latch.any()

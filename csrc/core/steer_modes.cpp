@@ -5,7 +5,10 @@
 #include "steer_modes.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <climits>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -191,18 +194,48 @@ void run(const Sae &s, float *h, int64_t n, int64_t ldh, const saehook_steer_ite
   std::vector<float> dirs(size_t(n_items) * d);
   directions(s, items, n_items, dirs.data());
   uint8_t *fired = state ? state->fired : nullptr;
-  std::vector<uint8_t> act_buf, latch_scratch;
+  std::vector<uint8_t> act_buf, latch_scratch, latch_copy;
   uint8_t *act = nullptr;
+  saehook_steer_state eval_state{};
   if (plan.has_conditions || fired) {
     act_buf.resize(size_t(n) * n_items);
     act = act_buf.data();
-    evaluate(items, n_items, vals, idx, 0, n, kk, row_mask, state, latch_scratch, act);
+    // The latches are updated on a copy, written back only once the call succeeds.
+    if (state) {
+      eval_state = *state;
+      if (state->latch_state) {
+        latch_copy.assign(state->latch_state, state->latch_state + size_t(state->n_slots) * n_items);
+        eval_state.latch_state = latch_copy.data();
+      }
+    }
+    evaluate(items, n_items, vals, idx, 0, n, kk, row_mask, state ? &eval_state : nullptr, latch_scratch, act);
   }
-  parallel_for(n, threads, [&](int64_t r, int) {
-    if (!act && row_mask && !row_mask[r]) return;
+  auto steer_row = [&](int64_t r, float *row) {
     apply_row(items, n_items, act ? act + r * n_items : nullptr, vals ? vals + r * kk : nullptr,
-              idx ? idx + r * kk : nullptr, kk, dirs.data(), d, h + r * ldh);
+              idx ? idx + r * kk : nullptr, kk, dirs.data(), d, row);
+  };
+  auto selected = [&](int64_t r) { return act || !row_mask || row_mask[r]; };  // act holds the mask
+  // All or nothing: every steered row is first computed into scratch and checked for float32
+  // overflow, then h (and the latch state) is written. The second pass repeats the row's
+  // n_items x d_model multiply-adds, small next to the encode.
+  const int T = std::max(1, std::min(threads, max_threads()));
+  std::vector<float> scratch(size_t(T) * d);
+  std::atomic<int64_t> bad_row{INT64_MAX};
+  parallel_for(n, T, [&](int64_t r, int w) {
+    if (!selected(r)) return;
+    float *tmp = &scratch[size_t(w) * d];
+    std::memcpy(tmp, h + r * ldh, size_t(d) * 4);
+    steer_row(r, tmp);
+    if (first_nonfinite_row(tmp, 1, d, d) == 0) record_row(bad_row, r);
   });
+  const int64_t br = bad_row.load();
+  if (br != INT64_MAX)
+    fail(SAEHOOK_ERR_OVERFLOW, "steer: row " + std::to_string(br) +
+                                   " overflows float32 (Inf/NaN) after steering; h is unchanged");
+  parallel_for(n, T, [&](int64_t r, int) {
+    if (selected(r)) steer_row(r, h + r * ldh);
+  });
+  if (!latch_copy.empty()) std::copy(latch_copy.begin(), latch_copy.end(), state->latch_state);
   if (fired) std::copy(act_buf.begin(), act_buf.end(), fired);
 }
 

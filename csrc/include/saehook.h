@@ -43,7 +43,9 @@ typedef enum {
   SAEHOOK_ERR_NAN = 5,              /* NaN or Inf in an input */
   SAEHOOK_ERR_ALLOC = 6,            /* out of memory */
   SAEHOOK_ERR_UNSUPPORTED = 7,      /* e.g. CUDA pointers in a build without CUDA */
-  SAEHOOK_ERR_INTERNAL = 8
+  SAEHOOK_ERR_INTERNAL = 8,
+  SAEHOOK_ERR_OVERFLOW = 9          /* a result is Inf/NaN although every input is finite
+                                       (float32 overflow, e.g. inputs near 3e38) */
 } saehook_status;
 
 typedef enum {
@@ -148,7 +150,9 @@ typedef struct {
 SAEHOOK_API int saehook_api_version(void);
 SAEHOOK_API const char *saehook_last_error(void);
 SAEHOOK_API const char *saehook_status_string(saehook_status s);
-/* Default thread count for kernels (initially the number of online CPUs). */
+/* Default thread count for kernels (initially the number of online CPUs). Every call uses at
+ * most 4 x the CPUs (std::thread::hardware_concurrency), whatever is asked; the pool's threads
+ * persist, are re-created in a forked child, and are not joined at process exit. */
 SAEHOOK_API void saehook_set_num_threads(int32_t n);
 SAEHOOK_API int32_t saehook_get_num_threads(void);
 /* Instruction-set path of the CPU kernels: "auto" (best the CPU supports), "baseline", "avx2"
@@ -174,27 +178,34 @@ SAEHOOK_API saehook_status saehook_sae_describe(const saehook_sae *sae, saehook_
 /* ---- kernels ---- */
 /* Encode n rows of x (row stride x_stride) into k (values, indices) per row, sorted by value
  * descending, ties by lower index. k <= 0 means the SAE's k. For RELU/JUMPRELU/TOPK_RELU the
- * entries whose activation is zero are padding: value 0, index -1. */
+ * entries whose activation is zero are padding: value 0, index -1. A pre-activation that
+ * overflows float32 (finite x near 3e38) fails with SAEHOOK_ERR_OVERFLOW. Scratch is bounded
+ * (about 64 MiB of Top-K buffers whatever k and the thread count). */
 SAEHOOK_API saehook_status saehook_encode(const saehook_sae *sae, const float *x, int64_t n,
                                           int64_t x_stride, int32_t k, float *values,
                                           int32_t *indices, const saehook_exec *exec);
 /* Dense pre-activations (before the activation function): out (n, d_sae). For tests and
- * analysis; production paths use saehook_encode, which never materialises them. */
+ * analysis; production paths use saehook_encode, which never materialises them. Values that
+ * overflow float32 are returned as Inf/NaN (saehook_encode refuses them). */
 SAEHOOK_API saehook_status saehook_preacts(const saehook_sae *sae, const float *x, int64_t n,
                                            int64_t x_stride, float *out, const saehook_exec *exec);
 /* x_hat = sum_j values[j] * d_{indices[j]} + b_dec; out (n, d_model) with stride out_stride.
- * Index -1 is skipped; any other index outside [0, d_sae) is an error. */
+ * Index -1 is skipped; any other index outside [0, d_sae) is an error. A row of x_hat that
+ * overflows float32 fails with SAEHOOK_ERR_OVERFLOW (out is then partly written). */
 SAEHOOK_API saehook_status saehook_decode(const saehook_sae *sae, const float *values,
                                           const int32_t *indices, int64_t n, int32_t k,
                                           float *out, int64_t out_stride, const saehook_exec *exec);
-/* Replace each row of h by its reconstruction decode(encode(h)), in place. */
+/* Replace each row of h by its reconstruction decode(encode(h)), in place. Rows must not
+ * overlap (h_stride >= d_model). All or nothing: on any error (NaN input, float32 overflow) h is
+ * unchanged; for that the Top-K of all n rows is held (8k bytes per row). */
 SAEHOOK_API saehook_status saehook_reconstruct(const saehook_sae *sae, float *h, int64_t n,
                                                int64_t h_stride, const saehook_exec *exec);
 /* Steer rows of h in place with n_items operations sharing one encode. row_mask (n bytes, may be
  * NULL for all rows) selects the rows to change. If values_out/indices_out are not NULL they
  * receive the encode of the unsteered rows (n x k, k <= 0 meaning the SAE's k). The encode is
  * skipped when every item is ADD, CAP or RESCALE and no output is requested (saehook_steer_ex
- * with state NULL). */
+ * with state NULL). All or nothing: a steered row that would overflow float32 fails with
+ * SAEHOOK_ERR_OVERFLOW and leaves h (and the latch state) unchanged. */
 SAEHOOK_API saehook_status saehook_steer(const saehook_sae *sae, float *h, int64_t n,
                                          int64_t h_stride, const saehook_steer_item *items,
                                          int32_t n_items, const uint8_t *row_mask, int32_t k,

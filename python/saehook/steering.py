@@ -3,19 +3,29 @@ llama.cpp): which features of which SAE to add / clamp / scale / ablate / cap / 
 layer, under which conditions (steering_spec.When), until which stop condition."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _core
-from ._arrays import rows
+from ._arrays import mark_written, rows
 from .sae import SAE, _threads
 from .steering_spec import ITEM_DTYPE, OPS, Condition, ItemBuilder, When  # noqa: F401 (re-exported)
+
+_F32_MAX = float(np.finfo(np.float32).max)
 
 POSITIONS = ("all", "prompt", "generated")  # or a window (start, end) of absolute positions
 
 assert ITEM_DTYPE.itemsize == _core.STEER_ITEM_SIZE
+
+
+def _as_int(v: Any) -> Optional[int]:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,9 @@ class Steering:
         positions = _check_positions(positions)
         if layer is None:
             layer = sae.layer
+        elif _as_int(sae.layer) is not None and int(layer) != _as_int(sae.layer):
+            warnings.warn(f"Steering at layer {int(layer)} with an SAE trained for layer {_as_int(sae.layer)}: its "
+                          "features describe another layer's residual stream", UserWarning, stacklevel=2)
         self.sae = sae
         self.layer = None if layer is None else int(layer)
         self.positions = positions
@@ -84,8 +97,16 @@ class Steering:
         v = float(value)
         if not np.isfinite(v):
             raise ValueError(f"steering value for feature {f} is not finite: {value!r}")
-        self.ops.append(SteerOp(op, f, v, self.normalize if normalize is None else bool(normalize),
-                                value2, self._condition(when)))
+        if abs(v) > _F32_MAX:  # the kernels take float32
+            raise ValueError(f"{op}({f}, {value!r}): the value overflows float32 (largest {_F32_MAX:.4g})")
+        norm = self.normalize if normalize is None else bool(normalize)
+        if op == "add":
+            # value * d_f must be finite too (clamp/scale depend on the input: the kernels check those).
+            dmax = float(np.abs(self.sae.decoder_direction(f, norm)).max())
+            if abs(v) * dmax > _F32_MAX:
+                raise ValueError(f"add({f}, {value!r}): the value times the feature's decoder direction "
+                                 f"(largest |component| {dmax:.4g}) overflows float32")
+        self.ops.append(SteerOp(op, f, v, norm, value2, self._condition(when)))
         return self
 
     def add(self, feature: int, strength: float, *, normalize: Optional[bool] = None,
@@ -116,6 +137,8 @@ class Steering:
         for name, v in (("max", max), ("min", min)):
             if v is not None and not np.isfinite(float(v)):
                 raise ValueError(f"cap of feature {f}: {name} is not finite: {v!r}")
+            if v is not None and abs(float(v)) > _F32_MAX:  # the kernels take float32
+                raise ValueError(f"cap of feature {f}: {name} {v!r} overflows float32 (largest {_F32_MAX:.4g})")
         if lo > hi:
             raise ValueError(f"cap of feature {f}: min {lo:g} > max {hi:g}")
         self.ops.append(SteerOp("cap", f, hi, True, lo, self._condition(when)))
@@ -187,15 +210,20 @@ class Steering:
             raise ValueError("only an add-only Steering is a fixed vector; clamp/scale/ablate/cap/rescale, "
                              "conditions and stops depend on the input")
         v = np.zeros(self.sae.d_model, dtype=np.float32)
-        for o in self.ops:
-            v += o.value * self.sae.decoder_direction(o.feature, o.normalize)
+        with np.errstate(over="ignore", invalid="ignore"):
+            for o in self.ops:
+                v += o.value * self.sae.decoder_direction(o.feature, o.normalize)
+        if not np.isfinite(v).all():
+            raise OverflowError("the summed steering vector overflows float32; use smaller strengths")
         return v
 
     def apply(self, x: Any, *, mask: Any = None, threads: Optional[int] = None,
               state: Optional["SteeringState"] = None, slots: Any = None) -> Any:
         """Steers rows of x (..., d_model, float32) in place and returns x. `mask` (one bool per
         row) limits the rows changed. Latched conditions remember across calls in `state` (per
-        sequence: row r is sequence `slots[r]`, default 0), else within this call."""
+        sequence: row r is sequence `slots[r]`, default 0), else within this call. x's rows must
+        not overlap and a torch x must not require grad (see _arrays.rows); x (and the state) is
+        unchanged when the call fails (OverflowError when a steered row would overflow float32)."""
         self.apply_report(x, mask=mask, threads=threads, state=state, slots=slots)
         return x
 
@@ -228,6 +256,7 @@ class Steering:
                            0 if m is None else m.ctypes.data, 0, 0, 0,
                            0 if latch is None else latch.ctypes.data, 0 if sl is None else sl.ctypes.data,
                            n_slots, fired.ctypes.data, _threads(threads), 0)
+            mark_written(r)
         return fired.view(bool)
 
     def __repr__(self) -> str:

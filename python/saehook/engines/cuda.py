@@ -39,7 +39,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from .. import _core
-from .._arrays import DTYPE_BYTES, DTYPE_CODES
+from .._arrays import DTYPE_BYTES, DTYPE_CODES, feature_indices
 from ..sae import ACTIVATIONS, DEC_LAYOUTS, SAE
 
 __all__ = ["CudaSAE", "to_device", "from_tensors", "cached", "for_tensor", "is_available", "describe"]
@@ -281,7 +281,7 @@ class CudaSAE:
             if not torch.is_tensor(t) or t.device != self.device:
                 raise ValueError(f"{name} must be a tensor on {self.device}")
         v = values.detach().to(torch.float32).contiguous()
-        i = indices.detach().to(torch.int32).contiguous()
+        i = feature_indices(indices, self.d_sae).contiguous()  # refuses what int32 would wrap or truncate
         if tuple(v.shape) != tuple(i.shape) or v.dim() == 0:
             raise ValueError(f"values {tuple(v.shape)} and indices {tuple(i.shape)} must have the same shape (..., k)")
         kk = v.shape[-1]
