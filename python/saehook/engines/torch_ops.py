@@ -27,7 +27,7 @@ from .. import _core
 from .._arrays import check_no_grad, feature_indices, rows
 from ..sae import SAE, live_sae as _lookup
 from .cuda import for_tensor as _runner  # the SAE itself for CPU tensors, its device copy for CUDA ones
-from ..steering import OPS, Steering
+from ..steering import Steering
 
 
 @torch.library.custom_op("saehook::encode", mutates_args=())
