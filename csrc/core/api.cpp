@@ -10,6 +10,7 @@
 #include "../cpu/kernels.hpp"
 #include "common.hpp"
 #include "ops.hpp"
+#include "steer_modes.hpp"
 #include "threadpool.hpp"
 
 #ifdef SAEHOOK_WITH_CUDA
@@ -334,6 +335,15 @@ saehook_status saehook_steer(const saehook_sae *sae, float *h, int64_t n, int64_
                              const saehook_steer_item *items, int32_t n_items,
                              const uint8_t *row_mask, int32_t k, float *values_out,
                              int32_t *indices_out, const saehook_exec *exec) {
+  return saehook_steer_ex(sae, h, n, h_stride, items, n_items, row_mask, k, values_out, indices_out,
+                          nullptr, exec);
+}
+
+saehook_status saehook_steer_ex(const saehook_sae *sae, float *h, int64_t n, int64_t h_stride,
+                                const saehook_steer_item *items, int32_t n_items,
+                                const uint8_t *row_mask, int32_t k, float *values_out,
+                                int32_t *indices_out, const saehook_steer_state *state,
+                                const saehook_exec *exec) {
   return guard([&] {
     const Sae &s = sae_ref(sae);
     check_rows(h, n, h_stride, s.d.d_model, "h");
@@ -342,9 +352,9 @@ saehook_status saehook_steer(const saehook_sae *sae, float *h, int64_t n, int64_
     checked_mul(n, k > 0 ? k : s.d.k, 8, "steer: rows x k");
     checked_mul(std::max(n_items, 0), s.d.d_model, 4, "steer: items x d_model");
     SAEHOOK_ON_CUDA(s, cuda::steer(s, h, n, h_stride, items, n_items, row_mask, k, values_out,
-                                   indices_out, stream_of(exec)));
-    steer(s, h, n, h_stride, items, n_items, row_mask, k, values_out, indices_out,
-          resolve_threads(exec));
+                                   indices_out, state, stream_of(exec)));
+    steer::run(s, h, n, h_stride, items, n_items, row_mask, k, values_out, indices_out, state,
+               resolve_threads(exec));
   });
 }
 

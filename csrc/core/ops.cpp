@@ -94,6 +94,8 @@ std::string overflow_hint(const float *row, int64_t d) {
          "): the input is too large for float32, or the SAE's weights hold Inf/NaN";
 }
 
+}  // namespace
+
 // Index of the first row of out (n rows, stride ld, d wide) holding an Inf/NaN, or -1.
 int64_t first_nonfinite_row(const float *out, int64_t n, int64_t d, int64_t ld) {
   for (int64_t r = 0; r < n; ++r) {
@@ -111,8 +113,6 @@ void record_row(std::atomic<int64_t> &slot, int64_t r) {
   while (r < cur && !slot.compare_exchange_weak(cur, r)) {
   }
 }
-
-}  // namespace
 
 void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, float *values,
             int32_t *indices, int threads) {
@@ -335,107 +335,6 @@ void decoder_direction(const Sae &s, int32_t feature, bool normalize, float *out
     const float inv = float(1.0 / std::sqrt(ss));
     for (int64_t i = 0; i < D.d_model; ++i) out[i] *= inv;
   }
-}
-
-void steer(const Sae &s, float *h, int64_t n, int64_t ldh, const saehook_steer_item *items,
-           int32_t n_items, const uint8_t *row_mask, int32_t k, float *values_out,
-           int32_t *indices_out, int threads) {
-  const saehook_sae_desc &D = s.d;
-  const int64_t d = D.d_model;
-  if (n_items < 0 || (n_items > 0 && !items))
-    fail(SAEHOOK_ERR_INVALID_ARGUMENT, "steering items are missing");
-  bool need_encode = values_out != nullptr || indices_out != nullptr;
-  for (int32_t t = 0; t < n_items; ++t) {
-    const saehook_steer_item &it = items[t];
-    if (it.feature < 0 || it.feature >= D.d_sae)
-      fail(SAEHOOK_ERR_INDEX, "steering feature " + std::to_string(it.feature) +
-                                  " is out of range [0, " + std::to_string(D.d_sae) + ")");
-    if (it.op < SAEHOOK_STEER_ADD || it.op > SAEHOOK_STEER_ABLATE)
-      fail(SAEHOOK_ERR_INVALID_ARGUMENT, "unknown steering op " + std::to_string(int(it.op)));
-    if (!std::isfinite(it.value))
-      fail(SAEHOOK_ERR_NAN, "steering value for feature " + std::to_string(it.feature) +
-                                " is NaN or Inf");
-    if (it.op != SAEHOOK_STEER_ADD) need_encode = true;
-  }
-  if (n == 0) return;
-  if (values_out == nullptr) indices_out = nullptr;  // outputs come as a pair
-  const int32_t kk = k > 0 ? k : D.k;
-  std::vector<float> vtmp;
-  std::vector<int32_t> itmp;
-  float *vals = values_out;
-  int32_t *idx = indices_out;
-  if (need_encode) {
-    if (!vals) {
-      vtmp.resize(size_t(n * kk));
-      itmp.resize(size_t(n * kk));
-      vals = vtmp.data();
-      idx = itmp.data();
-    }
-    encode(s, h, n, ldh, kk, vals, idx, threads);
-  } else {
-    check_finite(h, n, d, ldh, "input");
-  }
-  if (n_items == 0) return;
-
-  std::vector<float> dirs(size_t(n_items) * d);
-  for (int32_t t = 0; t < n_items; ++t)
-    decoder_direction(s, items[t].feature, items[t].normalize != 0, &dirs[size_t(t) * d]);
-
-  // The coefficient of each item on one row: h_row += c_t * d_t.
-  auto coefficient = [&](int64_t r, int32_t t) {
-    const saehook_steer_item &it = items[t];
-    float z = 0.f;
-    if (it.op != SAEHOOK_STEER_ADD)
-      for (int32_t j = 0; j < kk; ++j)
-        if (idx[r * kk + j] == it.feature) {
-          z = vals[r * kk + j];
-          break;
-        }
-    switch (it.op) {
-      case SAEHOOK_STEER_ADD: return it.value;
-      case SAEHOOK_STEER_CLAMP: return it.value - z;
-      case SAEHOOK_STEER_SCALE: return (it.value - 1.f) * z;
-      case SAEHOOK_STEER_ABLATE: return -z;
-    }
-    return 0.f;
-  };
-  const cpu::Kernels &K = cpu::active();
-  auto steer_row = [&](int64_t r, float *row) {
-    for (int32_t t = 0; t < n_items; ++t) {
-      const float c = coefficient(r, t);
-      if (c != 0.f) K.axpy(c, &dirs[size_t(t) * d], SAEHOOK_F32, d, row);
-    }
-  };
-  // All or nothing: first every steered row is computed into scratch and checked for float32
-  // overflow (a large value or activation times a direction), then h is written. The second
-  // pass repeats n_items x d_model multiply-adds per row, small next to the encode.
-  const int T = std::max(1, std::min(threads, max_threads()));
-  std::vector<float> scratch(size_t(T) * d);
-  std::atomic<int64_t> bad_row{INT64_MAX};
-  parallel_for(n, T, [&](int64_t r, int w) {
-    if (row_mask && !row_mask[r]) return;
-    float *tmp = &scratch[size_t(w) * d];
-    std::memcpy(tmp, h + r * ldh, size_t(d) * 4);
-    steer_row(r, tmp);
-    if (first_nonfinite_row(tmp, 1, d, d) == 0) record_row(bad_row, r);
-  });
-  const int64_t br = bad_row.load();
-  if (br != INT64_MAX) {
-    std::string cs;
-    for (int32_t t = 0; t < n_items; ++t) {
-      char buf[64];
-      std::snprintf(buf, sizeof buf, "%s%g (feature %d)", t ? ", " : "", double(coefficient(br, t)),
-                    int(items[t].feature));
-      cs += buf;
-    }
-    fail(SAEHOOK_ERR_OVERFLOW, "steer: row " + std::to_string(br) +
-                                   " overflows float32 (Inf/NaN) after steering; coefficients " + cs +
-                                   "; h is unchanged");
-  }
-  parallel_for(n, T, [&](int64_t r, int) {
-    if (row_mask && !row_mask[r]) return;
-    steer_row(r, h + r * ldh);
-  });
 }
 
 }  // namespace saehook

@@ -2,12 +2,18 @@
 #include "saehook_llama.h"
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
+
+#include "../core/steer_formula.hpp"
+#include "../core/steer_modes.hpp"
 
 namespace {
 
@@ -18,17 +24,56 @@ struct Token {
 
 struct Entry {
   int32_t id, layer;
+  int32_t bound_seq;  // the sequence whose rows it touches; -1: every row
   const saehook_sae *sae;
   bool capture, reconstruct;
   int32_t k;  // resolved (> 0)
   std::vector<saehook_steer_item> items;
+  std::vector<float> dirs;  // the items' decoder directions (n_items x n_embd), read once at add
+  bool needs_encode = false;  // an item reads z_f (clamp, scale, ablate, a condition)
   saehook_positions positions;
+  // Conditional steering: conditions are evaluated on every row the entry wants (so latches
+  // follow their sequence through unsteered positions). A latch per sequence remembers the
+  // position it latched at: a row at or before the sequence's last position means the sequence
+  // was rewound (KV cache cut or reset) and the latches set from there on are forgotten.
+  bool has_conditions = false;
+  struct SeqLatch {
+    int32_t last_pos = -1;
+    std::vector<int32_t> at;  // per item: the position it latched at, INT_MAX: not latched
+  };
+  std::map<int32_t, SeqLatch> latch;
+  int32_t pos_from = 0, pos_to = -1;  // steer only positions in [pos_from, pos_to) (-1: no end)
+  bool record_fired = false;          // keep the rows on which a condition item held
+  std::vector<int32_t> f_seq, f_pos;
+  std::vector<int8_t> f_gen;
+  std::vector<uint8_t> f_bytes;  // n_items per recorded row
   // captured rows
   std::vector<int32_t> tokens, pos, seq, indices;
   std::vector<int8_t> gen;
   std::vector<float> values, residuals;
 
   bool modifies() const { return reconstruct || !items.empty(); }
+  bool wants(const Token &tk) const { return bound_seq < 0 || (tk.known && tk.seq == bound_seq); }
+  bool steers(const Token &tk) const {
+    if (!wants(tk)) return false;
+    const bool windowed = pos_from > 0 || pos_to >= 0;
+    if (windowed && !(tk.known && tk.pos >= pos_from && (pos_to < 0 || tk.pos < pos_to))) return false;
+    return positions == SAEHOOK_POS_ALL || (positions == SAEHOOK_POS_PROMPT && tk.known && !tk.generated) ||
+           (positions == SAEHOOK_POS_GENERATED && tk.known && tk.generated);
+  }
+  // The rows the entry reads: those it steers, and with conditions every row it wants.
+  bool looks_at(const Token &tk) const { return reconstruct || steers(tk) || (has_conditions && wants(tk)); }
+};
+
+// The Top-K of some rows of one micro-batch under one (SAE, k), shared by every entry with that
+// SAE and k at the layer. ver[r] is the row's version when it was encoded (0: never): a row
+// changed by an entry since then (row_ver[r] moved on) is encoded again before it is read.
+struct Encoding {
+  const saehook_sae *sae;
+  int32_t k;
+  std::vector<float> v;
+  std::vector<int32_t> ix;
+  std::vector<uint32_t> ver;
 };
 
 // "l_out-12" -> 12; anything else -> -1.
@@ -66,12 +111,17 @@ struct saehook_llama_hook {
   std::vector<uint8_t> cvec_on;
   bool keep_residuals = false;
   std::string error;
+  int64_t n_encodes = 0, encoded_rows = 0;  // SAE encodes the callback ran, and their rows
   // scratch, reused across calls
-  std::vector<float> buf, src, vals, vals0;
-  std::vector<int32_t> idx, idx0;
-  std::vector<uint8_t> mask;
+  std::vector<float> buf, src, gather, enc_v;
+  std::vector<int32_t> enc_ix;
+  std::vector<int64_t> enc_rows;
+  std::vector<std::vector<uint8_t>> masks, need_of;
+  std::vector<uint32_t> row_ver;
+  std::vector<Encoding> encs, encs_in;
   std::vector<Token> toks;
   std::vector<int64_t> known_rows;
+  std::vector<uint8_t> act, latch_bytes, latch_scratch;
 
   bool hooked(int layer) const {
     for (const auto &e : entries)
@@ -139,6 +189,104 @@ struct saehook_llama_hook {
     return false;
   }
 
+  // Encodes the rows of `x` selected by `need` (those whose encoding is missing or stale) into
+  // e, one saehook_encode over all of them (gathered when they are not every row).
+  bool encode_rows(int layer, Encoding &e, const float *x, int64_t nrows, const std::vector<uint8_t> &need) {
+    std::vector<int64_t> &rows = enc_rows;
+    rows.clear();
+    for (int64_t r = 0; r < nrows; ++r)
+      if (need[size_t(r)] && e.ver[size_t(r)] != row_ver[size_t(r)]) rows.push_back(r);
+    if (rows.empty()) return true;
+    const size_t d = size_t(n_embd), k = size_t(e.k), n = rows.size();
+    const bool all = int64_t(n) == nrows;
+    if (!all) {
+      gather.resize(n * d);
+      for (size_t i = 0; i < n; ++i) std::copy_n(x + size_t(rows[i]) * d, d, gather.begin() + std::ptrdiff_t(i * d));
+    }
+    enc_v.resize(n * k);
+    enc_ix.resize(n * k);
+    if (saehook_encode(e.sae, all ? x : gather.data(), int64_t(n), n_embd, e.k, enc_v.data(), enc_ix.data(),
+                       nullptr) != SAEHOOK_OK)
+      return fail(layer, saehook_last_error());
+    ++n_encodes;
+    encoded_rows += int64_t(n);
+    for (size_t i = 0; i < n; ++i) {
+      const size_t r = size_t(rows[i]);
+      std::copy_n(enc_v.begin() + std::ptrdiff_t(i * k), k, e.v.begin() + std::ptrdiff_t(r * k));
+      std::copy_n(enc_ix.begin() + std::ptrdiff_t(i * k), k, e.ix.begin() + std::ptrdiff_t(r * k));
+      e.ver[r] = row_ver[r];
+    }
+    return true;
+  }
+
+  Encoding &encoding(std::vector<Encoding> &list, const saehook_sae *sae, int32_t k, int64_t nrows) {
+    for (auto &e : list)
+      if (e.sae == sae && e.k == k) return e;
+    list.push_back(Encoding{sae, k, {}, {}, {}});
+    Encoding &e = list.back();
+    e.v.assign(size_t(nrows) * size_t(k), 0.f);
+    e.ix.assign(size_t(nrows) * size_t(k), -1);
+    e.ver.assign(size_t(nrows), 0);
+    return e;
+  }
+
+  // Applies a steering entry's items (steer::apply_row, as saehook_steer does) to the rows of h
+  // it steers among those selected by mask, reading z_f from enc (the encode of those rows as
+  // they are now), and evaluates its conditions (steer::evaluate) with per-sequence latches.
+  bool apply_items(int layer, Entry &m, float *h, int64_t nrows, const std::vector<uint8_t> &mask,
+                   const Encoding *enc) {
+    const size_t d = size_t(n_embd);
+    const int32_t n_items = int32_t(m.items.size());
+    act.resize(size_t(n_items));
+    latch_bytes.resize(size_t(n_items));
+    for (int64_t r = 0; r < nrows; ++r) {
+      if (!mask[size_t(r)]) continue;
+      const Token &tk = toks[size_t(r)];
+      float *row = h + size_t(r) * d;
+      if (!enc && !std::all_of(row, row + d, [](float x) { return std::isfinite(x); }))
+        return fail(layer, "the residual of row " + std::to_string(r) + " contains NaN or Inf");
+      const float *v = enc ? &enc->v[size_t(r) * size_t(enc->k)] : nullptr;
+      const int32_t *ix = enc ? &enc->ix[size_t(r) * size_t(enc->k)] : nullptr;
+      const int32_t k = enc ? enc->k : 0;
+      const bool steer_row = m.steers(tk);
+      const uint8_t *a = nullptr;
+      if (m.has_conditions) {
+        Entry::SeqLatch *L = tk.known ? &m.latch[tk.seq] : nullptr;  // unannounced rows: no memory
+        if (L) {
+          if (L->at.empty()) L->at.assign(size_t(n_items), INT_MAX);
+          if (tk.pos <= L->last_pos)  // rewound: what latched from this position on is gone
+            for (int32_t &p : L->at)
+              if (p >= tk.pos) p = INT_MAX;
+          for (int32_t t = 0; t < n_items; ++t) latch_bytes[size_t(t)] = L->at[size_t(t)] != INT_MAX;
+        } else {
+          std::fill(latch_bytes.begin(), latch_bytes.end(), 0);
+        }
+        saehook_steer_state st{latch_bytes.data(), nullptr, 1, nullptr};
+        const uint8_t sel = steer_row;
+        try {
+          saehook::steer::evaluate(m.items.data(), n_items, v, ix, 0, 1, k, &sel, &st, latch_scratch, act.data());
+        } catch (const saehook::Error &e) {
+          return fail(layer, e.message);
+        }
+        bool any = false;
+        for (int32_t t = 0; t < n_items; ++t) {
+          if (L && latch_bytes[size_t(t)] && L->at[size_t(t)] == INT_MAX) L->at[size_t(t)] = tk.pos;
+          any |= saehook::steer_is_condition(int(m.items[size_t(t)].op)) && act[size_t(t)];
+        }
+        if (L) L->last_pos = tk.pos;
+        if (any && m.record_fired && tk.known) {
+          m.f_seq.push_back(tk.seq);
+          m.f_pos.push_back(tk.pos);
+          m.f_gen.push_back(tk.generated);
+          m.f_bytes.insert(m.f_bytes.end(), act.begin(), act.end());
+        }
+        a = act.data();
+      }
+      if (steer_row) saehook::steer::apply_row(m.items.data(), n_items, a, v, ix, k, m.dirs.data(), int64_t(d), row);
+    }
+    return true;
+  }
+
   void process(int layer, ggml_tensor *t) {
     if (!error.empty()) return;
     const int64_t nrows = api.nrows(t), ne = api.nelements(t);
@@ -171,70 +319,97 @@ struct saehook_llama_hook {
       in = src.data();
     }
 
-    bool changed = false;
-    const saehook_sae *shared_sae = nullptr;  // captures of this SAE and k reuse the first steer's encode
-    int32_t shared_k = 0;
-    for (Entry *m : mods) {
-      if (m->reconstruct) {
-        if (saehook_reconstruct(m->sae, buf.data(), nrows, n_embd, nullptr) != SAEHOOK_OK)
-          return (void)fail(layer, saehook_last_error());
-        changed = true;
-        continue;
-      }
-      mask.assign(size_t(nrows), 0);
+    // The rows each entry touches (steering: its sequence and positions; capture: its sequence's
+    // announced rows).
+    masks.resize(mods.size() + caps.size());
+    auto mask_of = [&](size_t i, const Entry &e, bool capture) {
+      auto &m = masks[i];
+      m.assign(size_t(nrows), 0);
       bool any = false;
       for (int64_t r = 0; r < nrows; ++r) {
         const Token &tk = toks[size_t(r)];
-        const bool on = m->positions == SAEHOOK_POS_ALL ||
-                        (m->positions == SAEHOOK_POS_PROMPT && tk.known && !tk.generated) ||
-                        (m->positions == SAEHOOK_POS_GENERATED && tk.known && tk.generated);
-        mask[size_t(r)] = on;
+        const bool on = capture ? (tk.known && e.wants(tk)) : e.looks_at(tk);
+        m[size_t(r)] = on;
         any |= on;
       }
-      if (!any) continue;
-      // The first change sees the residual the captures read: its encode is theirs too.
-      bool share = !changed && !cv;
-      if (share) {
-        share = false;
-        for (Entry *c : caps) share |= c->sae == m->sae && c->k == m->k;
-      }
-      if (share) {
-        vals0.resize(size_t(nrows) * m->k);
-        idx0.resize(size_t(nrows) * m->k);
-      }
-      if (saehook_steer(m->sae, buf.data(), nrows, n_embd, m->items.data(), int32_t(m->items.size()), mask.data(),
-                        m->k, share ? vals0.data() : nullptr, share ? idx0.data() : nullptr,
-                        nullptr) != SAEHOOK_OK)
-        return (void)fail(layer, saehook_last_error());
-      if (share) shared_sae = m->sae, shared_k = m->k;
-      changed = true;
-    }
+      return any;
+    };
+    std::vector<bool> mod_on(mods.size()), cap_on(caps.size());
+    for (size_t i = 0; i < mods.size(); ++i) mod_on[i] = mask_of(i, *mods[i], false);
+    for (size_t i = 0; i < caps.size(); ++i) cap_on[i] = mask_of(mods.size() + i, *caps[i], true);
 
-    for (Entry *c : caps) {
-      if (known_rows.empty()) break;
-      const float *v;
-      const int32_t *ix;
-      if (c->sae == shared_sae && c->k == shared_k) {
-        v = vals0.data();
-        ix = idx0.data();
-      } else {
-        vals.resize(size_t(nrows) * c->k);
-        idx.resize(size_t(nrows) * c->k);
-        if (saehook_encode(c->sae, in, nrows, n_embd, c->k, vals.data(), idx.data(), nullptr) != SAEHOOK_OK)
-          return (void)fail(layer, saehook_last_error());
-        v = vals.data();
-        ix = idx.data();
-      }
-      append_rows(c->values, v, size_t(c->k), known_rows);
-      append_rows(c->indices, ix, size_t(c->k), known_rows);
-      if (keep_residuals) append_rows(c->residuals, in, size_t(n_embd), known_rows);
-      for (int64_t r : known_rows) {
+    // One encode per (SAE, k) of every row some entry of that SAE and k reads, before any change:
+    // the captures' rows (when the control vector does not sit between them and buf) and the rows
+    // of the steering entries that read z_f. Entries that touch disjoint rows (one per sequence)
+    // thus share it; a row an earlier entry changed is encoded again when a later one reads it.
+    row_ver.assign(size_t(nrows), 1);
+    encs.clear();
+    encs_in.clear();
+    encs.reserve(mods.size() + caps.size());  // no reallocation below: references into them stay valid
+    encs_in.reserve(caps.size());
+    need_of.clear();
+    auto need_rows = [&](const Entry &e, const std::vector<uint8_t> &m) {
+      const size_t g = size_t(&encoding(encs, e.sae, e.k, nrows) - encs.data());
+      if (need_of.size() <= g) need_of.resize(g + 1, std::vector<uint8_t>(size_t(nrows), 0));
+      for (int64_t r = 0; r < nrows; ++r) need_of[g][size_t(r)] |= m[size_t(r)];
+    };
+    for (size_t i = 0; i < mods.size(); ++i)
+      if (mod_on[i] && mods[i]->needs_encode) need_rows(*mods[i], masks[i]);
+    if (!cv)
+      for (size_t i = 0; i < caps.size(); ++i)
+        if (cap_on[i]) need_rows(*caps[i], masks[mods.size() + i]);
+    for (size_t g = 0; g < encs.size(); ++g)
+      if (!encode_rows(layer, encs[g], buf.data(), nrows, need_of[g])) return;
+    if (cv)  // the captures read the residual without the control vector: an encode of its own
+      for (size_t i = 0; i < caps.size(); ++i)
+        if (cap_on[i]) {
+          Encoding &e = encoding(encs_in, caps[i]->sae, caps[i]->k, nrows);
+          if (!encode_rows(layer, e, in, nrows, masks[mods.size() + i])) return;
+        }
+
+    // Captures first: they read the encodings made before any change.
+    for (size_t i = 0; i < caps.size(); ++i) {
+      if (!cap_on[i]) continue;
+      Entry *c = caps[i];
+      const Encoding &e = encoding(cv ? encs_in : encs, c->sae, c->k, nrows);
+      const auto &m = masks[mods.size() + i];
+      for (int64_t r = 0; r < nrows; ++r) {
+        if (!m[size_t(r)]) continue;
+        const size_t k = size_t(c->k);
+        c->values.insert(c->values.end(), e.v.begin() + std::ptrdiff_t(size_t(r) * k),
+                         e.v.begin() + std::ptrdiff_t(size_t(r + 1) * k));
+        c->indices.insert(c->indices.end(), e.ix.begin() + std::ptrdiff_t(size_t(r) * k),
+                          e.ix.begin() + std::ptrdiff_t(size_t(r + 1) * k));
+        if (keep_residuals) c->residuals.insert(c->residuals.end(), in + size_t(r) * n_embd, in + size_t(r + 1) * n_embd);
         const Token &tk = toks[size_t(r)];
         c->tokens.push_back(tk.token);
         c->pos.push_back(tk.pos);
         c->seq.push_back(tk.seq);
         c->gen.push_back(tk.generated);
       }
+    }
+
+    bool changed = false;
+    for (size_t i = 0; i < mods.size(); ++i) {
+      if (!mod_on[i]) continue;
+      Entry *m = mods[i];
+      if (m->reconstruct) {
+        if (saehook_reconstruct(m->sae, buf.data(), nrows, n_embd, nullptr) != SAEHOOK_OK)
+          return (void)fail(layer, saehook_last_error());
+        ++n_encodes;
+        encoded_rows += nrows;
+        for (auto &v : row_ver) ++v;
+        changed = true;
+        continue;
+      }
+      Encoding *e = nullptr;
+      if (m->needs_encode) {
+        e = &encoding(encs, m->sae, m->k, nrows);
+        if (!encode_rows(layer, *e, buf.data(), nrows, masks[i])) return;  // only rows changed since
+      }
+      if (!apply_items(layer, *m, buf.data(), nrows, masks[i], e)) return;
+      for (int64_t r = 0; r < nrows; ++r) row_ver[size_t(r)] += masks[i][size_t(r)];
+      changed = true;
     }
     if (changed) api.tensor_set(t, buf.data(), 0, size_t(ne) * sizeof(float));
   }
@@ -280,20 +455,27 @@ bool saehook_llama_callback(struct ggml_tensor *t, bool ask, void *user_data) {
 
 namespace {
 int32_t add_entry(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae, bool capture, bool reconstruct,
-                  int32_t k, const saehook_steer_item *items, int32_t n_items, saehook_positions positions) {
+                  int32_t k, const saehook_steer_item *items, int32_t n_items, saehook_positions positions,
+                  int32_t seq) {
   if (!hook || !sae || layer < 0 || layer >= hook->n_layer || n_items < 0 || (n_items && !items) ||
-      positions < SAEHOOK_POS_ALL || positions > SAEHOOK_POS_GENERATED)
+      positions < SAEHOOK_POS_ALL || positions > SAEHOOK_POS_GENERATED || seq < -1)
     return -1;
   saehook_sae_desc d;
   if (saehook_sae_describe(sae, &d) != SAEHOOK_OK || d.d_model != hook->n_embd || d.cuda) return -1;
-  for (int32_t i = 0; i < n_items; ++i)
-    if (items[i].feature < 0 || items[i].feature >= d.d_sae || items[i].op < SAEHOOK_STEER_ADD ||
-        items[i].op > SAEHOOK_STEER_ABLATE)
-      return -1;
-  std::lock_guard<std::mutex> lk(hook->mu);
   auto e = std::make_unique<Entry>();
+  e->dirs.resize(size_t(n_items) * size_t(d.d_model));
+  try {  // the items' checks and directions are saehook_steer's (steer_modes.cpp)
+    const saehook::steer::Plan plan = saehook::steer::check(items, n_items, d.d_sae);
+    saehook::steer::directions(*sae, items, n_items, e->dirs.data());
+    e->needs_encode = plan.need_encode;
+    e->has_conditions = plan.has_conditions;
+  } catch (const saehook::Error &) {
+    return -1;
+  }
+  std::lock_guard<std::mutex> lk(hook->mu);
   e->id = hook->next_id++;
   e->layer = layer;
+  e->bound_seq = seq;
   e->sae = sae;
   e->capture = capture;
   e->reconstruct = reconstruct;
@@ -311,11 +493,17 @@ int32_t add_entry(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sa
 int32_t saehook_llama_hook_add(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae, int32_t capture,
                                int32_t k, const saehook_steer_item *items, int32_t n_items,
                                saehook_positions positions) {
-  return add_entry(hook, layer, sae, capture != 0, false, k, items, n_items, positions);
+  return add_entry(hook, layer, sae, capture != 0, false, k, items, n_items, positions, -1);
+}
+
+int32_t saehook_llama_hook_add_for_seq(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae,
+                                       int32_t capture, int32_t k, const saehook_steer_item *items, int32_t n_items,
+                                       saehook_positions positions, int32_t seq_id) {
+  return add_entry(hook, layer, sae, capture != 0, false, k, items, n_items, positions, seq_id);
 }
 
 int32_t saehook_llama_hook_add_reconstruct(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae) {
-  return add_entry(hook, layer, sae, false, true, 0, nullptr, 0, SAEHOOK_POS_ALL);
+  return add_entry(hook, layer, sae, false, true, 0, nullptr, 0, SAEHOOK_POS_ALL, -1);
 }
 
 saehook_status saehook_llama_hook_remove(saehook_llama_hook *hook, int32_t id) {
@@ -329,7 +517,7 @@ saehook_status saehook_llama_hook_remove(saehook_llama_hook *hook, int32_t id) {
 
 saehook_status saehook_llama_hook_announce_batch(saehook_llama_hook *hook, int32_t n_tokens, const int32_t *token,
                                                  const int32_t *pos, int32_t *const *seq_id, const int8_t *logits,
-                                                 int32_t pos0, int32_t flags) {
+                                                 const int8_t *generated, int32_t pos0, int32_t flags) {
   if (!hook || n_tokens < 0) return SAEHOOK_ERR_INVALID_ARGUMENT;
   std::lock_guard<std::mutex> lk(hook->mu);
   hook->batch.resize(size_t(n_tokens));
@@ -339,7 +527,8 @@ saehook_status saehook_llama_hook_announce_batch(saehook_llama_hook *hook, int32
     // else the last token only.
     const bool out = all || (logits ? logits[i] != 0 : i == n_tokens - 1);
     hook->batch[size_t(i)] = Token{token ? token[i] : -1, pos ? pos[i] : pos0 + i,
-                                   seq_id && seq_id[i] ? seq_id[i][0] : 0, out, gen, true};
+                                   seq_id && seq_id[i] ? seq_id[i][0] : 0, out, generated ? generated[i] != 0 : gen,
+                                   true};
   }
   std::fill(hook->cursor.begin(), hook->cursor.end(), size_t(0));
   hook->ub_begin = hook->ub_end = 0;
@@ -349,7 +538,7 @@ saehook_status saehook_llama_hook_announce_batch(saehook_llama_hook *hook, int32
 
 saehook_status saehook_llama_hook_announce(saehook_llama_hook *hook, int32_t n, const int32_t *tokens,
                                            const int32_t *positions, int32_t pos0, const int32_t *seq_ids,
-                                           const int8_t *outputs, int32_t flags) {
+                                           const int8_t *outputs, const int8_t *generated, int32_t flags) {
   if (!hook || n < 0) return SAEHOOK_ERR_INVALID_ARGUMENT;
   std::vector<int32_t *> seq_ptrs;
   if (seq_ids) {
@@ -357,7 +546,7 @@ saehook_status saehook_llama_hook_announce(saehook_llama_hook *hook, int32_t n, 
     for (int32_t i = 0; i < n; ++i) seq_ptrs[size_t(i)] = const_cast<int32_t *>(seq_ids + i);
   }
   return saehook_llama_hook_announce_batch(hook, n, tokens, positions, seq_ids ? seq_ptrs.data() : nullptr, outputs,
-                                           pos0, flags);
+                                           generated, pos0, flags);
 }
 
 void saehook_llama_hook_reset_queue(saehook_llama_hook *hook) {
@@ -373,6 +562,63 @@ int64_t saehook_llama_hook_unannounced(const saehook_llama_hook *hook) {
   if (!hook) return 0;
   std::lock_guard<std::mutex> lk(hook->mu);
   return hook->unannounced;
+}
+
+void saehook_llama_hook_clear_seq(saehook_llama_hook *hook, int32_t seq_id) {
+  // Entries and their captured rows are the caller's to remove and read; the hook keeps no other
+  // state per sequence today, so there is nothing else to forget. Taking the lock still orders
+  // the call after a decode in flight.
+  if (!hook || seq_id < 0) return;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  for (auto &e : hook->entries) e->latch.erase(seq_id);  // the sequence's latches
+}
+
+saehook_status saehook_llama_hook_set_options(saehook_llama_hook *hook, int32_t id, int32_t pos_from, int32_t pos_to,
+                                              int32_t record_fired) {
+  if (!hook || pos_from < 0 || (pos_to >= 0 && pos_to < pos_from)) return SAEHOOK_ERR_INVALID_ARGUMENT;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  Entry *e = hook->find(id);
+  if (!e) return SAEHOOK_ERR_INVALID_ARGUMENT;
+  e->pos_from = pos_from;
+  e->pos_to = pos_to < 0 ? -1 : pos_to;
+  e->record_fired = record_fired != 0;
+  return SAEHOOK_OK;
+}
+
+int64_t saehook_llama_hook_take_fired(saehook_llama_hook *hook, int32_t id, int32_t *seq_ids, int32_t *positions,
+                                      int8_t *generated, uint8_t *fired, int64_t cap) {
+  if (!hook) return -1;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  Entry *e = hook->find(id);
+  if (!e) return -1;
+  const int64_t n = int64_t(e->f_seq.size());
+  if (cap <= 0) return n;
+  const int64_t m = std::min(n, cap);
+  const size_t w = e->items.size();
+  if (seq_ids) std::copy_n(e->f_seq.begin(), m, seq_ids);
+  if (positions) std::copy_n(e->f_pos.begin(), m, positions);
+  if (generated) std::copy_n(e->f_gen.begin(), m, generated);
+  if (fired) std::copy_n(e->f_bytes.begin(), size_t(m) * w, fired);
+  e->f_seq.erase(e->f_seq.begin(), e->f_seq.begin() + m);
+  e->f_pos.erase(e->f_pos.begin(), e->f_pos.begin() + m);
+  e->f_gen.erase(e->f_gen.begin(), e->f_gen.begin() + m);
+  e->f_bytes.erase(e->f_bytes.begin(), e->f_bytes.begin() + std::ptrdiff_t(size_t(m) * w));
+  return m;
+}
+
+int32_t saehook_llama_hook_entry_ids(const saehook_llama_hook *hook, int32_t *ids, int32_t cap) {
+  if (!hook) return -1;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  const int32_t n = int32_t(hook->entries.size());
+  for (int32_t i = 0; i < n && i < cap && ids; ++i) ids[i] = hook->entries[size_t(i)]->id;
+  return n;
+}
+
+int64_t saehook_llama_hook_encode_count(const saehook_llama_hook *hook, int64_t *rows) {
+  if (!hook) return -1;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  if (rows) *rows = hook->encoded_rows;
+  return hook->n_encodes;
 }
 
 saehook_status saehook_llama_hook_set_cvec(saehook_llama_hook *hook, const float *data, size_t len, int32_t n_embd,

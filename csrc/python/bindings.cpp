@@ -137,6 +137,18 @@ PYBIND11_MODULE(_core, m) {
                          ptr<const uint8_t>(mask), k, ptr<float>(vals), ptr<int32_t>(idx), &e); }));
   });
   m.attr("STEER_ITEM_SIZE") = sizeof(saehook_steer_item);
+  // saehook_steer_ex: latch (n_slots * n_items bytes), slots (int32 per row) and fired
+  // (n * n_items bytes) are host addresses or 0.
+  m.def("steer_ex", [](const Handle &s, uintptr_t h, int64_t n, int64_t ldh, uintptr_t items,
+                       int n_items, uintptr_t mask, int k, uintptr_t vals, uintptr_t idx,
+                       uintptr_t latch, uintptr_t slots, int n_slots, uintptr_t fired, int threads,
+                       uintptr_t stream) {
+    saehook_exec e = exec_of(threads, stream);
+    saehook_steer_state state{ptr<uint8_t>(latch), ptr<const int32_t>(slots), n_slots, ptr<uint8_t>(fired)};
+    check(without_gil([&] { return saehook_steer_ex(s.h, ptr<float>(h), n, ldh, ptr<const saehook_steer_item>(items),
+                                                    n_items, ptr<const uint8_t>(mask), k, ptr<float>(vals),
+                                                    ptr<int32_t>(idx), &state, &e); }));
+  });
 
   m.def("decoder_direction", [](const Handle &s, int f, bool normalize, uintptr_t out) {
     check(saehook_decoder_direction(s.h, f, normalize, ptr<float>(out)));

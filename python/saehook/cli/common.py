@@ -172,10 +172,49 @@ def pairs(specs: List[str], flag: str, value_type=float):
     return out
 
 
+def _cap_bounds(spec: str):
+    """'F=MAX', 'F=MIN:MAX', 'F=MIN:' or 'F=:MAX' -> (F, max, min)."""
+    f, sep, v = spec.partition("=")
+    lo, colon, hi = v.partition(":")
+    if not colon:
+        lo, hi = "", lo
+    try:
+        if not sep or not (lo or hi):
+            raise ValueError
+        out = int(f), (float(hi) if hi else None), (float(lo) if lo else None)
+    except ValueError:
+        raise ValueError(f"--cap expects FEATURE=MAX or FEATURE=MIN:MAX (MIN or MAX may be empty), got {spec!r}") from None
+    if any(v is not None and not math.isfinite(v) for v in out[1:]):
+        raise ValueError(f"--cap {spec}: the bounds must be finite numbers")
+    return out
+
+
+def _positions(text: str):
+    """'all' / 'prompt' / 'generated' / 'START:END' (END may be empty: no end)."""
+    if ":" not in text:
+        return text
+    a, _, b = text.partition(":")
+    try:
+        return (int(a or 0), int(b) if b else None)
+    except ValueError:
+        raise ValueError(f"--positions expects all, prompt, generated or START:END, got {text!r}") from None
+
+
+def steerings(sae, args):
+    """The steerings of the flags, or of --spec FILE.json (then the flags must not add ops)."""
+    if getattr(args, "spec", None):
+        from ..steering_spec import load_spec
+
+        if any(getattr(args, n, None) for n in ("add", "clamp", "scale", "ablate", "cap", "rescale")):
+            raise ValueError("give either --spec or --add/--clamp/--scale/--ablate/--cap/--rescale, not both")
+        return load_spec(args.spec, {sae.layer: sae})
+    return [steering(sae, args)]
+
+
 def steering(sae, args):
     from ..steering import Steering
 
-    st = Steering(sae, layer=sae.layer, positions=args.positions, normalize=args.normalize)
+    st = Steering(sae, layer=sae.layer, positions=_positions(args.positions), normalize=args.normalize)
     for f, v in pairs(args.add, "--add"):
         st.add(check_feature(f, sae, "--add"), v)
     for f, v in pairs(args.clamp, "--clamp"):
@@ -188,8 +227,13 @@ def steering(sae, args):
         except ValueError:
             raise ValueError(f"--ablate expects a feature index, got {f!r}") from None
         st.ablate(check_feature(f, sae, "--ablate"))
+    for spec in getattr(args, "cap", None) or []:
+        f, hi, lo = _cap_bounds(spec)
+        st.cap(check_feature(f, sae, "--cap"), max=hi, min=lo)
+    for f, v in pairs(getattr(args, "rescale", None), "--rescale"):
+        st.rescale(check_feature(f, sae, "--rescale"), v)
     if not st.ops:
-        raise ValueError("no intervention given: use --add/--clamp/--scale/--ablate")
+        raise ValueError("no intervention given: use --add/--clamp/--scale/--ablate/--cap/--rescale or --spec")
     return st
 
 
@@ -198,9 +242,13 @@ def add_steer_flags(p):
     p.add_argument("--clamp", action="append", metavar="F=V", help="set feature F's activation to V (repeatable)")
     p.add_argument("--scale", action="append", metavar="F=C", help="multiply feature F's activation by C (repeatable)")
     p.add_argument("--ablate", action="append", metavar="F", help="remove feature F (repeatable)")
+    p.add_argument("--cap", action="append", metavar="F=MAX|F=MIN:MAX",
+                   help="keep the projection on F's unit direction within [MIN, MAX], either may be empty (repeatable)")
+    p.add_argument("--rescale", action="append", metavar="F=C",
+                   help="multiply the projection on F's unit direction by C (repeatable)")
     p.add_argument("--normalize", action="store_true", help="use unit-norm decoder directions")
-    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"],
-                   help="which tokens are steered")
+    p.add_argument("--positions", default="all", metavar="all|prompt|generated|START:END",
+                   help="which tokens are steered: all, prompt, generated, or absolute positions START <= pos < END")
 
 
 def model_flags(p):

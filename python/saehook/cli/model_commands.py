@@ -6,7 +6,7 @@ import os
 import sys
 
 from .common import (Progress, add_steer_flags, check_feature, load_one, model_flags, nonnegative_int, positive_int,
-                     print_table, steering)
+                     print_table, steering, steerings)
 
 
 def cmd_features(args) -> int:
@@ -50,17 +50,21 @@ def cmd_steer(args) -> int:
     from ..engines import open_engine
 
     sae = load_one(args.sae, args.layer, args.k)
-    st = steering(sae, args)
+    sts = steerings(sae, args)
     eng = open_engine(args.model, args.engine)
     tokens = eng.tokenize(args.prompt)
     clean = eng.generate(tokens, args.max_tokens)
-    steered = eng.generate(tokens, args.max_tokens, [st])
+    steered = eng.generate(tokens, args.max_tokens, sts)
+    stop = getattr(eng, "last_stop", None)  # the stop_when condition that ended the steered run
     text = lambda ids: "".join(eng.token_text(t) for t in ids)  # noqa: E731
+    desc = "; ".join(repr(st) for st in sts)
     if args.json:
-        print(json.dumps({"prompt": args.prompt, "steering": repr(st), "clean": text(clean), "steered": text(steered),
-                          "clean_tokens": clean, "steered_tokens": steered}, indent=1))
+        print(json.dumps({"prompt": args.prompt, "steering": desc, "clean": text(clean), "steered": text(steered),
+                          "clean_tokens": clean, "steered_tokens": steered, "stopped_by": stop}, indent=1))
     else:
-        print(f"prompt:  {args.prompt!r}\n{st!r}\nclean:   {text(clean)!r}\nsteered: {text(steered)!r}")
+        print(f"prompt:  {args.prompt!r}\n{desc}\nclean:   {text(clean)!r}\nsteered: {text(steered)!r}")
+        if stop:
+            print(f"stopped: {stop['condition']} at position {stop['position']}")
     return 0
 
 
@@ -139,6 +143,8 @@ def register(sub) -> None:
     s = sub.add_parser("steer", help="generate with and without an intervention, greedy, side by side")
     model_flags(s)
     add_steer_flags(s)
+    s.add_argument("--spec", metavar="FILE.json",
+                   help="steering ops, conditions and stop_when as JSON (see saehook.steering_spec), instead of the op flags")
     s.add_argument("prompt", help="the prompt both generations continue")
     s.add_argument("--max-tokens", type=positive_int, default=32, help="tokens generated per continuation")
     s.add_argument("--json", action="store_true", help="print both continuations as JSON")

@@ -15,6 +15,10 @@ from ..steering import Steering
 class Engine:
     """tokenize / token_text / features / generate over one model."""
 
+    # After generate(): the stop_when condition that ended it ({"condition", "when", "index",
+    # "position"}), or None.
+    last_stop: Optional[dict] = None
+
     def tokenize(self, text: str) -> List[int]:
         raise NotImplementedError
 
@@ -220,6 +224,8 @@ class LlamaEngine(Engine):
                 if tok == self.llm.token_eos() or len(out) >= max_tokens:
                     break
                 out.append(int(tok))
+        stop = self.llm.last_stop
+        self.last_stop = stop.report() if stop is not None else None
         return out
 
 
@@ -301,11 +307,23 @@ class HFEngine(Engine):
 
         ids = self.torch.tensor([list(tokens)])
         eos = getattr(self.model.config, "eos_token_id", None)
-        with self.torch.no_grad(), hf.steer(self.model, *steerings):
-            out = self.model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=eos or 0)
+        self.last_stop = None
+        with self.torch.no_grad(), hf.steer(self.model, *steerings) as session:
+            kw = {"stopping_criteria": session.stopping_criteria()} if any(st.stops for st in steerings) else {}
+            out = self.model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=eos or 0,
+                                      attention_mask=self.torch.ones_like(ids), **kw)
         new = out[0, ids.shape[1]:].tolist()
+        ev = session.stops[0] if session.stops else None
+        if ev is not None:  # generate sampled past the token the condition held on
+            new = new[: ev.position + 1 - ids.shape[1]]
+            self.last_stop = stop_report(ev.condition, ev.index, ev.position)
         eos_ids = set(eos if isinstance(eos, list) else [eos])
         return new[: next((i for i, t in enumerate(new) if t in eos_ids), len(new))]  # as llama: EOS not shown
+
+
+def stop_report(condition, index: int, position: int) -> dict:
+    """The JSON-able record of a stop_when condition that fired (CLI, server)."""
+    return {"condition": repr(condition), "when": condition.to_json(), "index": int(index), "position": int(position)}
 
 
 def _probe_sae(d_model: int) -> SAE:

@@ -27,7 +27,7 @@ from .. import _core
 from .._arrays import check_no_grad, feature_indices, rows
 from ..sae import SAE, live_sae as _lookup
 from .cuda import for_tensor as _runner  # the SAE itself for CPU tensors, its device copy for CUDA ones
-from ..steering import OPS, Steering
+from ..steering import Steering
 
 
 @torch.library.custom_op("saehook::encode", mutates_args=())
@@ -109,6 +109,27 @@ def _(h, handle, features, ops, values, normalize):
     return None
 
 
+@torch.library.custom_op("saehook::steer_items_", mutates_args=("h",))
+def _steer_items(h: torch.Tensor, handle: int, items: torch.Tensor) -> None:
+    """Steers h in place with saehook_steer_item records (Steering.items() viewed as int32 words:
+    caps, rescales and conditions included; latches hold within the call)."""
+    sae = _lookup(handle)
+    from ..steering import ITEM_DTYPE
+
+    arr = np.ascontiguousarray(items.detach().cpu().numpy().astype(np.int32, copy=False)).view(ITEM_DTYPE).reshape(-1)
+    if h.device.type != "cpu":
+        _runner(sae, h).steer(arr, h)
+        return
+    r = rows(h, sae.d_model, writable=True, name="h")
+    if r.n and len(arr):
+        _core.steer(sae._handle, r.ptr, r.n, r.ld, arr.ctypes.data, len(arr), 0, 0, 0, 0, 0, 0)
+
+
+@_steer_items.register_fake
+def _(h, handle, items):
+    return None
+
+
 # ---- friendly wrappers ----
 def encode(sae: SAE, x: torch.Tensor, k: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """torch.ops.saehook.encode: (values, indices) of the Top-K features, differentiable in x."""
@@ -124,17 +145,12 @@ def decode(sae: SAE, values: torch.Tensor, indices: torch.Tensor) -> torch.Tenso
 
 
 def steer_(steering: Steering, h: torch.Tensor) -> torch.Tensor:
-    """Applies a Steering to float32 rows h in place (torch.ops.saehook.steer_). No gradient:
-    h must not require grad (torch raises if autograd saved h for a backward pass)."""
+    """Applies a Steering to float32 rows h in place (torch.ops.saehook.steer_items_: every op,
+    conditions included, with latches holding within the call). No gradient: h must not require
+    grad (torch raises if autograd saved h for a backward pass)."""
     check_no_grad(h, "h")
-    ops = steering.ops
-    torch.ops.saehook.steer_(
-        h, steering.sae.handle,
-        torch.tensor([o.feature for o in ops], dtype=torch.int32),
-        torch.tensor([OPS[o.op] for o in ops], dtype=torch.int32),
-        torch.tensor([o.value for o in ops], dtype=torch.float32),
-        torch.tensor([int(o.normalize) for o in ops], dtype=torch.int32),
-    )
+    items = steering.items()
+    torch.ops.saehook.steer_items_(h, steering.sae.handle, torch.from_numpy(items.view(np.int32).copy()))
     return h
 
 
