@@ -11,27 +11,59 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
-from . import dataset_commands, model_commands, sae_commands, tool_commands, train_commands
+from . import dataset_commands
+from . import model_commands
+from . import sae_commands
+from . import tool_commands
+from . import train_commands
+from .common import CommandParser
 
-GROUPS = (tool_commands, sae_commands, model_commands, dataset_commands, train_commands)
+# One entry per line (command groups are added by separate changes).
+GROUPS = (
+    tool_commands,
+    sae_commands,
+    model_commands,
+    dataset_commands,
+    train_commands,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    p = CommandParser(prog="saehook", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"saehook {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=CommandParser)
+    for group in GROUPS:
+        group.register(sub)
+    for choice in sub._choices_actions:  # `saehook CMD --help` starts with the line the list shows
+        parser = sub.choices[choice.dest]
+        parser.description = parser.description or choice.help
+    return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="saehook", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    for group in GROUPS:
-        group.register(sub)
-
-    args, extra = p.parse_known_args(argv)
-    if args.cmd == "bench":  # everything else belongs to the benchmark script
-        args.args = extra + args.args
-    elif extra:
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return args.fn(args)
-    except (ValueError, FileNotFoundError, IndexError, TypeError) as e:
-        print(f"saehook {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        if argv[:1] == ["bench"]:  # everything after it belongs to the benchmark script (--help included)
+            return tool_commands.run_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        try:
+            return args.fn(args)
+        except (ValueError, OSError, IndexError, TypeError, RuntimeError) as e:
+            if isinstance(e, BrokenPipeError):
+                raise
+            print(f"saehook {args.cmd}: error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, inside the handler below
+    except BrokenPipeError:
+        # The reader went away (`saehook ... | head`): as the CPython docs advise (signal module,
+        # "Note on SIGPIPE"), point stdout at devnull so the interpreter's final flush is silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1

@@ -42,6 +42,11 @@ class Engine:
     def n_layer(self) -> int:
         raise NotImplementedError
 
+    @property
+    def d_model(self) -> int:
+        """Width of the residual stream (what an SAE's d_model must be)."""
+        raise NotImplementedError
+
 
 def _next_token_losses(logits: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
     z = logits[:-1].astype(np.float64)
@@ -50,11 +55,45 @@ def _next_token_losses(logits: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
     return -logp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])]
 
 
+def gguf_model_facts(path: str) -> dict:
+    """{"architecture", "n_layer", "n_embd", "n_ctx_train"} from a GGUF file's header (the gguf
+    package reads the key-value section and the tensor table; no weights are read)."""
+    import gguf
+
+    try:
+        r = gguf.GGUFReader(path, "r")
+    except Exception as e:  # gguf raises ValueError/struct errors on anything that is not GGUF
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+
+    def value(key):
+        f = r.fields.get(key)
+        return None if f is None else f.contents()
+
+    arch = value("general.architecture")
+    facts = {"architecture": arch}
+    for name, key in (("n_layer", "block_count"), ("n_embd", "embedding_length"), ("n_ctx_train", "context_length")):
+        v = value(f"{arch}.{key}")
+        facts[name] = None if v is None else int(v)
+    return facts
+
+
+DEFAULT_N_CTX = 2048
+
+
 class LlamaEngine(Engine):
-    def __init__(self, path: str, n_ctx: int = 2048, threads: Optional[int] = None, logits_all: bool = False):
+    """A GGUF model through llama.cpp (`HookedLlama`), its log quiet (verbose=False).
+
+    n_ctx: None means DEFAULT_N_CTX tokens, or the model's training context when that is
+    shorter (llama.cpp warns on every load when n_ctx exceeds it); a number is used as given."""
+
+    def __init__(self, path: str, n_ctx: Optional[int] = None, threads: Optional[int] = None, logits_all: bool = False,
+                 verbose: bool = False):
         from .llama import HookedLlama
 
-        self.llm = HookedLlama(path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), verbose=False, seed=0,
+        if n_ctx is None:
+            n_ctx_train = gguf_model_facts(path)["n_ctx_train"]
+            n_ctx = min(DEFAULT_N_CTX, n_ctx_train) if n_ctx_train else DEFAULT_N_CTX
+        self.llm = HookedLlama(path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), verbose=verbose, seed=0,
                                logits_all=logits_all)
 
     def residuals(self, tokens, layer):
@@ -75,6 +114,10 @@ class LlamaEngine(Engine):
     @property
     def n_layer(self) -> int:
         return self.llm.n_layer
+
+    @property
+    def d_model(self) -> int:
+        return self.llm.n_embd_model
 
     def tokenize(self, text: str) -> List[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
@@ -99,6 +142,20 @@ class LlamaEngine(Engine):
         return out
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """No transformers progress bars (loading / writing shards) on the command line's stderr."""
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
+
+
 class HFEngine(Engine):
     """A transformers causal LM directory (local files only). Without a tokenizer in the
     directory, text is read as bytes (token id = byte value)."""
@@ -108,7 +165,8 @@ class HFEngine(Engine):
         import transformers
 
         self.torch = torch
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        with quiet_transformers():
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
         has_tokenizer = any(os.path.exists(os.path.join(path, f)) for f in
                             ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
         self.tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
@@ -118,6 +176,12 @@ class HFEngine(Engine):
         from .hf import decoder_layers
 
         return len(decoder_layers(self.model))
+
+    @property
+    def d_model(self) -> int:
+        from .hf import _hidden_size
+
+        return _hidden_size(self.model)
 
     def tokenize(self, text: str) -> List[int]:
         if self.tok is None:
