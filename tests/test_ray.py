@@ -1,0 +1,175 @@
+"""Dataset capture on a real local Ray cluster (127.0.0.1, 2 CPUs, one per module): the same rows
+as a local capture, exactly once when an actor is killed mid-run, and a resume after the driver
+is SIGKILLed; output on a local path, a file:// URI and a pyarrow SubTreeFileSystem."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+pa = pytest.importorskip("pyarrow")
+pytest.importorskip("llama_cpp")
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import pyarrow.fs as pafs  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+import saehook  # noqa: E402
+from saehook.engines import open_engine  # noqa: E402
+from saehook.workflows import datasets  # noqa: E402
+from saehook.workflows.distributed import CaptureIncomplete, capture_on_ray  # noqa: E402
+
+import gguf_models as gm  # noqa: E402
+
+LAYER = 1
+SHARD_DOCS = 3
+N_DOCS = 22  # 8 units, the last one short
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ray")
+    gm.write_gguf(gm.build_hf_model(seed=5), d / "m.gguf")
+    rng = np.random.default_rng(2)
+    W = (rng.standard_normal((256, 256)) / 16).astype(np.float32)
+    saehook.SAE(W, W, k=6, activation="topk_relu", metadata={"layer": LAYER}).save(d / "sae.safetensors")
+    rng = np.random.default_rng(0)
+    docs = [{"text": "".join(rng.choice(list("abcdefghijklmnopqrstuvw xyz"), size=int(rng.integers(5, 40)))),
+             "label": str(i % 2)} for i in range(N_DOCS)]
+    (d / "docs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in docs))
+    # the oracle: a local capture of the same documents by datasets.capture (one thread, as each actor)
+    eng = open_engine(str(d / "m.gguf"), threads=1)
+    saes = {LAYER: saehook.load(str(d / "sae.safetensors"))}
+    datasets.capture(eng, saes, docs, str(d / "local"), shard_docs=SHARD_DOCS)
+    return d
+
+
+def _rows(fs, root):
+    """Every feature row of a capture, sorted by document, layer and position."""
+    names = sorted(os.path.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(root)))
+    shards = [n for n in names if n.startswith("shard-")]
+    table = pa.concat_tables([pq.read_table(f"{root}/{n}", filesystem=fs) for n in shards])
+    rows = table.to_pylist()
+    rows.sort(key=lambda r: (r["doc_id"], r["layer"], r["position"]))
+    return shards, names, rows
+
+
+def _same_capture(setup, fs, root):
+    local = pafs.LocalFileSystem()
+    want_shards, _, want = _rows(local, str(setup / "local"))
+    shards, names, got = _rows(fs, root)
+    assert shards == want_shards
+    assert [n for n in names if n.endswith(".tmp")] == []
+    assert len(got) == len(want) > N_DOCS  # row for row: nothing lost, nothing twice
+    assert len({(r["doc_id"], r["layer"], r["position"]) for r in got}) == len(got)
+    assert got == want
+    with fs.open_input_stream(f"{root}/manifest.json") as f:
+        assert json.loads(f.read()) == json.loads((setup / "local" / "manifest.json").read_text())
+    assert pq.read_table(f"{root}/docs.parquet", filesystem=fs).equals(pq.read_table(setup / "local" / "docs.parquet"))
+
+
+def _capture(setup, out, **kw):
+    return capture_on_ray(str(setup / "m.gguf"), str(setup / "sae.safetensors"), str(setup / "docs.jsonl"), out,
+                          shard_docs=SHARD_DOCS, **kw)
+
+
+def test_ray_capture_equals_local_capture(cluster, setup, tmp_path):
+    seen = []
+    res = _capture(setup, str(tmp_path / "cap"), progress=lambda done, total: seen.append((done, total)))
+    assert (res["shards"], res["written"], res["skipped"], res["actor_failures"]) == (8, 8, 0, 0)
+    assert res["actors"] == 2
+    _same_capture(setup, pafs.LocalFileSystem(), str(tmp_path / "cap"))
+    assert seen[-1] == (N_DOCS, N_DOCS) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    # the analysis commands read it as they read a local capture
+    a, b = datasets.FeatureData(str(tmp_path / "cap")), datasets.FeatureData(str(setup / "local"))
+    np.testing.assert_array_equal(a.feature_counts(), b.feature_counts())
+    again = _capture(setup, str(tmp_path / "cap"))  # a complete capture: nothing to redo
+    assert (again["written"], again["skipped"]) == (0, 8)
+
+
+def test_killed_actor_unit_is_redone_exactly_once(cluster, setup, tmp_path):
+    killed = []
+
+    def kill_one_actor(unit):
+        if killed:
+            return
+        names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("saehook-capture-")]
+        victim = sorted(names, key=lambda a: a["name"])[0]
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
+        killed.append(victim["name"])
+
+    uri = (tmp_path / "cap").as_uri()  # file:///...: a pyarrow.fs URI
+    res = _capture(setup, uri, on_commit=kill_one_actor)
+    assert killed and res["actor_failures"] == 1 and res["retried_units"]  # the kill hit work in flight
+    assert res["actors"] == 3 and res["written"] == 8  # a replacement actor took over
+    _same_capture(setup, pafs.LocalFileSystem(), str(tmp_path / "cap"))
+
+
+DRIVER = textwrap.dedent("""
+    import sys, time
+    import ray, pyarrow.fs as pafs
+    from saehook.workflows.distributed import capture_on_ray
+    address, model, sae, docs, base, shard_docs = sys.argv[1:]
+    ray.init(address=address, log_to_driver=False)
+    def commit(unit):
+        print("committed", unit, flush=True)
+        time.sleep(120)  # the test SIGKILLs this driver here, with other units in flight
+    capture_on_ray(model, sae, docs, "cap", filesystem=pafs.SubTreeFileSystem(base, pafs.LocalFileSystem()),
+                   shard_docs=int(shard_docs), on_commit=commit)
+""")
+
+
+def test_resume_after_driver_is_killed(cluster, setup, tmp_path):
+    subtree = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, cluster, str(setup / "m.gguf"),
+                             str(setup / "sae.safetensors"), str(setup / "docs.jsonl"), str(tmp_path), str(SHARD_DOCS)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("committed"), line
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    shards = [n for n in os.listdir(tmp_path / "cap") if n.startswith("shard-")]
+    assert len(shards) == 1  # one unit committed before the kill, the other seven not
+    res = capture_on_ray(str(setup / "m.gguf"), str(setup / "sae.safetensors"), str(setup / "docs.jsonl"), "cap",
+                         filesystem=subtree, shard_docs=SHARD_DOCS)
+    assert (res["skipped"], res["written"]) == (1, 7)
+    _same_capture(setup, subtree, "cap")
+
+
+def test_failing_document_is_reported_and_the_rest_committed(cluster, setup, tmp_path):
+    docs = [{"text": "abc def"}] * 5 + [{"text": "x" * 4000}] + [{"text": "ghi jkl"}] * 3
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in docs))
+    with pytest.raises(CaptureIncomplete) as e:  # a 16-token context cannot hold document 5
+        capture_on_ray(str(setup / "m.gguf"), str(setup / "sae.safetensors"), str(tmp_path / "d.jsonl"),
+                       str(tmp_path / "cap"), shard_docs=SHARD_DOCS, max_tokens=4000, engine_kwargs={"n_ctx": 16})
+    assert "2 of 3 shards committed" in str(e.value)
+    assert "document 5 ('xxxxx" in str(e.value)
+    assert [f["doc_id"] for f in e.value.failures] == [5]
+    assert sorted(n for n in os.listdir(tmp_path / "cap") if n.startswith("shard-")) == [
+        "shard-00000.parquet", "shard-00002.parquet"]
+
+
+def test_other_inputs_in_the_same_directory_are_refused(cluster, setup, tmp_path):
+    out = str(tmp_path / "cap")
+    _capture(setup, out)
+    with pytest.raises(ValueError, match="max_tokens"):
+        _capture(setup, out, max_tokens=5)
