@@ -173,3 +173,17 @@ def test_other_inputs_in_the_same_directory_are_refused(cluster, setup, tmp_path
     _capture(setup, out)
     with pytest.raises(ValueError, match="max_tokens"):
         _capture(setup, out, max_tokens=5)
+
+
+def test_cli_capture_on_ray(cluster, setup, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "saehook", "capture", str(setup / "m.gguf"), "--sae",
+                          str(setup / "sae.safetensors"), "--data", str(setup / "docs.jsonl"), "--out",
+                          str(tmp_path / "cap"), "--shard-docs", str(SHARD_DOCS), "--ray", cluster, "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert (res["written"], res["actors"], res["nodes"]) == (8, 2, 1)
+    manifest = json.loads((tmp_path / "cap" / "manifest.json").read_text())
+    assert manifest["model"] == str(setup / "m.gguf")
+    shards, _, rows = _rows(pafs.LocalFileSystem(), str(tmp_path / "cap"))
+    assert rows == _rows(pafs.LocalFileSystem(), str(setup / "local"))[2]

@@ -32,6 +32,8 @@ def cmd_capture(args) -> int:
     from ..workflows.datasets import capture, read_documents
     from ..engines import open_engine
 
+    if args.ray is not None:
+        return capture_ray(args)
     saes = load_layers(args.sae, args.layers, args.k)
     docs = read_documents(args.data)
     eng = open_engine(args.model, args.engine)
@@ -44,6 +46,27 @@ def cmd_capture(args) -> int:
     finally:
         bar.close()
     print(json.dumps(res) if args.json else f"{args.out}: {res['written']} shards written, {res['skipped']} already there")
+    return 0
+
+
+def capture_ray(args) -> int:
+    """capture --ray: the same capture by Ray actors (workflows.distributed.capture_on_ray)."""
+    from ..workflows.datasets import read_documents
+    from ..workflows.distributed import capture_on_ray
+
+    docs = read_documents(args.data)
+    bar = Progress("capturing documents on Ray", len(docs))
+    try:
+        res = capture_on_ray(args.model, args.sae, docs, args.out, address=args.ray or None, layers=args.layers,
+                             k=args.k, engine=args.engine, shard_docs=args.shard_docs, max_tokens=args.max_tokens,
+                             num_actors=args.actors,
+                             manifest_extra={"model": os.path.abspath(args.model), "sae": os.path.abspath(args.sae),
+                                             "data": os.path.abspath(args.data)}, progress=lambda done, total: bar(done))
+    finally:
+        bar.close()
+    print(json.dumps(res) if args.json else
+          f"{args.out}: {res['written']} shards written by {res['actors']} actors on {res.get('nodes', 0)} nodes, "
+          f"{res['skipped']} already there, {res['actor_failures']} actor failures")
     return 0
 
 
@@ -163,6 +186,10 @@ def register(sub) -> None:
     cp.add_argument("--out", required=True, help="capture directory (created; rerun to resume)")
     cp.add_argument("--shard-docs", type=positive_int, default=64, help="documents per Parquet shard")
     cp.add_argument("--max-tokens", type=positive_int, default=512, help="tokens kept per document (the rest is cut)")
+    cp.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                    help="capture on a Ray cluster: ADDRESS as ray.init takes it (auto, HOST:PORT, ray://HOST:10001); "
+                         "without one, $RAY_ADDRESS or a new local cluster. --out may then be a URI (s3://, gs://...)")
+    cp.add_argument("--actors", type=positive_int, help="--ray: capture actors (default: one per CPU of the cluster)")
     cp.add_argument("--json", action="store_true", help="print the result as JSON")
     cp.set_defaults(fn=cmd_capture)
     sp = sub.add_parser("stats", help="per-feature frequency, activations, top contexts, dead features")

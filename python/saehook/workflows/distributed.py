@@ -130,7 +130,9 @@ def load_sae_layers(sae: str, layers: Optional[Sequence[int]], k: Optional[int])
     """{layer: SAE} from an SAE file or a directory of layers, as `saehook capture --sae --layers --k` reads it."""
     from ..cli.dataset_commands import load_layers
 
-    return load_layers(sae, ",".join(str(int(L)) for L in layers) if layers else None, k)
+    if layers is not None and not isinstance(layers, str):
+        layers = ",".join(str(int(L)) for L in layers)
+    return load_layers(sae, layers or None, k)
 
 
 class CaptureWorker:
@@ -174,7 +176,7 @@ class CaptureWorker:
 # ---- the driver ----
 
 def capture_on_ray(model: str, sae: str, docs: Union[str, Sequence[dict]], out: str, *, address: Optional[str] = None,
-                   layers: Optional[Sequence[int]] = None, k: Optional[int] = None, engine: Optional[str] = None,
+                   layers: Union[None, str, Sequence[int]] = None, k: Optional[int] = None, engine: Optional[str] = None,
                    shard_docs: int = 64, max_tokens: int = 512, num_actors: Optional[int] = None,
                    num_cpus: float = 1, num_gpus: float = 0, engine_kwargs: Optional[dict] = None,
                    filesystem=None, max_attempts: int = 3, manifest_extra: Optional[dict] = None,
@@ -291,7 +293,7 @@ def _run(ray, fs, root, model, engine, sae, layers, k, max_tokens, engine_kwargs
         serial[0] += 1
         actors[i] = Worker.options(name=f"saehook-capture-{run_id}-{i}", num_cpus=num_cpus, num_gpus=num_gpus,
                                    max_restarts=0).remote(
-            model, engine, sae, list(layers) if layers else None, k, max_tokens, engine_kwargs)
+            model, engine, sae, layers, k, max_tokens, engine_kwargs)
         return i
 
     for _ in range(num_actors):
