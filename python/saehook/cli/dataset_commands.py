@@ -73,11 +73,12 @@ def capture_ray(args) -> int:
 def cmd_stats(args) -> int:
     import numpy as np
 
-    from ..workflows.datasets import FeatureData, feature_stats, write_json
+    from ..workflows.datasets import write_json
     from ..workflows.report import histogram_svg, table_html
+    from ..workflows.streaming import StreamingCapture, stream_feature_stats
 
-    data = FeatureData(args.dir, args.layer)
-    stats = feature_stats(data, top=args.top)
+    data = StreamingCapture(args.dir, args.layer)  # read batch by batch: any size of capture
+    stats = stream_feature_stats(data, top=args.top)
     live = sorted((s for s in stats if not s["dead"]), key=lambda s: -s["frequency"])
     summary = {"layer": data.layer, "tokens": data.n_tokens, "features": data.d_sae,
                "dead_fraction": sum(s["dead"] for s in stats) / data.d_sae}
@@ -121,11 +122,11 @@ COMPARE_RANKING = ("Rows are the features whose firing frequency differs most be
 
 
 def cmd_compare(args) -> int:
-    from ..workflows.datasets import FeatureData, compare
     from ..workflows.report import paired_bars_html
+    from ..workflows.streaming import StreamingCapture, stream_compare
 
-    a, b = FeatureData(args.a, args.layer), FeatureData(args.b, args.layer)
-    res = compare(a, b, top=args.top, redundancy=args.redundancy)
+    a, b = StreamingCapture(args.a, args.layer), StreamingCapture(args.b, args.layer)  # read batch by batch
+    res = stream_compare(a, b, top=args.top, redundancy=args.redundancy)
     coverage = (f"Coverage of B by A = {res['coverage_of_b_by_a']:.1%}: the share of the features active somewhere in B "
                 f"({res['active_b']}) that are also active somewhere in A; of A by B = {res['coverage_of_a_by_b']:.1%} "
                 f"(of A's {res['active_a']}). {len(res['redundant_docs_b'])} documents of B have a feature profile "
