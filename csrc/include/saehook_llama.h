@@ -30,14 +30,36 @@
  * outputs are an error (saehook_llama_hook_error), never silently mislabelled. Rows no
  * announcement describes (e.g. a warm-up decode) are steered by SAEHOOK_POS_ALL entries but
  * never captured (saehook_llama_hook_unannounced counts them).
- * Several sequences in one batch: llama.cpp keeps batch order when the KV cache is unified
- * (llama_context_params.kv_unified, or n_seq_max = 1); with one KV stream per sequence, or a
- * recurrent/hybrid model, it may group a micro-batch's rows by sequence, which the hook cannot
- * see: decode one sequence per batch there.
+ * Several sequences in one batch. Every entry may be bound to one sequence
+ * (saehook_llama_hook_add_for_seq): it then steers and captures only the rows announced with
+ * that sequence id, so one decode can serve sequences with different steering. The hook maps
+ * rows to tokens by assuming llama.cpp computes them in batch order, which holds when
+ *   - the context has one KV stream and no recurrent state (a transformer model with
+ *     llama_context_params.kv_unified, or n_seq_max = 1): llama_batch_allocr::split_simple cuts
+ *     the batch into consecutive runs; any batch;
+ *   - otherwise (one KV stream per sequence, or a recurrent/hybrid model such as qwen35 or
+ *     qwen35moe, whose memory splits with split_equal, or split_seq when every token is an
+ *     output), for a batch that holds ONE token per sequence, each with one sequence id, and,
+ *     unless the split is non-sequential (a hybrid model with kv_unified), sequence ids
+ *     increasing in batch order. Why: split_equal takes the first unused token of every
+ *     sequence set in batch order (non-sequential), or, sequential, the first unused token and
+ *     then later ones whose id is the last one taken + 1; with one token per sequence and
+ *     increasing ids that is a consecutive run of the batch. split_seq takes one token at a
+ *     time in batch order. Counter-examples, checked in tests/test_llama_sequences.py: ids
+ *     [0, 2, 1] (sequential) come as [0, 1] then [2]; a prompt of several tokens next to other
+ *     sequences is interleaved with them (one token of each per step). So on such contexts
+ *     continuous batching decodes each prompt chunk in a batch of its own and the generation
+ *     steps (one token per sequence) together.
+ * HookedLlama.announce/announce_batch refuse other multi-sequence batches on such contexts.
  *
  * Order at one block: steering and reconstruct entries run in the order added; capture entries
  * record the residual as it was before them (and before a control vector announced with
  * saehook_llama_hook_set_cvec), i.e. what the model computed at that block.
+ * Shared encodes: at one block, every capture and clamp/scale/ablate entry that uses the same SAE
+ * and the same k reads ONE encode, per micro-batch, of the rows any of them needs (8 sequences
+ * with 8 different clamps cost one encode, not eight); a row that an earlier entry changed is
+ * encoded again before a later entry with the same SAE reads it, so the order above holds.
+ * saehook_llama_hook_encode_count tells how many encodes ran.
  *
  * Thread safety: the callback and the calls below lock the hook; one hook per llama_context.
  */
@@ -96,30 +118,47 @@ SAEHOOK_API bool saehook_llama_callback(struct ggml_tensor *t, bool ask, void *u
 SAEHOOK_API int32_t saehook_llama_hook_add(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae,
                                            int32_t capture, int32_t k, const saehook_steer_item *items,
                                            int32_t n_items, saehook_positions positions);
+/* The same for the rows announced with sequence id seq_id only (seq_id -1: every row, which is
+ * saehook_llama_hook_add). Rows no announcement describes are never touched by such an entry. */
+SAEHOOK_API int32_t saehook_llama_hook_add_for_seq(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae,
+                                                   int32_t capture, int32_t k, const saehook_steer_item *items,
+                                                   int32_t n_items, saehook_positions positions, int32_t seq_id);
 /* Adds an entry that replaces every row at block `layer` by the SAE's reconstruction
  * decode(encode(row)) ("splicing" the SAE in, for evaluation). Returns an id, or -1. */
 SAEHOOK_API int32_t saehook_llama_hook_add_reconstruct(saehook_llama_hook *hook, int32_t layer,
                                                        const saehook_sae *sae);
 SAEHOOK_API saehook_status saehook_llama_hook_remove(saehook_llama_hook *hook, int32_t id);
+/* The ids of the live entries (up to cap of them written to ids); returns how many there are. */
+SAEHOOK_API int32_t saehook_llama_hook_entry_ids(const saehook_llama_hook *hook, int32_t *ids, int32_t cap);
+/* Forgets the hook's per-sequence state of seq_id (call it when a sequence ends, before its id
+ * is reused). Entries bound to it stay until removed and their captured rows until read; the
+ * hook keeps no other per-sequence state in this version, so this only orders the call after a
+ * decode in flight. */
+SAEHOOK_API void saehook_llama_hook_clear_seq(saehook_llama_hook *hook, int32_t seq_id);
+/* SAE encodes (and reconstructions) the callback has run so far, and in *rows (may be NULL)
+ * the rows they covered: a way to check that entries share their encodes. */
+SAEHOOK_API int64_t saehook_llama_hook_encode_count(const saehook_llama_hook *hook, int64_t *rows);
 
 /* Describes the tokens of the next llama_decode, in batch order (replacing any earlier
  * announcement). positions NULL: pos0, pos0 + 1, ...; seq_ids NULL: sequence 0; outputs NULL:
  * only the last token is an output (llama.cpp's default), unless SAEHOOK_BATCH_OUTPUT_ALL;
+ * generated NULL: every token as SAEHOOK_BATCH_GENERATED says, else one flag per token (one
+ * batch may hold a prompt chunk of one sequence and sampled tokens of others);
  * tokens NULL: an embeddings batch (token ids recorded as -1). flags: SAEHOOK_BATCH_*. */
 SAEHOOK_API saehook_status saehook_llama_hook_announce(saehook_llama_hook *hook, int32_t n, const int32_t *tokens,
                                                        const int32_t *positions, int32_t pos0,
                                                        const int32_t *seq_ids, const int8_t *outputs,
-                                                       int32_t flags);
+                                                       const int8_t *generated, int32_t flags);
 /* The same for a llama_batch's arrays (seq_id: llama_seq_id **, the first id of each token). */
 SAEHOOK_API saehook_status saehook_llama_hook_announce_batch(saehook_llama_hook *hook, int32_t n_tokens,
                                                              const int32_t *token, const int32_t *pos,
                                                              int32_t *const *seq_id, const int8_t *logits,
-                                                             int32_t pos0, int32_t flags);
+                                                             const int8_t *generated, int32_t pos0, int32_t flags);
 /* Announces a struct llama_batch (needs llama.h). pos0: the first position when batch.pos is
  * NULL (llama_batch_get_one), i.e. the number of tokens already in the sequence. */
 #define SAEHOOK_LLAMA_ANNOUNCE(hook, batch, pos0, flags)                                             \
   saehook_llama_hook_announce_batch((hook), (batch).n_tokens, (batch).token, (batch).pos, (batch).seq_id, \
-                                    (batch).logits, (pos0), (flags))
+                                    (batch).logits, NULL, (pos0), (flags))
 /* Forgets the announced tokens not seen yet (e.g. after a failed decode). */
 SAEHOOK_API void saehook_llama_hook_reset_queue(saehook_llama_hook *hook);
 /* Rows seen at hooked blocks that no announced token described (not captured). */

@@ -2,6 +2,7 @@
 #include "saehook_llama.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -18,10 +19,13 @@ struct Token {
 
 struct Entry {
   int32_t id, layer;
+  int32_t bound_seq;  // the sequence whose rows it touches; -1: every row
   const saehook_sae *sae;
   bool capture, reconstruct;
   int32_t k;  // resolved (> 0)
   std::vector<saehook_steer_item> items;
+  std::vector<float> dirs;  // the items' decoder directions (n_items x n_embd), read once at add
+  bool needs_encode = false;  // an item reads z_f (clamp, scale, ablate)
   saehook_positions positions;
   // captured rows
   std::vector<int32_t> tokens, pos, seq, indices;
@@ -29,6 +33,23 @@ struct Entry {
   std::vector<float> values, residuals;
 
   bool modifies() const { return reconstruct || !items.empty(); }
+  bool wants(const Token &tk) const { return bound_seq < 0 || (tk.known && tk.seq == bound_seq); }
+  bool steers(const Token &tk) const {
+    if (!wants(tk)) return false;
+    return positions == SAEHOOK_POS_ALL || (positions == SAEHOOK_POS_PROMPT && tk.known && !tk.generated) ||
+           (positions == SAEHOOK_POS_GENERATED && tk.known && tk.generated);
+  }
+};
+
+// The Top-K of some rows of one micro-batch under one (SAE, k), shared by every entry with that
+// SAE and k at the layer. ver[r] is the row's version when it was encoded (0: never): a row
+// changed by an entry since then (row_ver[r] moved on) is encoded again before it is read.
+struct Encoding {
+  const saehook_sae *sae;
+  int32_t k;
+  std::vector<float> v;
+  std::vector<int32_t> ix;
+  std::vector<uint32_t> ver;
 };
 
 // "l_out-12" -> 12; anything else -> -1.
@@ -66,10 +87,14 @@ struct saehook_llama_hook {
   std::vector<uint8_t> cvec_on;
   bool keep_residuals = false;
   std::string error;
+  int64_t n_encodes = 0, encoded_rows = 0;  // SAE encodes the callback ran, and their rows
   // scratch, reused across calls
-  std::vector<float> buf, src, vals, vals0;
-  std::vector<int32_t> idx, idx0;
-  std::vector<uint8_t> mask;
+  std::vector<float> buf, src, gather, enc_v;
+  std::vector<int32_t> enc_ix;
+  std::vector<int64_t> enc_rows;
+  std::vector<std::vector<uint8_t>> masks, need_of;
+  std::vector<uint32_t> row_ver;
+  std::vector<Encoding> encs, encs_in;
   std::vector<Token> toks;
   std::vector<int64_t> known_rows;
 
@@ -139,6 +164,84 @@ struct saehook_llama_hook {
     return false;
   }
 
+  // Encodes the rows of `x` selected by `need` (those whose encoding is missing or stale) into
+  // e, one saehook_encode over all of them (gathered when they are not every row).
+  bool encode_rows(int layer, Encoding &e, const float *x, int64_t nrows, const std::vector<uint8_t> &need) {
+    std::vector<int64_t> &rows = enc_rows;
+    rows.clear();
+    for (int64_t r = 0; r < nrows; ++r)
+      if (need[size_t(r)] && e.ver[size_t(r)] != row_ver[size_t(r)]) rows.push_back(r);
+    if (rows.empty()) return true;
+    const size_t d = size_t(n_embd), k = size_t(e.k), n = rows.size();
+    const bool all = int64_t(n) == nrows;
+    if (!all) {
+      gather.resize(n * d);
+      for (size_t i = 0; i < n; ++i) std::copy_n(x + size_t(rows[i]) * d, d, gather.begin() + std::ptrdiff_t(i * d));
+    }
+    enc_v.resize(n * k);
+    enc_ix.resize(n * k);
+    if (saehook_encode(e.sae, all ? x : gather.data(), int64_t(n), n_embd, e.k, enc_v.data(), enc_ix.data(),
+                       nullptr) != SAEHOOK_OK)
+      return fail(layer, saehook_last_error());
+    ++n_encodes;
+    encoded_rows += int64_t(n);
+    for (size_t i = 0; i < n; ++i) {
+      const size_t r = size_t(rows[i]);
+      std::copy_n(enc_v.begin() + std::ptrdiff_t(i * k), k, e.v.begin() + std::ptrdiff_t(r * k));
+      std::copy_n(enc_ix.begin() + std::ptrdiff_t(i * k), k, e.ix.begin() + std::ptrdiff_t(r * k));
+      e.ver[r] = row_ver[r];
+    }
+    return true;
+  }
+
+  Encoding &encoding(std::vector<Encoding> &list, const saehook_sae *sae, int32_t k, int64_t nrows) {
+    for (auto &e : list)
+      if (e.sae == sae && e.k == k) return e;
+    list.push_back(Encoding{sae, k, {}, {}, {}});
+    Encoding &e = list.back();
+    e.v.assign(size_t(nrows) * size_t(k), 0.f);
+    e.ix.assign(size_t(nrows) * size_t(k), -1);
+    e.ver.assign(size_t(nrows), 0);
+    return e;
+  }
+
+  // Applies a steering entry's items to the rows of h selected by mask, reading z_f from enc
+  // (the encode of those rows as they are now), as saehook_steer does.
+  bool apply_items(int layer, const Entry &m, float *h, int64_t nrows, const std::vector<uint8_t> &mask,
+                   const Encoding *enc) {
+    const size_t d = size_t(n_embd);
+    for (int64_t r = 0; r < nrows; ++r) {
+      if (!mask[size_t(r)]) continue;
+      float *row = h + size_t(r) * d;
+      if (!enc && !std::all_of(row, row + d, [](float x) { return std::isfinite(x); }))
+        return fail(layer, "the residual of row " + std::to_string(r) + " contains NaN or Inf");
+      for (size_t t = 0; t < m.items.size(); ++t) {
+        const saehook_steer_item &it = m.items[t];
+        float z = 0.f;
+        if (it.op != SAEHOOK_STEER_ADD) {
+          const float *v = &enc->v[size_t(r) * size_t(enc->k)];
+          const int32_t *ix = &enc->ix[size_t(r) * size_t(enc->k)];
+          for (int32_t j = 0; j < enc->k; ++j)
+            if (ix[j] == it.feature) {
+              z = v[j];
+              break;
+            }
+        }
+        float c = 0.f;
+        switch (it.op) {
+          case SAEHOOK_STEER_ADD: c = it.value; break;
+          case SAEHOOK_STEER_CLAMP: c = it.value - z; break;
+          case SAEHOOK_STEER_SCALE: c = (it.value - 1.f) * z; break;
+          case SAEHOOK_STEER_ABLATE: c = -z; break;
+        }
+        if (c == 0.f) continue;
+        const float *dir = &m.dirs[t * d];
+        for (size_t j = 0; j < d; ++j) row[j] += c * dir[j];
+      }
+    }
+    return true;
+  }
+
   void process(int layer, ggml_tensor *t) {
     if (!error.empty()) return;
     const int64_t nrows = api.nrows(t), ne = api.nelements(t);
@@ -171,70 +274,97 @@ struct saehook_llama_hook {
       in = src.data();
     }
 
-    bool changed = false;
-    const saehook_sae *shared_sae = nullptr;  // captures of this SAE and k reuse the first steer's encode
-    int32_t shared_k = 0;
-    for (Entry *m : mods) {
-      if (m->reconstruct) {
-        if (saehook_reconstruct(m->sae, buf.data(), nrows, n_embd, nullptr) != SAEHOOK_OK)
-          return (void)fail(layer, saehook_last_error());
-        changed = true;
-        continue;
-      }
-      mask.assign(size_t(nrows), 0);
+    // The rows each entry touches (steering: its sequence and positions; capture: its sequence's
+    // announced rows).
+    masks.resize(mods.size() + caps.size());
+    auto mask_of = [&](size_t i, const Entry &e, bool capture) {
+      auto &m = masks[i];
+      m.assign(size_t(nrows), 0);
       bool any = false;
       for (int64_t r = 0; r < nrows; ++r) {
         const Token &tk = toks[size_t(r)];
-        const bool on = m->positions == SAEHOOK_POS_ALL ||
-                        (m->positions == SAEHOOK_POS_PROMPT && tk.known && !tk.generated) ||
-                        (m->positions == SAEHOOK_POS_GENERATED && tk.known && tk.generated);
-        mask[size_t(r)] = on;
+        const bool on = capture ? (tk.known && e.wants(tk)) : (e.reconstruct || e.steers(tk));
+        m[size_t(r)] = on;
         any |= on;
       }
-      if (!any) continue;
-      // The first change sees the residual the captures read: its encode is theirs too.
-      bool share = !changed && !cv;
-      if (share) {
-        share = false;
-        for (Entry *c : caps) share |= c->sae == m->sae && c->k == m->k;
-      }
-      if (share) {
-        vals0.resize(size_t(nrows) * m->k);
-        idx0.resize(size_t(nrows) * m->k);
-      }
-      if (saehook_steer(m->sae, buf.data(), nrows, n_embd, m->items.data(), int32_t(m->items.size()), mask.data(),
-                        m->k, share ? vals0.data() : nullptr, share ? idx0.data() : nullptr,
-                        nullptr) != SAEHOOK_OK)
-        return (void)fail(layer, saehook_last_error());
-      if (share) shared_sae = m->sae, shared_k = m->k;
-      changed = true;
-    }
+      return any;
+    };
+    std::vector<bool> mod_on(mods.size()), cap_on(caps.size());
+    for (size_t i = 0; i < mods.size(); ++i) mod_on[i] = mask_of(i, *mods[i], false);
+    for (size_t i = 0; i < caps.size(); ++i) cap_on[i] = mask_of(mods.size() + i, *caps[i], true);
 
-    for (Entry *c : caps) {
-      if (known_rows.empty()) break;
-      const float *v;
-      const int32_t *ix;
-      if (c->sae == shared_sae && c->k == shared_k) {
-        v = vals0.data();
-        ix = idx0.data();
-      } else {
-        vals.resize(size_t(nrows) * c->k);
-        idx.resize(size_t(nrows) * c->k);
-        if (saehook_encode(c->sae, in, nrows, n_embd, c->k, vals.data(), idx.data(), nullptr) != SAEHOOK_OK)
-          return (void)fail(layer, saehook_last_error());
-        v = vals.data();
-        ix = idx.data();
-      }
-      append_rows(c->values, v, size_t(c->k), known_rows);
-      append_rows(c->indices, ix, size_t(c->k), known_rows);
-      if (keep_residuals) append_rows(c->residuals, in, size_t(n_embd), known_rows);
-      for (int64_t r : known_rows) {
+    // One encode per (SAE, k) of every row some entry of that SAE and k reads, before any change:
+    // the captures' rows (when the control vector does not sit between them and buf) and the rows
+    // of the steering entries that read z_f. Entries that touch disjoint rows (one per sequence)
+    // thus share it; a row an earlier entry changed is encoded again when a later one reads it.
+    row_ver.assign(size_t(nrows), 1);
+    encs.clear();
+    encs_in.clear();
+    encs.reserve(mods.size() + caps.size());  // no reallocation below: references into them stay valid
+    encs_in.reserve(caps.size());
+    need_of.clear();
+    auto need_rows = [&](const Entry &e, const std::vector<uint8_t> &m) {
+      const size_t g = size_t(&encoding(encs, e.sae, e.k, nrows) - encs.data());
+      if (need_of.size() <= g) need_of.resize(g + 1, std::vector<uint8_t>(size_t(nrows), 0));
+      for (int64_t r = 0; r < nrows; ++r) need_of[g][size_t(r)] |= m[size_t(r)];
+    };
+    for (size_t i = 0; i < mods.size(); ++i)
+      if (mod_on[i] && mods[i]->needs_encode) need_rows(*mods[i], masks[i]);
+    if (!cv)
+      for (size_t i = 0; i < caps.size(); ++i)
+        if (cap_on[i]) need_rows(*caps[i], masks[mods.size() + i]);
+    for (size_t g = 0; g < encs.size(); ++g)
+      if (!encode_rows(layer, encs[g], buf.data(), nrows, need_of[g])) return;
+    if (cv)  // the captures read the residual without the control vector: an encode of its own
+      for (size_t i = 0; i < caps.size(); ++i)
+        if (cap_on[i]) {
+          Encoding &e = encoding(encs_in, caps[i]->sae, caps[i]->k, nrows);
+          if (!encode_rows(layer, e, in, nrows, masks[mods.size() + i])) return;
+        }
+
+    // Captures first: they read the encodings made before any change.
+    for (size_t i = 0; i < caps.size(); ++i) {
+      if (!cap_on[i]) continue;
+      Entry *c = caps[i];
+      const Encoding &e = encoding(cv ? encs_in : encs, c->sae, c->k, nrows);
+      const auto &m = masks[mods.size() + i];
+      for (int64_t r = 0; r < nrows; ++r) {
+        if (!m[size_t(r)]) continue;
+        const size_t k = size_t(c->k);
+        c->values.insert(c->values.end(), e.v.begin() + std::ptrdiff_t(size_t(r) * k),
+                         e.v.begin() + std::ptrdiff_t(size_t(r + 1) * k));
+        c->indices.insert(c->indices.end(), e.ix.begin() + std::ptrdiff_t(size_t(r) * k),
+                          e.ix.begin() + std::ptrdiff_t(size_t(r + 1) * k));
+        if (keep_residuals) c->residuals.insert(c->residuals.end(), in + size_t(r) * n_embd, in + size_t(r + 1) * n_embd);
         const Token &tk = toks[size_t(r)];
         c->tokens.push_back(tk.token);
         c->pos.push_back(tk.pos);
         c->seq.push_back(tk.seq);
         c->gen.push_back(tk.generated);
       }
+    }
+
+    bool changed = false;
+    for (size_t i = 0; i < mods.size(); ++i) {
+      if (!mod_on[i]) continue;
+      Entry *m = mods[i];
+      if (m->reconstruct) {
+        if (saehook_reconstruct(m->sae, buf.data(), nrows, n_embd, nullptr) != SAEHOOK_OK)
+          return (void)fail(layer, saehook_last_error());
+        ++n_encodes;
+        encoded_rows += nrows;
+        for (auto &v : row_ver) ++v;
+        changed = true;
+        continue;
+      }
+      Encoding *e = nullptr;
+      if (m->needs_encode) {
+        e = &encoding(encs, m->sae, m->k, nrows);
+        if (!encode_rows(layer, *e, buf.data(), nrows, masks[i])) return;  // only rows changed since
+      }
+      if (!apply_items(layer, *m, buf.data(), nrows, masks[i], e)) return;
+      for (int64_t r = 0; r < nrows; ++r) row_ver[size_t(r)] += masks[i][size_t(r)];
+      changed = true;
     }
     if (changed) api.tensor_set(t, buf.data(), 0, size_t(ne) * sizeof(float));
   }
@@ -280,20 +410,28 @@ bool saehook_llama_callback(struct ggml_tensor *t, bool ask, void *user_data) {
 
 namespace {
 int32_t add_entry(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae, bool capture, bool reconstruct,
-                  int32_t k, const saehook_steer_item *items, int32_t n_items, saehook_positions positions) {
+                  int32_t k, const saehook_steer_item *items, int32_t n_items, saehook_positions positions,
+                  int32_t seq) {
   if (!hook || !sae || layer < 0 || layer >= hook->n_layer || n_items < 0 || (n_items && !items) ||
-      positions < SAEHOOK_POS_ALL || positions > SAEHOOK_POS_GENERATED)
+      positions < SAEHOOK_POS_ALL || positions > SAEHOOK_POS_GENERATED || seq < -1)
     return -1;
   saehook_sae_desc d;
   if (saehook_sae_describe(sae, &d) != SAEHOOK_OK || d.d_model != hook->n_embd || d.cuda) return -1;
-  for (int32_t i = 0; i < n_items; ++i)
-    if (items[i].feature < 0 || items[i].feature >= d.d_sae || items[i].op < SAEHOOK_STEER_ADD ||
-        items[i].op > SAEHOOK_STEER_ABLATE)
-      return -1;
-  std::lock_guard<std::mutex> lk(hook->mu);
   auto e = std::make_unique<Entry>();
+  e->dirs.resize(size_t(n_items) * size_t(d.d_model));
+  for (int32_t i = 0; i < n_items; ++i) {
+    if (items[i].feature < 0 || items[i].feature >= d.d_sae || items[i].op < SAEHOOK_STEER_ADD ||
+        items[i].op > SAEHOOK_STEER_ABLATE || !std::isfinite(items[i].value))
+      return -1;
+    if (saehook_decoder_direction(sae, items[i].feature, items[i].normalize, &e->dirs[size_t(i) * size_t(d.d_model)]) !=
+        SAEHOOK_OK)
+      return -1;
+    e->needs_encode |= items[i].op != SAEHOOK_STEER_ADD;
+  }
+  std::lock_guard<std::mutex> lk(hook->mu);
   e->id = hook->next_id++;
   e->layer = layer;
+  e->bound_seq = seq;
   e->sae = sae;
   e->capture = capture;
   e->reconstruct = reconstruct;
@@ -311,11 +449,17 @@ int32_t add_entry(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sa
 int32_t saehook_llama_hook_add(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae, int32_t capture,
                                int32_t k, const saehook_steer_item *items, int32_t n_items,
                                saehook_positions positions) {
-  return add_entry(hook, layer, sae, capture != 0, false, k, items, n_items, positions);
+  return add_entry(hook, layer, sae, capture != 0, false, k, items, n_items, positions, -1);
+}
+
+int32_t saehook_llama_hook_add_for_seq(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae,
+                                       int32_t capture, int32_t k, const saehook_steer_item *items, int32_t n_items,
+                                       saehook_positions positions, int32_t seq_id) {
+  return add_entry(hook, layer, sae, capture != 0, false, k, items, n_items, positions, seq_id);
 }
 
 int32_t saehook_llama_hook_add_reconstruct(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sae) {
-  return add_entry(hook, layer, sae, false, true, 0, nullptr, 0, SAEHOOK_POS_ALL);
+  return add_entry(hook, layer, sae, false, true, 0, nullptr, 0, SAEHOOK_POS_ALL, -1);
 }
 
 saehook_status saehook_llama_hook_remove(saehook_llama_hook *hook, int32_t id) {
@@ -329,7 +473,7 @@ saehook_status saehook_llama_hook_remove(saehook_llama_hook *hook, int32_t id) {
 
 saehook_status saehook_llama_hook_announce_batch(saehook_llama_hook *hook, int32_t n_tokens, const int32_t *token,
                                                  const int32_t *pos, int32_t *const *seq_id, const int8_t *logits,
-                                                 int32_t pos0, int32_t flags) {
+                                                 const int8_t *generated, int32_t pos0, int32_t flags) {
   if (!hook || n_tokens < 0) return SAEHOOK_ERR_INVALID_ARGUMENT;
   std::lock_guard<std::mutex> lk(hook->mu);
   hook->batch.resize(size_t(n_tokens));
@@ -339,7 +483,8 @@ saehook_status saehook_llama_hook_announce_batch(saehook_llama_hook *hook, int32
     // else the last token only.
     const bool out = all || (logits ? logits[i] != 0 : i == n_tokens - 1);
     hook->batch[size_t(i)] = Token{token ? token[i] : -1, pos ? pos[i] : pos0 + i,
-                                   seq_id && seq_id[i] ? seq_id[i][0] : 0, out, gen, true};
+                                   seq_id && seq_id[i] ? seq_id[i][0] : 0, out, generated ? generated[i] != 0 : gen,
+                                   true};
   }
   std::fill(hook->cursor.begin(), hook->cursor.end(), size_t(0));
   hook->ub_begin = hook->ub_end = 0;
@@ -349,7 +494,7 @@ saehook_status saehook_llama_hook_announce_batch(saehook_llama_hook *hook, int32
 
 saehook_status saehook_llama_hook_announce(saehook_llama_hook *hook, int32_t n, const int32_t *tokens,
                                            const int32_t *positions, int32_t pos0, const int32_t *seq_ids,
-                                           const int8_t *outputs, int32_t flags) {
+                                           const int8_t *outputs, const int8_t *generated, int32_t flags) {
   if (!hook || n < 0) return SAEHOOK_ERR_INVALID_ARGUMENT;
   std::vector<int32_t *> seq_ptrs;
   if (seq_ids) {
@@ -357,7 +502,7 @@ saehook_status saehook_llama_hook_announce(saehook_llama_hook *hook, int32_t n, 
     for (int32_t i = 0; i < n; ++i) seq_ptrs[size_t(i)] = const_cast<int32_t *>(seq_ids + i);
   }
   return saehook_llama_hook_announce_batch(hook, n, tokens, positions, seq_ids ? seq_ptrs.data() : nullptr, outputs,
-                                           pos0, flags);
+                                           generated, pos0, flags);
 }
 
 void saehook_llama_hook_reset_queue(saehook_llama_hook *hook) {
@@ -373,6 +518,29 @@ int64_t saehook_llama_hook_unannounced(const saehook_llama_hook *hook) {
   if (!hook) return 0;
   std::lock_guard<std::mutex> lk(hook->mu);
   return hook->unannounced;
+}
+
+void saehook_llama_hook_clear_seq(saehook_llama_hook *hook, int32_t seq_id) {
+  // Entries and their captured rows are the caller's to remove and read; the hook keeps no other
+  // state per sequence today, so there is nothing else to forget. Taking the lock still orders
+  // the call after a decode in flight.
+  if (!hook || seq_id < 0) return;
+  std::lock_guard<std::mutex> lk(hook->mu);
+}
+
+int32_t saehook_llama_hook_entry_ids(const saehook_llama_hook *hook, int32_t *ids, int32_t cap) {
+  if (!hook) return -1;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  const int32_t n = int32_t(hook->entries.size());
+  for (int32_t i = 0; i < n && i < cap && ids; ++i) ids[i] = hook->entries[size_t(i)]->id;
+  return n;
+}
+
+int64_t saehook_llama_hook_encode_count(const saehook_llama_hook *hook, int64_t *rows) {
+  if (!hook) return -1;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  if (rows) *rows = hook->encoded_rows;
+  return hook->n_encodes;
 }
 
 saehook_status saehook_llama_hook_set_cvec(saehook_llama_hook *hook, const float *data, size_t len, int32_t n_embd,

@@ -18,6 +18,7 @@ from typing import List, Optional
 from . import dataset_commands
 from . import model_commands
 from . import sae_commands
+from . import serve_commands
 from . import tool_commands
 from . import train_commands
 from .common import CommandParser
@@ -29,6 +30,7 @@ GROUPS = (
     model_commands,
     dataset_commands,
     train_commands,
+    serve_commands,
 )
 
 

@@ -96,10 +96,16 @@ class _Lib:
             "saehook_llama_hook_create": (P, [c.POINTER(_GgmlApi), c.c_int32, c.c_int32]),
             "saehook_llama_hook_destroy": (None, [P]),
             "saehook_llama_hook_add": (c.c_int32, [P, c.c_int32, P, c.c_int32, c.c_int32, P, c.c_int32, c.c_int]),
+            "saehook_llama_hook_add_for_seq": (c.c_int32, [P, c.c_int32, P, c.c_int32, c.c_int32, P, c.c_int32, c.c_int,
+                                                           c.c_int32]),
+            "saehook_llama_hook_entry_ids": (c.c_int32, [P, P, c.c_int32]),
+            "saehook_llama_hook_clear_seq": (None, [P, c.c_int32]),
+            "saehook_llama_hook_encode_count": (c.c_int64, [P, P]),
+            "saehook_llama_hook_clear_captured": (None, [P, c.c_int32]),
             "saehook_llama_hook_add_reconstruct": (c.c_int32, [P, c.c_int32, P]),
             "saehook_llama_hook_remove": (c.c_int, [P, c.c_int32]),
-            "saehook_llama_hook_announce": (c.c_int, [P, c.c_int32, P, P, c.c_int32, P, P, c.c_int32]),
-            "saehook_llama_hook_announce_batch": (c.c_int, [P, c.c_int32, P, P, P, P, c.c_int32, c.c_int32]),
+            "saehook_llama_hook_announce": (c.c_int, [P, c.c_int32, P, P, c.c_int32, P, P, P, c.c_int32]),
+            "saehook_llama_hook_announce_batch": (c.c_int, [P, c.c_int32, P, P, P, P, P, c.c_int32, c.c_int32]),
             "saehook_llama_hook_reset_queue": (None, [P]),
             "saehook_llama_hook_unannounced": (c.c_int64, [P]),
             "saehook_llama_hook_set_cvec": (c.c_int, [P, P, c.c_size_t, c.c_int32, c.c_int32, c.c_int32]),
@@ -290,43 +296,85 @@ class HookedLlama(llama_cpp.Llama):
             raise ValueError(f"d_model mismatch: the SAE for layer {layer} has d_model={sae.d_model}, "
                              f"the model's n_embd is {self._n_embd}")
 
+    def _check_steering(self, st) -> None:
+        if not isinstance(st, Steering):
+            raise TypeError(f"steer() takes Steering objects, got {type(st).__name__}")
+        if st.layer is None:
+            raise ValueError("Steering has no layer: pass layer= or use an SAE with a layer")
+        self._check(st.layer, st.sae)
+
     # ---- token bookkeeping ----
     def _rows_may_be_grouped_by_sequence(self) -> bool:
         """llama.cpp keeps batch order only with a single KV stream and no recurrent state; else
-        its micro-batches group rows by sequence (llama_batch_allocr::split_equal)."""
+        its micro-batches may group rows by sequence (llama_batch_allocr::split_equal)."""
         p = self.context_params
-        return (p.n_seq_max > 1 and not p.kv_unified) or bool(getattr(self, "_is_recurrent", False)) \
-            or bool(getattr(self, "_is_hybrid", False))
+        return (p.n_seq_max > 1 and not p.kv_unified) or self._recurrent_memory()
+
+    def _recurrent_memory(self) -> bool:
+        return bool(getattr(self, "_is_recurrent", False)) or bool(getattr(self, "_is_hybrid", False))
+
+    def _check_row_order(self, seqs: np.ndarray) -> None:
+        """Refuses a multi-sequence batch whose rows llama.cpp may compute out of batch order
+        (see saehook_llama.h): on a context that groups rows by sequence, only one token per
+        sequence is safe, with sequence ids increasing unless split_equal is non-sequential
+        (a hybrid model with kv_unified)."""
+        if len(seqs) < 2 or not self._rows_may_be_grouped_by_sequence():
+            return
+        if (seqs == seqs[0]).all():
+            return
+        what = "one KV stream per sequence" if not self._recurrent_memory() else "a recurrent/hybrid model"
+        if len(np.unique(seqs)) != len(seqs):
+            raise ValueError(f"several sequences in one batch with several tokens of one sequence: on this context "
+                             f"({what}) llama.cpp groups a micro-batch's rows by sequence, so the hook could not tell "
+                             f"which row is which token. Decode a multi-token (prompt) chunk in a batch of its own, "
+                             f"or use kv_unified=True on a transformer model")
+        p = self.context_params
+        sequential = bool(getattr(self, "_is_recurrent", False)) or (p.n_seq_max > 1 and not p.kv_unified)
+        if sequential and (np.diff(seqs) <= 0).any():
+            raise ValueError(f"one token per sequence on this context ({what}, no kv_unified) keeps batch order only "
+                             f"with sequence ids increasing in the batch (llama.cpp's sequential split_equal would "
+                             f"take [0, 2, 1] as [0, 1] then [2]); got {seqs.tolist()}: sort the batch by sequence id")
 
     def _flags(self, generated: bool) -> int:
         # With embeddings on, llama.cpp makes every token an output whatever the batch says.
         return (_BATCH_GENERATED if generated else 0) | (_BATCH_OUTPUT_ALL if self.context_params.embeddings else 0)
 
-    def announce_batch(self, batch: "llama_cpp.llama_batch", *, generated: bool = False) -> None:
+    @staticmethod
+    def _generated_array(generated, n: int):
+        """(batch flag, per-token int8 array or None) from a bool or one bool per token."""
+        if isinstance(generated, (bool, np.bool_)):
+            return bool(generated), None
+        g = np.ascontiguousarray(np.asarray(generated, dtype=bool), dtype=np.int8)
+        if g.shape != (n,):
+            raise ValueError(f"generated has {g.size} flags for {n} tokens")
+        return False, g
+
+    def announce_batch(self, batch: "llama_cpp.llama_batch", *, generated=False) -> None:
         """Tells the hook which tokens the next llama_decode of `batch` (a llama_cpp.llama_batch)
-        evaluates. HookedLlama's own decodes do this; call it before decoding a batch you built."""
+        evaluates. HookedLlama's own decodes do this; call it before decoding a batch you built.
+        generated: the batch's tokens were sampled (True) or are prompt (False), or one flag per
+        token. A token in several sequences counts as its first sequence's."""
         if self._hook is None or batch.n_tokens <= 0:
             return
         n = int(batch.n_tokens)
-        if batch.seq_id and self._rows_may_be_grouped_by_sequence():
-            seqs = {batch.seq_id[i][0] for i in range(n)}
-            if len(seqs) > 1:
-                raise ValueError("several sequences in one batch: this context may group the rows by sequence "
-                                 "(one KV stream per sequence or a recurrent model), so the hook could not tell "
-                                 "which row is which token; use kv_unified=True or one sequence per decode")
+        if batch.seq_id:
+            seqs = np.fromiter((batch.seq_id[i][0] for i in range(n)), np.int32, n)
+            self._check_row_order(seqs)
+        flag, g = self._generated_array(generated, n)
         if batch.pos:
             pos0 = 0
         else:  # llama.cpp continues the sequence
             pos0 = self.n_tokens
         rc = _lib().announce_batch(self._hook, n, _ptr(batch.token), _ptr(batch.pos), _ptr(batch.seq_id),
-                                   _ptr(batch.logits), pos0, self._flags(generated))
+                                   _ptr(batch.logits), _ptr(g), pos0, self._flags(flag))
         if rc != 0:
             raise RuntimeError(f"saehook_llama_hook_announce_batch failed ({rc})")
 
     def announce(self, tokens: Sequence[int], positions: Sequence[int], *, seq_ids: Optional[Sequence[int]] = None,
-                 outputs: Optional[Sequence[bool]] = None, generated: bool = False) -> None:
+                 outputs: Optional[Sequence[bool]] = None, generated=False) -> None:
         """Like announce_batch, from lists: the tokens of the next llama_decode, in batch order.
-        outputs: whose logits are requested (default: the last token only, llama.cpp's default)."""
+        outputs: whose logits are requested (default: the last token only, llama.cpp's default);
+        generated: True/False for the whole batch, or one flag per token."""
         n = len(tokens)
         if n == 0 or self._hook is None:
             return
@@ -336,11 +384,28 @@ class HookedLlama(llama_cpp.Llama):
         o = None if outputs is None else np.ascontiguousarray(outputs, dtype=np.int8)
         if len(p) != n or (o is not None and len(o) != n) or (s is not None and len(s) != n):
             raise ValueError("tokens, positions, seq_ids and outputs must have the same length")
-        if s is not None and len(np.unique(s)) > 1 and self._rows_may_be_grouped_by_sequence():
-            raise ValueError("several sequences in one batch need kv_unified=True (and a non-recurrent model)")
-        rc = _lib().announce(self._hook, n, _ptr(t), _ptr(p), 0, _ptr(s), _ptr(o), self._flags(generated))
+        if s is not None:
+            self._check_row_order(s)
+        flag, g = self._generated_array(generated, n)
+        rc = _lib().announce(self._hook, n, _ptr(t), _ptr(p), 0, _ptr(s), _ptr(o), _ptr(g), self._flags(flag))
         if rc != 0:
             raise RuntimeError(f"saehook_llama_hook_announce failed ({rc})")
+
+    @property
+    def encode_count(self) -> int:
+        """SAE encodes the hook's callback has run so far (one per (SAE, k) group, layer and
+        micro-batch when entries share their encode)."""
+        return int(_lib().encode_count(self._hook, None)) if self._hook else 0
+
+    def live_entry_ids(self) -> List[int]:
+        """The ids of the entries live on the C side (for checks: it equals what Python holds)."""
+        if not self._hook:
+            return []
+        lib = _lib()
+        n = lib.entry_ids(self._hook, None, 0)
+        ids = np.zeros(max(n, 1), np.int32)
+        n = lib.entry_ids(self._hook, _ptr(ids), len(ids))
+        return ids[:n].tolist()
 
     def _reset_queue(self) -> None:
         if self._hook:
@@ -372,15 +437,27 @@ class HookedLlama(llama_cpp.Llama):
             self._in_generate = False
 
     # ---- capture ----
+    def _read_into(self, r: LlamaLayerRecord, i: int, residuals: bool) -> None:
+        """Fills r with the rows entry i captured so far."""
+        lib = _lib()
+        n, kk = lib.captured(self._hook, i), lib.k(self._hook, i)
+        r.tokens, r.positions, r.seq_ids = (np.empty(n, np.int32) for _ in range(3))
+        gen = np.empty(n, np.int8)
+        r.values, r.indices = np.empty((n, kk), np.float32), np.empty((n, kk), np.int32)
+        r.residuals = np.empty((n, self._n_embd), np.float32) if residuals else None
+        lib.read(self._hook, i, _ptr(r.tokens), _ptr(r.positions), _ptr(r.seq_ids), _ptr(gen),
+                 _ptr(r.values), _ptr(r.indices), _ptr(r.residuals))
+        r.generated = gen.astype(bool)
+
     def _add(self, layer: int, sae: SAE, *, capture: bool = False, k: int = 0, items: Optional[np.ndarray] = None,
-             positions: str = "all", reconstruct: bool = False) -> int:
+             positions: str = "all", reconstruct: bool = False, seq: int = -1) -> int:
         lib = _lib()
         if reconstruct:
             i = lib.add_reconstruct(self._hook, int(layer), sae.handle)
         else:
             n = 0 if items is None else len(items)
-            i = lib.add(self._hook, int(layer), sae.handle, int(capture), int(k), _ptr(items) if n else None, n,
-                        _POS_CODE[positions])
+            i = lib.add_for_seq(self._hook, int(layer), sae.handle, int(capture), int(k), _ptr(items) if n else None, n,
+                                _POS_CODE[positions], int(seq))
         if i < 0:  # _check and Steering validate first, so this is unexpected
             raise ValueError(f"saehook: cannot hook layer {layer} with this SAE")
         self._entries.append(i)
@@ -415,15 +492,7 @@ class HookedLlama(llama_cpp.Llama):
             yield rec
         finally:
             for layer, (i, sae) in ids.items():
-                n, kk = lib.captured(self._hook, i), lib.k(self._hook, i)
-                r = rec[layer]
-                r.tokens, r.positions, r.seq_ids = (np.empty(n, np.int32) for _ in range(3))
-                gen = np.empty(n, np.int8)
-                r.values, r.indices = np.empty((n, kk), np.float32), np.empty((n, kk), np.int32)
-                r.residuals = np.empty((n, self._n_embd), np.float32) if residuals else None
-                lib.read(self._hook, i, _ptr(r.tokens), _ptr(r.positions), _ptr(r.seq_ids), _ptr(gen),
-                         _ptr(r.values), _ptr(r.indices), _ptr(r.residuals))
-                r.generated = gen.astype(bool)
+                self._read_into(rec[layer], i, residuals)
                 self._remove(i)
             if residuals:
                 lib.keep_residuals(self._hook, 0)
@@ -485,11 +554,7 @@ class HookedLlama(llama_cpp.Llama):
         control vectors (control_vectors=False forces the callback) unless a callback change at
         that layer comes before them; the others run in the callback with one encode per layer."""
         for st in steerings:
-            if not isinstance(st, Steering):
-                raise TypeError(f"steer() takes Steering objects, got {type(st).__name__}")
-            if st.layer is None:
-                raise ValueError("Steering has no layer: pass layer= or use an SAE with a layer")
-            self._check(st.layer, st.sae)
+            self._check_steering(st)
         ids, cvecs = [], []
         try:
             for st in steerings:
@@ -511,11 +576,85 @@ class HookedLlama(llama_cpp.Llama):
                     lst.pop(next(j for j, x in enumerate(lst) if x is v))
                 self._apply_cvec()
 
+    # ---- per-sequence entries (continuous batching) ----
+    def hook_sequence(self, seq_id: int, steerings: Iterable[Steering] = (),
+                      capture: Optional[Mapping[int, SAE]] = None, k: Optional[int] = None) -> "SequenceHook":
+        """Steering and capture bound to one sequence id: they touch only the rows announced
+        with seq_id (announce/announce_batch with seq_ids), so one llama_decode can serve
+        several sequences with different steering. Steerings all run in the callback (a control
+        vector would steer every sequence); at one layer, entries with the same SAE and k share
+        one encode per micro-batch. capture: {layer: SAE}, k: features kept per row (default
+        the SAE's k). Returns a SequenceHook; close it (or use `with`) when the sequence ends."""
+        return SequenceHook(self, seq_id, steerings, capture, k)
+
     def close(self) -> None:
         super().close()  # frees the context first: the hook must outlive it
         if getattr(self, "_hook", None):
             _lib().destroy(self._hook)
             self._hook = None
+
+
+class SequenceHook:
+    """The entries of one sequence (HookedLlama.hook_sequence). take() returns the rows captured
+    since the last take, in evaluation order; close() removes the entries (idempotent)."""
+
+    def __init__(self, llm: HookedLlama, seq_id: int, steerings: Iterable[Steering],
+                 capture: Optional[Mapping[int, SAE]], k: Optional[int]):
+        if isinstance(seq_id, bool) or not isinstance(seq_id, (int, np.integer)) or int(seq_id) < 0:
+            raise ValueError(f"seq_id must be an integer >= 0, got {seq_id!r}")
+        if llm._hook is None:
+            raise RuntimeError("this HookedLlama was closed (close()); create a new one")
+        steerings = list(steerings)
+        for st in steerings:
+            llm._check_steering(st)
+        capture = dict(capture or {})
+        for layer, sae in capture.items():
+            llm._check(layer, sae)
+        if k is not None and int(k) <= 0:
+            raise ValueError(f"k must be > 0, got {k}")
+        self.seq_id = int(seq_id)
+        self._llm = llm
+        self._ids: List[int] = []
+        self._captures: Dict[int, int] = {}
+        try:
+            for st in steerings:
+                self._ids.append(llm._add(st.layer, st.sae, items=st.items(), positions=st.positions, seq=self.seq_id))
+            for layer, sae in capture.items():
+                i = llm._add(layer, sae, capture=True, k=int(k or 0), seq=self.seq_id)
+                self._ids.append(i)
+                self._captures[int(layer)] = i
+        except BaseException:
+            self.close()
+            raise
+
+    def take(self) -> Dict[int, LlamaLayerRecord]:
+        """The rows captured for this sequence since the last take, per layer, then forgotten."""
+        if self._llm is None:
+            raise RuntimeError("this SequenceHook was closed")
+        out = {}
+        for layer, i in self._captures.items():
+            r = LlamaLayerRecord()
+            self._llm._read_into(r, i, False)
+            _lib().clear_captured(self._llm._hook, i)
+            out[layer] = r
+        return out
+
+    def close(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        for i in self._ids:
+            if i in llm._entries and llm._hook:
+                llm._remove(i)
+        self._ids, self._captures = [], {}
+        if llm._hook:
+            _lib().clear_seq(llm._hook, self.seq_id)
+
+    def __enter__(self) -> "SequenceHook":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def export_control_vector(steerings: Iterable[Steering], path: str, *, model_hint: str = "") -> None:
