@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -187,3 +188,103 @@ def test_cli_capture_on_ray(cluster, setup, tmp_path):
     assert manifest["model"] == str(setup / "m.gguf")
     shards, _, rows = _rows(pafs.LocalFileSystem(), str(tmp_path / "cap"))
     assert rows == _rows(pafs.LocalFileSystem(), str(setup / "local"))[2]
+
+
+# ---- Ray Serve: two replicas of `saehook serve` behind one endpoint ----
+
+SERVE_ARGS = dict(parallel=4, n_ctx=160, n_batch=64, n_threads=1, chat_format="chatml")
+
+
+def _ask(client, i, kind):
+    """(the replica that answered, every field of the answer but ids and times): a steered
+    completion, or a streamed chat with per-token features."""
+    spec = [{"feature": 7 + i, "op": "clamp", "value": 3.0 + i}]
+    if kind == "completion":
+        raw = client.completions.with_raw_response.create(
+            model="m", prompt=f"The with statement number {i} is used to", max_tokens=8, temperature=0,
+            extra_body={"saehook": {"steer": spec}})
+        c = raw.parse()
+        return raw.headers.get("x-saehook-replica"), (c.choices[0].text, c.choices[0].finish_reason, c.usage.model_dump())
+    raw = client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": f"What is {i}?"}], max_tokens=6, temperature=0, stream=True,
+        extra_body={"saehook": {"steer": spec, "features": {"sae": "demo", "layer": 2, "top": 3, "prompt": True}}})
+    chat = [(ch.delta.content, ch.finish_reason, (ch.model_extra or {}).get("saehook"))
+            for x in raw.parse() for ch in x.choices]
+    assert any(c[2] for c in chat)  # the features came back
+    return raw.headers.get("x-saehook-replica"), ("".join(c[0] or "" for c in chat), chat)
+
+
+def _text(answer):
+    return answer[0]
+
+
+def test_two_ray_serve_replicas_answer_as_one_local_server(cluster):
+    import concurrent.futures
+
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from ray import serve
+
+    from saehook import demo
+    from saehook.serve.ray_serve import serve_on_ray
+    from test_serve import Server, free_port
+
+    def local_server():
+        return Server(demo.MODEL, "--sae", f"demo={demo.SAE_FILE}", "--parallel", 4, "--n-ctx", 160, "--n-batch", 64,
+                      "--chat-format", "chatml")
+
+    requests = [(i, kind) for i in range(6) for kind in ("completion", "chat")]
+    port = free_port()
+    try:
+        serve_on_ray(demo.MODEL, {"demo": demo.SAE_FILE}, replicas=2, port=port, **SERVE_ARGS)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        # one at a time, to fresh replicas: Ray Serve's router picks one of the two for each
+        seq = [_ask(client, *r) for r in requests]
+        # then eight at once: spread over both replicas
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            burst = list(pool.map(lambda r: _ask(client, *r), requests[:8]))
+        assert len({replica for replica, _ in burst}) == 2
+        local = local_server()
+        try:
+            solo = [_ask(local.client(), *r)[1] for r in requests]
+        finally:
+            assert local.stop() == 0
+        assert len({json.dumps(a) for a in solo}) >= 8  # the steerings change the answers
+        # every text, the burst's included, is one local server's
+        assert [_text(a) for _, a in seq] == [_text(a) for a in solo]
+        assert [_text(a) for _, a in burst] == [_text(a) for a in solo[:8]]
+        # every field and feature value is that of a local server given the same requests in the same
+        # order, replayed on a fresh server per replica (a server's feature values move in the last
+        # digits with the requests it served before, as the KV cells a prompt gets depend on them)
+        by_replica: dict = {}
+        for r, (replica, answer) in zip(requests, seq):
+            by_replica.setdefault(replica, []).append((r, answer))
+        for served in by_replica.values():
+            local = local_server()
+            try:
+                assert [_ask(local.client(), *r)[1] for r, _ in served] == [a for _, a in served]
+            finally:
+                assert local.stop() == 0
+    finally:
+        serve.shutdown()
+    # the same through the CLI: saehook serve --ray ADDRESS --replicas 2, stopped by SIGTERM
+    port = free_port()
+    cmd = [sys.executable, "-m", "saehook", "serve", demo.MODEL, "--sae", f"demo={demo.SAE_FILE}", "--ray", cluster,
+           "--replicas", "2", "--port", str(port), "--threads", "1", "--parallel", "4", "--n-ctx", "160",
+           "--n-batch", "64", "--chat-format", "chatml"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                answer = _ask(client, 0, "completion")[1]
+                break
+            except (openai.APIConnectionError, openai.NotFoundError, openai.InternalServerError):
+                assert time.monotonic() < deadline, "saehook serve --ray did not start"
+                time.sleep(1)
+        assert _text(answer) == _text(solo[0])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
