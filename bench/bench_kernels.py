@@ -49,7 +49,8 @@ DTYPE_WEIGHT_BYTES = {"f32": 0, "bf16": 4, "int8": 3}  # per weight, on top of t
 def shape_memory(shape: str, dtypes=("f32", "bf16", "int8"), max_batch: int = 256, with_torch: bool = True) -> int:
     """Peak bytes one shape takes: the f32 weights (encoder and decoder share them), each converted
     variant (bf16: bf16 encoder and decoder; int8: int8 encoder and bf16 decoder), torch's bf16
-    copy, torch's pre-activations and dense decode buffer at the largest batch, the 1 GiB probe."""
+    copy, torch's pre-activations and dense decode buffer at the largest batch, the 1 GiB probe
+    (not the interpreter and libraries: about 0.3 GiB more with torch)."""
     d, m = (int(v) for v in shape.lower().split("x"))
     per_weight = 4 + sum(DTYPE_WEIGHT_BYTES.get(dt, 4) for dt in dtypes) + (2 if with_torch else 0)
     return d * m * per_weight + (2 * max_batch * m * 4 if with_torch else 0) + PROBE_BYTES
@@ -63,7 +64,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES,
                    help="d_model x d_sae, comma-separated; one shape is in memory at a time, peak with the default "
-                        f"dtypes and batches: {memory_note(DEFAULT_SHAPES)} (default: %(default)s)")
+                        f"dtypes and batches: {memory_note(DEFAULT_SHAPES)}, plus about 0.3 GiB for Python and torch "
+                        "themselves (2048x32768 at batch 256 peaked at 2.2 GiB resident) (default: %(default)s)")
     p.add_argument("--batches", default="1,8,64,256", help="rows per call, comma-separated (default: %(default)s)")
     p.add_argument("--k", default="50,100", help="k values, comma-separated (default: %(default)s)")
     p.add_argument("--dtypes", default="f32,bf16,int8", help="encoder dtypes (default: %(default)s)")

@@ -378,7 +378,8 @@ def test_features_page_has_a_legend(tmp_path, capsys):
     page = tmp_path / "f.html"
     assert main(["features", MODEL, "--sae", SAE, "--feature", "131", "--html", str(page), "a b c"]) == 0
     html = page.read_text()
-    assert "Shading: feature 131" in html and html.count('class="t" style') >= 5 + 5  # 5 tokens + 5 legend steps
+    assert "Shading: feature 131" in html and html.count('class="swatch"') == 5  # the legend's five steps
+    assert html.count('class="t"') == 5  # one span per token ('a', ' ', 'b', ' ', 'c')
 
 
 def test_eval_shows_progress_and_explains_its_metrics(capsys, docs_txt):
@@ -386,6 +387,12 @@ def test_eval_shows_progress_and_explains_its_metrics(capsys, docs_txt):
     out = capsys.readouterr()
     assert "evaluating documents: 4/4" in out.err
     assert "fraction of the residual's variance" in out.out and "ce_increase" in out.out
+
+
+def test_eval_texts_may_follow_the_options(capsys):
+    assert main(["eval", MODEL, "--sae", SAE, "The with statement is used to wrap a block.", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_tokens"] > 10
+    fails(capsys, ["eval", MODEL, "--sae", SAE, "text", "--bogus"], "unrecognized arguments", "--bogus")
 
 
 def test_bench_passes_options_through(capsys, monkeypatch, tmp_path):
@@ -413,3 +420,60 @@ def test_bench_scripts_are_installed_with_the_package(tmp_path):
     r = subprocess.run([sys.executable, "-m", "saehook", "bench", "--help"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--shapes" in r.stdout, r.stderr
+
+
+def _gguf_with_keys_after_a_big_vocabulary(path, n_tokens=151_000):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    w.add_token_list([f"t{i}" for i in range(n_tokens)])  # before the model's keys
+    w.add_token_types([1] * n_tokens)
+    w.add_block_count(36)
+    w.add_embedding_length(4096)
+    w.add_context_length(40960)
+    w.add_tensor("x", np.zeros(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_model_facts_agree_with_the_gguf_package_and_are_quick(tmp_path):
+    import time
+
+    import gguf
+
+    from saehook.engines.protocol import gguf_model_facts
+
+    path = tmp_path / "m.gguf"
+    _gguf_with_keys_after_a_big_vocabulary(path)
+    for p in (MODEL, str(path)):
+        t = time.perf_counter()
+        got = gguf_model_facts(p)
+        elapsed = time.perf_counter() - t
+        r = gguf.GGUFReader(p)  # the oracle (slow: it builds every field)
+        arch = r.fields["general.architecture"].contents()
+        assert got == {"architecture": arch, "n_layer": r.fields[f"{arch}.block_count"].contents(),
+                       "n_embd": r.fields[f"{arch}.embedding_length"].contents(),
+                       "n_ctx_train": r.fields[f"{arch}.context_length"].contents()}
+        assert elapsed < 2.0, elapsed  # the vocabulary is skipped, not parsed
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:5000])
+    with pytest.raises(ValueError, match="truncated"):
+        gguf_model_facts(str(tmp_path / "cut.gguf"))
+    with pytest.raises(ValueError, match="not a GGUF"):
+        gguf_model_facts(SAE)
+
+
+def test_llama_warnings_are_quiet_with_verbose_false():
+    """llama-cpp-python 0.3.36 prints llama.cpp's warnings with verbose=False (a stale level
+    map); the CLI's engine prints errors only. A model whose context is asked beyond its
+    training length makes llama.cpp warn."""
+    code = ("from saehook.engines import LlamaEngine; from saehook import demo; "
+            "LlamaEngine(demo.MODEL, n_ctx=1024); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert "n_ctx_train" not in r.stderr, r.stderr
+    loud = code.replace("n_ctx=1024", "n_ctx=1024, verbose=True")
+    r = subprocess.run([sys.executable, "-c", loud], capture_output=True, text=True, timeout=120)
+    assert "n_ctx_train" in r.stderr  # the warning exists; verbose=True shows it

@@ -34,10 +34,16 @@ GROUPS = (
 )
 
 
+DESCRIPTION = """\
+Top-K sparse autoencoders inside a language model's forward pass (GGUF models through
+llama.cpp, or transformers). New here? `saehook demo` runs offline on the shipped model;
+`saehook COMMAND --help` shows a command's options and their defaults."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    p = CommandParser(prog="saehook", description=__doc__.splitlines()[0])
+    p = CommandParser(prog="saehook", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"saehook {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND", parser_class=CommandParser)
     for group in GROUPS:
@@ -53,7 +59,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if argv[:1] == ["bench"]:  # everything after it belongs to the benchmark script (--help included)
             return tool_commands.run_bench(argv[1:])
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        # argparse fills a nargs="*" positional (eval's texts) as soon as the positional before it
+        # is read, so texts after an option land in `extra`: they belong to it
+        rest = getattr(args, "texts_after_options", None)
+        if extra and rest and not any(e.startswith("-") for e in extra):
+            setattr(args, rest, list(getattr(args, rest) or []) + extra)
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         try:
             return args.fn(args)
         except (ValueError, OSError, IndexError, TypeError, RuntimeError) as e:

@@ -25,6 +25,9 @@ def load_layers(path: str, layers: Optional[str], k: Optional[int]) -> dict:
     layer = wanted[0] if wanted else obj.layer
     if layer is None or (wanted and len(wanted) > 1):
         raise ValueError(f"{path} is one SAE: pass the one --layers it reads")
+    if obj.layer is not None and int(obj.layer) != layer:
+        print(f"saehook: warning: {path} was trained on layer {obj.layer}'s residual, applied at layer {layer} "
+              "(its features are not expected to mean the same there)", file=sys.stderr)
     return {layer: obj}
 
 

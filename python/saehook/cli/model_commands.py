@@ -153,7 +153,8 @@ def register(sub) -> None:
                                    "and its architecture becomes the hint")
     e.add_argument("--model-hint", default="",
                    help="controlvector.model_hint, the architecture name llama.cpp's cvector-generator writes "
-                        "(e.g. qwen3); llama.cpp does not read it (default: the --model's architecture)")
+                        "(e.g. qwen3; llama.cpp's loader ignores it, other GGUF readers take it as the architecture) "
+                        "(default: the --model's architecture)")
     add_steer_flags(e)
     e.set_defaults(fn=cmd_export_cvec)
     v = sub.add_parser("eval", help="SAE quality on your model and text: FVE, L0, dead features, loss increase",
@@ -163,4 +164,4 @@ def register(sub) -> None:
     v.add_argument("--data", help="a .txt (one document per line), .jsonl (field text), .csv or .parquet file")
     v.add_argument("--max-tokens", type=positive_int, default=256, help="tokens per document")
     v.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    v.set_defaults(fn=cmd_eval)
+    v.set_defaults(fn=cmd_eval, texts_after_options="text")

@@ -55,26 +55,106 @@ def _next_token_losses(logits: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
     return -logp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])]
 
 
+# GGUF value types (gguf.GGUFValueType) -> size in bytes of a scalar; 8 = string, 9 = array
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_FORMAT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
 def gguf_model_facts(path: str) -> dict:
-    """{"architecture", "n_layer", "n_embd", "n_ctx_train"} from a GGUF file's header (the gguf
-    package reads the key-value section and the tensor table; no weights are read)."""
-    import gguf
+    """{"architecture", "n_layer", "n_embd", "n_ctx_train"} from a GGUF file's key-value header
+    (None where a key is absent). Reads the keys in order and stops once it has these four, which
+    writers put before the tokenizer's arrays: about a millisecond, where gguf.GGUFReader, which
+    builds every field, took 27 s on a header with a 151k-token vocabulary. Arrays met on the way
+    are skipped without being read. Not a validator: llama.cpp checks the file when it loads it."""
+    import struct
+
+    want = {"n_layer": "block_count", "n_embd": "embedding_length", "n_ctx_train": "context_length"}
+    facts: dict = {"architecture": None, **{k: None for k in want}}
+    found: dict = {}
+
+    def read(f, n):
+        b = f.read(n)
+        if len(b) != n:
+            raise ValueError(f"{path}: truncated GGUF header")
+        return b
+
+    def string(f) -> bytes:
+        (n,) = struct.unpack("<Q", read(f, 8))
+        return read(f, n)
+
+    def skip(f, vtype: int) -> None:
+        if vtype in _GGUF_SCALAR:
+            f.seek(_GGUF_SCALAR[vtype], 1)
+        elif vtype == 8:
+            (n,) = struct.unpack("<Q", read(f, 8))
+            f.seek(n, 1)
+        elif vtype == 9:
+            etype, count = struct.unpack("<IQ", read(f, 12))
+            if etype in _GGUF_SCALAR:
+                f.seek(_GGUF_SCALAR[etype] * count, 1)
+            else:
+                for _ in range(count):
+                    skip(f, etype)
+        else:
+            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (no GGUF magic)")
+        version, _, n_kv = struct.unpack("<IQQ", read(f, 20))
+        if version < 2 or version > 255:
+            raise ValueError(f"{path}: GGUF version {version} is not supported here (2 or 3 expected)")
+        for _ in range(n_kv):
+            key = string(f).decode("utf-8", errors="replace")
+            (vtype,) = struct.unpack("<I", read(f, 4))
+            if key == "general.architecture" and vtype == 8:
+                facts["architecture"] = string(f).decode("utf-8", errors="replace")
+            elif key.count(".") == 1 and key.split(".")[1] in want.values() and vtype in _GGUF_FORMAT:
+                found[key] = struct.unpack(_GGUF_FORMAT[vtype], read(f, _GGUF_SCALAR[vtype]))[0]
+            else:
+                skip(f, vtype)
+            arch = facts["architecture"]
+            if arch and all(f"{arch}.{k}" in found for k in want.values()):
+                break
+    arch = facts["architecture"]
+    for name, key in want.items():
+        if arch and f"{arch}.{key}" in found:
+            facts[name] = int(found[f"{arch}.{key}"])
+    return facts
+
+
+_LOG_CALLBACK = None  # the ctypes callback llama.cpp holds (kept alive here)
+
+
+def quiet_llama_log() -> None:
+    """Makes verbose=False quiet. llama-cpp-python 0.3.36 maps ggml's log levels with an older
+    enum (its WARN = 2; ggml now has DEBUG 1, INFO 2, WARN 3, ERROR 4), so with verbose=False
+    llama.cpp's warnings still print, as errors. This callback prints errors only, unless the
+    last Llama was made with verbose=True (llama-cpp-python's logger at DEBUG): then everything."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+    import ctypes
+    import logging
+    import sys
+
+    import llama_cpp
 
     try:
-        r = gguf.GGUFReader(path, "r")
-    except Exception as e:  # gguf raises ValueError/struct errors on anything that is not GGUF
-        raise ValueError(f"{path}: not a readable GGUF file ({e})") from None
+        from llama_cpp._logger import logger as llama_logger  # what Llama(verbose=...) sets
+    except ImportError:
+        llama_logger = logging.getLogger("llama-cpp-python")
+    last = [0]
 
-    def value(key):
-        f = r.fields.get(key)
-        return None if f is None else f.contents()
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous message
+            last[0] = level
+        if last[0] >= 4 or llama_logger.level <= logging.DEBUG:
+            print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
 
-    arch = value("general.architecture")
-    facts = {"architecture": arch}
-    for name, key in (("n_layer", "block_count"), ("n_embd", "embedding_length"), ("n_ctx_train", "context_length")):
-        v = value(f"{arch}.{key}")
-        facts[name] = None if v is None else int(v)
-    return facts
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _LOG_CALLBACK = callback
 
 
 DEFAULT_N_CTX = 2048
@@ -90,6 +170,7 @@ class LlamaEngine(Engine):
                  verbose: bool = False):
         from .llama import HookedLlama
 
+        quiet_llama_log()
         if n_ctx is None:
             n_ctx_train = gguf_model_facts(path)["n_ctx_train"]
             n_ctx = min(DEFAULT_N_CTX, n_ctx_train) if n_ctx_train else DEFAULT_N_CTX

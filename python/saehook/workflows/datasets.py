@@ -211,7 +211,10 @@ def _manifest_mismatch(out: str, old: dict, new: dict) -> str:
     for key in sorted(set(old) | set(new)):
         if old.get(key) == new.get(key):
             continue
-        if key == "docs_fingerprint":
+        if key in ("docs_fingerprint", "sae_fingerprint") and key not in old:
+            what.append(f"{key} (this directory was captured by an older saehook that recorded none, so a resume "
+                        "cannot check what it continues)")
+        elif key == "docs_fingerprint":
             what.append("the documents (their text or labels differ from those the capture started with)")
         elif key == "sae_fingerprint":
             a, b = old.get(key) or {}, new.get(key) or {}
@@ -235,7 +238,7 @@ def capture(engine: Engine, saes: Mapping[int, SAE], docs: Sequence[dict], out: 
     (a hash of their text and labels) and the same SAEs (`sae_fingerprint`); otherwise the
     error names what changed. A second capture into a directory in use is refused
     (`CaptureBusyError`)."""
-    pa, pq = _pa()
+    _pa()  # without pyarrow, fail before writing anything
     shard_docs = _positive_int("shard_docs", shard_docs)
     max_tokens = _positive_int("max_tokens", max_tokens)
     _check_inputs(engine, saes, docs)

@@ -2,7 +2,7 @@
 texts by features (for filtering SFT data, or as a reward function for TRL's trainers)."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Sequence
 
 import numpy as np
 

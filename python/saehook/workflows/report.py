@@ -26,7 +26,7 @@ def features_html(texts: Sequence[str], rows: List[dict], feature: int, title: s
                      f'title="{html.escape(tip)}">{shown}</span>')
     fired = sum(1 for v in act.values() if v > 0)
     named = f" ({html.escape(label)})" if label else ""
-    steps = "".join(f'<span class="t" style="background: rgba(255, 120, 0, {f:.2f})">{f * peak:.2f}</span> '
+    steps = "".join(f'<span class="swatch" style="background: rgba(255, 120, 0, {f:.2f})">{f * peak:.2f}</span> '
                     for f in (0.0, 0.25, 0.5, 0.75, 1.0)) if peak > 0 else ""
     legend = (f"<p class=\"legend\">Shading: feature {feature}'s activation at each token, from none (white) to its "
               f"peak on this text, {peak:.3f} (full orange): {steps}</p>" if peak > 0 else
@@ -37,7 +37,7 @@ def features_html(texts: Sequence[str], rows: List[dict], feature: int, title: s
 body {{ font-family: sans-serif; margin: 2em; background: #fff; color: #111; }}
 .text {{ font-family: monospace; font-size: 18px; line-height: 2; white-space: pre-wrap; }}
 .t {{ border-radius: 3px; padding: 1px 0; }}
-.legend .t {{ padding: 1px 6px; font-family: monospace; }}
+.swatch {{ border-radius: 3px; padding: 1px 6px; font-family: monospace; }}
 </style></head><body>
 <h1>Feature {feature}{named}</h1>
 <p>{html.escape(title)}: active on {fired} of {len(act)} captured tokens. Hover a token for feature {feature}'s
