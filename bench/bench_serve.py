@@ -15,7 +15,8 @@ steered, the added time per decode step at most the SAE's W_enc read bound + 10%
 
 llama-server is built from the llama.cpp that llama-cpp-python's sdist vendors (--llama-cpp-src,
 or the sdist is fetched with `pip download`), once, into --cache; or pass --llama-server BIN.
-Every request generates exactly --gen-tokens tokens (ignore_eos; llama_cpp.server, which has no
+llama_cpp.server needs llama-cpp-python's server extra (`pip install 'llama-cpp-python[server]'`:
+sse-starlette, starlette-context). Every request generates exactly --gen-tokens tokens (ignore_eos; llama_cpp.server, which has no
 such option, gets a logit_bias against the end-of-text token).
 """
 from __future__ import annotations
@@ -301,7 +302,9 @@ def main() -> int:
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--servers", nargs="+", default=["llama-server", "llama_cpp.server", "saehook"],
-                   choices=["llama-server", "llama_cpp.server", "saehook"])
+                   choices=["llama-server", "llama_cpp.server", "saehook", "saehook-sequential"],
+                   help="saehook-sequential: saehook serve --decode sequential (one llama_decode per request), "
+                   "to show what batching gains")
     p.add_argument("--llama-server", help="a llama-server binary (default: built from --llama-cpp-src)")
     p.add_argument("--llama-cpp-src", help="llama.cpp source (default: the vendored one of llama-cpp-python's sdist)")
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "saehook-bench"))
@@ -343,10 +346,12 @@ def main() -> int:
         scenarios = []
         for name in args.servers:
             port = free_port()
-            if name == "saehook":
+            if name.startswith("saehook"):
                 cmd = [sys.executable, "-m", "saehook", "serve", path, "--sae", f"bench={sae_path}", "--port", str(port),
                        "--parallel", str(par), "--n-ctx", str(n_ctx), "--threads", str(args.threads),
                        "--max-tokens", str(args.gen_tokens)]
+                if name == "saehook-sequential":
+                    cmd += ["--decode", "sequential"]
                 scenarios.append((name, cmd, port, "/health", [
                     ("unsteered", lambda i: {"ignore_eos": True}),
                     ("steered", lambda i: {"ignore_eos": True, "saehook": {"steer": [

@@ -76,7 +76,12 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
         if isinstance(obj, SAESet):
             raise ValueError(f"--sae {path} holds layers {obj.layers}: pass one layer's file")
         loaded[name] = obj
-    kw = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
+    kw = {}
+    if n_threads is not None:  # llama.cpp's threads and the hook kernels' (they run in turn, never at once)
+        kw = {"n_threads": n_threads, "n_threads_batch": n_threads}
+        from .. import set_num_threads
+
+        set_num_threads(n_threads)
     llm = HookedLlama(model, n_ctx=n_ctx * parallel, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers,
                       verbose=False, context_overrides={"n_seq_max": parallel, "kv_unified": True}, **kw)
     for name, sae in loaded.items():

@@ -190,14 +190,21 @@ def create_app(state: ServeState) -> FastAPI:
         tokens = _tokenize(state, req)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        job = Job(req=req, prompt=tokens, emit=lambda k, p: loop.call_soon_threadsafe(queue.put_nowait, (k, p)))
+
+        def emit(kind_: str, payload: Any) -> None:  # called from the scheduler's thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind_, payload))
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                job.cancel()
+
+        job = Job(req=req, prompt=tokens, emit=emit)
         state.scheduler.submit(job)
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         model = req.model or state.model_name
         if req.stream:
             # Starlette cancels the generator when the client disconnects (its finally cancels the job).
-            return StreamingResponse(_sse(_stream(state, req, job, queue, rid, created, model)),
+            return StreamingResponse(_stream(state, req, job, queue, rid, created, model),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         res = _Result()
@@ -241,19 +248,16 @@ def create_app(state: ServeState) -> FastAPI:
     return app
 
 
-async def _sse(events):
-    """Server-Sent Events framing: one `data:` line per event, a blank line after each."""
-    async for e in events:
-        yield f"data: {e['data']}\n\n"
-
-
 async def _stream(state: ServeState, req: GenerationRequest, job: Job, queue: asyncio.Queue, rid: str, created: int,
                   model: str):
-    """SSE events: one chunk per generated token (its text, logprobs and features), a last chunk
+    """Server-Sent Events (`data: JSON` and a blank line each): one chunk per generated token (its text, logprobs and features), a last chunk
     with finish_reason, a usage chunk when stream_options.include_usage, then [DONE]."""
     chat = req.kind == "chat"
     obj = "chat.completion.chunk" if chat else "text_completion"
     offset = 0
+
+    def event(data: str) -> str:
+        return f"data: {data}\n\n"
 
     def chunk(delta_text: Optional[str], *, role: bool = False, finish: Optional[str] = None,
               logprobs=None, features=None) -> str:
@@ -276,14 +280,14 @@ async def _stream(state: ServeState, req: GenerationRequest, job: Job, queue: as
         while True:
             kind, payload = await queue.get()
             if kind == "error":
-                yield {"data": json.dumps(payload.body())}
+                yield event(json.dumps(payload.body()))
                 break
             if kind == "prompt_features":
-                yield {"data": chunk("" if chat else "", role=chat, features=payload)}
+                yield event(chunk("", role=chat, features=payload))
                 first = False
                 continue
             if first and chat:
-                yield {"data": chunk("", role=True, features=[] if req.features is not None else None)}
+                yield event(chunk("", role=True, features=[] if req.features is not None else None))
                 first = False
             if kind == "token":
                 t: TokenInfo = payload
@@ -294,14 +298,14 @@ async def _stream(state: ServeState, req: GenerationRequest, job: Job, queue: as
                 if t.id >= 0 and t.logprob is not None:
                     lp = _chat_logprobs(state.llm, [t]) if chat else _completion_logprobs(state.llm, [t], offset)
                 offset += len(_piece_text(t.piece))
-                yield {"data": chunk(t.text, logprobs=lp, features=feats)}
+                yield event(chunk(t.text, logprobs=lp, features=feats))
             elif kind == "done":
-                yield {"data": chunk(None if chat else "", finish=payload["finish_reason"])}
+                yield event(chunk(None if chat else "", finish=payload["finish_reason"]))
                 if req.include_usage:
-                    yield {"data": json.dumps({"id": rid, "object": obj, "created": created, "model": model,
-                                               "choices": [], "usage": payload["usage"]})}
+                    yield event(json.dumps({"id": rid, "object": obj, "created": created, "model": model,
+                                            "choices": [], "usage": payload["usage"]}))
                 break
-        yield {"data": "[DONE]"}
+        yield event("[DONE]")
     finally:  # normal end, or the client went away (the generator is cancelled)
         job.cancel()
         state.scheduler.wake()

@@ -230,6 +230,10 @@ class Scheduler:
 
     def _start(self, job: Job, free: List[_Slot]) -> None:
         slot = max(free, key=lambda s: (self._reusable(s, job), -s.last_used))
+        f = job.req.features
+        if job.req.steerings or f is not None:  # first: if it fails, nothing is held
+            job.seq_hook = self.llm.hook_sequence(slot.seq, steerings=job.req.steerings,
+                                                  capture=None if f is None else {f.layer: f.sae})
         n = self._reusable(slot, job)
         if n < len(slot.tokens):
             if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, n, -1):
@@ -241,10 +245,6 @@ class Scheduler:
         job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         job.sampler = self._sampler(job.req)
         slot.job = job
-        f = job.req.features
-        if job.req.steerings or f is not None:
-            job.seq_hook = self.llm.hook_sequence(slot.seq, steerings=job.req.steerings,
-                                                  capture=None if f is None else {f.layer: f.sae})
 
     def _sampler(self, req: GenerationRequest):
         p = llama_cpp.llama_sampler_chain_default_params()
@@ -406,7 +406,10 @@ class Scheduler:
             m = logits.max()
             lp = logits - (m + np.log(np.exp(logits - m).sum()))
             n = job.req.logprobs
-            alts = np.argsort(-lp, kind="stable")[:n] if n else []
+            alts = []
+            if n:  # the n most likely tokens, without sorting the whole vocabulary
+                part = np.argpartition(-lp, n - 1)[:n]
+                alts = part[np.argsort(-lp[part], kind="stable")]
             logprob = (float(lp[tok]), [(int(a), float(lp[a])) for a in alts])
         if llama_cpp.llama_vocab_is_eog(self.vocab, tok) and not job.req.ignore_eos:
             self._decide(job, "stop")
@@ -420,6 +423,7 @@ class Scheduler:
         hit = min((p for p in (job.text.find(s) for s in stops) if p >= 0), default=-1)
         if hit >= 0:
             job.text = job.text[:hit]
+            job.decoder = None  # what follows the stop string is dropped, incomplete bytes too
             reason = "stop"
             safe = hit
         else:
@@ -450,6 +454,9 @@ class Scheduler:
 
     def _decide(self, job: Job, reason: str) -> None:
         job.finishing = reason
+        if job.decoder is not None:  # bytes of an unfinished UTF-8 character: U+FFFD, as the decoder does
+            job.text += job.decoder.decode(b"", final=True)
+            job.decoder = None
         # Text held back for a possible stop string that never came is released at the end.
         if job.sent < len(job.text) and job.pending:
             job.pending[-1].text += job.text[job.sent:]
