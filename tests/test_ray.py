@@ -288,3 +288,9 @@ def test_two_ray_serve_replicas_answer_as_one_local_server(cluster):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
+
+
+def test_wrong_layer_is_refused_before_any_actor_starts(cluster, setup, tmp_path):
+    with pytest.raises(ValueError, match="layer 7 is outside the model"):
+        _capture(setup, str(tmp_path / "cap"), layers=[7])
+    assert not (tmp_path / "cap").exists()

@@ -209,7 +209,7 @@ def capture_on_ray(model: str, sae: str, docs: Union[str, Sequence[dict]], out: 
     docs = list(docs)
     saes = load_sae_layers(sae, layers, k)  # mmapped: the driver reads only the fingerprint's samples
     fs, root = resolve_output(out, filesystem)
-    datasets._check_inputs(_ShapeOnly(saes), saes, docs)
+    datasets._check_inputs(_ModelFacts(model, engine), saes, docs)
     manifest = datasets.capture_manifest(saes, docs, shard_docs, max_tokens, manifest_extra)
     del saes
 
@@ -234,13 +234,29 @@ def capture_on_ray(model: str, sae: str, docs: Union[str, Sequence[dict]], out: 
                 ray.shutdown()
 
 
-class _ShapeOnly:
-    """What _check_inputs needs of an engine before any node has loaded the model: the layer
-    range is checked by each actor against the real model; here only the SAEs' own consistency."""
+class _ModelFacts:
+    """What _check_inputs needs of an engine, read on the driver from the GGUF header or the
+    transformers config (no weights loaded), so a wrong layer or SAE width fails before any
+    actor starts. Each actor checks again against the model it loaded."""
 
-    def __init__(self, saes):
-        self.n_layer = max(int(L) for L in saes) + 1 if saes else 1
-        self.d_model = next(iter(saes.values())).d_model if saes else 0
+    def __init__(self, model: str, engine: Optional[str]):
+        if (engine or ("hf" if os.path.isdir(model) else "llama")) == "llama":
+            from ..engines.protocol import gguf_model_facts
+
+            if not os.path.isfile(model):
+                raise FileNotFoundError(f"{model}: not a GGUF file on this machine (every node needs it at this path)")
+            facts = gguf_model_facts(model)
+            self.n_layer, self.d_model = facts["n_layer"], facts["n_embd"]
+        else:
+            try:
+                with open(os.path.join(model, "config.json")) as f:
+                    cfg = json.load(f)
+            except OSError as e:
+                raise FileNotFoundError(f"{model}: not a transformers model directory ({e})") from None
+            cfg = cfg.get("text_config", cfg)
+            self.n_layer, self.d_model = cfg.get("num_hidden_layers"), cfg.get("hidden_size")
+        if not self.n_layer or not self.d_model:
+            raise ValueError(f"{model}: its header names no layer count or width")
 
 
 class _no_lock:
