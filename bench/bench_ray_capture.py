@@ -102,7 +102,7 @@ def main():
     try:
         commits = []
         t = time.perf_counter()
-        res = capture_on_ray(model, sae, docs, os.path.join(d, "ray"), shard_docs=4, num_actors=1, num_cpus=a.threads,
+        res = capture_on_ray(model, {0: sae}, docs, os.path.join(d, "ray"), shard_docs=4, num_actors=1, num_cpus=a.threads,
                              on_commit=lambda unit: commits.append(time.perf_counter()))
         wall = time.perf_counter() - t
     finally:

@@ -86,8 +86,8 @@ def _same_capture(setup, fs, root):
 
 
 def _capture(setup, out, **kw):
-    return capture_on_ray(str(setup / "m.gguf"), str(setup / "sae.safetensors"), str(setup / "docs.jsonl"), out,
-                          shard_docs=SHARD_DOCS, **kw)
+    return capture_on_ray(str(setup / "m.gguf"), {kw.pop("layer", LAYER): str(setup / "sae.safetensors")},
+                          str(setup / "docs.jsonl"), out, shard_docs=SHARD_DOCS, **kw)
 
 
 def test_ray_capture_equals_local_capture(cluster, setup, tmp_path):
@@ -131,7 +131,7 @@ DRIVER = textwrap.dedent("""
     def commit(unit):
         print("committed", unit, flush=True)
         time.sleep(120)  # the test SIGKILLs this driver here, with other units in flight
-    capture_on_ray(model, sae, docs, "cap", filesystem=pafs.SubTreeFileSystem(base, pafs.LocalFileSystem()),
+    capture_on_ray(model, {1: sae}, docs, "cap", filesystem=pafs.SubTreeFileSystem(base, pafs.LocalFileSystem()),
                    shard_docs=int(shard_docs), on_commit=commit)
 """)
 
@@ -150,7 +150,7 @@ def test_resume_after_driver_is_killed(cluster, setup, tmp_path):
         proc.wait()
     shards = [n for n in os.listdir(tmp_path / "cap") if n.startswith("shard-")]
     assert len(shards) == 1  # one unit committed before the kill, the other seven not
-    res = capture_on_ray(str(setup / "m.gguf"), str(setup / "sae.safetensors"), str(setup / "docs.jsonl"), "cap",
+    res = capture_on_ray(str(setup / "m.gguf"), {LAYER: str(setup / "sae.safetensors")}, str(setup / "docs.jsonl"), "cap",
                          filesystem=subtree, shard_docs=SHARD_DOCS)
     assert (res["skipped"], res["written"]) == (1, 7)
     _same_capture(setup, subtree, "cap")
@@ -160,7 +160,7 @@ def test_failing_document_is_reported_and_the_rest_committed(cluster, setup, tmp
     docs = [{"text": "abc def"}] * 5 + [{"text": "x" * 4000}] + [{"text": "ghi jkl"}] * 3
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in docs))
     with pytest.raises(CaptureIncomplete) as e:  # a 16-token context cannot hold document 5
-        capture_on_ray(str(setup / "m.gguf"), str(setup / "sae.safetensors"), str(tmp_path / "d.jsonl"),
+        capture_on_ray(str(setup / "m.gguf"), {LAYER: str(setup / "sae.safetensors")}, str(tmp_path / "d.jsonl"),
                        str(tmp_path / "cap"), shard_docs=SHARD_DOCS, max_tokens=4000, engine_kwargs={"n_ctx": 16})
     assert "2 of 3 shards committed" in str(e.value)
     assert "document 5 ('xxxxx" in str(e.value)
@@ -292,5 +292,14 @@ def test_two_ray_serve_replicas_answer_as_one_local_server(cluster):
 
 def test_wrong_layer_is_refused_before_any_actor_starts(cluster, setup, tmp_path):
     with pytest.raises(ValueError, match="layer 7 is outside the model"):
-        _capture(setup, str(tmp_path / "cap"), layers=[7])
+        _capture(setup, str(tmp_path / "cap"), layer=7)
     assert not (tmp_path / "cap").exists()
+
+
+def test_saes_must_be_paths_or_a_loader():
+    from saehook.workflows.distributed import sae_loader
+
+    with pytest.raises(TypeError, match="SAE file paths"):
+        sae_loader({1: saehook.SAE(np.eye(4, dtype=np.float32), np.eye(4, dtype=np.float32), k=1)})
+    with pytest.raises(TypeError, match="function returning"):
+        sae_loader("sae.safetensors")

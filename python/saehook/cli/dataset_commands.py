@@ -53,16 +53,19 @@ def cmd_capture(args) -> int:
 
 
 def capture_ray(args) -> int:
-    """capture --ray: the same capture by Ray actors (workflows.distributed.capture_on_ray)."""
+    """capture --ray: the same capture by Ray actors (workflows.distributed.capture_on_ray), each
+    loading the SAEs as the local capture does (load_layers)."""
+    import functools
+
     from ..workflows.datasets import read_documents
     from ..workflows.distributed import capture_on_ray
 
     docs = read_documents(args.data)
     bar = Progress("capturing documents on Ray", len(docs))
     try:
-        res = capture_on_ray(args.model, args.sae, docs, args.out, address=args.ray or None, layers=args.layers,
-                             k=args.k, engine=args.engine, shard_docs=args.shard_docs, max_tokens=args.max_tokens,
-                             num_actors=args.actors,
+        res = capture_on_ray(args.model, functools.partial(load_layers, args.sae, args.layers, args.k), docs, args.out,
+                             address=args.ray or None, engine=args.engine, shard_docs=args.shard_docs,
+                             max_tokens=args.max_tokens, num_actors=args.actors,
                              manifest_extra={"model": os.path.abspath(args.model), "sae": os.path.abspath(args.sae),
                                              "data": os.path.abspath(args.data)}, progress=lambda done, total: bar(done))
     finally:

@@ -1,7 +1,7 @@
 """Dataset capture on a Ray cluster (README "Scaling out with Ray").
 
     from saehook.workflows.distributed import capture_on_ray
-    capture_on_ray("model.gguf", "sae.safetensors", "docs.jsonl", "s3://bucket/capture", address="auto")
+    capture_on_ray("model.gguf", {12: "layer12.sae.pt"}, "docs.jsonl", "s3://bucket/capture", address="auto")
 
 The documents are cut into work units of `shard_docs` documents; unit i is shard i of a local
 capture (`datasets.shard_table`, `datasets.shard_name`), so the directory it leaves is the one
@@ -25,6 +25,7 @@ a time is written by each actor (about 60 bytes per kept feature, k per token pe
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import time
@@ -126,24 +127,47 @@ def _remove_stale_temporaries(fs, root: str) -> int:
 
 # ---- the actor ----
 
-def load_sae_layers(sae: str, layers: Optional[Sequence[int]], k: Optional[int]) -> Dict[int, "datasets.SAE"]:
-    """{layer: SAE} from an SAE file or a directory of layers, as `saehook capture --sae --layers --k` reads it."""
-    from ..cli.dataset_commands import load_layers
+SAELoader = Callable[[], Mapping[int, "datasets.SAE"]]
 
-    if layers is not None and not isinstance(layers, str):
-        layers = ",".join(str(int(L)) for L in layers)
-    return load_layers(sae, layers or None, k)
+
+def sae_loader(saes: Union[Mapping[int, str], SAELoader], k: Optional[int] = None) -> SAELoader:
+    """What each actor (and the driver, for the manifest's fingerprints) calls to get its
+    {layer: SAE}: a function as given (it travels to the actors: e.g. functools.partial of a
+    loader; the CLI passes its --sae/--layers/--k loader), or {layer: SAE file path}, each file
+    loaded with saehook.load(path, k=k) (mmapped, not copied)."""
+    if callable(saes):
+        return saes
+    if isinstance(saes, Mapping) and saes:
+        for layer, path in saes.items():
+            if not isinstance(path, (str, os.PathLike)):
+                raise TypeError(f"saes[{layer!r}] is a {type(path).__name__}: pass SAE file paths (each actor loads "
+                                "its own copy), or a function that returns {layer: SAE}")
+        return functools.partial(_load_paths, {layer: os.fspath(p) for layer, p in saes.items()}, k)
+    raise TypeError("saes must be {layer: SAE file path} or a function returning {layer: SAE}, "
+                    f"got {type(saes).__name__}")
+
+
+def _load_paths(paths: Mapping[int, str], k: Optional[int]) -> Dict[int, "datasets.SAE"]:
+    from .. import load
+
+    out = {}
+    for layer, path in paths.items():
+        obj = load(path, k=k)
+        if not isinstance(obj, datasets.SAE):
+            raise ValueError(f"{path} holds several layers: pass the one file of layer {layer}")
+        out[layer] = obj
+    return out
 
 
 class CaptureWorker:
     """A Ray actor (see capture_on_ray): the model and the SAEs, loaded once, turning units into
     temporary shard files."""
 
-    def __init__(self, model: str, engine: Optional[str], sae: str, layers, k, max_tokens: int, engine_kwargs: dict):
+    def __init__(self, model: str, engine: Optional[str], load_saes: SAELoader, max_tokens: int, engine_kwargs: dict):
         from ..engines import open_engine
 
-        self.saes = load_sae_layers(sae, layers, k)
-        self.engine = open_engine(model, engine, **engine_kwargs)
+        self.engine = open_engine(model, engine, **engine_kwargs)  # llama.cpp first: before anything loads libgomp
+        self.saes = dict(load_saes())
         datasets._check_inputs(self.engine, self.saes, [{"text": ""}])
         self.max_tokens = max_tokens
 
@@ -175,8 +199,8 @@ class CaptureWorker:
 
 # ---- the driver ----
 
-def capture_on_ray(model: str, sae: str, docs: Union[str, Sequence[dict]], out: str, *, address: Optional[str] = None,
-                   layers: Union[None, str, Sequence[int]] = None, k: Optional[int] = None, engine: Optional[str] = None,
+def capture_on_ray(model: str, saes: Union[Mapping[int, str], SAELoader], docs: Union[str, Sequence[dict]], out: str, *,
+                   address: Optional[str] = None, k: Optional[int] = None, engine: Optional[str] = None,
                    shard_docs: int = 64, max_tokens: int = 512, num_actors: Optional[int] = None,
                    num_cpus: float = 1, num_gpus: float = 0, engine_kwargs: Optional[dict] = None,
                    filesystem=None, max_attempts: int = 3, manifest_extra: Optional[dict] = None,
@@ -184,9 +208,9 @@ def capture_on_ray(model: str, sae: str, docs: Union[str, Sequence[dict]], out: 
                    runtime_env: Optional[dict] = None) -> dict:
     """Captures `docs` (a data file or a list of {"text", "label"?}) into `out` on a Ray cluster.
 
-    model: a GGUF file or transformers directory every node can read at that path; sae: an SAE
-    file or directory of layers (with `layers`, `k` as `saehook capture` takes them), also at
-    the same path on every node. address: as ray.init takes it (None: RAY_ADDRESS or a new local
+    model: a GGUF file or transformers directory every node can read at that path; saes:
+    {layer: SAE file path} (loaded with saehook.load(path, k=k); the files at the same path on
+    every node) or a function returning {layer: SAE} that every actor calls (`sae_loader`). address: as ray.init takes it (None: RAY_ADDRESS or a new local
     cluster; "auto"; "ray://host:10001"); when Ray is already initialised, that cluster is used.
     out: a local path, a URI (file://, s3://...) or a path inside `filesystem`; every node must
     reach it. num_actors: default as many as the cluster has room for (CPUs / num_cpus, GPUs /
@@ -207,7 +231,8 @@ def capture_on_ray(model: str, sae: str, docs: Union[str, Sequence[dict]], out: 
     if isinstance(docs, str):
         docs = datasets.read_documents(docs)
     docs = list(docs)
-    saes = load_sae_layers(sae, layers, k)  # mmapped: the driver reads only the fingerprint's samples
+    load_saes = sae_loader(saes, k)
+    saes = dict(load_saes())  # mmapped: the driver reads only the fingerprints' samples
     fs, root = resolve_output(out, filesystem)
     datasets._check_inputs(_ModelFacts(model, engine), saes, docs)
     manifest = datasets.capture_manifest(saes, docs, shard_docs, max_tokens, manifest_extra)
@@ -227,7 +252,7 @@ def capture_on_ray(model: str, sae: str, docs: Union[str, Sequence[dict]], out: 
         if started_ray:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         try:
-            return _run(ray, fs, root, model, engine, sae, layers, k, max_tokens, engine_kwargs, docs,
+            return _run(ray, fs, root, model, engine, load_saes, max_tokens, engine_kwargs, docs,
                         shard_docs, n_units, done, num_actors, num_cpus, num_gpus, max_attempts, progress, on_commit, out)
         finally:
             if started_ray:
@@ -282,7 +307,7 @@ def _start_or_resume(fs, root: str, manifest: dict, docs, out: str) -> None:
         _write_table_atomic(fs, dpath, datasets.docs_table(docs))
 
 
-def _run(ray, fs, root, model, engine, sae, layers, k, max_tokens, engine_kwargs, docs, shard_docs, n_units, done,
+def _run(ray, fs, root, model, engine, load_saes, max_tokens, engine_kwargs, docs, shard_docs, n_units, done,
          num_actors, num_cpus, num_gpus, max_attempts, progress, on_commit, out) -> dict:
     todo = collections.deque(i for i in range(n_units) if i not in done)
     result = {"out": out, "shards": n_units, "written": 0, "skipped": len(done), "rows": 0,
@@ -309,7 +334,7 @@ def _run(ray, fs, root, model, engine, sae, layers, k, max_tokens, engine_kwargs
         serial[0] += 1
         actors[i] = Worker.options(name=f"saehook-capture-{run_id}-{i}", num_cpus=num_cpus, num_gpus=num_gpus,
                                    max_restarts=0).remote(
-            model, engine, sae, layers, k, max_tokens, engine_kwargs)
+            model, engine, load_saes, max_tokens, engine_kwargs)
         return i
 
     for _ in range(num_actors):
@@ -319,7 +344,7 @@ def _run(ray, fs, root, model, engine, sae, layers, k, max_tokens, engine_kwargs
     except ray.exceptions.RayActorError as e:
         for h in actors.values():
             ray.kill(h)
-        raise RuntimeError(f"the capture actors could not load {model} with {sae}: {e}") from None
+        raise RuntimeError(f"the capture actors could not load {model} and the SAEs: {e}") from None
     result["nodes"] = len({p["node"] for p in placed})
     depth = 2  # units queued per actor: the next one is ready when the current one ends
     in_flight: Dict[object, Tuple[int, int]] = {}  # ref -> (actor, unit)
