@@ -19,16 +19,17 @@ replacement is started); an attempt that finishes after its unit was committed i
 driver that dies leaves at most temporary files, which the next run deletes before it resumes
 from the shards present. Rows are therefore neither lost nor written twice.
 
-Memory: the driver holds the documents' text (as a local capture does) and one unit's table at
-a time is written by each actor (about 60 bytes per kept feature, k per token per layer).
+Memory: the driver holds the documents' text (as a local capture does); each actor holds its
+model and mmapped SAEs and one unit's rows while it writes them (about k * 8 + 300 bytes a row).
+On disk a row takes about k * 9 bytes (892 bytes per token at k = 100, bench_ray_capture.py).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import os
-import time
 import uuid
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -210,8 +211,9 @@ def capture_on_ray(model: str, saes: Union[Mapping[int, str], SAELoader], docs: 
 
     model: a GGUF file or transformers directory every node can read at that path; saes:
     {layer: SAE file path} (loaded with saehook.load(path, k=k); the files at the same path on
-    every node) or a function returning {layer: SAE} that every actor calls (`sae_loader`). address: as ray.init takes it (None: RAY_ADDRESS or a new local
-    cluster; "auto"; "ray://host:10001"); when Ray is already initialised, that cluster is used.
+    every node) or a function returning {layer: SAE} that every actor calls (`sae_loader`).
+    address: as ray.init takes it (None: RAY_ADDRESS or a new local cluster; "auto";
+    "ray://host:10001"); when Ray is already initialised, that cluster is used.
     out: a local path, a URI (file://, s3://...) or a path inside `filesystem`; every node must
     reach it. num_actors: default as many as the cluster has room for (CPUs / num_cpus, GPUs /
     num_gpus), at most one per unit. A unit is tried on up to `max_attempts` actors before it is
@@ -239,11 +241,11 @@ def capture_on_ray(model: str, saes: Union[Mapping[int, str], SAELoader], docs: 
     del saes
 
     engine_kwargs = dict(engine_kwargs or {})
-    if (engine or ("hf" if os.path.isdir(model) else "llama")) == "llama":
+    if _engine_kind(model, engine) == "llama":
         engine_kwargs.setdefault("threads", max(1, int(num_cpus)))  # llama.cpp's default is every core of the node
     fs.create_dir(root, recursive=True)
     local = _local_dir(fs, root)
-    lock = datasets._directory_lock(local) if local else _no_lock()
+    lock = datasets._directory_lock(local) if local else contextlib.nullcontext()  # object stores: no lock
     started_ray = not ray.is_initialized()
     with lock:
         _start_or_resume(fs, root, manifest, docs, out)
@@ -259,13 +261,17 @@ def capture_on_ray(model: str, saes: Union[Mapping[int, str], SAELoader], docs: 
                 ray.shutdown()
 
 
+def _engine_kind(model: str, engine: Optional[str]) -> str:
+    return engine or ("hf" if os.path.isdir(model) else "llama")  # as engines.open_engine decides
+
+
 class _ModelFacts:
     """What _check_inputs needs of an engine, read on the driver from the GGUF header or the
     transformers config (no weights loaded), so a wrong layer or SAE width fails before any
     actor starts. Each actor checks again against the model it loaded."""
 
     def __init__(self, model: str, engine: Optional[str]):
-        if (engine or ("hf" if os.path.isdir(model) else "llama")) == "llama":
+        if _engine_kind(model, engine) == "llama":
             from ..engines.protocol import gguf_model_facts
 
             if not os.path.isfile(model):
@@ -282,14 +288,6 @@ class _ModelFacts:
             self.n_layer, self.d_model = cfg.get("num_hidden_layers"), cfg.get("hidden_size")
         if not self.n_layer or not self.d_model:
             raise ValueError(f"{model}: its header names no layer count or width")
-
-
-class _no_lock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _start_or_resume(fs, root: str, manifest: dict, docs, out: str) -> None:
