@@ -111,9 +111,14 @@ def test_killed_actor_unit_is_redone_exactly_once(cluster, setup, tmp_path):
         if killed:
             return
         names = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("saehook-capture-")]
-        victim = sorted(names, key=lambda a: a["name"])[0]
-        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]))
-        killed.append(victim["name"])
+        for victim in sorted(names, key=lambda a: a["name"]):
+            try:  # the names of earlier runs' actors are released as they die
+                handle = ray.get_actor(victim["name"], namespace=victim["namespace"])
+            except ValueError:
+                continue
+            ray.kill(handle)
+            killed.append(victim["name"])
+            return
 
     uri = (tmp_path / "cap").as_uri()  # file:///...: a pyarrow.fs URI
     res = _capture(setup, uri, on_commit=kill_one_actor)
