@@ -222,6 +222,7 @@ def stream_completion(port: int, body: dict) -> Dict[str, float]:
     if r.status != 200:
         raise RuntimeError(f"HTTP {r.status}: {r.read()[:500]!r}")
     times = []
+    usage = None
     buf = b""
     while True:
         chunk = r.read1(65536)
@@ -240,13 +241,18 @@ def stream_completion(port: int, body: dict) -> Dict[str, float]:
                 obj = json.loads(data)
                 if "error" in obj:
                     raise RuntimeError(f"stream error: {obj}")
+                if obj.get("usage"):
+                    usage = obj["usage"]
                 ch = obj.get("choices") or []
                 # one chunk per token on all three servers (a token whose bytes end inside a UTF-8
                 # character still gets its chunk, with empty text); the last one only says why it ended
                 if ch and (ch[0].get("finish_reason") is None or ch[0].get("text")):
                     times.append(time.perf_counter())
     c.close()
-    return {"ttft": times[0] - t0 if times else float("nan"), "itl": list(np.diff(times)), "tokens": len(times),
+    # the generated tokens: the server's own count where it gives one (llama-server sends no chunk
+    # for a token that ends inside a UTF-8 character), else one per chunk
+    tokens = int(usage["completion_tokens"]) if usage and usage.get("completion_tokens") else len(times)
+    return {"ttft": times[0] - t0 if times else float("nan"), "itl": list(np.diff(times)), "tokens": tokens,
             "end": time.perf_counter()}
 
 
@@ -341,6 +347,7 @@ def main() -> int:
 
         def body(extra):
             return lambda i, j: {"model": "m", "prompt": prompt[: args.prompt_tokens - i] + str(j), "stream": True,
+                                 "stream_options": {"include_usage": True},
                                  "max_tokens": args.gen_tokens, "temperature": 0, **extra(i)}
 
         scenarios = []
