@@ -19,6 +19,7 @@ from . import dataset_commands
 from . import label_commands
 from . import model_commands
 from . import sae_commands
+from . import serve_commands
 from . import tool_commands
 from . import train_commands
 from .common import CommandParser
@@ -31,6 +32,7 @@ GROUPS = (
     dataset_commands,
     train_commands,
     label_commands,
+    serve_commands,
 )
 
 

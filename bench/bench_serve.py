@@ -1,0 +1,422 @@
+#!/usr/bin/env python
+"""Serving benchmark: `saehook serve` next to llama.cpp's llama-server and llama-cpp-python's own
+server (`python -m llama_cpp.server`) on the same model, in the same run.
+
+    python bench/bench_serve.py                            # synthetic qwen3 and qwen35, Q4_K_M
+    python bench/bench_serve.py --arch qwen3 --hidden 256 --layers 2 --d-sae 1024 --gen-tokens 16 --reqs 2   # smoke
+
+For each model (a random-weight qwen3, and a qwen35 hybrid one, written here and quantized by
+llama.cpp) and each concurrency (1, 4, 8 by default), every server gets `--reqs` streamed
+completions per client; reported per server and scenario: aggregate generated tokens/s, time to
+first token (p50) and inter-token latency (p50, p99). saehook runs unsteered and steered (each
+request clamps a different feature: one encode per step serves the whole batch). The targets
+(README "Serve"): at concurrency 8 unsteered, >= 0.9x llama-server and >= 3x llama_cpp.server;
+steered, the added time per decode step at most the SAE's W_enc read bound + 10%.
+
+llama-server is built from the llama.cpp that llama-cpp-python's sdist vendors (--llama-cpp-src,
+or the sdist is fetched with `pip download`), once, into --cache; or pass --llama-server BIN.
+llama_cpp.server needs llama-cpp-python's server extra (`pip install 'llama-cpp-python[server]'`:
+sse-starlette, starlette-context). Every request generates exactly --gen-tokens tokens (ignore_eos; llama_cpp.server, which has no
+such option, gets a logit_bias against the end-of-text token).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from bench_llama import synthetic_model  # noqa: E402  (the qwen3 of bench_llama)
+
+
+# ---------------------------------------------------------------------------------------------
+# a synthetic Qwen3.5 (hybrid: Gated DeltaNet layers and a full-attention layer every 4th)
+
+
+def write_qwen35(path: str, *, hidden: int, layers: int, ffn: int, heads: int, head_dim: int, kv_heads: int,
+                 lin_k_heads: int, lin_v_heads: int, lin_head_dim: int, interval: int = 4, seed: int = 0) -> None:
+    """Writes a random-weight qwen35 GGUF (f32) in the tensor layout llama.cpp's vendored
+    convert_hf_to_gguf.py produces from a transformers Qwen3_5ForCausalLM (checked against it:
+    names, shapes, metadata), with saehook's byte-level vocabulary."""
+    import gguf
+
+    from saehook.demo.gguf_writer import MERGES, VOCAB, vocab
+
+    rng = np.random.default_rng(seed)
+    rnd = lambda *shape: (0.02 * rng.standard_normal(shape, dtype=np.float32))  # noqa: E731
+    ones = lambda n: np.ones(n, np.float32)  # noqa: E731
+    key_dim, val_dim = lin_k_heads * lin_head_dim, lin_v_heads * lin_head_dim
+    recurrent = [(i + 1) % interval != 0 for i in range(layers)]
+    w = gguf.GGUFWriter(str(path), "qwen35")
+    w.add_name("saehook-qwen35")
+    w.add_block_count(layers)
+    w.add_context_length(4096)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_ssm_conv_kernel(4)
+    w.add_ssm_state_size(lin_head_dim)
+    w.add_ssm_group_count(lin_k_heads)
+    w.add_ssm_time_step_rank(lin_v_heads)
+    w.add_ssm_inner_size(val_dim)
+    w.add_array("qwen35.attention.recurrent_layers", recurrent)
+    w.add_uint32("qwen35.full_attention_interval", interval)
+    w.add_rope_dimension_count(head_dim // 4)
+    w.add_rope_dimension_sections([11, 11, 10, 0])  # the converter's default (text: every section sees one position)
+    toks, types = vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(toks)
+    w.add_token_types(types)
+    w.add_token_merges([f"{a} {b}" for a, b in MERGES])
+    eos = toks.index("<|endoftext|>")
+    w.add_bos_token_id(eos)
+    w.add_eos_token_id(eos)
+    w.add_add_bos_token(False)
+    w.add_tensor("token_embd.weight", rnd(VOCAB, hidden))
+    w.add_tensor("output_norm.weight", ones(hidden))
+    w.add_tensor("output.weight", rnd(VOCAB, hidden))
+    for i in range(layers):
+        b = f"blk.{i}."
+        t = {"attn_norm.weight": ones(hidden), "post_attention_norm.weight": ones(hidden),
+             "ffn_gate.weight": rnd(ffn, hidden), "ffn_up.weight": rnd(ffn, hidden), "ffn_down.weight": rnd(hidden, ffn)}
+        if recurrent[i]:
+            t.update({"ssm_a": -np.exp(rng.uniform(0, 2, lin_v_heads)).astype(np.float32),
+                      "ssm_conv1d.weight": rnd(2 * key_dim + val_dim, 4) * 10,
+                      "ssm_dt.bias": ones(lin_v_heads), "ssm_alpha.weight": rnd(lin_v_heads, hidden),
+                      "ssm_beta.weight": rnd(lin_v_heads, hidden), "attn_qkv.weight": rnd(2 * key_dim + val_dim, hidden),
+                      "attn_gate.weight": rnd(val_dim, hidden), "ssm_norm.weight": ones(lin_head_dim),
+                      "ssm_out.weight": rnd(hidden, val_dim)})
+        else:
+            t.update({"attn_q.weight": rnd(2 * heads * head_dim, hidden), "attn_k.weight": rnd(kv_heads * head_dim, hidden),
+                      "attn_v.weight": rnd(kv_heads * head_dim, hidden), "attn_output.weight": rnd(hidden, heads * head_dim),
+                      "attn_q_norm.weight": ones(head_dim), "attn_k_norm.weight": ones(head_dim)})
+        for name, a in t.items():
+            w.add_tensor(b + name, np.ascontiguousarray(a, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def synthetic_qwen35(cache: str, hidden: int, layers: int, ffn: int, quant: str) -> str:
+    from saehook.demo.gguf_writer import quantize
+
+    os.makedirs(cache, exist_ok=True)
+    name = f"qwen35-h{hidden}-l{layers}-f{ffn}-i{min(4, layers)}"
+    out = os.path.join(cache, f"{name}-{quant}.gguf")
+    if os.path.exists(out):
+        return out
+    heads = max(1, hidden // 256)
+    f32 = os.path.join(cache, f"{name}-f32.gguf")
+    print(f"writing {f32} ...", flush=True)
+    write_qwen35(f32, hidden=hidden, layers=layers, ffn=ffn, heads=heads, head_dim=256 if hidden >= 256 else 64,
+                 kv_heads=max(1, heads // 4), lin_k_heads=max(1, hidden // 128), lin_v_heads=max(2, hidden // 64),
+                 lin_head_dim=128 if hidden >= 256 else 32, interval=min(4, layers))
+    if quant.lower() == "f32":
+        return f32
+    print(f"quantizing to {quant} ...", flush=True)
+    quantize(f32, out, quant)
+    os.remove(f32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# servers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def llama_server_binary(args) -> str:
+    if args.llama_server:
+        return args.llama_server
+    build = os.path.join(args.cache, "llama-server-build")
+    binary = os.path.join(build, "bin", "llama-server")
+    if os.path.exists(binary):
+        return binary
+    src = args.llama_cpp_src
+    if not src:
+        import llama_cpp
+
+        ver = llama_cpp.__version__
+        d = os.path.join(args.cache, "sdist")
+        tars = glob.glob(os.path.join(d, f"llama_cpp_python-{ver}.tar.gz"))
+        if not tars:
+            subprocess.check_call([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={ver}", "--no-deps",
+                                   "--no-binary", ":all:", "-d", d])
+            tars = glob.glob(os.path.join(d, f"llama_cpp_python-{ver}.tar.gz"))
+        with tarfile.open(tars[0]) as t:
+            t.extractall(d, filter="data")
+        src = os.path.join(d, f"llama_cpp_python-{ver}", "vendor", "llama.cpp")
+    print(f"building llama-server from {src} (once) ...", flush=True)
+    subprocess.check_call(["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_SERVER=ON",
+                           "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_CURL=OFF",
+                           "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON"])
+    subprocess.check_call(["cmake", "--build", build, "--target", "llama-server", "-j", str(os.cpu_count())])
+    return binary
+
+
+class Server:
+    def __init__(self, name: str, cmd: List[str], port: int, health: str):
+        self.name, self.port = name, port
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.log: List[str] = []
+        threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()
+        deadline = time.monotonic() + 300
+        while True:
+            if self.proc.poll() is not None:
+                time.sleep(0.2)
+                raise RuntimeError(f"{name} exited:\n{''.join(self.log)[-3000:]}")
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                c.request("GET", health)
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{name} did not start:\n{''.join(self.log)[-3000:]}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def stream_completion(port: int, body: dict) -> Dict[str, float]:
+    """One streamed /v1/completions: TTFT, the gaps between token chunks, the tokens received."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t0 = time.perf_counter()
+    c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:500]!r}")
+    times = []
+    usage = None
+    buf = b""
+    while True:
+        chunk = r.read1(65536)
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            for line in event.splitlines():
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    continue
+                obj = json.loads(data)
+                if "error" in obj:
+                    raise RuntimeError(f"stream error: {obj}")
+                if obj.get("usage"):
+                    usage = obj["usage"]
+                ch = obj.get("choices") or []
+                # one chunk per token on all three servers (a token whose bytes end inside a UTF-8
+                # character still gets its chunk, with empty text); the last one only says why it ended
+                if ch and (ch[0].get("finish_reason") is None or ch[0].get("text")):
+                    times.append(time.perf_counter())
+    c.close()
+    # the generated tokens: the server's own count where it gives one (llama-server sends no chunk
+    # for a token that ends inside a UTF-8 character), else one per chunk
+    tokens = int(usage["completion_tokens"]) if usage and usage.get("completion_tokens") else len(times)
+    return {"ttft": times[0] - t0 if times else float("nan"), "itl": list(np.diff(times)), "tokens": tokens,
+            "end": time.perf_counter()}
+
+
+def load(port: int, concurrency: int, reqs: int, make_body) -> Dict[str, float]:
+    """`concurrency` clients, each sending `reqs` requests one after another."""
+    results: List[Dict] = []
+    errors: List[BaseException] = []
+    lock = threading.Lock()
+
+    def client(i):
+        for j in range(reqs):
+            try:
+                res = stream_completion(port, make_body(i, j))
+            except BaseException as e:  # noqa: BLE001 (reported below)
+                errors.append(e)
+                return
+            with lock:
+                results.append(res)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    itl = [x for r in results for x in r["itl"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall,
+            "ttft_p50_ms": 1e3 * float(np.median([r["ttft"] for r in results])),
+            "itl_p50_ms": 1e3 * float(np.percentile(itl, 50)) if itl else float("nan"),
+            "itl_p99_ms": 1e3 * float(np.percentile(itl, 99)) if itl else float("nan")}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", nargs="+", default=["qwen3", "qwen35"], choices=["qwen3", "qwen35"])
+    p.add_argument("--model", help="a GGUF file instead of the synthetic models (its arch is then not checked)")
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--ffn", type=int, default=5632)
+    p.add_argument("--quant", default="Q4_K_M")
+    p.add_argument("--d-sae", type=int, default=32768)
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--reqs", type=int, default=3, help="requests per client at each concurrency")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--servers", nargs="+", default=["llama-server", "llama_cpp.server", "saehook"],
+                   choices=["llama-server", "llama_cpp.server", "saehook", "saehook-sequential"],
+                   help="saehook-sequential: saehook serve --decode sequential (one llama_decode per request), "
+                   "to show what batching gains")
+    p.add_argument("--llama-server", help="a llama-server binary (default: built from --llama-cpp-src)")
+    p.add_argument("--llama-cpp-src", help="llama.cpp source (default: the vendored one of llama-cpp-python's sdist)")
+    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "saehook-bench"))
+    p.add_argument("--json", default="bench_serve.json")
+    args = p.parse_args()
+
+    import saehook
+    from saehook.demo.gguf_writer import VOCAB, vocab
+    from common import read_bandwidth
+
+    eos = vocab()[0].index("<|endoftext|>")
+    par = max(args.concurrency)
+    n_ctx = args.prompt_tokens + args.gen_tokens + 16
+    rng = np.random.default_rng(1)
+    all_rows = []
+    for arch in ([None] if args.model else args.arch):
+        if args.model:
+            path = args.model
+        elif arch == "qwen3":
+            path = synthetic_model(args.cache, args.hidden, args.layers, args.ffn, args.quant)
+        else:
+            path = synthetic_qwen35(args.cache, args.hidden, args.layers, args.ffn, args.quant)
+        layer = args.layers // 2
+        sae_path = os.path.join(args.cache, f"sae-{args.hidden}x{args.d_sae}-k{args.k}-L{layer}.safetensors")
+        if not os.path.exists(sae_path):
+            W = rng.standard_normal((args.d_sae, args.hidden), dtype=np.float32) / np.sqrt(args.hidden)
+            saehook.SAE(W, W, k=args.k, metadata={"layer": layer}).save(sae_path)
+        sae = saehook.load(sae_path)
+        # printable byte tokens, so that every server tokenizes the prompt the same way
+        prompt = "".join(chr(c) for c in rng.integers(97, 123, args.prompt_tokens))
+        print(f"\n== {os.path.basename(path)}: SAE {args.hidden}x{args.d_sae} k={args.k} at layer {layer} "
+              f"(W_enc {sae.encoder_bytes / 2**20:.0f} MiB); prompt {args.prompt_tokens}, {args.gen_tokens} generated "
+              f"tokens per request, threads {args.threads}", flush=True)
+
+        def body(extra):
+            return lambda i, j: {"model": "m", "prompt": prompt[: args.prompt_tokens - i] + str(j), "stream": True,
+                                 "stream_options": {"include_usage": True},
+                                 "max_tokens": args.gen_tokens, "temperature": 0, **extra(i)}
+
+        scenarios = []
+        for name in args.servers:
+            port = free_port()
+            if name.startswith("saehook"):
+                cmd = [sys.executable, "-m", "saehook", "serve", path, "--sae", f"bench={sae_path}", "--port", str(port),
+                       "--parallel", str(par), "--n-ctx", str(n_ctx), "--threads", str(args.threads),
+                       "--max-tokens", str(args.gen_tokens)]
+                if name == "saehook-sequential":
+                    cmd += ["--decode", "sequential"]
+                scenarios.append((name, cmd, port, "/health", [
+                    ("unsteered", lambda i: {"ignore_eos": True}),
+                    ("steered", lambda i: {"ignore_eos": True, "saehook": {"steer": [
+                        {"feature": i, "op": "clamp", "value": 5.0}]}})]))
+            elif name == "llama-server":
+                cmd = [llama_server_binary(args), "-m", path, "--host", "127.0.0.1", "--port", str(port),
+                       "-np", str(par), "-c", str(n_ctx * par), "-t", str(args.threads), "-tb", str(args.threads),
+                       "--no-webui", "-lv", "0"]
+                scenarios.append((name, cmd, port, "/health", [("unsteered", lambda i: {"ignore_eos": True})]))
+            else:
+                cmd = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1", "--port",
+                       str(port), "--n_ctx", str(n_ctx), "--n_threads", str(args.threads), "--n_threads_batch",
+                       str(args.threads), "--verbose", "false", "--interrupt_requests", "false"]
+                scenarios.append((name, cmd, port, "/v1/models", [
+                    ("unsteered", lambda i: {"logit_bias": {str(eos): -100}})]))
+        results: Dict[tuple, dict] = {}
+        for name, cmd, port, health, variants in scenarios:
+            srv = Server(name, cmd, port, health)
+            try:
+                try:
+                    stream_completion(port, body(variants[0][1])(0, 0))  # warm-up
+                except Exception:
+                    time.sleep(0.5)
+                    print("".join(srv.log)[-3000:], file=sys.stderr)
+                    raise
+                for conc in args.concurrency:
+                    for vname, extra in variants:
+                        r = load(port, conc, args.reqs, body(extra))
+                        results[(name, vname, conc)] = r
+                        print(f"{name:<17} {vname:<10} c={conc}: {r['tok_s']:8.1f} tok/s  TTFT p50 "
+                              f"{r['ttft_p50_ms']:7.1f} ms  ITL p50 {r['itl_p50_ms']:7.2f} ms  p99 "
+                              f"{r['itl_p99_ms']:7.2f} ms  ({r['tokens']} tokens)", flush=True)
+            finally:
+                srv.stop()
+        bw = read_bandwidth(args.threads)["bound"]
+        bound_ms = sae.encoder_bytes / (bw * 1e9) * 1e3
+        top = max(args.concurrency)
+        row = {"model": os.path.basename(path), "arch": arch, "bandwidth_GBps": bw, "encoder_read_bound_ms": bound_ms,
+               "results": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()}}
+        s, ls, lcs = (results.get(("saehook", "unsteered", top)), results.get(("llama-server", "unsteered", top)),
+                      results.get(("llama_cpp.server", "unsteered", top)))
+        st = results.get(("saehook", "steered", top))
+        if s and ls:
+            row["vs_llama_server"] = s["tok_s"] / ls["tok_s"]
+            print(f"c={top} unsteered: saehook / llama-server = {row['vs_llama_server']:.2f}x (target >= 0.9x)")
+        if s and lcs:
+            row["vs_llama_cpp_server"] = s["tok_s"] / lcs["tok_s"]
+            print(f"c={top} unsteered: saehook / llama_cpp.server = {row['vs_llama_cpp_server']:.2f}x (target >= 3x)")
+        if s and st:
+            row["steered_added_ms_per_step"] = st["itl_p50_ms"] - s["itl_p50_ms"]
+            print(f"c={top} steered: +{row['steered_added_ms_per_step']:.2f} ms per decode step (ITL p50); W_enc read "
+                  f"bound {bound_ms:.2f} ms at {bw:.0f} GB/s (target <= {1.1 * bound_ms:.2f} ms)")
+        all_rows.append(row)
+    with open(args.json, "w") as f:
+        json.dump({"args": vars(args), "rows": all_rows}, f, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
