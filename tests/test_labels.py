@@ -516,3 +516,35 @@ def test_open_labels_finds_a_captures_labels_through_its_manifest(tmp_path):
     assert import_labels(store, str(tmp_path / "m.json"), saehook.load(str(tmp_path / "s.safetensors"))) == \
         {"imported": 1, "kept": 0}
     assert store.label(4) == "German text"
+
+
+def test_cli_shows_labels_and_takes_label_named_features(demo_setup, tmp_path, capsys):
+    """`features` shows each feature's label; `steer --clamp label:TEXT=V` equals the same clamp by
+    index; an ambiguous or unknown label is an error listing the candidates."""
+    d, model = demo_setup
+    sae_path = str(tmp_path / "demo-sae.safetensors")
+    shutil.copy(d / "demo-sae.safetensors", sae_path)
+    sae = saehook.load(sae_path)
+    store = sae.labels
+    store.set(23, "dash runs", source="imported")
+    store.set(5, "dash start", source="imported")
+    store.set(7, "the with statement", source="imported")
+    store.save()
+
+    assert main(["features", model, "--sae", sae_path, "The with statement -- and", "--json", "--top", "8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    shown = {int(i) for row in out["rows"] for i, _ in row["features"]}
+    assert out["labels"] == {str(f): store.label(f) for f in sorted(shown) if store.label(f)}
+
+    def steered(spec):
+        assert main(["steer", model, "--sae", sae_path, "The with statement", "--max-tokens", "6",
+                     "--clamp", spec, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["steered_tokens"]
+
+    assert steered("label:dash runs=20") == steered("23=20")
+    assert steered("label:with statement=20") == steered("7=20")
+    assert main(["steer", model, "--sae", sae_path, "x", "--clamp", "label:dash=3"]) == 2
+    err = capsys.readouterr().err
+    assert "#23" in err and "#5" in err                       # ambiguous: both candidates listed
+    assert main(["steer", model, "--sae", sae_path, "x", "--ablate", "label:no such thing"]) == 2
+    assert "label" in capsys.readouterr().err

@@ -156,37 +156,66 @@ def load_one(path: str, layer: Optional[int], k: Optional[int]):
     return obj
 
 
-def pairs(specs: List[str], flag: str, value_type=float):
+def feature_arg(spec: str, sae, flag: str) -> int:
+    """A feature named on the command line: an index, or `label:TEXT` resolved in the SAE's label
+    store (an unknown or ambiguous label is an error listing the candidates)."""
+    text = str(spec).strip()
+    if text.lower().startswith("label:"):
+        from ..labels import resolve_feature
+
+        return resolve_feature(sae, text)
+    try:
+        f = int(text)
+    except ValueError:
+        raise ValueError(f"{flag} expects a feature index or label:TEXT, got {spec!r}") from None
+    return check_feature(f, sae, flag)
+
+
+def feature_labels(sae):
+    """f -> the feature's label or None, for tables and pages (None for every feature when the SAE
+    has no label file; a label file made for another SAE is an error, never shown)."""
+    from ..labels import label_of
+
+    store = sae.labels
+    return (lambda f: None) if not len(store) else (lambda f: label_of(store, int(f)))
+
+
+def pairs(specs: List[str], flag: str, sae, value_type=float):
+    """FEATURE=VALUE flags -> [(feature, value)]; FEATURE an index or label:TEXT (the value is after
+    the last '=', so a label may contain one)."""
     out = []
     for spec in specs or []:
-        f, sep, v = spec.partition("=")
+        f, sep, v = spec.rpartition("=")
         try:
-            if not sep:
+            if not sep or not (f.strip().lstrip("-").isdigit() or f.strip().lower().startswith("label:")):
                 raise ValueError
-            pair = (int(f), value_type(v))
+            value = value_type(v)
         except ValueError:
-            raise ValueError(f"{flag} expects FEATURE=VALUE (a feature index and a number), got {spec!r}") from None
-        if not math.isfinite(pair[1]):
+            raise ValueError(f"{flag} expects FEATURE=VALUE (a feature index or label:TEXT, and a number), "
+                             f"got {spec!r}") from None
+        if not math.isfinite(value):
             raise ValueError(f"{flag} {spec}: the value must be a finite number")
-        out.append(pair)
+        out.append((feature_arg(f, sae, flag), value))
     return out
 
 
-def _cap_bounds(spec: str):
-    """'F=MAX', 'F=MIN:MAX', 'F=MIN:' or 'F=:MAX' -> (F, max, min)."""
-    f, sep, v = spec.partition("=")
+def _cap_bounds(spec: str, sae):
+    """'F=MAX', 'F=MIN:MAX', 'F=MIN:' or 'F=:MAX' -> (F, max, min); F an index or label:TEXT."""
+    f, sep, v = spec.rpartition("=")
     lo, colon, hi = v.partition(":")
     if not colon:
         lo, hi = "", lo
     try:
         if not sep or not (lo or hi):
             raise ValueError
-        out = int(f), (float(hi) if hi else None), (float(lo) if lo else None)
+        if not f:
+            raise ValueError
+        out = f, (float(hi) if hi else None), (float(lo) if lo else None)
     except ValueError:
         raise ValueError(f"--cap expects FEATURE=MAX or FEATURE=MIN:MAX (MIN or MAX may be empty), got {spec!r}") from None
     if any(v is not None and not math.isfinite(v) for v in out[1:]):
         raise ValueError(f"--cap {spec}: the bounds must be finite numbers")
-    return out
+    return (feature_arg(out[0], sae, "--cap"),) + out[1:]
 
 
 def _positions(text: str):
@@ -215,30 +244,26 @@ def steering(sae, args):
     from ..steering import Steering
 
     st = Steering(sae, layer=sae.layer, positions=_positions(args.positions), normalize=args.normalize)
-    for f, v in pairs(args.add, "--add"):
-        st.add(check_feature(f, sae, "--add"), v)
-    for f, v in pairs(args.clamp, "--clamp"):
-        st.clamp(check_feature(f, sae, "--clamp"), v)
-    for f, v in pairs(args.scale, "--scale"):
-        st.scale(check_feature(f, sae, "--scale"), v)
+    for f, v in pairs(args.add, "--add", sae):
+        st.add(f, v)
+    for f, v in pairs(args.clamp, "--clamp", sae):
+        st.clamp(f, v)
+    for f, v in pairs(args.scale, "--scale", sae):
+        st.scale(f, v)
     for f in args.ablate or []:
-        try:
-            f = int(f)
-        except ValueError:
-            raise ValueError(f"--ablate expects a feature index, got {f!r}") from None
-        st.ablate(check_feature(f, sae, "--ablate"))
+        st.ablate(feature_arg(f, sae, "--ablate"))
     for spec in getattr(args, "cap", None) or []:
-        f, hi, lo = _cap_bounds(spec)
-        st.cap(check_feature(f, sae, "--cap"), max=hi, min=lo)
-    for f, v in pairs(getattr(args, "rescale", None), "--rescale"):
-        st.rescale(check_feature(f, sae, "--rescale"), v)
+        f, hi, lo = _cap_bounds(spec, sae)
+        st.cap(f, max=hi, min=lo)
+    for f, v in pairs(getattr(args, "rescale", None), "--rescale", sae):
+        st.rescale(f, v)
     if not st.ops:
         raise ValueError("no intervention given: use --add/--clamp/--scale/--ablate/--cap/--rescale or --spec")
     return st
 
 
 def add_steer_flags(p):
-    p.add_argument("--add", action="append", metavar="F=S", help="add S times feature F's decoder direction (repeatable)")
+    p.add_argument("--add", action="append", metavar="F=S", help="add S times feature F's decoder direction; F an index or label:TEXT (repeatable)")
     p.add_argument("--clamp", action="append", metavar="F=V", help="set feature F's activation to V (repeatable)")
     p.add_argument("--scale", action="append", metavar="F=C", help="multiply feature F's activation by C (repeatable)")
     p.add_argument("--ablate", action="append", metavar="F", help="remove feature F (repeatable)")

@@ -5,8 +5,10 @@ import json
 import os
 import sys
 
-from .common import (Progress, add_steer_flags, check_feature, load_one, model_flags, nonnegative_int, positive_int,
-                     print_table, steering, steerings)
+from .common import (
+    Progress, add_steer_flags, feature_arg, feature_labels, load_one, model_flags,
+    nonnegative_int, positive_int, print_table, steering, steerings,
+)
 
 
 def cmd_features(args) -> int:
@@ -14,8 +16,8 @@ def cmd_features(args) -> int:
     from ..workflows.report import features_html
 
     sae = load_one(args.sae, args.layer, args.k)
-    if args.feature is not None:
-        check_feature(args.feature, sae, "--feature")
+    feature = None if args.feature is None else feature_arg(args.feature, sae, "--feature")
+    label = feature_labels(sae)
     eng = open_engine(args.model, args.engine)
     tokens = eng.tokenize(args.text)
     if not tokens:
@@ -26,13 +28,16 @@ def cmd_features(args) -> int:
              "features": [[int(i), float(v)] for v, i in zip(vals[r], idx[r]) if i >= 0][: args.top]}
             for r, p in enumerate(pos)]
     if args.json:
-        print(json.dumps({"layer": sae.layer, "rows": rows}, indent=1))
+        labels = {str(i): label(i) for row in rows for i, _ in row["features"] if label(i)}
+        print(json.dumps({"layer": sae.layer, "rows": rows, "labels": labels}, indent=1))
     else:
+        def shown(i, v):
+            return f"#{i}={v:.2f}" + (f" ({label(i)})" if label(i) else "")
+
         print_table(["pos", "token", "top features"],
-                     [[row["position"], repr(row["text"]), "  ".join(f"#{i}={v:.2f}" for i, v in row["features"])]
-                      for row in rows])
+                    [[row["position"], repr(row["text"]), "  ".join(shown(i, v) for i, v in row["features"])]
+                     for row in rows])
     if args.html:
-        feature = args.feature
         if feature is None:  # the feature with the largest total activation over the text
             totals: dict = {}
             for row in rows:
@@ -41,7 +46,7 @@ def cmd_features(args) -> int:
             feature = max(totals, key=totals.get) if totals else 0
         with open(args.html, "w", encoding="utf-8") as f:
             f.write(features_html(texts, rows, feature, title=f"{os.path.basename(args.model)}, layer {sae.layer}",
-                                  d_sae=sae.d_sae))
+                                  d_sae=sae.d_sae, label=label(feature)))
         print(f"wrote {args.html} (shaded by feature {feature})", file=sys.stderr)
     return 0
 
@@ -136,7 +141,7 @@ def register(sub) -> None:
     model_flags(f)
     f.add_argument("text", help="the text to analyse")
     f.add_argument("--top", type=positive_int, default=5, help="features shown per token")
-    f.add_argument("--feature", type=nonnegative_int, help="feature that shades the HTML page (default: the most active)")
+    f.add_argument("--feature", help="feature that shades the HTML page: an index or label:TEXT (default: the most active)")
     f.add_argument("--html", help="write an HTML page of the text shaded by a feature")
     f.add_argument("--json", action="store_true", help="print the rows as JSON")
     f.set_defaults(fn=cmd_features)
