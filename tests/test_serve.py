@@ -632,3 +632,39 @@ def test_command_line_errors(tmp_path, capsys):
     for flag in ("--sae", "--host", "--port", "--parallel", "--n-ctx", "--api-key", "--threads", "--n-gpu-layers",
                  "--chat-format", "--queue", "--max-tokens", "--max-steer-ops", "--max-top", "--max-body", "--decode"):
         assert flag in help_text
+
+
+def test_labels_in_features_and_label_named_steering(tmp_path, demo_sae):
+    """An SAE with a label file: feature entries carry "label", a steer op may name its feature
+    "label:TEXT" (the same output as by index), and an ambiguous label is a 400 listing both."""
+    import shutil
+
+    sae_path = str(tmp_path / "demo-sae.safetensors")
+    shutil.copy(demo.SAE_FILE, sae_path)
+    labelled = saehook.load(sae_path)
+    store = labelled.labels
+    for f in range(demo_sae.d_sae):  # every feature named, so whatever fires shows a label
+        store.set(f, f"feature number {f}", source="imported")
+    store.set(23, "dash runs", source="imported")
+    store.set(5, "dash start", source="imported")
+    store.save()
+    s = Server(demo.MODEL, "--sae", f"demo={sae_path}", "--n-ctx", N_CTX, "--parallel", 2)
+    try:
+        def run(feature):
+            st, body = post(s, "/v1/completions", {
+                "prompt": PROMPT, "max_tokens": 6, "temperature": 0,
+                "saehook": {"steer": [{"feature": feature, "op": "clamp", "value": 20.0}],
+                            "features": {"top": 3}}})
+            assert st == 200, body
+            return body["choices"][0]
+
+        by_label, by_index = run("label:dash runs"), run(23)
+        assert by_label["text"] == by_index["text"]
+        entries = by_label["saehook"]["features"]
+        assert entries and all(t["label"] == store.label(t["feature"]) for e in entries for t in e["top"])
+        st, body = post(s, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "saehook": {
+            "steer": [{"feature": "label:dash", "op": "clamp", "value": 1.0}]}})
+        assert st == 400 and body["error"]["param"] == "saehook.steer[0].feature"
+        assert "#23" in body["error"]["message"] and "#5" in body["error"]["message"]
+    finally:
+        assert s.stop() == 0, "".join(s.output)

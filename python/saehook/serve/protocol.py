@@ -39,6 +39,17 @@ def bad(param: Optional[str], message: str, code: str = "invalid_value") -> APIE
     return APIError(400, message, param=param, code=code)
 
 
+def _labelled_feature(sae: SAE, name: str, spec: str, param: str) -> int:
+    """"label:TEXT" -> the one feature of the SAE's label store it names (else a 400 listing the
+    candidates)."""
+    from ..labels import LabelError, resolve_feature
+
+    try:
+        return resolve_feature(sae, spec)
+    except (LabelError, IndexError) as e:
+        raise bad(param, f"{param} {json.dumps(spec)} for SAE {name!r}: {e}", "unknown_label") from None
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask for (server options)."""
@@ -200,6 +211,8 @@ def parse_saehook(ext: Any, reg: SAERegistry, limits: Limits):
             raise bad(f"{p}.op", f"{p}.op must be one of {', '.join(WIRE_OPS)}, got {json.dumps(kind)}",
                       "unknown_op")
         feature = op.get("feature")
+        if isinstance(feature, str) and feature.strip().lower().startswith("label:"):
+            feature = _labelled_feature(sae, name, feature, f"{p}.feature")
         if not _is_int(feature):
             raise bad(f"{p}.feature", f"{p}.feature must be an integer, got {json.dumps(feature)}", "invalid_type")
         if not 0 <= feature < sae.d_sae:

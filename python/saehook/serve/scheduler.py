@@ -356,6 +356,7 @@ class Scheduler:
         if rec is None:
             return rows
         top = job.req.features.top
+        labels = job.req.features.sae.labels  # read once per SAE; empty when it has no label file
         seq = job.slot.seq
         for r in range(len(rec.tokens)):
             if len(rec.seq_ids) and rec.seq_ids[r] not in (seq, -1):
@@ -368,7 +369,7 @@ class Scheduler:
             rows[int(rec.positions[r])] = {
                 "position": int(rec.positions[r]), "id": tok,
                 "token": self.llm.detokenize([tok], special=True).decode("utf-8", errors="replace"),
-                "top": [{"feature": int(idx[o]), "value": float(val[o])} for o in order]}
+                "top": [_feature_entry(int(idx[o]), float(val[o]), labels) for o in order]}
         return rows
 
     def _after(self, job: Job, toks: List[int], generated: bool, wants: bool, rec, group, i: int) -> None:
@@ -483,3 +484,12 @@ class Scheduler:
                  "prompt_tokens_details": {"cached_tokens": job.n_cached}}
         self._release(slot)
         job.emit("done", {"finish_reason": job.finishing, "usage": usage})
+
+
+def _feature_entry(feature: int, value: float, labels) -> Dict[str, Any]:
+    """{"feature", "value"} plus "label" when the SAE's label store names the feature."""
+    entry: Dict[str, Any] = {"feature": feature, "value": value}
+    label = labels.label(feature) if len(labels) else None
+    if label:
+        entry["label"] = label
+    return entry
