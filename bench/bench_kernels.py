@@ -41,16 +41,38 @@ def topk_overlap(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([len(set(r) & set(s)) / k for r, s in zip(a.tolist(), b.tolist())]))
 
 
+DEFAULT_SHAPES = "2048x32768,4096x65536,5120x81920,2048x131072"
+PROBE_BYTES = 1 << 30  # the read-bandwidth probe's buffer (common.py)
+DTYPE_WEIGHT_BYTES = {"f32": 0, "bf16": 4, "int8": 3}  # per weight, on top of the f32 copy: enc+dec as converted
+
+
+def shape_memory(shape: str, dtypes=("f32", "bf16", "int8"), max_batch: int = 256, with_torch: bool = True) -> int:
+    """Peak bytes one shape takes: the f32 weights (encoder and decoder share them), each converted
+    variant (bf16: bf16 encoder and decoder; int8: int8 encoder and bf16 decoder), torch's bf16
+    copy, torch's pre-activations and dense decode buffer at the largest batch, the 1 GiB probe
+    (not the interpreter and libraries: about 0.3 GiB more with torch)."""
+    d, m = (int(v) for v in shape.lower().split("x"))
+    per_weight = 4 + sum(DTYPE_WEIGHT_BYTES.get(dt, 4) for dt in dtypes) + (2 if with_torch else 0)
+    return d * m * per_weight + (2 * max_batch * m * 4 if with_torch else 0) + PROBE_BYTES
+
+
+def memory_note(shapes: str, **kw) -> str:
+    return ", ".join(f"{s} {shape_memory(s, **kw) / 2**30:.1f} GiB" for s in shapes.split(","))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="2048x32768,4096x65536,5120x81920,2048x131072")
-    p.add_argument("--batches", default="1,8,64,256")
-    p.add_argument("--k", default="50,100")
-    p.add_argument("--dtypes", default="f32,bf16,int8")
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=0, help="0 = all CPUs")
-    p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--json", default="bench_kernels.json")
+    p.add_argument("--shapes", default=DEFAULT_SHAPES,
+                   help="d_model x d_sae, comma-separated; one shape is in memory at a time, peak with the default "
+                        f"dtypes and batches: {memory_note(DEFAULT_SHAPES)}, plus about 0.3 GiB for Python and torch "
+                        "themselves (2048x32768 at batch 256 peaked at 2.2 GiB resident) (default: %(default)s)")
+    p.add_argument("--batches", default="1,8,64,256", help="rows per call, comma-separated (default: %(default)s)")
+    p.add_argument("--k", default="50,100", help="k values, comma-separated (default: %(default)s)")
+    p.add_argument("--dtypes", default="f32,bf16,int8", help="encoder dtypes (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per row (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="0 = all CPUs (default: %(default)s)")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
+    p.add_argument("--json", default="bench_kernels.json", help="where the results go (default: %(default)s)")
     args = p.parse_args()
 
     if args.threads:
@@ -86,7 +108,10 @@ def main() -> int:
 
     rng = np.random.default_rng(0)
     dtypes = args.dtypes.split(",")
+    max_batch = max(int(v) for v in args.batches.split(","))
     for shape in args.shapes.split(","):
+        print(f"{shape}: about {shape_memory(shape, dtypes, max_batch, torch is not None) / 2**30:.1f} GiB of memory "
+              "at its peak", flush=True)
         d, m = (int(v) for v in shape.lower().split("x"))
         W = rng.standard_normal((m, d), dtype=np.float32)
         W /= np.sqrt(d)

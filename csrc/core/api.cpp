@@ -1,6 +1,8 @@
 // The C API: argument validation, error reporting and handle management around ops.cpp.
 #include <algorithm>
 #include <atomic>
+#include <climits>
+#include <cstddef>
 #include <cmath>
 #include <new>
 #include <string>
@@ -8,6 +10,7 @@
 #include "../cpu/kernels.hpp"
 #include "common.hpp"
 #include "ops.hpp"
+#include "steer_modes.hpp"
 #include "threadpool.hpp"
 
 #ifdef SAEHOOK_WITH_CUDA
@@ -58,12 +61,23 @@ const Sae &sae_ref(const saehook_sae *s) {
   return *s;
 }
 
+// a * b, failing with SAEHOOK_ERR_SHAPE when the product (as a count of `elem` bytes) does not fit
+// in a pointer difference: every size and offset the kernels compute is at most this.
+int64_t checked_mul(int64_t a, int64_t b, size_t elem, const std::string &what) {
+  int64_t r, bytes;
+  if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r) || __builtin_mul_overflow(r, int64_t(elem), &bytes))
+    fail(SAEHOOK_ERR_SHAPE, what + ": " + std::to_string(a) + " x " + std::to_string(b) + " x " +
+                                std::to_string(elem) + " bytes overflows the address space");
+  return r;
+}
+
 void check_rows(const void *p, int64_t n, int64_t stride, int64_t d, const char *what) {
   require(n >= 0, SAEHOOK_ERR_SHAPE, std::string(what) + ": negative row count");
   require(n == 0 || p != nullptr, SAEHOOK_ERR_INVALID_ARGUMENT, std::string(what) + " is NULL");
   require(stride >= d, SAEHOOK_ERR_SHAPE,
           std::string(what) + ": row stride " + std::to_string(stride) + " is smaller than d_model " +
               std::to_string(d));
+  if (n > 0) checked_mul(n, stride, 4, std::string(what) + " rows x row stride");
 }
 
 [[maybe_unused]] void *stream_of(const saehook_exec *exec) { return exec ? exec->cuda_stream : nullptr; }
@@ -130,9 +144,8 @@ uint16_t f32_to_f16(float f) {
 }
 
 int resolve_threads(const saehook_exec *exec) {
-  if (exec && exec->n_threads > 0) return exec->n_threads;
-  int32_t t = g_threads.load();
-  return t > 0 ? t : hardware_threads();
+  int32_t t = exec && exec->n_threads > 0 ? exec->n_threads : g_threads.load();
+  return t > 0 ? std::min<int>(t, max_threads()) : hardware_threads();
 }
 
 }  // namespace saehook
@@ -156,6 +169,7 @@ const char *saehook_status_string(saehook_status s) {
     case SAEHOOK_ERR_ALLOC: return "out of memory";
     case SAEHOOK_ERR_UNSUPPORTED: return "unsupported";
     case SAEHOOK_ERR_INTERNAL: return "internal error";
+    case SAEHOOK_ERR_OVERFLOW: return "result overflows float32";
   }
   return "unknown status";
 }
@@ -204,6 +218,9 @@ saehook_status saehook_sae_create(const saehook_sae_desc *desc, saehook_sae **ou
             "a jumprelu SAE needs a threshold");
     require(!d.subtract_b_dec || d.b_dec, SAEHOOK_ERR_INVALID_ARGUMENT,
             "subtract_b_dec is set but b_dec is NULL");
+    // Sizes of the weight matrices: every offset into them is smaller.
+    const int64_t ne = checked_mul(d.d_model, d.d_sae, std::max(dtype_size(d.enc_dtype), dtype_size(d.dec_dtype)),
+                                   "d_model x d_sae");
 
     if (d.cuda) {
 #ifdef SAEHOOK_WITH_CUDA
@@ -216,15 +233,14 @@ saehook_status saehook_sae_create(const saehook_sae_desc *desc, saehook_sae **ou
     auto *s = new saehook_sae();
     s->d = d;
     if (d.copy_weights) {
-      const size_t ne = size_t(d.d_model) * d.d_sae;
       struct Part {
         const void *src;
         size_t bytes;
         const void **dst;
       };
       Part parts[] = {
-          {d.W_enc, ne * dtype_size(d.enc_dtype), &s->d.W_enc},
-          {d.W_dec, ne * dtype_size(d.dec_dtype), &s->d.W_dec},
+          {d.W_enc, size_t(ne) * dtype_size(d.enc_dtype), &s->d.W_enc},
+          {d.W_dec, size_t(ne) * dtype_size(d.dec_dtype), &s->d.W_dec},
           {d.enc_scales, d.enc_dtype == SAEHOOK_I8 ? size_t(d.d_sae) * 4 : 0,
            reinterpret_cast<const void **>(&s->d.enc_scales)},
           {d.b_enc, d.b_enc ? size_t(d.d_sae) * 4 : 0, reinterpret_cast<const void **>(&s->d.b_enc)},
@@ -234,12 +250,14 @@ saehook_status saehook_sae_create(const saehook_sae_desc *desc, saehook_sae **ou
       };
       auto aligned = [](size_t b) { return (b + 63) & ~size_t(63); };
       size_t total = 64;
-      for (const Part &p : parts) total += aligned(p.bytes);
+      bool too_big = false;
+      for (const Part &p : parts) too_big |= __builtin_add_overflow(total, aligned(p.bytes), &total);
       try {
+        if (too_big || total > size_t(PTRDIFF_MAX)) throw std::bad_alloc();
         s->owned.resize(total);
-      } catch (...) {
+      } catch (const std::exception &) {  // bad_alloc, or length_error past vector's max_size
         delete s;
-        throw;
+        fail(SAEHOOK_ERR_ALLOC, "copy_weights: cannot allocate " + std::to_string(total) + " bytes for the weights");
       }
       uint8_t *base = s->owned.data();
       uint8_t *cur = base + ((64 - reinterpret_cast<uintptr_t>(base) % 64) % 64);
@@ -271,6 +289,7 @@ saehook_status saehook_encode(const saehook_sae *sae, const float *x, int64_t n,
     const Sae &s = sae_ref(sae);
     check_rows(x, n, x_stride, s.d.d_model, "x");
     require(n == 0 || (values && indices), SAEHOOK_ERR_INVALID_ARGUMENT, "outputs are NULL");
+    checked_mul(n, k > 0 ? k : s.d.k, 8, "encode outputs: rows x k");
     SAEHOOK_ON_CUDA(s, cuda::encode(s, x, n, x_stride, k, values, indices, stream_of(exec)));
     encode(s, x, n, x_stride, k, values, indices, resolve_threads(exec));
   });
@@ -282,6 +301,7 @@ saehook_status saehook_preacts(const saehook_sae *sae, const float *x, int64_t n
     const Sae &s = sae_ref(sae);
     check_rows(x, n, x_stride, s.d.d_model, "x");
     require(n == 0 || out, SAEHOOK_ERR_INVALID_ARGUMENT, "out is NULL");
+    checked_mul(n, s.d.d_sae, 4, "preacts output: rows x d_sae");
     SAEHOOK_ON_CUDA(s, cuda::preacts(s, x, n, x_stride, out, stream_of(exec)));
     preacts(s, x, n, x_stride, out, resolve_threads(exec));
   });
@@ -294,6 +314,7 @@ saehook_status saehook_decode(const saehook_sae *sae, const float *values, const
     const Sae &s = sae_ref(sae);
     check_rows(out, n, out_stride, s.d.d_model, "out");
     require(n == 0 || (values && indices), SAEHOOK_ERR_INVALID_ARGUMENT, "inputs are NULL");
+    checked_mul(n, k, 8, "decode inputs: rows x k");
     SAEHOOK_ON_CUDA(s, cuda::decode(s, values, indices, n, k, out, out_stride, stream_of(exec)));
     decode(s, values, indices, n, k, out, out_stride, resolve_threads(exec));
   });
@@ -304,6 +325,7 @@ saehook_status saehook_reconstruct(const saehook_sae *sae, float *h, int64_t n, 
   return guard([&] {
     const Sae &s = sae_ref(sae);
     check_rows(h, n, h_stride, s.d.d_model, "h");
+    checked_mul(n, s.d.k, 8, "reconstruct: rows x k");
     SAEHOOK_ON_CUDA(s, cuda::reconstruct(s, h, n, h_stride, stream_of(exec)));
     reconstruct(s, h, n, h_stride, resolve_threads(exec));
   });
@@ -313,15 +335,26 @@ saehook_status saehook_steer(const saehook_sae *sae, float *h, int64_t n, int64_
                              const saehook_steer_item *items, int32_t n_items,
                              const uint8_t *row_mask, int32_t k, float *values_out,
                              int32_t *indices_out, const saehook_exec *exec) {
+  return saehook_steer_ex(sae, h, n, h_stride, items, n_items, row_mask, k, values_out, indices_out,
+                          nullptr, exec);
+}
+
+saehook_status saehook_steer_ex(const saehook_sae *sae, float *h, int64_t n, int64_t h_stride,
+                                const saehook_steer_item *items, int32_t n_items,
+                                const uint8_t *row_mask, int32_t k, float *values_out,
+                                int32_t *indices_out, const saehook_steer_state *state,
+                                const saehook_exec *exec) {
   return guard([&] {
     const Sae &s = sae_ref(sae);
     check_rows(h, n, h_stride, s.d.d_model, "h");
     require((values_out == nullptr) == (indices_out == nullptr), SAEHOOK_ERR_INVALID_ARGUMENT,
             "values_out and indices_out must both be given or both be NULL");
+    checked_mul(n, k > 0 ? k : s.d.k, 8, "steer: rows x k");
+    checked_mul(std::max(n_items, 0), s.d.d_model, 4, "steer: items x d_model");
     SAEHOOK_ON_CUDA(s, cuda::steer(s, h, n, h_stride, items, n_items, row_mask, k, values_out,
-                                   indices_out, stream_of(exec)));
-    steer(s, h, n, h_stride, items, n_items, row_mask, k, values_out, indices_out,
-          resolve_threads(exec));
+                                   indices_out, state, stream_of(exec)));
+    steer::run(s, h, n, h_stride, items, n_items, row_mask, k, values_out, indices_out, state,
+               resolve_threads(exec));
   });
 }
 
@@ -343,8 +376,9 @@ saehook_status saehook_quantize_int8(const void *src, saehook_dtype src_dtype, i
     require(rows >= 0 && cols > 0, SAEHOOK_ERR_SHAPE, "bad shape");
     require(src_dtype != SAEHOOK_I8 && valid_dtype(src_dtype), SAEHOOK_ERR_DTYPE,
             "quantize_int8 takes f32, f16 or bf16");
-    const cpu::Kernels &K = cpu::active();
     const size_t es = dtype_size(src_dtype);
+    checked_mul(rows, cols, es, "quantize_int8: rows x cols");
+    const cpu::Kernels &K = cpu::active();
     parallel_for(rows, resolve_threads(exec), [&](int64_t r, int) {
       std::vector<float> row(static_cast<size_t>(cols));
       K.to_f32(static_cast<const uint8_t *>(src) + size_t(r) * cols * es, src_dtype, cols, row.data());
@@ -373,6 +407,8 @@ saehook_status saehook_convert(const void *src, saehook_dtype src_dtype, void *d
     const cpu::Kernels &K = cpu::active();
     constexpr int64_t kChunk = 1 << 16;
     const size_t si = dtype_size(src_dtype), so = dtype_size(dst_dtype);
+    require(n >= 0, SAEHOOK_ERR_SHAPE, "convert: negative element count");
+    checked_mul(n, 1, std::max(si, so), "convert: elements");
     parallel_for((n + kChunk - 1) / kChunk, resolve_threads(exec), [&](int64_t c, int) {
       const int64_t i0 = c * kChunk, len = std::min(kChunk, n - i0);
       std::vector<float> buf(static_cast<size_t>(len));

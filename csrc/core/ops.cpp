@@ -3,6 +3,9 @@
 #include "ops.hpp"
 
 #include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdio>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -17,6 +20,9 @@ namespace {
 
 // Rows of x handled per pass over the encoder weights; bounds the Top-K scratch memory.
 constexpr int64_t kRowChunk = 128;
+// Upper bound of encode's per-call Top-K scratch (candidate buffers and pre-activation tiles of
+// all threads; README "Memory").
+constexpr int64_t kScratchBytes = int64_t(64) << 20;
 
 inline float load_scalar(const uint8_t *p, saehook_dtype dt) {
   switch (dt) {
@@ -76,6 +82,38 @@ void check_finite(const float *x, int64_t n, int64_t d, int64_t stride, const ch
   }
 }
 
+namespace {
+
+// Why a row's result is not finite, for the error message: the largest |x| of the input row.
+std::string overflow_hint(const float *row, int64_t d) {
+  float amax = 0.f;
+  for (int64_t i = 0; i < d; ++i) amax = std::max(amax, std::fabs(row[i]));
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%g", double(amax));
+  return std::string(" from a finite input row (largest |x| ") + buf +
+         "): the input is too large for float32, or the SAE's weights hold Inf/NaN";
+}
+
+}  // namespace
+
+// Index of the first row of out (n rows, stride ld, d wide) holding an Inf/NaN, or -1.
+int64_t first_nonfinite_row(const float *out, int64_t n, int64_t d, int64_t ld) {
+  for (int64_t r = 0; r < n; ++r) {
+    const float *row = out + r * ld;
+    float acc = 0.f;
+    for (int64_t i = 0; i < d; ++i) acc += row[i] * 0.f;  // NaN iff some element is NaN/Inf
+    if (acc != acc) return r;
+  }
+  return -1;
+}
+
+// Lowers `slot` to `r` (the first failing row wins, whichever thread finds it).
+void record_row(std::atomic<int64_t> &slot, int64_t r) {
+  int64_t cur = slot.load();
+  while (r < cur && !slot.compare_exchange_weak(cur, r)) {
+  }
+}
+
 void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, float *values,
             int32_t *indices, int threads) {
   const saehook_sae_desc &D = s.d;
@@ -90,15 +128,22 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
   const int64_t fb = feature_block(D, n);
   const int64_t n_blocks = (m + fb - 1) / fb;
   const int T = int(std::max<int64_t>(1, std::min<int64_t>(threads, n_blocks)));
-  const int32_t cap = std::max(2 * k, k + 16);
-  const int64_t rc_max = std::min(kRowChunk, n);
+  // Top-K buffer entries per row and worker: room for 2k (compacting to k when full), never more
+  // than the d_sae candidates a row has (so a buffer of d_sae never fills; computed in int64: 2k
+  // overflows int32 for k > 2**30).
+  const int32_t cap = int32_t(std::min<int64_t>(std::max<int64_t>(2 * int64_t(k), k + 16), m));
+  // Rows per pass over W_enc: up to kRowChunk, fewer when the per-thread Top-K buffers and
+  // pre-activation tiles of that many rows would exceed kScratchBytes (very large k, many
+  // threads), so scratch stays bounded whatever k and threads are.
+  const int64_t per_row = int64_t(T) * (int64_t(cap) * int64_t(sizeof(Cand)) + fb * 4);
+  const int64_t rc_max = std::max<int64_t>(1, std::min<int64_t>({kRowChunk, n, kScratchBytes / per_row}));
 
   std::vector<float> pre(size_t(T) * rc_max * fb);
   std::vector<Cand> cand(size_t(T) * rc_max * cap);
   std::vector<TopK> tk(size_t(T) * rc_max);
-  std::vector<Cand> merge(size_t(T) * T * cap);
   std::vector<uint8_t> operand(K.operand_bytes(D.enc_dtype, rc_max, d));
   const float *shift = D.subtract_b_dec ? D.b_dec : nullptr;
+  std::atomic<int64_t> bad_row{INT64_MAX};
 
   for (int64_t r0 = 0; r0 < n; r0 += rc_max) {
     const int64_t rc = std::min(rc_max, n - r0);
@@ -116,8 +161,10 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
       for (int64_t r = 0; r < rc; ++r) {
         TopK &t = tk[w * rc_max + r];
         const float *p = P + r * fb;
+        bool nonfinite = false;  // an overflowed pre-activation (finite input): Inf, or NaN from Inf - Inf
         for (int64_t j = 0; j < nf; ++j) {
           const float v = be ? p[j] + be[j] : p[j];
+          nonfinite |= !(v - v == 0.f);
           switch (D.activation) {
             case SAEHOOK_ACT_TOPK: break;
             case SAEHOOK_ACT_TOPK_RELU:
@@ -130,20 +177,25 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
           }
           t.push(v, int32_t(f0 + j));
         }
+        if (nonfinite) record_row(bad_row, r0 + r);
       }
     });
+    if (bad_row.load() != INT64_MAX) break;
 
-    parallel_for(rc, T, [&](int64_t r, int w) {
-      Cand *M = &merge[size_t(w) * T * cap];
-      int64_t cnt = 0;
-      for (int u = 0; u < T; ++u) {
+    // Merge: every worker's candidates of a row into worker 0's buffer (TopK keeps the k best).
+    parallel_for(rc, T, [&](int64_t r, int) {
+      TopK &t0 = tk[r];
+      for (int u = 1; u < T; ++u) {
         const TopK &t = tk[u * rc_max + r];
-        std::copy(t.data(), t.data() + t.size(), M + cnt);
-        cnt += t.size();
+        for (int32_t j = 0; j < t.size(); ++j) t0.push(t.data()[j].v, t.data()[j].i);
       }
-      finalize_topk(M, cnt, k, values + (r0 + r) * k, indices + (r0 + r) * k);
+      finalize_topk(t0.data(), t0.size(), k, values + (r0 + r) * k, indices + (r0 + r) * k);
     });
   }
+  const int64_t br = bad_row.load();
+  if (br != INT64_MAX)
+    fail(SAEHOOK_ERR_OVERFLOW, "encode: the pre-activations of row " + std::to_string(br) +
+                                   " overflow float32 (Inf/NaN)" + overflow_hint(x + br * ldx, d));
 }
 
 void preacts(const Sae &s, const float *x, int64_t n, int64_t ldx, float *out, int threads) {
@@ -162,10 +214,14 @@ void preacts(const Sae &s, const float *x, int64_t n, int64_t ldx, float *out, i
       for (int64_t r = 0; r < n; ++r)
         for (int64_t j = 0; j < nf; ++j) out[r * D.d_sae + f0 + j] += D.b_enc[f0 + j];
   });
+  // Not checked for Inf/NaN: the dense analysis output shows them as they are (encode refuses).
 }
 
-void decode(const Sae &s, const float *values, const int32_t *indices, int64_t n, int32_t k,
-            float *out, int64_t ldo, int threads) {
+namespace {
+
+// decode without the check of its result: returns the first row that is not finite, or -1.
+int64_t decode_rows(const Sae &s, const float *values, const int32_t *indices, int64_t n, int32_t k,
+                    float *out, int64_t ldo, int threads) {
   const saehook_sae_desc &D = s.d;
   const int64_t d = D.d_model, m = D.d_sae;
   if (k <= 0) fail(SAEHOOK_ERR_SHAPE, "decode needs k >= 1 entries per row");
@@ -207,20 +263,53 @@ void decode(const Sae &s, const float *values, const int32_t *indices, int64_t n
       }
     });
   }
+  return first_nonfinite_row(out, n, d, ldo);
+}
+
+}  // namespace
+
+void decode(const Sae &s, const float *values, const int32_t *indices, int64_t n, int32_t k,
+            float *out, int64_t ldo, int threads) {
+  const int64_t br = decode_rows(s, values, indices, n, k, out, ldo, threads);
+  if (br >= 0) {
+    float vmax = 0.f;
+    for (int32_t j = 0; j < k; ++j) vmax = std::max(vmax, std::fabs(values[br * k + j]));
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%g", double(vmax));
+    fail(SAEHOOK_ERR_OVERFLOW, "decode: the reconstruction of row " + std::to_string(br) +
+                                   " overflows float32 (Inf/NaN) from finite values (largest |value| " + buf + ")");
+  }
 }
 
 void reconstruct(const Sae &s, float *h, int64_t n, int64_t ldh, int threads) {
   const int32_t k = s.d.k;
-  // Check every row first: chunks are rewritten in place, so a NaN found in a later chunk must
-  // not leave earlier ones reconstructed (and its row number is the caller's, not the chunk's).
-  check_finite(h, n, s.d.d_model, ldh, "input");
+  const int64_t d = s.d.d_model;
+  if (n == 0) return;
+  // All or nothing: h is rewritten only once every row is known to encode and decode to finite
+  // values. Encode everything first (a NaN input or an overflowing pre-activation fails before
+  // any row changes; the Top-K of all rows is 8k bytes per row), then decode chunks into scratch
+  // to check them, and only then into h (a second decode, k x d_model per row: small next to the
+  // encode's d_sae x d_model; a single chunk is copied instead).
+  std::vector<float> vals(size_t(n) * k);
+  std::vector<int32_t> idx(size_t(n) * k);
+  encode(s, h, n, ldh, k, vals.data(), idx.data(), threads);
   const int64_t chunk = std::min<int64_t>(n, 256);
-  std::vector<float> vals(size_t(chunk * k));
-  std::vector<int32_t> idx(size_t(chunk * k));
+  std::vector<float> tmp(size_t(chunk) * d);
   for (int64_t r0 = 0; r0 < n; r0 += chunk) {
     const int64_t rc = std::min(chunk, n - r0);
-    encode(s, h + r0 * ldh, rc, ldh, k, vals.data(), idx.data(), threads);
-    decode(s, vals.data(), idx.data(), rc, k, h + r0 * ldh, ldh, threads);
+    const int64_t br = decode_rows(s, vals.data() + r0 * k, idx.data() + r0 * k, rc, k, tmp.data(), d, threads);
+    if (br >= 0)
+      fail(SAEHOOK_ERR_OVERFLOW, "reconstruct: the reconstruction of row " + std::to_string(r0 + br) +
+                                     " overflows float32 (Inf/NaN)" + overflow_hint(h + (r0 + br) * ldh, d) +
+                                     "; h is unchanged");
+    if (rc == n) {
+      for (int64_t r = 0; r < n; ++r) std::memcpy(h + r * ldh, tmp.data() + r * d, size_t(d) * 4);
+      return;
+    }
+  }
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    const int64_t rc = std::min(chunk, n - r0);
+    decode(s, vals.data() + r0 * k, idx.data() + r0 * k, rc, k, h + r0 * ldh, ldh, threads);
   }
 }
 
@@ -246,75 +335,6 @@ void decoder_direction(const Sae &s, int32_t feature, bool normalize, float *out
     const float inv = float(1.0 / std::sqrt(ss));
     for (int64_t i = 0; i < D.d_model; ++i) out[i] *= inv;
   }
-}
-
-void steer(const Sae &s, float *h, int64_t n, int64_t ldh, const saehook_steer_item *items,
-           int32_t n_items, const uint8_t *row_mask, int32_t k, float *values_out,
-           int32_t *indices_out, int threads) {
-  const saehook_sae_desc &D = s.d;
-  const int64_t d = D.d_model;
-  if (n_items < 0 || (n_items > 0 && !items))
-    fail(SAEHOOK_ERR_INVALID_ARGUMENT, "steering items are missing");
-  bool need_encode = values_out != nullptr || indices_out != nullptr;
-  for (int32_t t = 0; t < n_items; ++t) {
-    const saehook_steer_item &it = items[t];
-    if (it.feature < 0 || it.feature >= D.d_sae)
-      fail(SAEHOOK_ERR_INDEX, "steering feature " + std::to_string(it.feature) +
-                                  " is out of range [0, " + std::to_string(D.d_sae) + ")");
-    if (it.op < SAEHOOK_STEER_ADD || it.op > SAEHOOK_STEER_ABLATE)
-      fail(SAEHOOK_ERR_INVALID_ARGUMENT, "unknown steering op " + std::to_string(int(it.op)));
-    if (!std::isfinite(it.value))
-      fail(SAEHOOK_ERR_NAN, "steering value for feature " + std::to_string(it.feature) +
-                                " is NaN or Inf");
-    if (it.op != SAEHOOK_STEER_ADD) need_encode = true;
-  }
-  if (n == 0) return;
-  if (values_out == nullptr) indices_out = nullptr;  // outputs come as a pair
-  const int32_t kk = k > 0 ? k : D.k;
-  std::vector<float> vtmp;
-  std::vector<int32_t> itmp;
-  float *vals = values_out;
-  int32_t *idx = indices_out;
-  if (need_encode) {
-    if (!vals) {
-      vtmp.resize(size_t(n * kk));
-      itmp.resize(size_t(n * kk));
-      vals = vtmp.data();
-      idx = itmp.data();
-    }
-    encode(s, h, n, ldh, kk, vals, idx, threads);
-  } else {
-    check_finite(h, n, d, ldh, "input");
-  }
-  if (n_items == 0) return;
-
-  std::vector<float> dirs(size_t(n_items) * d);
-  for (int32_t t = 0; t < n_items; ++t)
-    decoder_direction(s, items[t].feature, items[t].normalize != 0, &dirs[size_t(t) * d]);
-
-  const cpu::Kernels &K = cpu::active();
-  parallel_for(n, threads, [&](int64_t r, int) {
-    if (row_mask && !row_mask[r]) return;
-    float *row = h + r * ldh;
-    for (int32_t t = 0; t < n_items; ++t) {
-      const saehook_steer_item &it = items[t];
-      float z = 0.f;
-      if (it.op != SAEHOOK_STEER_ADD)
-        for (int32_t j = 0; j < kk; ++j)
-          if (idx[r * kk + j] == it.feature) {
-            z = vals[r * kk + j];
-            break;
-          }
-      float c = 0.f;
-      switch (it.op) {
-        case SAEHOOK_STEER_ADD: c = it.value; break;
-        case SAEHOOK_STEER_CLAMP: c = it.value - z; break;
-        case SAEHOOK_STEER_SCALE: c = (it.value - 1.f) * z; break;
-        case SAEHOOK_STEER_ABLATE: c = -z; break;
-      }
-      if (c != 0.f) K.axpy(c, &dirs[size_t(t) * d], SAEHOOK_F32, d, row);
-    }
-  });
 }
 
 }  // namespace saehook

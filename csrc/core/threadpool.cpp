@@ -8,6 +8,8 @@
 #include <thread>
 #include <vector>
 
+#include <pthread.h>
+
 namespace saehook {
 
 int hardware_threads() {
@@ -15,20 +17,15 @@ int hardware_threads() {
   return n == 0 ? 1 : int(n);
 }
 
+int max_threads() { return kThreadsPerCpu * hardware_threads(); }
+
 namespace {
 
+// The pool is never destroyed: at process exit its workers may still be serving a call from a
+// thread the exit did not stop (a Python daemon thread), and destroying a std::thread that runs
+// calls std::terminate. The operating system ends the workers with the process.
 class Pool {
  public:
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
-      ++generation_;
-    }
-    cv_.notify_all();
-    for (auto &t : workers_) t.join();
-  }
-
   void run(int64_t n_tasks, int n_threads, const std::function<void(int64_t, int)> &fn) {
     std::unique_lock<std::mutex> job(job_mu_, std::try_to_lock);
     if (!job.owns_lock() || in_job_) {  // busy or nested: run inline
@@ -88,7 +85,6 @@ class Pool {
         std::unique_lock<std::mutex> lk(mu_);
         cv_.wait(lk, [&] { return generation_ != seen; });
         seen = generation_;
-        if (stop_) return;
         if (id > active_) continue;  // not part of this job
         body = body_;
       }
@@ -108,12 +104,30 @@ class Pool {
   const std::function<void(int)> *body_ = nullptr;
   uint64_t generation_ = 0;
   int active_ = 0, pending_ = 0;
-  bool stop_ = false;
 };
 
+// Fork safety: a forked child has only the forking thread, so the parent's workers do not exist
+// there and its pool's locks may be held forever. The child abandons that pool (leaked: its
+// std::thread objects must not be destroyed) and creates a new one on its next parallel call.
+std::mutex g_pool_mu;
+Pool *g_pool = nullptr;
+
+void before_fork() { g_pool_mu.lock(); }
+void after_fork_parent() { g_pool_mu.unlock(); }
+void after_fork_child() {
+  g_pool_mu.unlock();
+  g_pool = nullptr;
+}
+
 Pool &pool() {
-  static Pool p;
-  return p;
+  static const bool registered = [] {
+    pthread_atfork(before_fork, after_fork_parent, after_fork_child);
+    return true;
+  }();
+  (void)registered;
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  if (!g_pool) g_pool = new Pool();
+  return *g_pool;
 }
 
 thread_local bool tls_inside_job = false;
@@ -122,6 +136,7 @@ thread_local bool tls_inside_job = false;
 
 void parallel_for(int64_t n_tasks, int n_threads, const std::function<void(int64_t, int)> &fn) {
   if (n_tasks <= 0) return;
+  n_threads = std::min(n_threads, max_threads());
   if (tls_inside_job || n_threads <= 1 || n_tasks == 1) {
     for (int64_t t = 0; t < n_tasks; ++t) fn(t, 0);
     return;

@@ -64,6 +64,7 @@ class TopK {
 
   int32_t size() const { return n_; }
   const Cand *data() const { return buf_; }
+  Cand *data() { return buf_; }
 
  private:
   int32_t k_ = 0, cap_ = 0, n_ = 0;

@@ -27,7 +27,9 @@ struct ItemBatch {
   int32_t feature[kBatchItems];
   int32_t op[kBatchItems];
   float value[kBatchItems];
+  float value2[kBatchItems];
   int32_t normalize[kBatchItems];
+  int32_t has_projection;  // a CAP or RESCALE item: the items then apply one after another
 };
 
 namespace kern {
@@ -117,10 +119,12 @@ void steer_directions(const ItemBatch &b, int dtype, int layout, const void *W, 
                       int64_t m, float *dirs, ErrRec *err, cudaStream_t st);
 
 // Rows r < n of h (mask[r] != 0, or all when mask is null) += c_t * dirs[b.first + t] for the
-// batch's items in order, c_t from the row's encode (vals/idx, kk per row; null for add-only).
+// batch's items in order, c_t from the row's encode (vals/idx, kk per row; null when no item
+// reads it) or, for CAP/RESCALE, from the row's projection on dirs[t] as the earlier items left
+// it. act (n x n_items, or null): whether each item applies on each row (it then replaces mask).
 void steer_apply(const ItemBatch &b, float *h, int64_t n, int64_t ldh, int64_t d,
-                 const uint8_t *mask, const float *vals, const int32_t *idx, int32_t kk,
-                 const float *dirs, const ErrRec *err, cudaStream_t st);
+                 const uint8_t *mask, const uint8_t *act, int32_t n_items, const float *vals,
+                 const int32_t *idx, int32_t kk, const float *dirs, const ErrRec *err, cudaStream_t st);
 
 // A kernel of this build, for checking that the device can run them.
 const void *probe_kernel();

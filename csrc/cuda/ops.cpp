@@ -17,6 +17,8 @@
 #include <vector>
 
 #include "../core/cuda_ops.hpp"
+#include "../core/steer_formula.hpp"
+#include "../core/steer_modes.hpp"
 #include "launch.cuh"
 #include "plan.cuh"
 #include "runtime.cuh"
@@ -198,7 +200,10 @@ std::vector<ItemBatch> batches(const saehook_steer_item *items, int32_t n_items)
       b.feature[t] = it.feature;
       b.op[t] = int32_t(it.op);
       b.value[t] = it.value;
-      b.normalize[t] = it.normalize != 0;
+      b.value2[t] = it.value2;
+      // caps and rescales always use the unit direction (as the CPU path)
+      b.normalize[t] = it.normalize != 0 || steer_uses_projection(int(it.op));
+      b.has_projection |= steer_uses_projection(int(it.op)) ? 1 : 0;
     }
     out.push_back(b);
   }
@@ -373,48 +378,48 @@ void reconstruct(const Sae &s, float *h, int64_t n, int64_t ldh, void *stream) {
 }
 
 void steer(const Sae &s, float *h, int64_t n, int64_t ldh, const saehook_steer_item *items, int32_t n_items,
-           const uint8_t *row_mask, int32_t k, float *values_out, int32_t *indices_out, void *stream) {
+           const uint8_t *row_mask, int32_t k, float *values_out, int32_t *indices_out,
+           const saehook_steer_state *state, void *stream) {
   const saehook_sae_desc &D = s.d;
   const int64_t d = D.d_model;
-  // Item checks and their messages are ops.cpp's.
-  if (n_items < 0 || (n_items > 0 && !items)) fail(SAEHOOK_ERR_INVALID_ARGUMENT, "steering items are missing");
-  bool need_encode = values_out != nullptr || indices_out != nullptr;
-  for (int32_t t = 0; t < n_items; ++t) {
-    const saehook_steer_item &it = items[t];
-    if (it.feature < 0 || it.feature >= D.d_sae)
-      fail(SAEHOOK_ERR_INDEX, "steering feature " + std::to_string(it.feature) + " is out of range [0, " +
-                                  std::to_string(D.d_sae) + ")");
-    if (it.op < SAEHOOK_STEER_ADD || it.op > SAEHOOK_STEER_ABLATE)
-      fail(SAEHOOK_ERR_INVALID_ARGUMENT, "unknown steering op " + std::to_string(int(it.op)));
-    if (!std::isfinite(it.value))
-      fail(SAEHOOK_ERR_NAN, "steering value for feature " + std::to_string(it.feature) + " is NaN or Inf");
-    if (it.op != SAEHOOK_STEER_ADD) need_encode = true;
-  }
+  // Item and state checks, and their messages, are steer_modes.cpp's.
+  const steer::Plan plan = steer::check(items, n_items, D.d_sae);
+  steer::check_state(state, n);
+  const bool need_encode = plan.need_encode || values_out != nullptr || indices_out != nullptr;
   if (n == 0) return;
   if (values_out == nullptr) indices_out = nullptr;
   const int32_t kk = k > 0 ? k : D.k;
   if (need_encode && kk > D.d_sae) fail_k(kk, D.d_sae);
+  // Conditions and latches are evaluated on the host (steer::evaluate, the CPU path's code) from
+  // a copy of each chunk's encode: n * k * 8 bytes down and n * n_items bytes up per call, and a
+  // stream synchronisation per chunk. Steering without conditions stays on the device.
+  uint8_t *fired = state ? state->fired : nullptr;
+  const bool host_conditions = plan.has_conditions || fired != nullptr;
 
   DeviceGuard guard(D.cuda_device);
   const cudaStream_t st = as_stream(stream);
   Layout L;
   L.take(Scratch::header());
-  // The encoder's parts only when an encode runs (an add-only steer needs none).
+  // The encoder's parts only when an encode runs (an add/cap/rescale-only steer needs none).
   std::optional<Encoder> enc;
   if (need_encode) enc.emplace(D, n, kk, L, false, st);
   const Encoder *e = enc ? &*enc : nullptr;
   const size_t o_dirs = L.take(size_t(n_items) * size_t(d) * 4);
   const int64_t R = e ? e->p.R : n;
-  size_t o_v = 0, o_i = 0;
+  size_t o_v = 0, o_i = 0, o_act = 0;
   if (e && !values_out) {
     o_v = L.take(size_t(R) * kk * 4);
     o_i = L.take(size_t(R) * kk * 4);
   }
+  if (host_conditions) o_act = L.take(size_t(R) * size_t(n_items));
   Scratch sc(L.size, st, D.cuda_device);
   kern::check_finite(h, n, d, ldh, sc.err(), st);
   const std::vector<ItemBatch> bs = batches(items, n_items);
   float *dirs = sc.at<float>(o_dirs);
   for (const ItemBatch &b : bs) kern::steer_directions(b, D.dec_dtype, D.dec_layout, D.W_dec, d, D.d_sae, dirs, sc.err(), st);
+  std::vector<float> hv;
+  std::vector<int32_t> hi;
+  std::vector<uint8_t> hmask, hact(host_conditions ? size_t(n) * n_items : 0), latch_scratch;
   for (int64_t r0 = 0; r0 < n; r0 += R) {
     const int64_t rows = std::min(R, n - r0);
     float *rowp = h + r0 * ldh;
@@ -425,14 +430,36 @@ void steer(const Sae &s, float *h, int64_t n, int64_t ldh, const saehook_steer_i
       idx = values_out ? indices_out + r0 * kk : sc.at<int32_t>(o_i);
       e->chunk(sc, rowp, ldh, rows, kk, vals, idx, st);
     }
+    const uint8_t *act = nullptr;
+    if (host_conditions) {
+      if (e) {
+        hv.resize(size_t(rows) * kk);
+        hi.resize(size_t(rows) * kk);
+        check(cudaMemcpyAsync(hv.data(), vals, hv.size() * 4, cudaMemcpyDeviceToHost, st), "steer");
+        check(cudaMemcpyAsync(hi.data(), idx, hi.size() * 4, cudaMemcpyDeviceToHost, st), "steer");
+      }
+      if (row_mask) {
+        hmask.resize(size_t(rows));
+        check(cudaMemcpyAsync(hmask.data(), row_mask + r0, size_t(rows), cudaMemcpyDeviceToHost, st), "steer");
+      }
+      check(cudaStreamSynchronize(st), "steer");
+      uint8_t *ha = hact.data() + size_t(r0) * n_items;
+      steer::evaluate(items, n_items, e ? hv.data() : nullptr, e ? hi.data() : nullptr, r0, rows, kk,
+                      row_mask ? hmask.data() : nullptr, state, latch_scratch, ha);
+      uint8_t *da = sc.at<uint8_t>(o_act);
+      check(cudaMemcpyAsync(da, ha, size_t(rows) * n_items, cudaMemcpyHostToDevice, st), "steer");
+      act = da;
+    }
     for (const ItemBatch &b : bs)
-      kern::steer_apply(b, rowp, rows, ldh, d, row_mask ? row_mask + r0 : nullptr, vals, idx, kk, dirs, sc.err(), st);
+      kern::steer_apply(b, rowp, rows, ldh, d, row_mask ? row_mask + r0 : nullptr, act, n_items, vals, idx, kk,
+                        dirs, sc.err(), st);
   }
   const ErrRec hr = sc.finish("steer");
   report_input(hr, h, ldh, d);
   if (hr.dir_item != kNoError)
     fail(SAEHOOK_ERR_INVALID_ARGUMENT, "feature " + std::to_string(items[hr.dir_item].feature) +
                                            " has a zero decoder direction; cannot normalize");
+  if (fired) std::copy(hact.begin(), hact.end(), fired);
 }
 
 void decoder_direction(const Sae &s, int32_t feature, bool normalize, float *out) {

@@ -213,17 +213,8 @@ SAEHOOK_HD inline void output_entry(const uint64_t *sorted, uint32_t kk, uint32_
 
 // ---- steering ----
 
-// The coefficient of d_f added to a row (ops.cpp's steer): z is f's activation in the row's
-// Top-K (0 if absent). op is a saehook_steer_op.
-SAEHOOK_HD inline float steer_coefficient(int op, float value, float z) {
-  switch (op) {
-    case 0: return value;               // ADD
-    case 1: return value - z;           // CLAMP
-    case 2: return (value - 1.f) * z;   // SCALE
-    case 3: return -z;                  // ABLATE
-  }
-  return 0.f;
-}
+// The coefficient of each item: saehook::steer_coefficient (csrc/core/steer_formula.hpp), shared
+// with the CPU path.
 
 // ---- key sources for the block-wide select ----
 

@@ -2,6 +2,7 @@
 // Accumulation order per output element is the CPU's: b_dec, then the entries in order.
 #include "device.cuh"
 #include "plan.cuh"
+#include "../core/steer_formula.hpp"
 
 namespace saehook::cuda {
 
@@ -120,6 +121,7 @@ __global__ void __launch_bounds__(256) directions_kernel(ItemBatch b, int layout
                                                          int64_t d, int64_t m, float *dirs, ErrRec *err) {
   __shared__ double red[32];
   const int t = blockIdx.x;
+  if (steer_is_condition(b.op[t])) return;  // block-uniform: condition items have no direction
   const int64_t f = b.feature[t];
   float *o = dirs + int64_t(b.first + t) * d;
   double ss = 0;
@@ -139,17 +141,22 @@ __global__ void __launch_bounds__(256) directions_kernel(ItemBatch b, int layout
 }
 
 // One block per row: the batch's coefficients from the row's encode, then h += c_t * d_t for
-// the items in order.
+// the items in order. With a CAP or RESCALE item the items apply one after another, each
+// projection a block-wide sum (in double, as the CPU path) over the row as the earlier items
+// left it; each thread only ever touches its own elements of the row.
 __global__ void __launch_bounds__(256) apply_kernel(ItemBatch b, float *h, int64_t ldh, int64_t d,
-                                                    const uint8_t *__restrict__ mask, const float *__restrict__ vals,
+                                                    const uint8_t *__restrict__ mask, const uint8_t *__restrict__ act,
+                                                    int32_t n_items, const float *__restrict__ vals,
                                                     const int32_t *__restrict__ idx, int32_t kk,
                                                     const float *__restrict__ dirs, const ErrRec *err) {
   __shared__ float z[kBatchItems];
   __shared__ float c[kBatchItems];
+  __shared__ double red[32];
   if (has_error(err)) return;
   const int tid = threadIdx.x;
   const int64_t r = blockIdx.x;
-  if (mask && !mask[r]) return;  // block-uniform
+  if (!act && mask && !mask[r]) return;  // block-uniform (with act, act holds the mask)
+  const uint8_t *ar = act ? act + r * n_items + b.first : nullptr;
   for (int t = tid; t < b.n; t += blockDim.x) z[t] = 0.f;
   __syncthreads();
   if (vals) {  // an encode's indices are unique, so at most one thread writes each z[t]
@@ -159,21 +166,37 @@ __global__ void __launch_bounds__(256) apply_kernel(ItemBatch b, float *h, int64
     for (int64_t p = tid; p < pairs; p += blockDim.x) {
       const int t = int(p / kk);
       const int64_t j = p - int64_t(t) * kk;
-      if (b.op[t] != SAEHOOK_STEER_ADD && ir[j] == b.feature[t]) z[t] = vr[j];
+      if (steer_uses_activation(b.op[t]) && ir[j] == b.feature[t]) z[t] = vr[j];
     }
     __syncthreads();
   }
-  for (int t = tid; t < b.n; t += blockDim.x) c[t] = sel::steer_coefficient(b.op[t], b.value[t], z[t]);
+  for (int t = tid; t < b.n; t += blockDim.x)
+    c[t] = (ar && !ar[t]) ? 0.f : steer_coefficient(b.op[t], b.value[t], b.value2[t], z[t], 0.f);
   __syncthreads();
   float *row = h + r * ldh;
   const float *dbase = dirs + int64_t(b.first) * d;
-  for (int64_t i = tid; i < d; i += blockDim.x) {
-    float y = row[i];
-    for (int t = 0; t < b.n; ++t) {
-      const float ct = c[t];
-      if (ct != 0.f) y = fmaf(ct, dbase[int64_t(t) * d + i], y);
+  if (!b.has_projection) {
+    for (int64_t i = tid; i < d; i += blockDim.x) {
+      float y = row[i];
+      for (int t = 0; t < b.n; ++t) {
+        const float ct = c[t];
+        if (ct != 0.f) y = fmaf(ct, dbase[int64_t(t) * d + i], y);
+      }
+      row[i] = y;
     }
-    row[i] = y;
+    return;
+  }
+  for (int t = 0; t < b.n; ++t) {
+    const float *dt = dbase + int64_t(t) * d;
+    float ct = c[t];
+    if (steer_uses_projection(b.op[t]) && !(ar && !ar[t])) {  // block-uniform
+      double acc = 0;
+      for (int64_t i = tid; i < d; i += blockDim.x) acc += double(row[i]) * dt[i];
+      const double p = dev::block_sum(acc, red);
+      ct = steer_coefficient(b.op[t], b.value[t], b.value2[t], 0.f, float(p));
+    }
+    if (ct != 0.f)
+      for (int64_t i = tid; i < d; i += blockDim.x) row[i] = fmaf(ct, dt[i], row[i]);
   }
 }
 
@@ -226,9 +249,9 @@ void steer_directions(const ItemBatch &b, int dtype, int layout, const void *W, 
 }
 
 void steer_apply(const ItemBatch &b, float *h, int64_t n, int64_t ldh, int64_t d, const uint8_t *mask,
-                 const float *vals, const int32_t *idx, int32_t kk, const float *dirs, const ErrRec *err,
-                 cudaStream_t st) {
-  apply_kernel<<<unsigned(n), 256, 0, st>>>(b, h, ldh, d, mask, vals, idx, kk, dirs, err);
+                 const uint8_t *act, int32_t n_items, const float *vals, const int32_t *idx, int32_t kk,
+                 const float *dirs, const ErrRec *err, cudaStream_t st) {
+  apply_kernel<<<unsigned(n), 256, 0, st>>>(b, h, ldh, d, mask, act, n_items, vals, idx, kk, dirs, err);
 }
 
 }  // namespace kern

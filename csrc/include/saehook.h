@@ -30,7 +30,9 @@ extern "C" {
 #define SAEHOOK_API __attribute__((visibility("default")))
 #endif
 
-#define SAEHOOK_API_VERSION 1
+/* 2: steering items gained value2/when/arg_a/arg_b/latch (36 bytes instead of 16), the ops
+ * CAP, RESCALE and the condition items COND_*, and saehook_steer_ex. */
+#define SAEHOOK_API_VERSION 2
 
 typedef enum {
   SAEHOOK_OK = 0,
@@ -41,7 +43,9 @@ typedef enum {
   SAEHOOK_ERR_NAN = 5,              /* NaN or Inf in an input */
   SAEHOOK_ERR_ALLOC = 6,            /* out of memory */
   SAEHOOK_ERR_UNSUPPORTED = 7,      /* e.g. CUDA pointers in a build without CUDA */
-  SAEHOOK_ERR_INTERNAL = 8
+  SAEHOOK_ERR_INTERNAL = 8,
+  SAEHOOK_ERR_OVERFLOW = 9          /* a result is Inf/NaN although every input is finite
+                                       (float32 overflow, e.g. inputs near 3e38) */
 } saehook_status;
 
 typedef enum {
@@ -96,21 +100,59 @@ typedef enum {
   SAEHOOK_STEER_ADD = 0,    /* h += value * d_f */
   SAEHOOK_STEER_CLAMP = 1,  /* h += (value - z_f) * d_f */
   SAEHOOK_STEER_SCALE = 2,  /* h += (value - 1) * z_f * d_f */
-  SAEHOOK_STEER_ABLATE = 3  /* h -= z_f * d_f   (clamp to 0) */
+  SAEHOOK_STEER_ABLATE = 3, /* h -= z_f * d_f   (clamp to 0) */
+  /* API version 2. p_f = h . u_f, the row's projection on the unit direction u_f = d_f / ||d_f||
+   * (these two always use u_f and read no encoder; h is the row as the items before left it). */
+  SAEHOOK_STEER_CAP = 4,     /* h += (clip(p_f, value2, value) - p_f) * u_f: value the upper bound,
+                                value2 the lower one (+-INFINITY: none; value2 > value refused) */
+  SAEHOOK_STEER_RESCALE = 5, /* h += (value - 1) * p_f * u_f (value 0 removes the direction) */
+  /* Condition items change nothing; op items refer to them with `when`. z_f comes from the
+   * encode of the unsteered rows (0 when f is not in the row's Top-K). */
+  SAEHOOK_COND_ABOVE = 6,    /* holds where z_f > value */
+  SAEHOOK_COND_BELOW = 7,    /* holds where z_f < value */
+  SAEHOOK_COND_AND = 8,      /* holds where conditions arg_a and arg_b both hold */
+  SAEHOOK_COND_OR = 9        /* holds where condition arg_a or arg_b holds */
 } saehook_steer_op;
 
+/* One steering item. A zero-initialised tail gives the version-1 behaviour.
+ * Limits: AND/OR refer to condition items earlier in the list (arg_a, arg_b < own index), so one
+ * pass in list order evaluates every condition; `when` may name any condition item. */
 typedef struct {
-  int32_t feature;
+  int32_t feature;   /* unused by AND/OR */
   saehook_steer_op op;
   float value;
-  int32_t normalize; /* use d_f / ||d_f|| instead of d_f */
+  int32_t normalize; /* ADD/CLAMP/SCALE/ABLATE: use d_f / ||d_f|| instead of d_f */
+  /* API version 2: */
+  float value2;      /* CAP: the lower bound */
+  int32_t when;      /* op items: 0 always; j > 0 only on rows where condition item j - 1 holds */
+  int32_t arg_a, arg_b; /* AND/OR: indices of the condition items combined */
+  int32_t latch;     /* condition items: once it holds on a row of a sequence it holds on every
+                        later row of that sequence (see saehook_steer_state) */
 } saehook_steer_item;
+
+/* Per-call state of conditional steering (API version 2); any pointer may be NULL. Host memory
+ * also for CUDA handles (the conditions are evaluated on the host from a copy of the encode).
+ *  - Latches: row r belongs to sequence slot row_slot[r] (NULL: slot 0 for every row), rows of a
+ *    slot in token order. latch_state (n_slots * n_items bytes, byte s * n_items + t for item t)
+ *    holds what latched on earlier calls and is updated; NULL: latches hold within this call only.
+ *  - fired (n * n_items bytes, out): per row, whether each condition item held (after latching)
+ *    and whether each op item was applied (its condition held and row_mask selected the row).
+ * Conditions are evaluated on every row, the rows row_mask leaves alone included, so a latch
+ * follows its sequence even through unsteered positions. */
+typedef struct {
+  uint8_t *latch_state;
+  const int32_t *row_slot;
+  int32_t n_slots;
+  uint8_t *fired;
+} saehook_steer_state;
 
 /* ---- library ---- */
 SAEHOOK_API int saehook_api_version(void);
 SAEHOOK_API const char *saehook_last_error(void);
 SAEHOOK_API const char *saehook_status_string(saehook_status s);
-/* Default thread count for kernels (initially the number of online CPUs). */
+/* Default thread count for kernels (initially the number of online CPUs). Every call uses at
+ * most 4 x the CPUs (std::thread::hardware_concurrency), whatever is asked; the pool's threads
+ * persist, are re-created in a forked child, and are not joined at process exit. */
 SAEHOOK_API void saehook_set_num_threads(int32_t n);
 SAEHOOK_API int32_t saehook_get_num_threads(void);
 /* Instruction-set path of the CPU kernels: "auto" (best the CPU supports), "baseline", "avx2"
@@ -136,31 +178,48 @@ SAEHOOK_API saehook_status saehook_sae_describe(const saehook_sae *sae, saehook_
 /* ---- kernels ---- */
 /* Encode n rows of x (row stride x_stride) into k (values, indices) per row, sorted by value
  * descending, ties by lower index. k <= 0 means the SAE's k. For RELU/JUMPRELU/TOPK_RELU the
- * entries whose activation is zero are padding: value 0, index -1. */
+ * entries whose activation is zero are padding: value 0, index -1. A pre-activation that
+ * overflows float32 (finite x near 3e38) fails with SAEHOOK_ERR_OVERFLOW. Scratch is bounded
+ * (about 64 MiB of Top-K buffers whatever k and the thread count). */
 SAEHOOK_API saehook_status saehook_encode(const saehook_sae *sae, const float *x, int64_t n,
                                           int64_t x_stride, int32_t k, float *values,
                                           int32_t *indices, const saehook_exec *exec);
 /* Dense pre-activations (before the activation function): out (n, d_sae). For tests and
- * analysis; production paths use saehook_encode, which never materialises them. */
+ * analysis; production paths use saehook_encode, which never materialises them. Values that
+ * overflow float32 are returned as Inf/NaN (saehook_encode refuses them). */
 SAEHOOK_API saehook_status saehook_preacts(const saehook_sae *sae, const float *x, int64_t n,
                                            int64_t x_stride, float *out, const saehook_exec *exec);
 /* x_hat = sum_j values[j] * d_{indices[j]} + b_dec; out (n, d_model) with stride out_stride.
- * Index -1 is skipped; any other index outside [0, d_sae) is an error. */
+ * Index -1 is skipped; any other index outside [0, d_sae) is an error. A row of x_hat that
+ * overflows float32 fails with SAEHOOK_ERR_OVERFLOW (out is then partly written). */
 SAEHOOK_API saehook_status saehook_decode(const saehook_sae *sae, const float *values,
                                           const int32_t *indices, int64_t n, int32_t k,
                                           float *out, int64_t out_stride, const saehook_exec *exec);
-/* Replace each row of h by its reconstruction decode(encode(h)), in place. */
+/* Replace each row of h by its reconstruction decode(encode(h)), in place. Rows must not
+ * overlap (h_stride >= d_model). All or nothing: on any error (NaN input, float32 overflow) h is
+ * unchanged; for that the Top-K of all n rows is held (8k bytes per row). */
 SAEHOOK_API saehook_status saehook_reconstruct(const saehook_sae *sae, float *h, int64_t n,
                                                int64_t h_stride, const saehook_exec *exec);
 /* Steer rows of h in place with n_items operations sharing one encode. row_mask (n bytes, may be
  * NULL for all rows) selects the rows to change. If values_out/indices_out are not NULL they
  * receive the encode of the unsteered rows (n x k, k <= 0 meaning the SAE's k). The encode is
- * skipped when every item is ADD and no output is requested. */
+ * skipped when every item is ADD, CAP or RESCALE and no output is requested (saehook_steer_ex
+ * with state NULL). All or nothing: a steered row that would overflow float32 fails with
+ * SAEHOOK_ERR_OVERFLOW and leaves h (and the latch state) unchanged. */
 SAEHOOK_API saehook_status saehook_steer(const saehook_sae *sae, float *h, int64_t n,
                                          int64_t h_stride, const saehook_steer_item *items,
                                          int32_t n_items, const uint8_t *row_mask, int32_t k,
                                          float *values_out, int32_t *indices_out,
                                          const saehook_exec *exec);
+/* saehook_steer with the state of conditional steering (API version 2; state may be NULL). The
+ * encode is skipped when every item is ADD, CAP or RESCALE without `when` and no output is
+ * requested. */
+SAEHOOK_API saehook_status saehook_steer_ex(const saehook_sae *sae, float *h, int64_t n,
+                                            int64_t h_stride, const saehook_steer_item *items,
+                                            int32_t n_items, const uint8_t *row_mask, int32_t k,
+                                            float *values_out, int32_t *indices_out,
+                                            const saehook_steer_state *state,
+                                            const saehook_exec *exec);
 /* The decoder direction of one feature as float32 (d_model), optionally unit-normalised. */
 SAEHOOK_API saehook_status saehook_decoder_direction(const saehook_sae *sae, int32_t feature,
                                                      int32_t normalize, float *out);

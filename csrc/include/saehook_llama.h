@@ -139,6 +139,24 @@ SAEHOOK_API void saehook_llama_hook_clear_seq(saehook_llama_hook *hook, int32_t 
  * the rows they covered: a way to check that entries share their encodes. */
 SAEHOOK_API int64_t saehook_llama_hook_encode_count(const saehook_llama_hook *hook, int64_t *rows);
 
+/* Steering modes (saehook.h API version 2). Entries take every steering item, conditions and
+ * latches included. Conditions are evaluated on every row an entry wants (its sequence, any
+ * position); a latch is kept per entry and sequence id and holds from the position it latched
+ * at: a row at or before the sequence's last evaluated position (the KV cache was cut back or
+ * reset) forgets the latches set from that position on; saehook_llama_hook_clear_seq forgets
+ * them all. */
+/* Options of entry `id`: steer only rows at absolute positions pos_from <= pos < pos_to (pos_to
+ * -1: no end; with the entry's saehook_positions); record_fired: keep each announced row on
+ * which one of its condition items held, for saehook_llama_hook_take_fired. */
+SAEHOOK_API saehook_status saehook_llama_hook_set_options(saehook_llama_hook *hook, int32_t id, int32_t pos_from,
+                                                          int32_t pos_to, int32_t record_fired);
+/* The recorded rows of entry `id`, oldest first: cap <= 0 returns how many there are; else up
+ * to cap of them are written (seq_ids, positions, generated: one per row; fired: n_items bytes
+ * per row, as saehook_steer_state.fired; any pointer may be NULL), forgotten, and counted in
+ * the return value (-1: no such entry). */
+SAEHOOK_API int64_t saehook_llama_hook_take_fired(saehook_llama_hook *hook, int32_t id, int32_t *seq_ids,
+                                                  int32_t *positions, int8_t *generated, uint8_t *fired, int64_t cap);
+
 /* Describes the tokens of the next llama_decode, in batch order (replacing any earlier
  * announcement). positions NULL: pos0, pos0 + 1, ...; seq_ids NULL: sequence 0; outputs NULL:
  * only the last token is an output (llama.cpp's default), unless SAEHOOK_BATCH_OUTPUT_ALL;

@@ -2,13 +2,18 @@
 #include "saehook_llama.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
+
+#include "../core/steer_formula.hpp"
+#include "../core/steer_modes.hpp"
 
 namespace {
 
@@ -25,8 +30,23 @@ struct Entry {
   int32_t k;  // resolved (> 0)
   std::vector<saehook_steer_item> items;
   std::vector<float> dirs;  // the items' decoder directions (n_items x n_embd), read once at add
-  bool needs_encode = false;  // an item reads z_f (clamp, scale, ablate)
+  bool needs_encode = false;  // an item reads z_f (clamp, scale, ablate, a condition)
   saehook_positions positions;
+  // Conditional steering: conditions are evaluated on every row the entry wants (so latches
+  // follow their sequence through unsteered positions). A latch per sequence remembers the
+  // position it latched at: a row at or before the sequence's last position means the sequence
+  // was rewound (KV cache cut or reset) and the latches set from there on are forgotten.
+  bool has_conditions = false;
+  struct SeqLatch {
+    int32_t last_pos = -1;
+    std::vector<int32_t> at;  // per item: the position it latched at, INT_MAX: not latched
+  };
+  std::map<int32_t, SeqLatch> latch;
+  int32_t pos_from = 0, pos_to = -1;  // steer only positions in [pos_from, pos_to) (-1: no end)
+  bool record_fired = false;          // keep the rows on which a condition item held
+  std::vector<int32_t> f_seq, f_pos;
+  std::vector<int8_t> f_gen;
+  std::vector<uint8_t> f_bytes;  // n_items per recorded row
   // captured rows
   std::vector<int32_t> tokens, pos, seq, indices;
   std::vector<int8_t> gen;
@@ -36,9 +56,13 @@ struct Entry {
   bool wants(const Token &tk) const { return bound_seq < 0 || (tk.known && tk.seq == bound_seq); }
   bool steers(const Token &tk) const {
     if (!wants(tk)) return false;
+    const bool windowed = pos_from > 0 || pos_to >= 0;
+    if (windowed && !(tk.known && tk.pos >= pos_from && (pos_to < 0 || tk.pos < pos_to))) return false;
     return positions == SAEHOOK_POS_ALL || (positions == SAEHOOK_POS_PROMPT && tk.known && !tk.generated) ||
            (positions == SAEHOOK_POS_GENERATED && tk.known && tk.generated);
   }
+  // The rows the entry reads: those it steers, and with conditions every row it wants.
+  bool looks_at(const Token &tk) const { return reconstruct || steers(tk) || (has_conditions && wants(tk)); }
 };
 
 // The Top-K of some rows of one micro-batch under one (SAE, k), shared by every entry with that
@@ -97,6 +121,7 @@ struct saehook_llama_hook {
   std::vector<Encoding> encs, encs_in;
   std::vector<Token> toks;
   std::vector<int64_t> known_rows;
+  std::vector<uint8_t> act, latch_bytes, latch_scratch;
 
   bool hooked(int layer) const {
     for (const auto &e : entries)
@@ -205,39 +230,59 @@ struct saehook_llama_hook {
     return e;
   }
 
-  // Applies a steering entry's items to the rows of h selected by mask, reading z_f from enc
-  // (the encode of those rows as they are now), as saehook_steer does.
-  bool apply_items(int layer, const Entry &m, float *h, int64_t nrows, const std::vector<uint8_t> &mask,
+  // Applies a steering entry's items (steer::apply_row, as saehook_steer does) to the rows of h
+  // it steers among those selected by mask, reading z_f from enc (the encode of those rows as
+  // they are now), and evaluates its conditions (steer::evaluate) with per-sequence latches.
+  bool apply_items(int layer, Entry &m, float *h, int64_t nrows, const std::vector<uint8_t> &mask,
                    const Encoding *enc) {
     const size_t d = size_t(n_embd);
+    const int32_t n_items = int32_t(m.items.size());
+    act.resize(size_t(n_items));
+    latch_bytes.resize(size_t(n_items));
     for (int64_t r = 0; r < nrows; ++r) {
       if (!mask[size_t(r)]) continue;
+      const Token &tk = toks[size_t(r)];
       float *row = h + size_t(r) * d;
       if (!enc && !std::all_of(row, row + d, [](float x) { return std::isfinite(x); }))
         return fail(layer, "the residual of row " + std::to_string(r) + " contains NaN or Inf");
-      for (size_t t = 0; t < m.items.size(); ++t) {
-        const saehook_steer_item &it = m.items[t];
-        float z = 0.f;
-        if (it.op != SAEHOOK_STEER_ADD) {
-          const float *v = &enc->v[size_t(r) * size_t(enc->k)];
-          const int32_t *ix = &enc->ix[size_t(r) * size_t(enc->k)];
-          for (int32_t j = 0; j < enc->k; ++j)
-            if (ix[j] == it.feature) {
-              z = v[j];
-              break;
-            }
+      const float *v = enc ? &enc->v[size_t(r) * size_t(enc->k)] : nullptr;
+      const int32_t *ix = enc ? &enc->ix[size_t(r) * size_t(enc->k)] : nullptr;
+      const int32_t k = enc ? enc->k : 0;
+      const bool steer_row = m.steers(tk);
+      const uint8_t *a = nullptr;
+      if (m.has_conditions) {
+        Entry::SeqLatch *L = tk.known ? &m.latch[tk.seq] : nullptr;  // unannounced rows: no memory
+        if (L) {
+          if (L->at.empty()) L->at.assign(size_t(n_items), INT_MAX);
+          if (tk.pos <= L->last_pos)  // rewound: what latched from this position on is gone
+            for (int32_t &p : L->at)
+              if (p >= tk.pos) p = INT_MAX;
+          for (int32_t t = 0; t < n_items; ++t) latch_bytes[size_t(t)] = L->at[size_t(t)] != INT_MAX;
+        } else {
+          std::fill(latch_bytes.begin(), latch_bytes.end(), 0);
         }
-        float c = 0.f;
-        switch (it.op) {
-          case SAEHOOK_STEER_ADD: c = it.value; break;
-          case SAEHOOK_STEER_CLAMP: c = it.value - z; break;
-          case SAEHOOK_STEER_SCALE: c = (it.value - 1.f) * z; break;
-          case SAEHOOK_STEER_ABLATE: c = -z; break;
+        saehook_steer_state st{latch_bytes.data(), nullptr, 1, nullptr};
+        const uint8_t sel = steer_row;
+        try {
+          saehook::steer::evaluate(m.items.data(), n_items, v, ix, 0, 1, k, &sel, &st, latch_scratch, act.data());
+        } catch (const saehook::Error &e) {
+          return fail(layer, e.message);
         }
-        if (c == 0.f) continue;
-        const float *dir = &m.dirs[t * d];
-        for (size_t j = 0; j < d; ++j) row[j] += c * dir[j];
+        bool any = false;
+        for (int32_t t = 0; t < n_items; ++t) {
+          if (L && latch_bytes[size_t(t)] && L->at[size_t(t)] == INT_MAX) L->at[size_t(t)] = tk.pos;
+          any |= saehook::steer_is_condition(int(m.items[size_t(t)].op)) && act[size_t(t)];
+        }
+        if (L) L->last_pos = tk.pos;
+        if (any && m.record_fired && tk.known) {
+          m.f_seq.push_back(tk.seq);
+          m.f_pos.push_back(tk.pos);
+          m.f_gen.push_back(tk.generated);
+          m.f_bytes.insert(m.f_bytes.end(), act.begin(), act.end());
+        }
+        a = act.data();
       }
+      if (steer_row) saehook::steer::apply_row(m.items.data(), n_items, a, v, ix, k, m.dirs.data(), int64_t(d), row);
     }
     return true;
   }
@@ -283,7 +328,7 @@ struct saehook_llama_hook {
       bool any = false;
       for (int64_t r = 0; r < nrows; ++r) {
         const Token &tk = toks[size_t(r)];
-        const bool on = capture ? (tk.known && e.wants(tk)) : (e.reconstruct || e.steers(tk));
+        const bool on = capture ? (tk.known && e.wants(tk)) : e.looks_at(tk);
         m[size_t(r)] = on;
         any |= on;
       }
@@ -419,14 +464,13 @@ int32_t add_entry(saehook_llama_hook *hook, int32_t layer, const saehook_sae *sa
   if (saehook_sae_describe(sae, &d) != SAEHOOK_OK || d.d_model != hook->n_embd || d.cuda) return -1;
   auto e = std::make_unique<Entry>();
   e->dirs.resize(size_t(n_items) * size_t(d.d_model));
-  for (int32_t i = 0; i < n_items; ++i) {
-    if (items[i].feature < 0 || items[i].feature >= d.d_sae || items[i].op < SAEHOOK_STEER_ADD ||
-        items[i].op > SAEHOOK_STEER_ABLATE || !std::isfinite(items[i].value))
-      return -1;
-    if (saehook_decoder_direction(sae, items[i].feature, items[i].normalize, &e->dirs[size_t(i) * size_t(d.d_model)]) !=
-        SAEHOOK_OK)
-      return -1;
-    e->needs_encode |= items[i].op != SAEHOOK_STEER_ADD;
+  try {  // the items' checks and directions are saehook_steer's (steer_modes.cpp)
+    const saehook::steer::Plan plan = saehook::steer::check(items, n_items, d.d_sae);
+    saehook::steer::directions(*sae, items, n_items, e->dirs.data());
+    e->needs_encode = plan.need_encode;
+    e->has_conditions = plan.has_conditions;
+  } catch (const saehook::Error &) {
+    return -1;
   }
   std::lock_guard<std::mutex> lk(hook->mu);
   e->id = hook->next_id++;
@@ -526,6 +570,40 @@ void saehook_llama_hook_clear_seq(saehook_llama_hook *hook, int32_t seq_id) {
   // the call after a decode in flight.
   if (!hook || seq_id < 0) return;
   std::lock_guard<std::mutex> lk(hook->mu);
+  for (auto &e : hook->entries) e->latch.erase(seq_id);  // the sequence's latches
+}
+
+saehook_status saehook_llama_hook_set_options(saehook_llama_hook *hook, int32_t id, int32_t pos_from, int32_t pos_to,
+                                              int32_t record_fired) {
+  if (!hook || pos_from < 0 || (pos_to >= 0 && pos_to < pos_from)) return SAEHOOK_ERR_INVALID_ARGUMENT;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  Entry *e = hook->find(id);
+  if (!e) return SAEHOOK_ERR_INVALID_ARGUMENT;
+  e->pos_from = pos_from;
+  e->pos_to = pos_to < 0 ? -1 : pos_to;
+  e->record_fired = record_fired != 0;
+  return SAEHOOK_OK;
+}
+
+int64_t saehook_llama_hook_take_fired(saehook_llama_hook *hook, int32_t id, int32_t *seq_ids, int32_t *positions,
+                                      int8_t *generated, uint8_t *fired, int64_t cap) {
+  if (!hook) return -1;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  Entry *e = hook->find(id);
+  if (!e) return -1;
+  const int64_t n = int64_t(e->f_seq.size());
+  if (cap <= 0) return n;
+  const int64_t m = std::min(n, cap);
+  const size_t w = e->items.size();
+  if (seq_ids) std::copy_n(e->f_seq.begin(), m, seq_ids);
+  if (positions) std::copy_n(e->f_pos.begin(), m, positions);
+  if (generated) std::copy_n(e->f_gen.begin(), m, generated);
+  if (fired) std::copy_n(e->f_bytes.begin(), size_t(m) * w, fired);
+  e->f_seq.erase(e->f_seq.begin(), e->f_seq.begin() + m);
+  e->f_pos.erase(e->f_pos.begin(), e->f_pos.begin() + m);
+  e->f_gen.erase(e->f_gen.begin(), e->f_gen.begin() + m);
+  e->f_bytes.erase(e->f_bytes.begin(), e->f_bytes.begin() + std::ptrdiff_t(size_t(m) * w));
+  return m;
 }
 
 int32_t saehook_llama_hook_entry_ids(const saehook_llama_hook *hook, int32_t *ids, int32_t cap) {

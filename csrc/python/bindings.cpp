@@ -26,10 +26,26 @@ void check(saehook_status st) {
     case SAEHOOK_ERR_INDEX: throw py::index_error(msg);
     case SAEHOOK_ERR_DTYPE: throw py::type_error(msg);
     case SAEHOOK_ERR_ALLOC: throw std::bad_alloc();
+    case SAEHOOK_ERR_OVERFLOW:
+      PyErr_SetString(PyExc_OverflowError, msg.c_str());
+      throw py::error_already_set();
     case SAEHOOK_ERR_UNSUPPORTED:
     case SAEHOOK_ERR_INTERNAL: throw std::runtime_error(msg);
     default: throw py::value_error(msg);
   }
+}
+
+// Runs a C call without the GIL. Not py::gil_scoped_release: its destructor retakes the GIL, and
+// a thread that retakes it while the interpreter exits (a daemon thread inside a kernel when
+// the main thread calls sys.exit) is ended by Python with pthread_exit, whose unwinding through
+// a destructor (noexcept) aborts the process ("terminate called without an active exception").
+// Retaken here in ordinary code, the unwinding passes through.
+template <class F>
+auto without_gil(F &&f) -> decltype(f()) {
+  PyThreadState *ts = PyEval_SaveThread();
+  auto r = f();
+  PyEval_RestoreThread(ts);
+  return r;
 }
 
 saehook_exec exec_of(int threads, uintptr_t stream) {
@@ -91,45 +107,25 @@ PYBIND11_MODULE(_core, m) {
   m.def("encode", [](const Handle &s, uintptr_t x, int64_t n, int64_t ldx, int k, uintptr_t vals,
                      uintptr_t idx, int threads, uintptr_t stream) {
     saehook_exec e = exec_of(threads, stream);
-    saehook_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = saehook_encode(s.h, ptr<const float>(x), n, ldx, k, ptr<float>(vals), ptr<int32_t>(idx), &e);
-    }
-    check(st);
+    check(without_gil([&] { return saehook_encode(s.h, ptr<const float>(x), n, ldx, k, ptr<float>(vals), ptr<int32_t>(idx), &e); }));
   });
 
   m.def("preacts", [](const Handle &s, uintptr_t x, int64_t n, int64_t ldx, uintptr_t out,
                       int threads, uintptr_t stream) {
     saehook_exec e = exec_of(threads, stream);
-    saehook_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = saehook_preacts(s.h, ptr<const float>(x), n, ldx, ptr<float>(out), &e);
-    }
-    check(st);
+    check(without_gil([&] { return saehook_preacts(s.h, ptr<const float>(x), n, ldx, ptr<float>(out), &e); }));
   });
 
   m.def("decode", [](const Handle &s, uintptr_t vals, uintptr_t idx, int64_t n, int k,
                      uintptr_t out, int64_t ldo, int threads, uintptr_t stream) {
     saehook_exec e = exec_of(threads, stream);
-    saehook_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = saehook_decode(s.h, ptr<const float>(vals), ptr<const int32_t>(idx), n, k,
-                          ptr<float>(out), ldo, &e);
-    }
-    check(st);
+    check(without_gil([&] { return saehook_decode(s.h, ptr<const float>(vals), ptr<const int32_t>(idx), n, k,
+                          ptr<float>(out), ldo, &e); }));
   });
 
   m.def("reconstruct", [](const Handle &s, uintptr_t h, int64_t n, int64_t ldh, int threads, uintptr_t stream) {
     saehook_exec e = exec_of(threads, stream);
-    saehook_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = saehook_reconstruct(s.h, ptr<float>(h), n, ldh, &e);
-    }
-    check(st);
+    check(without_gil([&] { return saehook_reconstruct(s.h, ptr<float>(h), n, ldh, &e); }));
   });
 
   // items: address of an array of saehook_steer_item (built with numpy's structured dtype).
@@ -137,15 +133,22 @@ PYBIND11_MODULE(_core, m) {
                     int n_items, uintptr_t mask, int k, uintptr_t vals, uintptr_t idx,
                     int threads, uintptr_t stream) {
     saehook_exec e = exec_of(threads, stream);
-    saehook_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = saehook_steer(s.h, ptr<float>(h), n, ldh, ptr<const saehook_steer_item>(items), n_items,
-                         ptr<const uint8_t>(mask), k, ptr<float>(vals), ptr<int32_t>(idx), &e);
-    }
-    check(st);
+    check(without_gil([&] { return saehook_steer(s.h, ptr<float>(h), n, ldh, ptr<const saehook_steer_item>(items), n_items,
+                         ptr<const uint8_t>(mask), k, ptr<float>(vals), ptr<int32_t>(idx), &e); }));
   });
   m.attr("STEER_ITEM_SIZE") = sizeof(saehook_steer_item);
+  // saehook_steer_ex: latch (n_slots * n_items bytes), slots (int32 per row) and fired
+  // (n * n_items bytes) are host addresses or 0.
+  m.def("steer_ex", [](const Handle &s, uintptr_t h, int64_t n, int64_t ldh, uintptr_t items,
+                       int n_items, uintptr_t mask, int k, uintptr_t vals, uintptr_t idx,
+                       uintptr_t latch, uintptr_t slots, int n_slots, uintptr_t fired, int threads,
+                       uintptr_t stream) {
+    saehook_exec e = exec_of(threads, stream);
+    saehook_steer_state state{ptr<uint8_t>(latch), ptr<const int32_t>(slots), n_slots, ptr<uint8_t>(fired)};
+    check(without_gil([&] { return saehook_steer_ex(s.h, ptr<float>(h), n, ldh, ptr<const saehook_steer_item>(items),
+                                                    n_items, ptr<const uint8_t>(mask), k, ptr<float>(vals),
+                                                    ptr<int32_t>(idx), &state, &e); }));
+  });
 
   m.def("decoder_direction", [](const Handle &s, int f, bool normalize, uintptr_t out) {
     check(saehook_decoder_direction(s.h, f, normalize, ptr<float>(out)));
@@ -154,32 +157,21 @@ PYBIND11_MODULE(_core, m) {
   m.def("quantize_int8", [](uintptr_t src, int dtype, int64_t rows, int64_t cols, uintptr_t q,
                             uintptr_t scales, int threads) {
     saehook_exec e = exec_of(threads, 0);
-    saehook_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = saehook_quantize_int8(ptr<const void>(src), saehook_dtype(dtype), rows, cols,
-                                 ptr<int8_t>(q), ptr<float>(scales), &e);
-    }
-    check(st);
+    check(without_gil([&] { return saehook_quantize_int8(ptr<const void>(src), saehook_dtype(dtype), rows, cols,
+                                 ptr<int8_t>(q), ptr<float>(scales), &e); }));
   });
 
   m.def("convert", [](uintptr_t src, int sdt, uintptr_t dst, int ddt, int64_t n, int threads) {
     saehook_exec e = exec_of(threads, 0);
-    saehook_status st;
-    {
-      py::gil_scoped_release nogil;
-      st = saehook_convert(ptr<const void>(src), saehook_dtype(sdt), ptr<void>(dst),
-                           saehook_dtype(ddt), n, &e);
-    }
-    check(st);
+    check(without_gil([&] { return saehook_convert(ptr<const void>(src), saehook_dtype(sdt), ptr<void>(dst),
+                           saehook_dtype(ddt), n, &e); }));
   });
 
   m.def("cuda_available", [] { return saehook_cuda_available() != 0; });
   m.def("read_probe", [](uintptr_t p, size_t bytes, int threads) {
     saehook_exec e{};
     e.n_threads = threads;
-    py::gil_scoped_release release;
-    return saehook_read_probe(reinterpret_cast<const void *>(p), bytes, &e);
+    return without_gil([&] { return saehook_read_probe(reinterpret_cast<const void *>(p), bytes, &e); });
   }, py::arg("ptr"), py::arg("bytes"), py::arg("threads") = 0);
   m.def("set_num_threads", &saehook_set_num_threads);
   m.def("get_num_threads", &saehook_get_num_threads);

@@ -15,7 +15,8 @@ from .sae import (
     set_isa,
     set_num_threads,
 )
-from .steering import Steering
+from .steering import Steering, SteeringState
+from .steering_spec import SpecError, When, load_spec
 from .formats import SAEFormatError, SAESet, load
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __all__ = [
     "SAE", "SAESet", "SAEFormatError", "Steering", "load",
     "set_num_threads", "get_num_threads", "set_isa", "get_isa", "available_isas",
     "get_include", "get_library",
+    "SteeringState", "When", "load_spec", "SpecError",
 ]
 
 

@@ -117,7 +117,10 @@ def rows(x: Any, d_model: int, *, writable: bool = False, name: str = "x") -> Ro
     """Views x (..., d_model) as float32 rows without copying when possible.
 
     With writable=True the rows are modified in place, so x itself must be float32 with a
-    contiguous last dimension (a converted copy would silently drop the change).
+    contiguous last dimension and rows the kernels can write one by one: a converted copy would
+    silently drop the change, so rows that overlap (as_strided, broadcast), rows whose stride is
+    not a whole number of floats, and a torch tensor that requires grad (the change would have
+    no gradient) are refused. Call mark_written(rows) after writing.
     """
     if is_torch(x):
         import torch
@@ -126,7 +129,9 @@ def rows(x: Any, d_model: int, *, writable: bool = False, name: str = "x") -> Ro
             raise ValueError(f"{name} is on {x.device}; this operation runs on CPU tensors")
         if x.dim() == 0 or x.shape[-1] != d_model:
             raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (..., {d_model}) (d_model mismatch)")
-        if x.dtype != torch.float32 or x.stride(-1) != 1:
+        if writable:
+            check_no_grad(x, name)
+        if x.dtype != torch.float32 or (x.stride(-1) != 1 and d_model > 1):
             if writable:
                 raise TypeError(f"{name} must be a float32 tensor with a contiguous last dimension to be changed in place")
             x = x.detach().to(torch.float32).contiguous()
@@ -142,11 +147,17 @@ def rows(x: Any, d_model: int, *, writable: bool = False, name: str = "x") -> Ro
                 t2 = x.reshape(-1, d_model).contiguous()
         n = t2.shape[0]
         ld = t2.stride(0) if n > 1 else d_model
+        if ld < d_model:  # overlapping rows (as_strided, expand)
+            if writable:
+                raise ValueError(f"{name}: its rows overlap in memory (row stride {ld} < d_model {d_model}); "
+                                 "steering them in place cannot be right; pass a contiguous tensor")
+            t2 = t2.contiguous()
+            ld = d_model
         return Rows(t2.data_ptr(), n, ld, batch, True, t2)
     arr = np.asarray(x)
     if arr.ndim == 0 or arr.shape[-1] != d_model:
         raise ValueError(f"{name} has shape {arr.shape}; expected (..., {d_model}) (d_model mismatch)")
-    if arr.dtype != np.float32 or arr.strides[-1] != 4:
+    if arr.dtype != np.float32 or (arr.strides[-1] != 4 and d_model > 1):
         if writable:
             raise TypeError(f"{name} must be a float32 array with a contiguous last dimension to be changed in place")
         arr = np.ascontiguousarray(arr, dtype=np.float32)
@@ -156,15 +167,86 @@ def rows(x: Any, d_model: int, *, writable: bool = False, name: str = "x") -> Ro
     if arr.ndim == 2:
         a2 = arr
     else:
-        a2 = arr.reshape(-1, d_model)
-        if writable and not np.shares_memory(a2, arr):
-            raise TypeError(f"{name} cannot be viewed as rows in place; make it contiguous")
+        a2 = _rows_view(arr, d_model)
+        if a2 is None:
+            if writable:
+                raise TypeError(f"{name} cannot be viewed as rows in place; make it contiguous")
+            a2 = np.ascontiguousarray(arr).reshape(-1, d_model)
     n = a2.shape[0]
-    ld = a2.strides[0] // 4 if n > 1 else d_model
-    if a2.strides[0] % 4 or ld < d_model:
+    stride = a2.strides[0] if n > 1 else 4 * d_model
+    if stride % 4 or stride < 4 * d_model:
+        if writable:
+            why = (f"its row stride of {stride} bytes is not a whole number of float32s" if stride % 4 else
+                   f"its rows overlap in memory (row stride {stride} bytes < {4 * d_model})")
+            raise ValueError(f"{name}: {why}; it cannot be changed in place; pass a contiguous array")
         a2 = np.ascontiguousarray(a2)
-        ld = d_model
-    return Rows(int(a2.ctypes.data) if n else 0, n, ld, batch, False, a2)
+        stride = 4 * d_model
+    return Rows(int(a2.ctypes.data) if n else 0, n, stride // 4, batch, False, a2)
+
+
+def _rows_view(arr: np.ndarray, d_model: int) -> Optional[np.ndarray]:
+    """arr (..., d_model) as a (rows, d_model) view of the same memory, or None if that needs a copy."""
+    try:
+        return arr.reshape((-1, d_model), copy=False)  # numpy >= 2.1: raises instead of copying
+    except ValueError:
+        return None
+    except TypeError:  # older numpy: setting the shape of a view raises instead of copying
+        v = arr.view()
+        try:
+            v.shape = (-1, d_model)
+        except AttributeError:
+            return None
+        return v
+
+
+def check_no_grad(t: Any, name: str) -> None:
+    """Refuses an in-place kernel on a tensor autograd tracks: the kernel has no gradient, so the
+    backward pass would treat the change as if it had not happened."""
+    import torch
+
+    if t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{name} requires grad: saehook's in-place kernels have no gradient; run them under "
+            "torch.no_grad() on a tensor that does not require grad (saehook.hf.steer adds the change "
+            "as a constant instead)")
+
+
+def mark_written(r: Rows) -> None:
+    """Tells autograd that r's tensor was changed in place (bumps its version counter), so a
+    backward pass that saved it raises as for torch's own in-place ops instead of using the new
+    values silently."""
+    if r.torch:
+        import torch
+
+        torch.autograd.graph.increment_version(r.obj)
+
+
+def feature_indices(indices: Any, d_sae: int, name: str = "indices") -> Any:
+    """Feature indices (numpy or torch) as contiguous int32, refusing what would not convert
+    exactly: bool and non-integer dtypes, and values outside [0, d_sae) other than the padding
+    index -1 (int64 2**32 + 5 would wrap to 5 in int32). int32 arrays are range-checked by the
+    kernels; other integer dtypes here, before the conversion (one pass over n x k values)."""
+    if is_torch(indices):
+        import torch
+
+        t = indices.detach()
+        if t.dtype == torch.bool or t.dtype.is_floating_point or t.dtype.is_complex:
+            raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+        if t.dtype != torch.int32 and t.numel():
+            lo, hi = int(t.min()), int(t.max())
+            if lo < -1 or hi >= d_sae:
+                bad = lo if lo < -1 else hi
+                raise IndexError(f"{name}: feature index {bad} is out of range [0, {d_sae}) (-1 is padding)")
+        return t.to(torch.int32).contiguous()
+    arr = np.asarray(indices)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got {arr.dtype}")
+    if arr.dtype != np.int32 and arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < -1 or hi >= d_sae:
+            bad = lo if lo < -1 else hi
+            raise IndexError(f"{name}: feature index {bad} is out of range [0, {d_sae}) (-1 is padding)")
+    return np.ascontiguousarray(arr, dtype=np.int32)
 
 
 def empty_like_kind(torch_kind: bool, shape, dtype: str):

@@ -16,6 +16,8 @@ from ._arrays import (
     buffer_address,
     canonical_dtype,
     empty_like_kind,
+    feature_indices,
+    mark_written,
     rows,
 )
 
@@ -134,6 +136,20 @@ class SAE:
         return self.metadata.get("hook_point")
 
     @property
+    def labels(self):
+        """The features' labels (saehook.labels.LabelStore: `sae.labels[f].label`), read on first
+        use from beside the SAE's file; assign a LabelStore to use another file."""
+        if getattr(self, "_labels", None) is None:
+            from .labels import LabelStore
+
+            self._labels = LabelStore.open(self)
+        return self._labels
+
+    @labels.setter
+    def labels(self, store) -> None:
+        self._labels = store
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes of weights the kernels read: W_enc + W_dec (+ scales and biases)."""
         n = self.d_model * self.d_sae
@@ -164,6 +180,8 @@ class SAE:
 
         Sorted by value descending (ties: lower index first). Index -1 marks padding (value 0)
         for the relu-family activations. numpy in -> numpy out, torch in -> torch out.
+        OverflowError if a pre-activation overflows float32 (inputs near 3e38, or weights that
+        hold Inf/NaN).
         """
         kk = self.k if k is None else int(k)
         if not (1 <= kk <= self.d_sae):
@@ -185,7 +203,11 @@ class SAE:
         return out.reshape(r.batch_shape + (self.d_sae,))
 
     def decode(self, values: Any, indices: Any, *, threads: Optional[int] = None) -> Any:
-        """x_hat = sum_j values_j * d_{indices_j} + b_dec from the sparse form (..., k)."""
+        """x_hat = sum_j values_j * d_{indices_j} + b_dec from the sparse form (..., k).
+
+        indices: any integer dtype, each in [0, d_sae) or -1 (padding, skipped); bool and float
+        indices and values that would not fit are refused (TypeError / IndexError).
+        OverflowError if a row of x_hat overflows float32."""
         from ._arrays import is_torch
 
         torch_kind = is_torch(values)
@@ -193,14 +215,11 @@ class SAE:
             import torch
 
             v = values.detach().to(torch.float32).contiguous()
-            i = indices.detach().to(torch.int32).contiguous()
+            i = feature_indices(indices, self.d_sae)
             vshape, ishape = tuple(v.shape), tuple(i.shape)
         else:
             v = np.ascontiguousarray(values, dtype=np.float32)
-            i = np.asarray(indices)
-            if i.dtype.kind not in "iu":
-                raise TypeError(f"indices must be integers, got {i.dtype}")
-            i = np.ascontiguousarray(i, dtype=np.int32)
+            i = feature_indices(indices, self.d_sae)
             vshape, ishape = v.shape, i.shape
         if vshape != ishape or len(vshape) == 0:
             raise ValueError(f"values {vshape} and indices {ishape} must have the same shape (..., k)")
@@ -217,7 +236,10 @@ class SAE:
         return out.reshape(tuple(vshape[:-1]) + (self.d_model,))
 
     def reconstruct(self, x: Any, *, inplace: bool = False, threads: Optional[int] = None) -> Any:
-        """decode(encode(x)); with inplace=True, x (float32) is overwritten and returned."""
+        """decode(encode(x)); with inplace=True, x (float32) is overwritten and returned.
+
+        In place, x's rows must not overlap and a torch x must not require grad (see
+        _arrays.rows); x is unchanged when the call fails (NaN input, float32 overflow)."""
         if not inplace:
             from ._arrays import is_torch
 
@@ -230,6 +252,7 @@ class SAE:
         r = rows(x, self.d_model, writable=True)
         if r.n:
             _core.reconstruct(self._handle, r.ptr, r.n, r.ld, _threads(threads), 0)
+            mark_written(r)
         return x
 
     def decoder_direction(self, feature: int, normalize: bool = False) -> np.ndarray:

@@ -20,6 +20,7 @@
 #include "saehook.h"
 #include "../../csrc/cuda/plan.cuh"
 #include "../../csrc/cuda/select.cuh"
+#include "../../csrc/core/steer_formula.hpp"
 
 using namespace saehook;
 using namespace saehook::cuda;
@@ -86,10 +87,17 @@ static void test_epilogue() {
     CHECK(is_candidate(v, SAEHOOK_ACT_JUMPRELU, -1.f) == (v > 0.f), "jumprelu negative threshold %g", v);
   }
   const float z = 1.5f, val = 4.f;
-  CHECK(steer_coefficient(SAEHOOK_STEER_ADD, val, z) == val, "add");
-  CHECK(steer_coefficient(SAEHOOK_STEER_CLAMP, val, z) == val - z, "clamp");
-  CHECK(steer_coefficient(SAEHOOK_STEER_SCALE, val, z) == (val - 1.f) * z, "scale");
-  CHECK(steer_coefficient(SAEHOOK_STEER_ABLATE, 0.f, z) == -z, "ablate");
+  CHECK(steer_coefficient(SAEHOOK_STEER_ADD, val, 0.f, z, 0.f) == val, "add");
+  CHECK(steer_coefficient(SAEHOOK_STEER_CLAMP, val, 0.f, z, 0.f) == val - z, "clamp");
+  CHECK(steer_coefficient(SAEHOOK_STEER_SCALE, val, 0.f, z, 0.f) == (val - 1.f) * z, "scale");
+  CHECK(steer_coefficient(SAEHOOK_STEER_ABLATE, 0.f, 0.f, z, 0.f) == -z, "ablate");
+  // cap [lo, hi] = [-1, 2] on the projection p: moves only outside the bound, exactly 0 at it
+  CHECK(steer_coefficient(SAEHOOK_STEER_CAP, 2.f, -1.f, z, 3.5f) == 2.f - 3.5f, "cap above");
+  CHECK(steer_coefficient(SAEHOOK_STEER_CAP, 2.f, -1.f, z, -4.f) == -1.f + 4.f, "cap below");
+  CHECK(steer_coefficient(SAEHOOK_STEER_CAP, 2.f, -1.f, z, 2.f) == 0.f, "cap at the bound");
+  CHECK(steer_coefficient(SAEHOOK_STEER_CAP, INFINITY, -1.f, z, 1e30f) == 0.f, "cap without max");
+  CHECK(steer_coefficient(SAEHOOK_STEER_RESCALE, 0.f, 0.f, z, 3.f) == -3.f, "rescale 0");
+  CHECK(steer_coefficient(SAEHOOK_COND_ABOVE, 1.f, 0.f, z, 3.f) == 0.f, "a condition adds nothing");
 }
 
 // ---------------------------------------------------------------- radix select

@@ -1,8 +1,92 @@
-"""What the command modules share: tables, progress bars, SAE loading and the steering flags."""
+"""What the command modules share: the parser class, argument types, tables, progress bars, SAE
+loading and the steering flags."""
 from __future__ import annotations
 
+import argparse
+import math
+import os
 import sys
 from typing import List, Optional
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's help ends with its default when it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" not in text and action.option_strings and action.default is not None
+                and action.default is not False and action.default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse with saehook's help layout (shown defaults), for the top level and every command."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+# ---- argument types: bad values are refused by argparse with the flag named ----
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
+    return v
+
+
+def finite_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text!r}")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A number strictly between 0 and 1."""
+    v = finite_float(text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text!r}")
+    return v
+
+
+def unit_float(text: str) -> float:
+    """A number from 0 to 1."""
+    v = finite_float(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text!r}")
+    return v
+
+
+def check_feature(feature: int, sae, flag: str) -> int:
+    """A feature index named on the command line, refused when the SAE has no such feature."""
+    if not 0 <= int(feature) < sae.d_sae:
+        raise IndexError(f"{flag} {feature}: the SAE has features 0 to {sae.d_sae - 1} (d_sae = {sae.d_sae})")
+    return int(feature)
 
 
 def print_table(columns: List[str], rows: List[list]) -> None:
@@ -56,9 +140,15 @@ def load_one(path: str, layer: Optional[int], k: Optional[int]):
     from .. import load
     from ..formats import SAESet
 
-    obj = load(path, k=k, layer=layer)
+    # A single file is loaded as it is, so that the layer it records (metadata, or a Qwen-Scope
+    # name) can be compared with --layer; a directory's --layer picks one of its layers.
+    obj = load(path, k=k) if os.path.isfile(path) else load(path, k=k, layer=layer)
     if isinstance(obj, SAESet):
         raise ValueError(f"{path} holds layers {obj.layers}: pass --layer")
+    trained = obj.layer
+    if layer is not None and trained is not None and int(trained) != layer:
+        print(f"saehook: warning: {path} was trained on layer {trained}'s residual, applied at layer {layer} "
+              "(its features are not expected to mean the same there)", file=sys.stderr)
     if layer is not None:
         obj.metadata["layer"] = layer
     if obj.layer is None:
@@ -70,41 +160,101 @@ def pairs(specs: List[str], flag: str, value_type=float):
     out = []
     for spec in specs or []:
         f, sep, v = spec.partition("=")
-        if not sep:
-            raise ValueError(f"{flag} expects FEATURE=VALUE, got {spec!r}")
-        out.append((int(f), value_type(v)))
+        try:
+            if not sep:
+                raise ValueError
+            pair = (int(f), value_type(v))
+        except ValueError:
+            raise ValueError(f"{flag} expects FEATURE=VALUE (a feature index and a number), got {spec!r}") from None
+        if not math.isfinite(pair[1]):
+            raise ValueError(f"{flag} {spec}: the value must be a finite number")
+        out.append(pair)
     return out
+
+
+def _cap_bounds(spec: str):
+    """'F=MAX', 'F=MIN:MAX', 'F=MIN:' or 'F=:MAX' -> (F, max, min)."""
+    f, sep, v = spec.partition("=")
+    lo, colon, hi = v.partition(":")
+    if not colon:
+        lo, hi = "", lo
+    try:
+        if not sep or not (lo or hi):
+            raise ValueError
+        out = int(f), (float(hi) if hi else None), (float(lo) if lo else None)
+    except ValueError:
+        raise ValueError(f"--cap expects FEATURE=MAX or FEATURE=MIN:MAX (MIN or MAX may be empty), got {spec!r}") from None
+    if any(v is not None and not math.isfinite(v) for v in out[1:]):
+        raise ValueError(f"--cap {spec}: the bounds must be finite numbers")
+    return out
+
+
+def _positions(text: str):
+    """'all' / 'prompt' / 'generated' / 'START:END' (END may be empty: no end)."""
+    if ":" not in text:
+        return text
+    a, _, b = text.partition(":")
+    try:
+        return (int(a or 0), int(b) if b else None)
+    except ValueError:
+        raise ValueError(f"--positions expects all, prompt, generated or START:END, got {text!r}") from None
+
+
+def steerings(sae, args):
+    """The steerings of the flags, or of --spec FILE.json (then the flags must not add ops)."""
+    if getattr(args, "spec", None):
+        from ..steering_spec import load_spec
+
+        if any(getattr(args, n, None) for n in ("add", "clamp", "scale", "ablate", "cap", "rescale")):
+            raise ValueError("give either --spec or --add/--clamp/--scale/--ablate/--cap/--rescale, not both")
+        return load_spec(args.spec, {sae.layer: sae})
+    return [steering(sae, args)]
 
 
 def steering(sae, args):
     from ..steering import Steering
 
-    st = Steering(sae, layer=sae.layer, positions=args.positions, normalize=args.normalize)
+    st = Steering(sae, layer=sae.layer, positions=_positions(args.positions), normalize=args.normalize)
     for f, v in pairs(args.add, "--add"):
-        st.add(f, v)
+        st.add(check_feature(f, sae, "--add"), v)
     for f, v in pairs(args.clamp, "--clamp"):
-        st.clamp(f, v)
+        st.clamp(check_feature(f, sae, "--clamp"), v)
     for f, v in pairs(args.scale, "--scale"):
-        st.scale(f, v)
+        st.scale(check_feature(f, sae, "--scale"), v)
     for f in args.ablate or []:
-        st.ablate(int(f))
+        try:
+            f = int(f)
+        except ValueError:
+            raise ValueError(f"--ablate expects a feature index, got {f!r}") from None
+        st.ablate(check_feature(f, sae, "--ablate"))
+    for spec in getattr(args, "cap", None) or []:
+        f, hi, lo = _cap_bounds(spec)
+        st.cap(check_feature(f, sae, "--cap"), max=hi, min=lo)
+    for f, v in pairs(getattr(args, "rescale", None), "--rescale"):
+        st.rescale(check_feature(f, sae, "--rescale"), v)
     if not st.ops:
-        raise ValueError("no intervention given: use --add/--clamp/--scale/--ablate")
+        raise ValueError("no intervention given: use --add/--clamp/--scale/--ablate/--cap/--rescale or --spec")
     return st
 
 
 def add_steer_flags(p):
-    p.add_argument("--add", action="append", metavar="F=S", help="h += S * d_F")
-    p.add_argument("--clamp", action="append", metavar="F=V", help="set feature F's activation to V")
-    p.add_argument("--scale", action="append", metavar="F=C", help="multiply feature F's activation by C")
-    p.add_argument("--ablate", action="append", metavar="F", help="remove feature F")
+    p.add_argument("--add", action="append", metavar="F=S", help="add S times feature F's decoder direction (repeatable)")
+    p.add_argument("--clamp", action="append", metavar="F=V", help="set feature F's activation to V (repeatable)")
+    p.add_argument("--scale", action="append", metavar="F=C", help="multiply feature F's activation by C (repeatable)")
+    p.add_argument("--ablate", action="append", metavar="F", help="remove feature F (repeatable)")
+    p.add_argument("--cap", action="append", metavar="F=MAX|F=MIN:MAX",
+                   help="keep the projection on F's unit direction within [MIN, MAX], either may be empty (repeatable)")
+    p.add_argument("--rescale", action="append", metavar="F=C",
+                   help="multiply the projection on F's unit direction by C (repeatable)")
     p.add_argument("--normalize", action="store_true", help="use unit-norm decoder directions")
-    p.add_argument("--positions", default="all", choices=["all", "prompt", "generated"])
+    p.add_argument("--positions", default="all", metavar="all|prompt|generated|START:END",
+                   help="which tokens are steered: all, prompt, generated, or absolute positions START <= pos < END")
 
 
 def model_flags(p):
     p.add_argument("model", help="a GGUF file (llama.cpp) or a transformers model directory")
     p.add_argument("--engine", choices=["llama", "hf"], help="default: llama for a file, hf for a directory")
-    p.add_argument("--sae", required=True)
-    p.add_argument("--layer", type=int)
-    p.add_argument("--k", type=int)
+    p.add_argument("--sae", required=True, help="an SAE file or directory (any format saehook.load reads)")
+    p.add_argument("--layer", type=nonnegative_int,
+                   help="the layer the SAE reads (default: from the SAE's metadata; needed for a directory of layers)")
+    p.add_argument("--k", type=positive_int, help="features kept per token (default: the SAE's own k)")

@@ -4,15 +4,18 @@ from __future__ import annotations
 import json
 import os
 
-from .common import Progress
+from .common import Progress, nonnegative_int, positive_float, positive_int
 
 
 def cmd_train(args) -> int:
     from ..workflows.datasets import read_documents
     from ..engines import open_engine
     from ..workflows.evaluate import evaluate
-    from ..workflows.train import shuffled_batches, train_sae
+    from ..workflows.train import check_train_args, shuffled_batches, train_sae
 
+    check_train_args(1, args.d_sae, args.k, args.steps, args.lr)  # before the model loads (d_model comes later)
+    if args.max_tokens < 2:
+        raise ValueError("--max-tokens must be at least 2 (the held-out evaluation needs a next token)")
     docs = [d["text"] for d in read_documents(args.data)]
     held_out = docs[-max(1, len(docs) // 10):] if len(docs) > 1 else docs
     train_docs = docs[: len(docs) - len(held_out)] or docs
@@ -43,18 +46,18 @@ def cmd_train(args) -> int:
 
 def register(sub) -> None:
     t = sub.add_parser("train", help="train a Top-K SAE on the model's residual stream after a layer")
-    t.add_argument("model")
-    t.add_argument("--engine", choices=["llama", "hf"])
-    t.add_argument("--layer", type=int, required=True)
-    t.add_argument("--data", required=True, help=".txt, .jsonl or .parquet documents (the last 10%% are held out)")
-    t.add_argument("--d-sae", type=int, required=True)
-    t.add_argument("--k", type=int, required=True)
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch", type=int, default=256)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--max-tokens", type=int, default=256)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("model", help="a GGUF file (llama.cpp) or a transformers model directory")
+    t.add_argument("--engine", choices=["llama", "hf"], help="default: llama for a file, hf for a directory")
+    t.add_argument("--layer", type=nonnegative_int, required=True, help="the block whose output the SAE reads")
+    t.add_argument("--data", required=True, help=".txt, .jsonl, .csv or .parquet documents (the last 10%% are held out)")
+    t.add_argument("--d-sae", type=positive_int, required=True, help="number of features")
+    t.add_argument("--k", type=positive_int, required=True, help="active features per token (at most --d-sae)")
+    t.add_argument("--steps", type=positive_int, default=1000, help="training batches")
+    t.add_argument("--batch", type=positive_int, default=256, help="tokens per batch")
+    t.add_argument("--lr", type=positive_float, help="Adam learning rate (default: 2e-4 / sqrt(d_sae / 16384))")
+    t.add_argument("--max-tokens", type=positive_int, default=256, help="tokens read per document")
+    t.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the shuffling")
     t.add_argument("--checkpoint", help="resume from / save to this file")
-    t.add_argument("--out", required=True)
-    t.add_argument("--json", action="store_true")
+    t.add_argument("--out", required=True, help="the SAE file to write (saehook .safetensors)")
+    t.add_argument("--json", action="store_true", help="print the held-out metrics as JSON")
     t.set_defaults(fn=cmd_train)

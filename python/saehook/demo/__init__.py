@@ -5,6 +5,7 @@ The package ships (saehook/demo/data, built by `python -m saehook.demo.build`) a
 Qwen3-architecture model trained on CPython's own documentation, as a Q8_0 GGUF run by
 llama.cpp, a Top-K SAE trained on its layer-2 residual stream, and demo-features.json: every
 feature's top-activating tokens and a context, from which each feature gets its label.
+`hf_model_dir()` builds a transformers copy of the model at first use (`saehook demo --paths`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,41 @@ MODEL = os.path.join(DATA, "demo-model-Q8_0.gguf")
 SAE_FILE = os.path.join(DATA, "demo-sae.safetensors")
 LABELS = os.path.join(DATA, "demo-features.json")
 PROMPT = "The with statement is used to"
+
+
+def cache_dir() -> str:
+    """Where files built at first use go: $SAEHOOK_CACHE, else $XDG_CACHE_HOME/saehook, else ~/.cache/saehook."""
+    root = os.environ.get("SAEHOOK_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "saehook")
+    return root
+
+
+def hf_model_dir() -> str:
+    """A transformers copy of the demo model (config, weights, tokenizer), for `--engine hf` and the
+    transformers examples, offline. Built at first use from the shipped GGUF (Q8_0 weights
+    dequantized to float32, about 3.5 MB, a few seconds) into cache_dir(); the directory name
+    carries a hash of the GGUF, so a rebuilt demo gets a new copy."""
+    import hashlib
+
+    with open(MODEL, "rb") as f:
+        tag = hashlib.sha256(f.read()).hexdigest()[:12]
+    out = os.path.join(cache_dir(), f"demo-model-hf-{tag}")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    import tempfile
+
+    from .gguf_writer import read_hf_model
+
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".demo-model-hf-", dir=cache_dir())
+    read_hf_model(MODEL, tmp)
+    try:
+        os.rename(tmp, out)  # atomic: a concurrent first use finds a whole directory or none
+    except OSError:  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def _show(text: str) -> str:
@@ -110,6 +146,12 @@ def run(prompt: str = PROMPT, max_tokens: int = 40, strength: Optional[float] = 
     from ..engines.llama import HookedLlama
     from ..steering import Steering
 
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the demo needs a prompt with some text (--prompt)")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens (--max-new-tokens) must be at least 1, got {max_tokens!r}")
+    if strength is not None and not np.isfinite(strength):
+        raise ValueError(f"strength must be a finite number, got {strength!r}")
     for path in (MODEL, SAE_FILE, LABELS):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} is missing: rebuild with python -m saehook.demo.build (see its doc)")

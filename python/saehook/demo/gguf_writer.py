@@ -1,6 +1,7 @@
 """Writes Qwen3 weights as a GGUF file llama.cpp loads (arch qwen3, byte-level BPE vocabulary),
 with the `gguf` package, and quantizes it with llama.cpp's own quantizer. Used by the tests
-(tiny random models) and the llama.cpp benchmark (a synthetic model of realistic width)."""
+(tiny random models) and the llama.cpp benchmark (a synthetic model of realistic width).
+read_hf_model goes back: such a GGUF as a transformers directory (the demo's transformers copy)."""
 from __future__ import annotations
 
 import numpy as np
@@ -107,3 +108,70 @@ def quantize(src, dst, ftype: str):
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({ftype}) failed with {rc}")
+
+
+# llama.cpp's qwen2 pre-tokenizer (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_QWEN2), as Qwen2's own
+# tokenizer.json writes it for the `tokenizers` library.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def hf_tokenizer():
+    """The GGUF files' byte-level BPE vocabulary as a transformers fast tokenizer (the same ids
+    llama.cpp gives: same vocabulary, merges and pre-tokenizer split)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    toks, types = vocab()
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(toks)}, merges=list(MERGES))
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([t for t, ty in zip(toks, types) if ty == 3])
+    eos = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos)
+
+
+def read_hf_model(path, out_dir) -> None:
+    """The inverse of write_hf_model: a Qwen3 GGUF written here (f32 or quantized; quantized
+    tensors are dequantized with the gguf package) saved as a transformers directory (config,
+    safetensors weights, tokenizer) that loads offline."""
+    import gguf
+    import torch
+    import transformers
+
+    from ..engines.protocol import quiet_transformers
+
+    r = gguf.GGUFReader(str(path))
+    kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.")}
+    if kv.get("general.architecture") != "qwen3":
+        raise ValueError(f"{path}: architecture {kv.get('general.architecture')!r}, expected qwen3")
+    n_layer = int(kv["qwen3.block_count"])
+    cfg = transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=int(kv["qwen3.embedding_length"]),
+        intermediate_size=int(kv["qwen3.feed_forward_length"]), num_hidden_layers=n_layer,
+        num_attention_heads=int(kv["qwen3.attention.head_count"]),
+        num_key_value_heads=int(kv["qwen3.attention.head_count_kv"]), head_dim=int(kv["qwen3.attention.key_length"]),
+        max_position_embeddings=int(kv["qwen3.context_length"]),
+        rms_norm_eps=float(kv["qwen3.attention.layer_norm_rms_epsilon"]), rope_theta=float(kv["qwen3.rope.freq_base"]),
+        tie_word_embeddings=False, eos_token_id=vocab()[0].index("<|endoftext|>"),
+        bos_token_id=vocab()[0].index("<|endoftext|>"))
+    names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    for i in range(n_layer):
+        for hf, gg in LAYER_TENSORS.items():
+            names[f"blk.{i}.{gg}.weight"] = f"model.layers.{i}.{hf}.weight"
+    state = {}
+    for t in r.tensors:
+        if t.name not in names:
+            raise ValueError(f"{path}: unexpected tensor {t.name}")
+        state[names[t.name]] = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), np.float32))
+    model = transformers.Qwen3ForCausalLM(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors missing {missing}, unexpected {unexpected}")
+    with quiet_transformers():
+        model.save_pretrained(out_dir)
+        hf_tokenizer().save_pretrained(out_dir)

@@ -39,7 +39,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from .. import _core
-from .._arrays import DTYPE_BYTES, DTYPE_CODES
+from .._arrays import DTYPE_BYTES, DTYPE_CODES, feature_indices
 from ..sae import ACTIVATIONS, DEC_LAYOUTS, SAE
 
 __all__ = ["CudaSAE", "to_device", "from_tensors", "cached", "for_tensor", "is_available", "describe"]
@@ -281,7 +281,7 @@ class CudaSAE:
             if not torch.is_tensor(t) or t.device != self.device:
                 raise ValueError(f"{name} must be a tensor on {self.device}")
         v = values.detach().to(torch.float32).contiguous()
-        i = indices.detach().to(torch.int32).contiguous()
+        i = feature_indices(indices, self.d_sae).contiguous()  # refuses what int32 would wrap or truncate
         if tuple(v.shape) != tuple(i.shape) or v.dim() == 0:
             raise ValueError(f"values {tuple(v.shape)} and indices {tuple(i.shape)} must have the same shape (..., k)")
         kk = v.shape[-1]
@@ -319,22 +319,28 @@ class CudaSAE:
         items = np.zeros(len(ops), dtype=ITEM_DTYPE)
         for j, o in enumerate(ops):
             op, feature, value = o[0], int(o[1]), float(o[2])
-            if op not in OPS:
-                raise ValueError(f"unknown steering op {op!r}; expected one of {sorted(OPS)}")
+            if op not in OPS or op == "cap":  # a cap has two bounds: build it with Steering.cap
+                raise ValueError(f"unknown steering op {op!r} in the tuple form; expected one of "
+                                 f"{sorted(set(OPS) - {'cap'})} (caps and conditions: pass a Steering)")
             if not 0 <= feature < self.d_sae:
                 raise IndexError(f"feature {feature} is out of range [0, {self.d_sae})")
             if not np.isfinite(value):
                 raise ValueError(f"steering value for feature {feature} is not finite: {value!r}")
-            items[j] = (feature, OPS[op], value, int(bool(o[3])) if len(o) > 3 else 0)
+            items[j]["feature"], items[j]["op"], items[j]["value"] = feature, OPS[op], value
+            items[j]["normalize"] = int(bool(o[3])) if len(o) > 3 else 0
         return items
 
-    def steer(self, steering, h, *, mask=None, k: Optional[int] = None, return_codes: bool = False):
+    def steer(self, steering, h, *, mask=None, k: Optional[int] = None, return_codes: bool = False,
+              state=None, slots=None, fired: Optional[np.ndarray] = None):
         """Steers rows of h (..., d_model, float32, on this device) in place with one encode
         shared by all the ops, as Steering.apply does on the CPU. `steering` is a saehook.Steering
         (built for this SAE's host twin, or any SAE of the same shape) or a sequence of
         (op, feature, value[, normalize]) with op in add / clamp / scale / ablate. `mask` (one bool
         per row) limits the rows changed. Returns h, or (h, values, indices) with
-        return_codes=True (the encode of the unsteered rows)."""
+        return_codes=True (the encode of the unsteered rows). Conditions and latches as in
+        Steering.apply: `state` (a saehook.SteeringState), `slots` (one sequence slot per row) and
+        `fired` (a host uint8 array (n, n_items) filled as Steering.apply_report's) are host
+        memory; the conditions are evaluated on the host from a copy of the encode."""
         torch = _torch()
         items = self._items(steering)
         t2, n, ld, batch = self._rows(h, writable=True, name="h")
@@ -348,11 +354,20 @@ class CudaSAE:
         if return_codes:
             vals = torch.empty((n, kk), dtype=torch.float32, device=self.device)
             idx = torch.empty((n, kk), dtype=torch.int32, device=self.device)
+        latch = None if state is None else state.latch
+        sl = None if slots is None else np.ascontiguousarray(np.asarray(slots).reshape(-1), dtype=np.int32)
+        if sl is not None and sl.shape[0] != n:
+            raise ValueError(f"slots has {sl.shape[0]} entries for {n} rows")
+        if fired is not None and (fired.dtype != np.uint8 or fired.shape != (n, len(items)) or
+                                  not fired.flags.c_contiguous):
+            raise ValueError(f"fired must be a C-contiguous uint8 array of shape {(n, len(items))}")
         if n and (len(items) or return_codes):
-            _core.steer(self._handle, t2.data_ptr(), n, ld, items.ctypes.data, len(items),
-                        0 if m is None else m.data_ptr(), kk,
-                        0 if vals is None else vals.data_ptr(), 0 if idx is None else idx.data_ptr(),
-                        0, self._stream())
+            _core.steer_ex(self._handle, t2.data_ptr(), n, ld, items.ctypes.data, len(items),
+                           0 if m is None else m.data_ptr(), kk,
+                           0 if vals is None else vals.data_ptr(), 0 if idx is None else idx.data_ptr(),
+                           0 if latch is None else latch.ctypes.data, 0 if sl is None else sl.ctypes.data,
+                           0 if latch is None else latch.shape[0], 0 if fired is None else fired.ctypes.data,
+                           0, self._stream())
         if return_codes:
             return h, vals.reshape(batch + (kk,)), idx.reshape(batch + (kk,))
         return h

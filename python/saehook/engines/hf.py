@@ -8,6 +8,11 @@ its decoder layers. The residual stream after layer L is the output of decoder l
 
     with saehook.hf.steer(model, saehook.Steering(sae, layer=12).clamp(f, 8.0)):
         model.generate(...)
+
+    st = saehook.Steering(sae, layer=12).rescale(f, 0.0, when=saehook.When(g, above=2.0, latch=True))
+    with saehook.hf.steer(model, st.stop_when(saehook.When(h, above=5.0))) as session:
+        out = model.generate(ids, stopping_criteria=session.stopping_criteria())
+    session.stops[0]     # StopEvent(steering, condition, index, position) of batch row 0, or None
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from typing import Any, Iterator, List, Mapping, Optional
 import numpy as np
 
 from ..sae import SAE
-from ..steering import Steering
+from ..steering import Steering, SteeringState
 
 
 def decoder_layers(model) -> List[Any]:
@@ -136,49 +141,140 @@ def _runner(sae: SAE, x):
     return sae, x.cpu()
 
 
-def _steered(hidden, steering: Steering, mask: Optional[np.ndarray]):
-    """hidden with the steering applied; in place when that is safe, else on a float32 copy.
-    With autograd on, the change is added as a constant (gradients pass straight through)."""
+def _steered(hidden, steering: Steering, mask: Optional[np.ndarray], state: Optional[SteeringState] = None,
+             slots: Optional[np.ndarray] = None):
+    """(hidden with the steering applied, fired: Steering.apply_report's rows x items, or None);
+    in place when that is safe, else on a float32 copy. With autograd on, the change is added as
+    a constant (gradients pass straight through). On a GPU the CUDA kernels steer the residual
+    where it is; conditions, latches and stops keep their state and report in host memory."""
     import torch
 
     detached = hidden.detach()
     runner, x = _runner(steering.sae, detached)
-    apply = steering.apply if runner is steering.sae else (lambda h, mask: runner.steer(steering, h, mask=mask))
+    stateful = state is not None or bool(steering.stops) or any(o.when is not None for o in steering.ops)
+    fired = []
+    if runner is steering.sae:
+        def apply(h, mask):
+            fired.append(steering.apply_report(h, mask=mask, state=state, slots=slots))
+    else:
+        def apply(h, mask):
+            out = None
+            if stateful:
+                items = steering.items() if state is None else state.items
+                out = np.zeros((int(np.prod(h.shape[:-1])), len(items)), np.uint8)
+            runner.steer(steering if state is None else state.items, h, mask=mask, state=state, slots=slots,
+                         fired=out)
+            if out is not None:
+                fired.append(out.view(bool))
     in_place = (x is detached and hidden.dtype == torch.float32 and hidden.is_contiguous()
                 and not (torch.is_grad_enabled() and hidden.requires_grad))
     if in_place:
         apply(hidden, mask=mask)
-        return hidden
+        return hidden, (fired[0] if fired else None)
     work = x.to(torch.float32).contiguous().clone()
     before = work.clone()
     apply(work, mask=mask)
     delta = (work - before).to(hidden.device, hidden.dtype)
-    return hidden + delta
+    return hidden + delta, (fired[0] if fired else None)
+
+
+@dataclass
+class StopEvent:
+    """A stop_when condition that held on a generated token."""
+
+    steering: Steering
+    condition: Any       # the saehook.When that fired (an element of steering.stops)
+    index: int           # its index in steering.stops
+    position: int        # the absolute position of the token it fired on
+
+
+class SteerSession:
+    """What hf.steer yields: per batch row, the first stop event of the running generation
+    (stops[b], None while none fired). A forward call that starts a sequence at position 0 resets
+    it, and the latches."""
+
+    def __init__(self):
+        self.stops: List[Optional[StopEvent]] = []
+
+    def _begin(self, batch: int) -> None:
+        self.stops = [None] * batch
+
+    def stopping_criteria(self):
+        """A transformers StoppingCriteriaList ending generate() for a row once a stop fired there.
+        generate() samples one more token after the forward that fired: the token the condition
+        held on is at stops[b].position, and the output is complete up to and including it."""
+        import torch
+        import transformers
+
+        session = self
+
+        class _Stop(transformers.StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                done = [b < len(session.stops) and session.stops[b] is not None for b in range(input_ids.shape[0])]
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        return transformers.StoppingCriteriaList([_Stop()])
+
+
+def _positions(hidden, kwargs, counter: List[int]) -> np.ndarray:
+    """(batch, seq) absolute positions of the rows of a decoder layer's output: its position_ids
+    argument, else a running count of the tokens seen since the last call that started at 0."""
+    b, s = (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 else (1, hidden.shape[0])
+    pid = kwargs.get("position_ids") if kwargs else None
+    if pid is not None:
+        pos = pid.detach().cpu().numpy().astype(np.int64)
+        return np.broadcast_to(pos.reshape(-1, pos.shape[-1]), (b, s))
+    start = 0 if counter[0] < 0 else counter[0]
+    counter[0] = start + s
+    return np.broadcast_to(np.arange(start, start + s, dtype=np.int64), (b, s))
 
 
 @contextlib.contextmanager
-def steer(model, *steerings: Steering) -> Iterator[None]:
+def steer(model, *steerings: Steering) -> Iterator[SteerSession]:
     """Applies each Steering to the residual stream after its layer in every forward call inside
-    the block. positions='prompt' steers the first forward call (the prompt, in generate), and
-    'generated' the later ones (one new token each with a KV cache)."""
+    the block, and yields a SteerSession (stop events of stop_when conditions). A forward call
+    whose positions start at 0 begins a sequence (the prompt, in generate): positions='prompt'
+    steers its rows, 'generated' those of the later calls (one new token each with a KV cache),
+    (start, end) the rows at absolute positions start <= pos < end (the layer's position_ids).
+    Latched conditions keep one state per batch row, reset at each new sequence."""
     handles = []
+    session = SteerSession()
     try:
         for st in steerings:
             if st.layer is None:
                 raise ValueError("Steering has no layer: pass layer= or use an SAE with a layer")
             block = _check(model, st.layer, st.sae)
-            calls = [0]
+            ctx = {"state": None, "generated": False, "counter": [-1]}
 
-            def hook(module, inputs, output, _st=st, _calls=calls):
+            def hook(module, args, kwargs, output, _st=st, _ctx=ctx, _stop_items=st.stop_items(), _latched=st.latched):
                 hidden, rebuild = _split_output(output)
-                first = _calls[0] == 0
-                _calls[0] += 1
-                if (_st.positions == "prompt" and not first) or (_st.positions == "generated" and first):
+                pos = _positions(hidden, kwargs, _ctx["counter"])
+                b, s = pos.shape
+                if (pos == 0).any():  # a new sequence: its prompt
+                    _ctx["generated"] = False
+                    _ctx["state"] = SteeringState(_st, b) if _latched else None
+                    if _stop_items:
+                        session._begin(b)
+                else:
+                    _ctx["generated"] = True
+                mask = _st.position_mask(pos.reshape(-1), _ctx["generated"])
+                if not mask.any() and not _stop_items and not _latched:
                     return None
-                return rebuild(_steered(hidden, _st, None))
+                slots = np.repeat(np.arange(b, dtype=np.int32), s)
+                out, fired = _steered(hidden, _st, None if mask.all() else mask, _ctx["state"], slots)
+                if _stop_items and _ctx["generated"] and fired is not None:
+                    hits = fired[:, _stop_items].reshape(b, s, len(_stop_items))
+                    if len(session.stops) != b:
+                        session._begin(b)
+                    for row in range(b):
+                        where = np.argwhere(hits[row])
+                        if session.stops[row] is None and len(where):
+                            t, c = where[0]
+                            session.stops[row] = StopEvent(_st, _st.stops[int(c)], int(c), int(pos[row, t]))
+                return rebuild(out)
 
-            handles.append(block.register_forward_hook(hook))
-        yield
+            handles.append(block.register_forward_hook(hook, with_kwargs=True))
+        yield session
     finally:
         for h in handles:
             h.remove()

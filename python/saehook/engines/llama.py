@@ -115,6 +115,8 @@ class _Lib:
             "saehook_llama_hook_keep_residuals": (None, [P, c.c_int32]),
             "saehook_llama_hook_error": (c.c_char_p, [P]),
             "saehook_llama_hook_clear_error": (None, [P]),
+            "saehook_llama_hook_set_options": (c.c_int, [P, c.c_int32, c.c_int32, c.c_int32, c.c_int32]),
+            "saehook_llama_hook_take_fired": (c.c_int64, [P, c.c_int32, P, P, P, P, c.c_int64]),
         }
         for name, (res, args) in sig.items():
             f = getattr(lib, name)
@@ -239,6 +241,9 @@ class HookedLlama(llama_cpp.Llama):
         self._entries: List[int] = []
         self._modifier_layer: Dict[int, int] = {}  # entry id -> layer, for entries that change the residual
         self._cvec: Dict[int, List[np.ndarray]] = {}
+        self._stop_entries: Dict[int, tuple] = {}  # entry id -> (Steering, its stop items, seq), for stop_when
+        self._stop_event: Optional[StopEvent] = None  # the first stop of the running generate()
+        self.last_stop: Optional[StopEvent] = None    # the stop that ended the last generate(), if any
         self._in_generate = False
         self._generate_evals = 0
         self._decode_generated = False
@@ -428,13 +433,67 @@ class HookedLlama(llama_cpp.Llama):
             super().eval(tokens)
         finally:
             self._decode_generated = False
+        unbound = [i for i, (_, _, seq) in self._stop_entries.items() if seq < 0]
+        if unbound:
+            for ev in self.take_stops(unbound):
+                if ev.generated and ev.seq_id == 0 and self._in_generate and self._stop_event is None:
+                    self._stop_event = ev
 
     def generate(self, tokens, *args, **kwargs):
+        """llama_cpp.Llama.generate; with stop_when conditions steering, it ends after the first
+        generated token on which one holds (the token it held on is the last one yielded) and
+        sets last_stop (a StopEvent)."""
         self._in_generate, self._generate_evals = True, 0
+        self._stop_event = self.last_stop = None
         try:
-            yield from super().generate(tokens, *args, **kwargs)
+            for tok in super().generate(tokens, *args, **kwargs):
+                if self._stop_event is not None:  # the eval of the previous token fired
+                    self.last_stop = self._stop_event
+                    return
+                yield tok
         finally:
             self._in_generate = False
+
+    def create_completion(self, *args, **kwargs):
+        """llama_cpp.Llama.create_completion; a completion ended by stop_when has finish_reason
+        "stop_when" and choices[0]["saehook"] = {"stop_when": the condition's report}."""
+        out = super().create_completion(*args, **kwargs)
+        if not kwargs.get("stream", False):
+            self._mark_stop(out["choices"][0])
+            return out
+
+        def chunks():
+            for chunk in out:
+                if chunk["choices"] and chunk["choices"][0].get("finish_reason") is not None:
+                    self._mark_stop(chunk["choices"][0])
+                yield chunk
+
+        return chunks()
+
+    def _mark_stop(self, choice: dict) -> None:
+        if self.last_stop is not None:
+            choice["finish_reason"] = "stop_when"
+            choice["saehook"] = {"stop_when": self.last_stop.report()}
+
+    def take_stops(self, entries: Optional[Iterable[int]] = None) -> List["StopEvent"]:
+        """The stop_when conditions that held on rows decoded since the last call (of the given
+        entry ids, default all), per entry and row in evaluation order (each row once, its first
+        stop condition). generate() takes those of the entries not bound to a sequence itself."""
+        lib, out = _lib(), []
+        for i in list(self._stop_entries) if entries is None else entries:
+            st, stop_items, _ = self._stop_entries[i]
+            n = int(lib.take_fired(self._hook, i, None, None, None, None, 0))
+            if n <= 0:
+                continue
+            width = len(st.items())
+            seq, pos = np.zeros(n, np.int32), np.zeros(n, np.int32)
+            gen, fired = np.zeros(n, np.int8), np.zeros((n, width), np.uint8)
+            n = int(lib.take_fired(self._hook, i, _ptr(seq), _ptr(pos), _ptr(gen), _ptr(fired), n))
+            for r in range(n):
+                hit = [j for j, t in enumerate(stop_items) if fired[r, t]]
+                if hit:
+                    out.append(StopEvent(st, st.stops[hit[0]], hit[0], int(seq[r]), int(pos[r]), bool(gen[r])))
+        return out
 
     # ---- capture ----
     def _read_into(self, r: LlamaLayerRecord, i: int, residuals: bool) -> None:
@@ -450,14 +509,15 @@ class HookedLlama(llama_cpp.Llama):
         r.generated = gen.astype(bool)
 
     def _add(self, layer: int, sae: SAE, *, capture: bool = False, k: int = 0, items: Optional[np.ndarray] = None,
-             positions: str = "all", reconstruct: bool = False, seq: int = -1) -> int:
+             positions="all", reconstruct: bool = False, seq: int = -1) -> int:
         lib = _lib()
         if reconstruct:
             i = lib.add_reconstruct(self._hook, int(layer), sae.handle)
         else:
             n = 0 if items is None else len(items)
+            code = _POS_CODE[positions] if isinstance(positions, str) else _POS_CODE["all"]
             i = lib.add_for_seq(self._hook, int(layer), sae.handle, int(capture), int(k), _ptr(items) if n else None, n,
-                                _POS_CODE[positions], int(seq))
+                                code, int(seq))
         if i < 0:  # _check and Steering validate first, so this is unexpected
             raise ValueError(f"saehook: cannot hook layer {layer} with this SAE")
         self._entries.append(i)
@@ -465,10 +525,25 @@ class HookedLlama(llama_cpp.Llama):
             self._modifier_layer[i] = int(layer)
         return i
 
+    def _add_steering(self, st: Steering, seq: int = -1) -> int:
+        """One callback entry for a Steering: its items, its position window, and its stop_when
+        conditions recorded for take_stops()."""
+        i = self._add(st.layer, st.sae, items=st.items(), positions=st.positions, seq=seq)
+        window = st.positions if isinstance(st.positions, tuple) else (0, None)
+        lo, hi = window[0], -1 if window[1] is None else window[1]
+        if (lo, hi) != (0, -1) or st.stops:
+            if _lib().set_options(self._hook, i, int(lo), int(hi), int(bool(st.stops))) != 0:
+                self._remove(i)
+                raise ValueError(f"saehook: bad position window {st.positions!r}")
+        if st.stops:
+            self._stop_entries[i] = (st, st.stop_items(), int(seq))
+        return i
+
     def _remove(self, i: int) -> None:
         _lib().remove(self._hook, i)
         self._entries.remove(i)
         self._modifier_layer.pop(i, None)
+        self._stop_entries.pop(i, None)
 
     @contextlib.contextmanager
     def capture(self, saes: Mapping[int, SAE], *, k: Optional[int] = None,
@@ -563,7 +638,7 @@ class HookedLlama(llama_cpp.Llama):
                     self._cvec.setdefault(st.layer, []).append(v)
                     cvecs.append((st.layer, v))
                     continue
-                ids.append(self._add(st.layer, st.sae, items=st.items(), positions=st.positions))
+                ids.append(self._add_steering(st))
             if cvecs:
                 self._apply_cvec()
             yield
@@ -594,6 +669,23 @@ class HookedLlama(llama_cpp.Llama):
             self._hook = None
 
 
+@dataclass
+class StopEvent:
+    """A stop_when condition that held on a decoded row."""
+
+    steering: Steering
+    condition: object  # the saehook.When (an element of steering.stops)
+    index: int         # its index in steering.stops
+    seq_id: int
+    position: int      # the absolute position of the token it held on
+    generated: bool
+
+    def report(self) -> dict:
+        from .protocol import stop_report
+
+        return stop_report(self.condition, self.index, self.position)
+
+
 class SequenceHook:
     """The entries of one sequence (HookedLlama.hook_sequence). take() returns the rows captured
     since the last take, in evaluation order; close() removes the entries (idempotent)."""
@@ -618,7 +710,7 @@ class SequenceHook:
         self._captures: Dict[int, int] = {}
         try:
             for st in steerings:
-                self._ids.append(llm._add(st.layer, st.sae, items=st.items(), positions=st.positions, seq=self.seq_id))
+                self._ids.append(llm._add_steering(st, seq=self.seq_id))
             for layer, sae in capture.items():
                 i = llm._add(layer, sae, capture=True, k=int(k or 0), seq=self.seq_id)
                 self._ids.append(i)
@@ -626,6 +718,12 @@ class SequenceHook:
         except BaseException:
             self.close()
             raise
+
+    def take_stops(self) -> List[StopEvent]:
+        """The stop_when conditions of this sequence's steerings that held since the last call."""
+        if self._llm is None:
+            raise RuntimeError("this SequenceHook was closed")
+        return self._llm.take_stops([i for i in self._ids if i in self._llm._stop_entries])
 
     def take(self) -> Dict[int, LlamaLayerRecord]:
         """The rows captured for this sequence since the last take, per layer, then forgotten."""

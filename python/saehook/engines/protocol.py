@@ -15,6 +15,10 @@ from ..steering import Steering
 class Engine:
     """tokenize / token_text / features / generate over one model."""
 
+    # After generate(): the stop_when condition that ended it ({"condition", "when", "index",
+    # "position"}), or None.
+    last_stop: Optional[dict] = None
+
     def tokenize(self, text: str) -> List[int]:
         raise NotImplementedError
 
@@ -42,6 +46,11 @@ class Engine:
     def n_layer(self) -> int:
         raise NotImplementedError
 
+    @property
+    def d_model(self) -> int:
+        """Width of the residual stream (what an SAE's d_model must be)."""
+        raise NotImplementedError
+
 
 def _next_token_losses(logits: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
     z = logits[:-1].astype(np.float64)
@@ -50,11 +59,126 @@ def _next_token_losses(logits: np.ndarray, tokens: Sequence[int]) -> np.ndarray:
     return -logp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])]
 
 
+# GGUF value types (gguf.GGUFValueType) -> size in bytes of a scalar; 8 = string, 9 = array
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_FORMAT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_model_facts(path: str) -> dict:
+    """{"architecture", "n_layer", "n_embd", "n_ctx_train"} from a GGUF file's key-value header
+    (None where a key is absent). Reads the keys in order and stops once it has these four, which
+    writers put before the tokenizer's arrays: about a millisecond, where gguf.GGUFReader, which
+    builds every field, took 27 s on a header with a 151k-token vocabulary. Arrays met on the way
+    are skipped without being read. Not a validator: llama.cpp checks the file when it loads it."""
+    import struct
+
+    want = {"n_layer": "block_count", "n_embd": "embedding_length", "n_ctx_train": "context_length"}
+    facts: dict = {"architecture": None, **{k: None for k in want}}
+    found: dict = {}
+
+    def read(f, n):
+        b = f.read(n)
+        if len(b) != n:
+            raise ValueError(f"{path}: truncated GGUF header")
+        return b
+
+    def string(f) -> bytes:
+        (n,) = struct.unpack("<Q", read(f, 8))
+        return read(f, n)
+
+    def skip(f, vtype: int) -> None:
+        if vtype in _GGUF_SCALAR:
+            f.seek(_GGUF_SCALAR[vtype], 1)
+        elif vtype == 8:
+            (n,) = struct.unpack("<Q", read(f, 8))
+            f.seek(n, 1)
+        elif vtype == 9:
+            etype, count = struct.unpack("<IQ", read(f, 12))
+            if etype in _GGUF_SCALAR:
+                f.seek(_GGUF_SCALAR[etype] * count, 1)
+            else:
+                for _ in range(count):
+                    skip(f, etype)
+        else:
+            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (no GGUF magic)")
+        version, _, n_kv = struct.unpack("<IQQ", read(f, 20))
+        if version < 2 or version > 255:
+            raise ValueError(f"{path}: GGUF version {version} is not supported here (2 or 3 expected)")
+        for _ in range(n_kv):
+            key = string(f).decode("utf-8", errors="replace")
+            (vtype,) = struct.unpack("<I", read(f, 4))
+            if key == "general.architecture" and vtype == 8:
+                facts["architecture"] = string(f).decode("utf-8", errors="replace")
+            elif key.count(".") == 1 and key.split(".")[1] in want.values() and vtype in _GGUF_FORMAT:
+                found[key] = struct.unpack(_GGUF_FORMAT[vtype], read(f, _GGUF_SCALAR[vtype]))[0]
+            else:
+                skip(f, vtype)
+            arch = facts["architecture"]
+            if arch and all(f"{arch}.{k}" in found for k in want.values()):
+                break
+    arch = facts["architecture"]
+    for name, key in want.items():
+        if arch and f"{arch}.{key}" in found:
+            facts[name] = int(found[f"{arch}.{key}"])
+    return facts
+
+
+_LOG_CALLBACK = None  # the ctypes callback llama.cpp holds (kept alive here)
+
+
+def quiet_llama_log() -> None:
+    """Makes verbose=False quiet. llama-cpp-python 0.3.36 maps ggml's log levels with an older
+    enum (its WARN = 2; ggml now has DEBUG 1, INFO 2, WARN 3, ERROR 4), so with verbose=False
+    llama.cpp's warnings still print, as errors. This callback prints errors only, unless the
+    last Llama was made with verbose=True (llama-cpp-python's logger at DEBUG): then everything."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+    import ctypes
+    import logging
+    import sys
+
+    import llama_cpp
+
+    try:
+        from llama_cpp._logger import logger as llama_logger  # what Llama(verbose=...) sets
+    except ImportError:
+        llama_logger = logging.getLogger("llama-cpp-python")
+    last = [0]
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous message
+            last[0] = level
+        if last[0] >= 4 or llama_logger.level <= logging.DEBUG:
+            print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr, flush=True)
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _LOG_CALLBACK = callback
+
+
+DEFAULT_N_CTX = 2048
+
+
 class LlamaEngine(Engine):
-    def __init__(self, path: str, n_ctx: int = 2048, threads: Optional[int] = None, logits_all: bool = False):
+    """A GGUF model through llama.cpp (`HookedLlama`), its log quiet (verbose=False).
+
+    n_ctx: None means DEFAULT_N_CTX tokens, or the model's training context when that is
+    shorter (llama.cpp warns on every load when n_ctx exceeds it); a number is used as given."""
+
+    def __init__(self, path: str, n_ctx: Optional[int] = None, threads: Optional[int] = None, logits_all: bool = False,
+                 verbose: bool = False):
         from .llama import HookedLlama
 
-        self.llm = HookedLlama(path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), verbose=False, seed=0,
+        quiet_llama_log()
+        if n_ctx is None:
+            n_ctx_train = gguf_model_facts(path)["n_ctx_train"]
+            n_ctx = min(DEFAULT_N_CTX, n_ctx_train) if n_ctx_train else DEFAULT_N_CTX
+        self.llm = HookedLlama(path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), verbose=verbose, seed=0,
                                logits_all=logits_all)
 
     def residuals(self, tokens, layer):
@@ -76,6 +200,10 @@ class LlamaEngine(Engine):
     def n_layer(self) -> int:
         return self.llm.n_layer
 
+    @property
+    def d_model(self) -> int:
+        return self.llm.n_embd_model
+
     def tokenize(self, text: str) -> List[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
@@ -96,7 +224,23 @@ class LlamaEngine(Engine):
                 if tok == self.llm.token_eos() or len(out) >= max_tokens:
                     break
                 out.append(int(tok))
+        stop = self.llm.last_stop
+        self.last_stop = stop.report() if stop is not None else None
         return out
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No transformers progress bars (loading / writing shards) on the command line's stderr."""
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
 
 
 class HFEngine(Engine):
@@ -108,7 +252,8 @@ class HFEngine(Engine):
         import transformers
 
         self.torch = torch
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+        with quiet_transformers():
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
         has_tokenizer = any(os.path.exists(os.path.join(path, f)) for f in
                             ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
         self.tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
@@ -118,6 +263,12 @@ class HFEngine(Engine):
         from .hf import decoder_layers
 
         return len(decoder_layers(self.model))
+
+    @property
+    def d_model(self) -> int:
+        from .hf import _hidden_size
+
+        return _hidden_size(self.model)
 
     def tokenize(self, text: str) -> List[int]:
         if self.tok is None:
@@ -156,11 +307,23 @@ class HFEngine(Engine):
 
         ids = self.torch.tensor([list(tokens)])
         eos = getattr(self.model.config, "eos_token_id", None)
-        with self.torch.no_grad(), hf.steer(self.model, *steerings):
-            out = self.model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=eos or 0)
+        self.last_stop = None
+        with self.torch.no_grad(), hf.steer(self.model, *steerings) as session:
+            kw = {"stopping_criteria": session.stopping_criteria()} if any(st.stops for st in steerings) else {}
+            out = self.model.generate(ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=eos or 0,
+                                      attention_mask=self.torch.ones_like(ids), **kw)
         new = out[0, ids.shape[1]:].tolist()
+        ev = session.stops[0] if session.stops else None
+        if ev is not None:  # generate sampled past the token the condition held on
+            new = new[: ev.position + 1 - ids.shape[1]]
+            self.last_stop = stop_report(ev.condition, ev.index, ev.position)
         eos_ids = set(eos if isinstance(eos, list) else [eos])
         return new[: next((i for i, t in enumerate(new) if t in eos_ids), len(new))]  # as llama: EOS not shown
+
+
+def stop_report(condition, index: int, position: int) -> dict:
+    """The JSON-able record of a stop_when condition that fired (CLI, server)."""
+    return {"condition": repr(condition), "when": condition.to_json(), "index": int(index), "position": int(position)}
 
 
 def _probe_sae(d_model: int) -> SAE:

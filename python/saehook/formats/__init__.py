@@ -17,8 +17,8 @@ so that W_enc is transposed once into an owned copy. `.pt` files are read with
 torch.load(weights_only=True): a pickle that holds anything but tensors and plain containers is
 refused, never executed.
 """
-from ._common import DEFAULT_CAP, SAEFormatError
+from ._common import DEFAULT_CAP, SAEFormatError, mapped_tensors
 from .loading import SAESet, load
 from .saehook_format import FORMAT_VERSION, save_saehook
 
-__all__ = ["DEFAULT_CAP", "FORMAT_VERSION", "SAEFormatError", "SAESet", "load", "save_saehook"]
+__all__ = ["DEFAULT_CAP", "FORMAT_VERSION", "SAEFormatError", "SAESet", "load", "mapped_tensors", "save_saehook"]

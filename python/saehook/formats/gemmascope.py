@@ -1,64 +1,87 @@
 """Gemma Scope: params.npz (np.savez of W_enc, W_dec, b_enc, b_dec, threshold)."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import zipfile
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from ..sae import SAE
 from ._common import (
-    DEFAULT_CAP, _LAYER_IN_NAME, SAEFormatError, _last_int, _make, _matrix, _need, _shape_check,
+    DEFAULT_CAP, _LAYER_IN_NAME, SAEFormatError, ZipEntry, _last_int, _make, _matrix, _need, _shape_check,
+    _zip_entries,
 )
 
 _L0_IN_PATH = re.compile(r"average_l0_(\d+)")                 # Gemma Scope: .../average_l0_71/
 
 
-def _npz_arrays(path: str) -> Dict[str, np.ndarray]:
-    """The arrays of an .npz. Members stored uncompressed (np.savez) are memory-mapped at their
-    data offset; compressed ones (np.savez_compressed) are read. Object arrays are refused
-    (never unpickled)."""
-    out: Dict[str, np.ndarray] = {}
+class _Member(NamedTuple):
+    """One .npy member of an .npz, its header read but its data not yet."""
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+    fortran: bool
+    entry: ZipEntry
+    data_start: int  # file offset of the array data (stored members only)
+
+
+def _npz_members(path: str) -> Dict[str, _Member]:
+    """The .npy headers of an .npz, checked against the zip's record sizes: each member's
+    record holds exactly its header plus prod(shape) * itemsize bytes. Nothing is decompressed
+    beyond the headers, so a small file declaring huge arrays costs nothing before the loader's
+    shape checks. Object arrays are refused (never unpickled); a name given twice is refused."""
+    out: Dict[str, _Member] = {}
+    entries = _zip_entries(path, ".npz archive")
     try:
         with zipfile.ZipFile(path) as z, open(path, "rb") as raw:
-            for info in z.infolist():
-                if not info.filename.endswith(".npy"):
+            for fname, entry in entries.items():
+                if not fname.endswith(".npy"):
                     continue
-                name = info.filename[:-4]
-                if info.compress_type != zipfile.ZIP_STORED:
-                    with z.open(info) as f:
-                        out[name] = np.lib.format.read_array(f, allow_pickle=False)
-                    continue
-                # Local file header: 30 fixed bytes, then the name and an extra field whose
-                # lengths (offsets 26, 28) may differ from the central directory's copy.
-                raw.seek(info.header_offset)
-                local = raw.read(30)
-                if len(local) < 30 or local[:4] != b"PK\x03\x04":
-                    raise SAEFormatError(f"{path}: corrupt zip entry {info.filename}")
-                start = (info.header_offset + 30 + int.from_bytes(local[26:28], "little")
-                         + int.from_bytes(local[28:30], "little"))
-                raw.seek(start)
-                version = np.lib.format.read_magic(raw)
+                info, name = entry.info, fname[:-4]
+                if info.compress_type == zipfile.ZIP_STORED:
+                    raw.seek(entry.data_offset)
+                    f = raw
+                else:
+                    f = z.open(info)  # streams: reading the header inflates only its first block
+                start = f.tell()
+                version = np.lib.format.read_magic(f)
                 read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                                (2, 0): np.lib.format.read_array_header_2_0}.get(version)
                 if read_header is None:
-                    raise SAEFormatError(f"{path}: {info.filename} has unsupported .npy version {version}")
-                shape, fortran, dt = read_header(raw)
+                    raise SAEFormatError(f"{path}: {fname} has unsupported .npy version {version}")
+                shape, fortran, dt = read_header(f)
+                header_len = f.tell() - start
+                if f is not raw:
+                    f.close()
                 if dt.hasobject:
                     raise SAEFormatError(f"{path}: {name} holds Python objects; refused")
-                nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-                if raw.tell() - start + nbytes != info.file_size:
+                nbytes = math.prod(shape) * dt.itemsize
+                if header_len + nbytes != info.file_size:
                     raise SAEFormatError(f"{path}: {name} has shape {shape} ({nbytes} bytes of {dt}) but its "
-                                         f"zip entry holds {info.file_size - (raw.tell() - start)} data bytes")
-                out[name] = (np.memmap(path, dtype=dt, mode="r", offset=raw.tell(), shape=shape,
-                                       order="F" if fortran else "C") if nbytes else np.zeros(shape, dt))
+                                         f"zip entry holds {info.file_size - header_len} data bytes")
+                out[name] = _Member(tuple(shape), dt, fortran, entry, entry.data_offset + header_len)
     except SAEFormatError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
         raise SAEFormatError(f"{path}: cannot be read as an .npz archive ({type(e).__name__}: {e})") from None
     return out
+
+
+def _npz_array(path: str, m: _Member) -> np.ndarray:
+    """A member's data: memory-mapped at its offset when stored (np.savez), read when
+    compressed (np.savez_compressed; its size was checked against the shape already)."""
+    try:
+        if m.entry.info.compress_type == zipfile.ZIP_STORED:
+            if m.entry.info.file_size == m.data_start - m.entry.data_offset:  # no data: cannot map 0 bytes
+                return np.zeros(m.shape, m.dtype)
+            return np.memmap(path, dtype=m.dtype, mode="r", offset=m.data_start, shape=m.shape,
+                             order="F" if m.fortran else "C")
+        with zipfile.ZipFile(path) as z, z.open(m.entry.info) as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise SAEFormatError(f"{path}: cannot be read as an .npz archive ({type(e).__name__}: {e})") from None
 
 
 def load_gemmascope(path: str, k: Optional[int], layer: Optional[int]) -> SAE:
@@ -70,7 +93,7 @@ def load_gemmascope(path: str, k: Optional[int], layer: Optional[int]) -> SAE:
     W_enc is transposed into one float32 copy; W_dec stays mapped when the archive stores it
     uncompressed. At most k features per token are returned (default min(d_sae, 256)).
     """
-    arrs = _npz_arrays(path)
+    arrs = _npz_members(path)
     for low in ("w_enc", "w_dec"):  # some releases spell the matrices in lower case (as SAELens handles)
         if low in arrs and "W" + low[1:] not in arrs:
             arrs["W" + low[1:]] = arrs.pop(low)
@@ -79,6 +102,11 @@ def load_gemmascope(path: str, k: Optional[int], layer: Optional[int]) -> SAE:
     _shape_check(path, {"W_dec": (arrs["W_dec"].shape, (d_sae, d_model)), "b_enc": (arrs["b_enc"].shape, (d_sae,)),
                         "b_dec": (arrs["b_dec"].shape, (d_model,)),
                         "threshold": (arrs["threshold"].shape, (d_sae,))})
+    not_float = [f"{n} is {arrs[n].dtype}" for n in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+                 if arrs[n].dtype.kind != "f"]
+    if not_float:
+        raise SAEFormatError(f"{path}: {'; '.join(not_float)}; Gemma Scope's arrays are floating point")
+    arrs = {name: _npz_array(path, arrs[name]) for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
     if np.any(np.asarray(arrs["threshold"]) < 0):  # then pre * (pre > threshold) keeps negative values
         raise SAEFormatError(f"{path}: negative JumpReLU thresholds are not supported (Gemma Scope's are positive)")
     full = os.path.abspath(path)

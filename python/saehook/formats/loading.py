@@ -6,7 +6,8 @@ import os
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from ..sae import SAE
-from ._common import SAEFormatError, _LAYER_IN_HOOK, _LAYER_IN_NAME, _last_int  # noqa
+from . import _finite
+from ._common import SAEFormatError, _LAYER_IN_HOOK, _LAYER_IN_NAME, _last_int, _require_regular, mapped_tensors  # noqa
 from .gemmascope import load_gemmascope
 from .qwenscope import load_qwenscope
 from .saehook_format import load_saehook
@@ -50,7 +51,7 @@ class SAESet(collections.abc.Mapping):
 
 
 def load(path: Any, *, k: Optional[int] = None, layer: Optional[int] = None,
-         dtype: Optional[str] = None):
+         dtype: Optional[str] = None, check_finite: bool = True):
     """Loads an SAE, or an SAESet for a directory holding several layers, in any supported format.
 
     k: active features per token. Qwen-Scope files do not store it: it comes from the release
@@ -60,18 +61,34 @@ def load(path: Any, *, k: Optional[int] = None, layer: Optional[int] = None,
     layer: picks one layer of a multi-layer directory (returning an SAE), or sets the layer of
        a single file whose name does not carry it.
     dtype: converts after loading with SAE.to_dtype ('int8' quantizes the encoder).
+    check_finite: reads every weight, bias, threshold and scale once and refuses NaN/Inf (about
+       0.06 s per GiB from the page cache, one disk read when cold; README "Memory"). False skips
+       it for files already known to be good.
     Raises SAEFormatError (naming the file) for anything that is not a loadable SAE.
+    metadata["mapped"] says whether any weight is memory-mapped from the file (then the file
+    must not be truncated or rewritten in place while the SAE is in use: README "Memory").
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise SAEFormatError(f"{path}: no such file or directory")
     if k is not None and int(k) < 1:
         raise SAEFormatError(f"{path}: k must be a positive integer, got {k!r}")
+    if not os.path.isdir(path):
+        _require_regular(path)
     obj = _dispatch(path, None if k is None else int(k), None if layer is None else int(layer))
+    if check_finite:
+        for sae in (obj.values() if isinstance(obj, SAESet) else (obj,)):
+            try:
+                _finite.check_sae(sae, sae.metadata.get("source") or path)
+            except _finite.NonFiniteError as e:
+                raise SAEFormatError(str(e)) from None
     if dtype is not None:
         if isinstance(obj, SAESet):
-            return SAESet({lay: s.to_dtype(dtype) for lay, s in obj.items()}, obj.source)
-        return obj.to_dtype(dtype)
+            obj = SAESet({lay: s.to_dtype(dtype) for lay, s in obj.items()}, obj.source)
+        else:
+            obj = obj.to_dtype(dtype)
+    for sae in (obj.values() if isinstance(obj, SAESet) else (obj,)):
+        sae.metadata["mapped"] = bool(mapped_tensors(sae))
     return obj
 
 

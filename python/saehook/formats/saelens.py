@@ -9,7 +9,8 @@ import numpy as np
 from ..sae import SAE
 from . import safetensors_io as st
 from ._common import (
-    DEFAULT_CAP, _LAYER_IN_HOOK, SAEFormatError, _f32, _last_int, _make, _matrix, _need, _read_cfg, _read_safetensors, _shape_check,
+    DEFAULT_CAP, _LAYER_IN_HOOK, SAEFormatError, _cfg_bool, _cfg_int, _f32, _last_int, _make, _matrix, _need,
+    _read_cfg, _read_safetensors, _shape_check,
 )
 
 _SAELENS_ACTIVATIONS = {"standard": "relu", "topk": "topk_relu", "jumprelu": "jumprelu"}
@@ -32,22 +33,25 @@ def load_saelens(folder: str, k: Optional[int], layer: Optional[int]) -> SAE:
     (default min(d_sae, 256)). Options saehook does not compute exactly are refused.
     """
     cfg = _read_cfg(folder)
+    cfg_path = os.path.join(folder, "cfg.json")
     wpath = os.path.join(folder, "sae_weights.safetensors")
     tensors, dtypes, _ = _read_safetensors(wpath)
     meta_cfg = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
 
     arch = cfg.get("architecture", "standard")
     act_fn = cfg.get("activation_fn", cfg.get("activation_fn_str"))
-    cfg_k = cfg.get("k")
-    if act_fn == "topk" and (cfg.get("activation_fn_kwargs") or {}).get("k") is not None:
-        arch, cfg_k = "topk", cfg["activation_fn_kwargs"]["k"]  # pre-6.0 TopK SAEs
+    cfg_k = _cfg_int(cfg, "k", cfg_path)
+    fn_kwargs = cfg.get("activation_fn_kwargs") or {}
+    if act_fn == "topk" and isinstance(fn_kwargs, dict) and fn_kwargs.get("k") is not None:
+        arch, cfg_k = "topk", _cfg_int(fn_kwargs, "k", f"{cfg_path}: activation_fn_kwargs")  # pre-6.0 TopK SAEs
     elif act_fn not in (None, "relu"):
         raise SAEFormatError(f"{folder}: activation_fn={act_fn!r} is not supported (SAELens's ReLU and TopK are)")
     if arch not in _SAELENS_ACTIVATIONS:
         raise SAEFormatError(f"{folder}: SAELens architecture {arch!r} is not supported "
                              f"(supported: {', '.join(sorted(_SAELENS_ACTIVATIONS))})")
     norm = cfg.get("normalize_activations")
-    norm = {True: "expected_average_only_in", False: "none", None: "none"}.get(norm, norm)
+    if isinstance(norm, bool) or norm is None:  # pre-6.0 configs stored a boolean
+        norm = "expected_average_only_in" if norm else "none"
     if norm != "none":
         raise SAEFormatError(f"{folder}: normalize_activations={norm!r} is not supported: saehook does not "
                              f"rescale its inputs; only SAEs trained on raw activations ('none') load")
@@ -63,14 +67,16 @@ def load_saelens(folder: str, k: Optional[int], layer: Optional[int]) -> SAE:
         shapes["threshold"] = (tensors["threshold"].shape, (d_sae,))
     _shape_check(wpath, shapes)
     for key, actual in (("d_in", d_in), ("d_sae", d_sae)):
-        if key in cfg and int(cfg[key]) != actual:
+        if _cfg_int(cfg, key, cfg_path) not in (None, actual):
             raise SAEFormatError(f"{folder}: cfg.json says {key}={cfg[key]} but {wpath} has {actual}")
 
     if arch == "topk":
-        k = k or int(cfg_k if cfg_k is not None else 100)  # 100: TopKSAEConfig's default
+        k = k or (cfg_k if cfg_k is not None else 100)  # 100: TopKSAEConfig's default
     else:
         k = k or min(d_sae, DEFAULT_CAP)
     hook = meta_cfg.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
+    if hook is not None and not isinstance(hook, str):
+        raise SAEFormatError(f"{cfg_path}: hook_name must be a string, got {hook!r}")
     if layer is None:
         layer = _last_int(_LAYER_IN_HOOK, hook)
     meta = {"format": "saelens", "hook_point": hook, "layer": layer, "source": folder,
@@ -81,13 +87,14 @@ def load_saelens(folder: str, k: Optional[int], layer: Optional[int]) -> SAE:
     W_enc = np.ascontiguousarray(tensors["W_enc"].T)  # the one copy: feature-major for the kernels
     W_dec, b_enc = tensors["W_dec"], _f32(tensors["b_enc"], dtypes["b_enc"])
     etag, dtag = st.tag_of(dtypes["W_enc"]), st.tag_of(dtypes["W_dec"])
-    if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):
+    subtract_b_dec = _cfg_bool(cfg, "apply_b_dec_to_input", True, cfg_path)
+    if arch == "topk" and _cfg_bool(cfg, "rescale_acts_by_decoder_norm", False, cfg_path):
         folded = _fold_decoder_norms(W_enc, dtypes["W_enc"], b_enc, W_dec, dtypes["W_dec"])
         if folded is not None:
             (W_enc, b_enc, W_dec), etag, dtag = folded, "f32", "f32"
     return _make(folder, lambda: SAE(
         W_enc, W_dec, b_enc, _f32(tensors["b_dec"], dtypes["b_dec"]), k=k, activation=_SAELENS_ACTIVATIONS[arch],
-        subtract_b_dec=bool(cfg.get("apply_b_dec_to_input", True)),
+        subtract_b_dec=subtract_b_dec,
         threshold=_f32(tensors["threshold"], dtypes["threshold"]) if arch == "jumprelu" else None,
         dec_layout="rows", enc_dtype=etag, dec_dtype=dtag, metadata=meta))
 

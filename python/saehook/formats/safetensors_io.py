@@ -9,12 +9,15 @@ dtype string), so a multi-GB SAE costs no copy and no resident memory until it i
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
 from typing import Dict, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
+
+from . import _files
 
 # safetensors dtype -> (numpy dtype, saehook tag or None when the kernels do not take it)
 _DTYPES = {
@@ -39,19 +42,33 @@ class Contents(NamedTuple):
 
 
 def read(path: str) -> Contents:
-    """Maps a .safetensors file and validates its header against the file's size."""
+    """Maps a .safetensors file and validates it as the reference implementation does
+    (safetensors' Rust `read_metadata` + `Metadata::validate`), and more strictly where that
+    is silent: a key given twice (tensor or `__metadata__` entry) is refused, not overwritten.
+
+    - the 8-byte header length fits the file and the 100 MB limit; the header is UTF-8 JSON;
+    - sorted by offsets, tensors tile the data section exactly: each begins where the previous
+      ends (no gap, no overlap) and the last ends at the end of the file, so a header length off
+      by one byte (every tensor shifted) or trailing bytes are refused;
+    - each tensor spans exactly prod(shape) * itemsize bytes of a known dtype.
+    Anything but a regular file is refused before it is read (a FIFO would block).
+    """
     path = os.fspath(path)
-    size = os.path.getsize(path)
-    if size < 8:
-        raise SafetensorsError(f"{path}: truncated file ({size} bytes, no header)")
-    with open(path, "rb") as f:
+    try:
+        fd = _files.open_regular(path)
+    except _files.NotARegularFile as e:
+        raise SafetensorsError(str(e)) from None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise SafetensorsError(f"{path}: truncated file ({size} bytes, no header)")
         (n,) = struct.unpack("<Q", f.read(8))
         if n > min(size - 8, _MAX_HEADER):
             raise SafetensorsError(f"{path}: header length {n} does not fit the {size}-byte file "
                                    f"(truncated, or not a safetensors file)")
         try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = _files.loads_strict(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
             raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
         # The mapping outlives the file object; a file without data cannot be mapped.
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else None
@@ -61,30 +78,53 @@ def read(path: str) -> Contents:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise SafetensorsError(f"{path}: __metadata__ must map strings to strings")
     data_len = size - 8 - n
-    tensors, dtypes = {}, {}
+    entries = []  # (begin, end, name, dtype string, shape)
     for name, info in header.items():
         try:
-            st, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            if not all(isinstance(v, int) and v >= 0 for v in (*shape, begin, end)):
+            st, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            if not (isinstance(st, str) and isinstance(shape, list) and isinstance(offsets, list)
+                    and len(offsets) == 2 and all(_is_size(v) for v in (*shape, *offsets))):
                 raise TypeError
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError):
             raise SafetensorsError(f"{path}: malformed header entry for tensor {name!r}: {info!r}") from None
         if st not in _DTYPES:
             raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {st}")
-        np_dtype = np.dtype(_DTYPES[st][0])
-        count = int(np.prod(shape, dtype=np.int64))
-        if end - begin != count * np_dtype.itemsize:
+        begin, end = offsets
+        need = math.prod(shape) * np.dtype(_DTYPES[st][0]).itemsize  # exact: Python ints do not overflow
+        if end < begin or end - begin != need:
             raise SafetensorsError(f"{path}: tensor {name!r} spans {end - begin} bytes but dtype {st} and shape "
-                                   f"{list(shape)} need {count * np_dtype.itemsize}")
+                                   f"{shape} need {need}")
         if end > data_len:
             raise SafetensorsError(f"{path}: tensor {name!r} ends at byte {end} of a {data_len}-byte data "
                                    f"section: the file is truncated")
-        if count == 0:
-            arr = np.zeros(shape, dtype=np_dtype)
+        entries.append((begin, end, name, st, shape))
+    covered = 0
+    for begin, end, name, _, _ in sorted(entries, key=lambda e: (e[0], e[1])):
+        if begin != covered:
+            what = "overlaps the tensor before it" if begin < covered else f"leaves bytes {covered}..{begin} unused"
+            raise SafetensorsError(f"{path}: tensor {name!r} begins at data byte {begin}: it {what} "
+                                   f"(tensors must tile the data section)")
+        covered = end
+    if covered != data_len:
+        raise SafetensorsError(f"{path}: the tensors cover {covered} of the {data_len} bytes after the "
+                               f"{n}-byte header: the header length or the file size is wrong")
+    tensors, dtypes = {}, {}
+    for begin, end, name, st, shape in entries:
+        np_dtype = np.dtype(_DTYPES[st][0])
+        if end == begin:
+            try:
+                arr = np.zeros(shape, dtype=np_dtype)
+            except ValueError as e:  # e.g. a dimension beyond numpy's limits next to a 0
+                raise SafetensorsError(f"{path}: tensor {name!r} has shape {shape}: {e}") from None
         else:
-            arr = np.frombuffer(mm, dtype=np_dtype, count=count, offset=8 + n + begin).reshape(shape)
+            arr = np.frombuffer(mm, dtype=np_dtype, count=(end - begin) // np_dtype.itemsize,
+                                offset=8 + n + begin).reshape(shape)
         tensors[name], dtypes[name] = arr, st
     return Contents(tensors, dtypes, dict(meta))
+
+
+def _is_size(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def tag_of(st_dtype: str) -> Optional[str]:
@@ -99,6 +139,9 @@ def write(path: str, tensors: Mapping[str, Tuple[np.ndarray, str]], metadata: Ma
     half-written file and SAEs still mapping the old file keep valid memory.
     """
     path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):  # say so, rather than fail on the name of the temporary file
+        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
     arrays = {name: np.ascontiguousarray(arr) for name, (arr, _) in tensors.items()}
     # Wider elements first (as the reference writer orders them): with the 8-byte-aligned
     # header every tensor then starts at a multiple of its element size.

@@ -2,16 +2,22 @@
 as Parquet shards, then analyse them (per-feature statistics, comparison of two datasets).
 
 A capture directory holds
-    manifest.json          what was captured (model, SAE, layers, shard size, d_sae) for resume
+    manifest.json          what was captured (model, SAE, layers, shard size, d_sae, and fingerprints
+                           of the documents and of each SAE) for resume
+    .capture.lock          held (flock) while a capture writes here
     docs.parquet           doc_id, text, label (when the input has labels)
     shard-00000.parquet    one row per (document, token, layer): doc_id, position, token,
                            token_text, layer, indices (list<int32>), values (list<float32>)
 Shard i holds documents [i * shard_docs, (i + 1) * shard_docs). A shard is written to a
 temporary name and renamed when complete, so an interrupted run never leaves a shard that looks
-complete, and a rerun with the same arguments skips the shards that exist.
+complete, and a rerun with the same inputs skips the shards that exist; a rerun with other
+documents or another SAE is refused (it would mix two captures in one directory).
 """
 from __future__ import annotations
 
+import contextlib
+import csv
+import hashlib
 import json
 import os
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -21,7 +27,13 @@ import numpy as np
 from ..engines import Engine
 from ..sae import SAE
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no directory lock
+    fcntl = None
+
 MANIFEST = "manifest.json"
+LOCK = ".capture.lock"
 
 
 def _pa():
@@ -35,7 +47,9 @@ def _pa():
 
 def read_documents(path: str) -> List[dict]:
     """[{"text", "label"?, "id"?}] from .txt (a document per non-empty line), .jsonl (fields text,
-    label, id) or .parquet (columns text, label, id)."""
+    label, id), .csv (a header row with a text column, optional label and id) or .parquet (columns
+    text, label, id). A .txt file whose first line is a JSON object or a CSV header naming a text
+    column is refused: its lines would be captured as raw text, markup included."""
     if path.endswith(".parquet"):
         _, pq = _pa()
         rows = pq.read_table(path).to_pylist()
@@ -48,9 +62,18 @@ def read_documents(path: str) -> List[dict]:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+    elif path.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if "text" not in (reader.fieldnames or []):
+                raise ValueError(f"{path}: the CSV header {reader.fieldnames} has no 'text' column")
+            rows = [{k: v for k, v in r.items() if k is not None and (k == "text" or v != "")}
+                    for r in reader if (r.get("text") or "").strip()]
     else:
         with open(path, encoding="utf-8") as f:
             rows = [{"text": line.rstrip("\n")} for line in f if line.strip()]
+        if rows:
+            _refuse_structured_text(path, rows[0]["text"])
     for n, r in enumerate(rows):
         if not isinstance(r, dict) or not isinstance(r.get("text"), str):
             raise ValueError(f"{path}: document {n} has no text field")
@@ -59,27 +82,180 @@ def read_documents(path: str) -> List[dict]:
     return rows
 
 
+def _refuse_structured_text(path: str, first: str) -> None:
+    """A plain-text file is one document per line; say so when it is really JSONL or CSV."""
+    line = first.strip()
+    if line.startswith("{"):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            raise ValueError(f"{path}: the first line is a JSON object (fields {sorted(obj)}), but a {_ext(path)} file "
+                             "is read as plain text, one document per line: rename it to .jsonl to read its fields")
+    header = next(csv.reader([line]), [])
+    if len(header) > 1 and "text" in [h.strip().lower() for h in header]:
+        raise ValueError(f"{path}: the first line looks like a CSV header ({line!r}), but a {_ext(path)} file is read "
+                         "as plain text, one document per line: rename it to .csv to read its columns")
+
+
+def _ext(path: str) -> str:
+    return os.path.splitext(path)[1] or "extensionless"
+
+
 def _shard_path(out: str, i: int) -> str:
     return os.path.join(out, f"shard-{i:05d}.parquet")
 
 
+# ---- fingerprints: what a resumed capture checks it is continuing ----
+SAMPLE_BYTES = 1 << 20  # hashed at each end of a large weight array
+SAMPLE_CHUNKS = 64      # plus this many 4 KiB chunks spread evenly over it
+
+
+def _byte_view(a) -> np.ndarray:
+    if hasattr(a, "detach"):  # a torch tensor (CPU, as loaded)
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    return (a if a.flags.c_contiguous else np.ascontiguousarray(a)).reshape(-1).view(np.uint8)
+
+
+def sae_fingerprint(sae: SAE) -> str:
+    """A short hash that tells two SAEs apart without reading gigabytes: shapes, dtypes, k,
+    activation and layout, every small array in full, and of each weight matrix its first and
+    last MiB plus 64 chunks of 4 KiB spread over it (about 2.3 MiB read per matrix whatever its
+    size: a few ms from the page cache). Two different trained SAEs differ in all of these; a
+    change confined to unsampled bytes goes unseen, which is the trade for not hashing 2 GiB."""
+    h = hashlib.sha256(json.dumps([sae.d_model, sae.d_sae, sae.k, sae.activation, sae.subtract_b_dec,
+                                   sae.enc_dtype, sae.dec_dtype, sae.dec_layout]).encode())
+    for name, a in sorted(sae.arrays().items()):
+        if a is None:
+            h.update(f"{name}:none;".encode())
+            continue
+        b = _byte_view(a)
+        h.update(f"{name}:{tuple(a.shape)}:{a.dtype}:{b.size};".encode())
+        if b.size <= 3 * SAMPLE_BYTES:
+            h.update(b)
+        else:
+            h.update(b[:SAMPLE_BYTES])
+            h.update(b[-SAMPLE_BYTES:])
+            step = (b.size - 4096) // SAMPLE_CHUNKS
+            for i in range(SAMPLE_CHUNKS):
+                h.update(b[i * step: i * step + 4096])
+    return h.hexdigest()[:32]
+
+
+def documents_fingerprint(docs: Sequence[dict]) -> str:
+    """A hash of every document's text and label, in order (the documents are in memory already;
+    hashing them costs far less than one forward pass)."""
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(json.dumps([d["text"], d.get("label")], ensure_ascii=False, default=str).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()[:32]
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
+def _check_inputs(engine: Engine, saes: Mapping[int, SAE], docs: Sequence[dict]) -> None:
+    if not saes:
+        raise ValueError("capture needs at least one SAE ({layer: sae})")
+    n_layer = engine.n_layer
+    d_model = engine.d_model
+    for layer, sae in saes.items():
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < n_layer:
+            raise ValueError(f"layer {layer!r} is outside the model (it has {n_layer} layers, 0 to {n_layer - 1})")
+        if not isinstance(sae, SAE):
+            raise TypeError(f"the SAE for layer {layer} is a {type(sae).__name__}, not a saehook.SAE")
+        if sae.d_model != d_model:
+            raise ValueError(f"the SAE for layer {layer} has d_model = {sae.d_model}, the model's residual is {d_model} wide")
+    if not docs:
+        raise ValueError("no documents to capture")
+    for n, d in enumerate(docs):
+        if not isinstance(d, Mapping) or not isinstance(d.get("text"), str):
+            raise ValueError(f"document {n} has no text field (expected {{'text': str, 'label'?: ...}})")
+
+
+@contextlib.contextmanager
+def _directory_lock(out: str):
+    """One capture per directory at a time: an exclusive flock on out/.capture.lock, released when
+    the capture ends (also when its process dies)."""
+    path = os.path.join(out, LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CaptureBusyError(f"another capture is writing into {out} right now (it holds {path}); "
+                                       "wait for it to finish or use another directory") from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+class CaptureBusyError(RuntimeError):
+    """The capture directory is locked by another running capture."""
+
+
+def _manifest_mismatch(out: str, old: dict, new: dict) -> str:
+    what = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) == new.get(key):
+            continue
+        if key in ("docs_fingerprint", "sae_fingerprint") and key not in old:
+            what.append(f"{key} (this directory was captured by an older saehook that recorded none, so a resume "
+                        "cannot check what it continues)")
+        elif key == "docs_fingerprint":
+            what.append("the documents (their text or labels differ from those the capture started with)")
+        elif key == "sae_fingerprint":
+            a, b = old.get(key) or {}, new.get(key) or {}
+            changed = sorted(set(a) | set(b), key=int) if isinstance(a, dict) and isinstance(b, dict) else []
+            changed = [L for L in changed if a.get(L) != b.get(L)]
+            what.append(f"the SAE of layer{'s' if len(changed) > 1 else ''} {', '.join(changed) or '?'} "
+                        "(its weights are not those the capture started with)")
+        else:
+            what.append(f"{key} (was {old.get(key)!r}, now {new.get(key)!r})")
+    return (f"{out} holds a capture made with other inputs; changed: {'; '.join(what)}. "
+            "Resuming would mix the two: use a new directory, or delete this one to start over")
+
+
 def capture(engine: Engine, saes: Mapping[int, SAE], docs: Sequence[dict], out: str, *, shard_docs: int = 64,
             max_tokens: int = 512, manifest_extra: Optional[dict] = None, progress=None) -> dict:
-    """Captures the features of every document into `out` (resumable: see the module doc)."""
-    pa, pq = _pa()
-    os.makedirs(out, exist_ok=True)
+    """Captures the features of every document into `out` (resumable: see the module doc).
+
+    Everything is checked before anything is written (the arguments, each layer against the
+    model, each SAE's width against the model's residual). A directory that already holds a
+    capture is resumed only when its manifest matches: same settings, the same documents
+    (a hash of their text and labels) and the same SAEs (`sae_fingerprint`); otherwise the
+    error names what changed. A second capture into a directory in use is refused
+    (`CaptureBusyError`)."""
+    _pa()  # without pyarrow, fail before writing anything
+    shard_docs = _positive_int("shard_docs", shard_docs)
+    max_tokens = _positive_int("max_tokens", max_tokens)
+    _check_inputs(engine, saes, docs)
     manifest = {"layers": sorted(int(k) for k in saes), "d_sae": {str(k): s.d_sae for k, s in saes.items()},
                 "k": {str(k): s.k for k, s in saes.items()}, "shard_docs": shard_docs, "max_tokens": max_tokens,
-                "n_docs": len(docs), **(manifest_extra or {})}
-    mpath = os.path.join(out, MANIFEST)
-    if os.path.exists(mpath):
-        with open(mpath) as f:
-            old = json.load(f)
-        if old != manifest:
-            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-            raise ValueError(f"{out} holds a capture made with other settings ({', '.join(diff)}); use a new directory")
-    else:
-        write_json(mpath, manifest)
+                "n_docs": len(docs), "docs_fingerprint": documents_fingerprint(docs),
+                "sae_fingerprint": {str(k): sae_fingerprint(s) for k, s in saes.items()}, **(manifest_extra or {})}
+    os.makedirs(out, exist_ok=True)
+    with _directory_lock(out):
+        mpath = os.path.join(out, MANIFEST)
+        if os.path.exists(mpath):
+            with open(mpath) as f:
+                old = json.load(f)
+            if old != manifest:
+                raise ValueError(_manifest_mismatch(out, old, manifest))
+        else:
+            write_json(mpath, manifest)
+        return _capture_shards(engine, saes, docs, out, shard_docs, max_tokens, progress)
+
+
+def _capture_shards(engine, saes, docs, out, shard_docs, max_tokens, progress) -> dict:
+    pa, pq = _pa()
     docs_path = os.path.join(out, "docs.parquet")
     if not os.path.exists(docs_path):
         table = {"doc_id": list(range(len(docs))), "text": [d["text"] for d in docs]}

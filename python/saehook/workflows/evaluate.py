@@ -2,8 +2,7 @@
 features, and the loss increase when the residual is replaced by the reconstruction."""
 from __future__ import annotations
 
-import json
-from typing import Iterable, List
+from typing import Callable, Iterable, List, Optional
 
 import numpy as np
 
@@ -12,26 +11,15 @@ from ..sae import SAE
 
 
 def read_texts(path: str) -> List[str]:
-    """Documents of a .txt (one per non-empty line) or .jsonl (field "text") file."""
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if path.endswith(".jsonl"):
-                try:
-                    docs.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
-            else:
-                docs.append(line)
-    if not docs:
-        raise ValueError(f"{path}: no documents")
-    return docs
+    """The texts of a data file, read as `datasets.read_documents` reads it (.txt one document per
+    line, .jsonl field "text", .csv column text, .parquet)."""
+    from .datasets import read_documents
+
+    return [d["text"] for d in read_documents(path)]
 
 
-def evaluate(engine: Engine, sae: SAE, layer: int, texts: Iterable[str], *, max_tokens: int = 256) -> dict:
+def evaluate(engine: Engine, sae: SAE, layer: int, texts: Iterable[str], *, max_tokens: int = 256,
+             progress: Optional[Callable[[int], None]] = None) -> dict:
     """Metrics over all tokens of the texts (each cut to max_tokens):
 
     fve            1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over tokens
@@ -39,7 +27,11 @@ def evaluate(engine: Engine, sae: SAE, layer: int, texts: Iterable[str], *, max_
     dead_fraction  features that never fired on these tokens
     ce_clean, ce_spliced, ce_increase   mean next-token cross-entropy (nats) of the model and of
                    the model with the layer's residual replaced by the SAE reconstruction
+
+    progress(done) is called after each text.
     """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 2:
+        raise ValueError(f"max_tokens must be a whole number of at least 2 (a next-token loss needs two), got {max_tokens!r}")
     n = 0
     sse = 0.0
     sum_x = np.zeros(sae.d_model)
@@ -48,8 +40,10 @@ def evaluate(engine: Engine, sae: SAE, layer: int, texts: Iterable[str], *, max_
     fired = np.zeros(sae.d_sae, dtype=bool)
     ce_clean: List[np.ndarray] = []
     ce_spliced: List[np.ndarray] = []
-    for text in texts:
+    for done, text in enumerate(texts, 1):
         tokens = engine.tokenize(text)[:max_tokens]
+        if progress:
+            progress(done)
         if len(tokens) < 2:
             continue
         x = engine.residuals(tokens, layer).astype(np.float64)

@@ -20,8 +20,14 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 class LinearProbe:
     """Multinomial logistic regression on each document's mean feature activations."""
 
-    def __init__(self, W: np.ndarray, b: np.ndarray, classes: Sequence[str], scale: np.ndarray, layer: int):
+    def __init__(self, W: np.ndarray, b: np.ndarray, classes: Sequence[str], scale: np.ndarray, layer: int,
+                 sae_fingerprint: str = ""):
         self.W, self.b, self.classes, self.scale, self.layer = W, b, list(classes), scale, layer
+        self.sae_fingerprint = sae_fingerprint  # of the SAE whose features it was trained on ("" if unknown)
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.W.shape[1])
 
     @classmethod
     def fit(cls, X: np.ndarray, y: Sequence[str], layer: int, *, l2: float = 1e-3, steps: int = 500,
@@ -43,18 +49,40 @@ class LinearProbe:
         return cls(W, b, classes, scale, layer)
 
     def predict(self, X: np.ndarray) -> List[str]:
+        if X.ndim != 2 or X.shape[1] != self.d_sae:
+            raise ValueError(f"the probe was trained on {self.d_sae} features, the input has "
+                             f"{X.shape[1] if X.ndim == 2 else X.shape}: it comes from another SAE")
         return [self.classes[i] for i in np.argmax((X / self.scale) @ self.W.T + self.b, axis=1)]
 
     def top_features(self, n: int = 10) -> Dict[str, List[List[float]]]:
         return {c: [[int(f), float(self.W[i, f])] for f in np.argsort(-self.W[i])[:n]] for i, c in enumerate(self.classes)}
 
     def save(self, path: str) -> None:
-        np.savez(path, W=self.W, b=self.b, classes=np.array(self.classes), scale=self.scale, layer=self.layer)
+        np.savez(path, W=self.W, b=self.b, classes=np.array(self.classes), scale=self.scale, layer=self.layer,
+                 sae_fingerprint=np.array(self.sae_fingerprint))
 
     @classmethod
     def load(cls, path: str) -> "LinearProbe":
         with np.load(path, allow_pickle=False) as z:
-            return cls(z["W"], z["b"], [str(c) for c in z["classes"]], z["scale"], int(z["layer"]))
+            fp = str(z["sae_fingerprint"]) if "sae_fingerprint" in z.files else ""
+            return cls(z["W"], z["b"], [str(c) for c in z["classes"]], z["scale"], int(z["layer"]), fp)
+
+    def check_capture(self, data: FeatureData, probe_path: str = "the probe") -> None:
+        """Refuses a capture made with another SAE (width, layer, or the SAE's fingerprint)."""
+        if self.layer != data.layer:
+            raise ValueError(f"{probe_path} reads layer {self.layer}, the capture {data.path} holds layer {data.layer} "
+                             "(pass --layer, or train a probe on this layer)")
+        if self.d_sae != data.d_sae:
+            raise ValueError(f"{probe_path} was trained on an SAE with {self.d_sae} features; {data.path} was captured "
+                             f"with one of {data.d_sae}: a probe only reads the features of its own SAE")
+        theirs = _capture_fingerprint(data)
+        if self.sae_fingerprint and theirs and theirs != self.sae_fingerprint:
+            raise ValueError(f"{probe_path} was trained on another SAE than the one {data.path} was captured with "
+                             "(same width, different weights: feature numbers mean different things)")
+
+
+def _capture_fingerprint(data: FeatureData) -> str:
+    return str((data.manifest.get("sae_fingerprint") or {}).get(str(data.layer), ""))
 
 
 def document_matrix(data: FeatureData):
@@ -76,6 +104,7 @@ def train(data: FeatureData, *, test_fraction: float = 0.25, seed: int = 0) -> d
     n_test = max(1, int(round(test_fraction * len(y)))) if len(y) > 1 else 0
     test, tr = order[:n_test], order[n_test:]
     probe = LinearProbe.fit(X[tr], [y[i] for i in tr], data.layer)
+    probe.sae_fingerprint = _capture_fingerprint(data)
     pred = probe.predict(X[test])
     truth = [y[i] for i in test]
     acc = float(np.mean([p == t for p, t in zip(pred, truth)])) if n_test else float("nan")
@@ -89,9 +118,32 @@ def train(data: FeatureData, *, test_fraction: float = 0.25, seed: int = 0) -> d
             "macro_f1": float(np.mean(f1s)), "top_features": probe.top_features()}
 
 
+def predict(probe: LinearProbe, data: FeatureData, *, probe_path: str = "the probe") -> List[tuple]:
+    """[(doc_id, label)] for every captured document, after checking the capture's SAE is the probe's."""
+    probe.check_capture(data, probe_path)
+    ids, X = document_matrix(data)
+    return list(zip(ids, probe.predict(X))) if ids else []
+
+
+def _check_weights(sae: SAE, weights: Mapping[int, float]) -> Dict[int, float]:
+    out = {}
+    for f, w in weights.items():
+        if isinstance(f, bool) or not isinstance(f, (int, np.integer)):
+            raise TypeError(f"feature keys must be integers, got {f!r}")
+        if not 0 <= int(f) < sae.d_sae:
+            raise IndexError(f"feature {f} is out of range: the SAE has features 0 to {sae.d_sae - 1}")
+        if not np.isfinite(float(w)):
+            raise ValueError(f"the weight of feature {f} is not finite: {w!r}")
+        out[int(f)] = float(w)
+    if not out:
+        raise ValueError("no features given: weights maps feature index -> weight")
+    return out
+
+
 def score_texts(engine: Engine, sae: SAE, layer: int, weights: Mapping[int, float], texts: Sequence[str],
                 max_tokens: int = 512) -> List[float]:
     """sum_f weights[f] * (mean activation of feature f over the text's tokens), per text."""
+    weights = _check_weights(sae, weights)
     out = []
     for text in texts:
         tokens = engine.tokenize(text)[:max_tokens]
@@ -109,7 +161,11 @@ def score_texts(engine: Engine, sae: SAE, layer: int, weights: Mapping[int, floa
 def feature_reward(engine: Engine, sae: SAE, layer: int, weights: Mapping[int, float],
                    max_tokens: int = 512) -> Callable[..., List[float]]:
     """A reward function with the signature TRL's trainers call, reward(completions, **kwargs):
-    the feature score of each completion (a string, or chat messages whose contents are joined)."""
+    the feature score of each completion (a string, or chat messages whose contents are joined).
+    Features out of the SAE's range and non-finite weights are refused here, not at the first call."""
+    weights = _check_weights(sae, weights)
+    if not 0 <= int(layer) < engine.n_layer:
+        raise ValueError(f"layer {layer} is outside the model (it has {engine.n_layer} layers)")
 
     def reward(completions, **kwargs) -> List[float]:
         texts = [c if isinstance(c, str) else " ".join(m.get("content", "") for m in c) for c in completions]

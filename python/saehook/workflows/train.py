@@ -36,12 +36,24 @@ def fvu(x, x_hat):
     return ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum().clamp_min(1e-12)
 
 
+def check_train_args(d_model: int, d_sae: int, k: int, steps: int, lr: Optional[float] = None) -> None:
+    """Refuses settings that cannot train, before any work (and before any activations are read)."""
+    for name, v in (("d_model", d_model), ("d_sae", d_sae), ("k", k), ("steps", steps)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a whole number of at least 1, got {v!r}")
+    if k > d_sae:
+        raise ValueError(f"k = {k} is larger than d_sae = {d_sae}: a Top-K SAE keeps k of its d_sae features")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+
+
 def train_sae(batches: Iterable[np.ndarray], d_model: int, d_sae: int, k: int, *, steps: int,
               lr: Optional[float] = None, aux_coef: float = 1 / 32, dead_tokens: int = 100_000,
               seed: int = 0, checkpoint: Optional[str] = None, checkpoint_every: int = 200,
               metadata: Optional[dict] = None, progress: Optional[Callable[[int, float], None]] = None) -> SAE:
     """Trains for `steps` batches drawn from `batches` (each an (n, d_model) float array). With a
     checkpoint path, resumes from it when it exists (skipping the batches already used)."""
+    check_train_args(d_model, d_sae, k, steps, lr)
     torch = _torch()
     torch.manual_seed(seed)
     W_enc = torch.randn(d_sae, d_model) / math.sqrt(d_model)
