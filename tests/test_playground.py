@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed 
 
 import saehook  # noqa: E402
 from saehook import demo  # noqa: E402
-from saehook.labels import LabelStore  # noqa: E402
+from saehook.labels import LabelStore, similar_features  # noqa: E402
 
 from test_serve import Server, post  # noqa: E402
 
@@ -140,6 +140,14 @@ def read_png(path) -> np.ndarray:
     return img[:, :, :3].astype(np.uint8)
 
 
+def keep(png) -> None:
+    """SAEHOOK_TEST_SCREENSHOTS=DIR keeps the screenshots for a person to look at."""
+    d = os.environ.get("SAEHOOK_TEST_SCREENSHOTS")
+    if d:
+        os.makedirs(d, exist_ok=True)
+        shutil.copy(png, d)
+
+
 def shade_pixels(img: np.ndarray) -> int:
     """Pixels tinted by the shading colour (rgba(214, 88, 0, a) over white, a >= ~0.2)."""
     r, g, b = (img[:, :, c].astype(int) for c in range(3))
@@ -147,6 +155,7 @@ def shade_pixels(img: np.ndarray) -> int:
 
 
 def assert_not_blank(img: np.ndarray) -> None:
+    """Text and more than a few colours: a page that rendered."""
     dark = (img.max(axis=2) < 100).mean()          # text
     assert 0.005 < dark < 0.5, f"{dark:.4f} of the pixels are dark: blank or broken page"
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50
@@ -235,6 +244,7 @@ def test_chat_streams_and_tokens_show_their_features(page, server, tmp_path):
     assert max(alphas) == 1.0 and sum(a > 0 for a in alphas) >= 2 and min(alphas) == 0.0
     after = tmp_path / "turn-shaded.png"
     pg.locator(".turn").first.screenshot(path=str(after))
+    keep(before), keep(after)
     img0, img1 = read_png(before), read_png(after)
     assert_not_blank(img0)
     assert_not_blank(img1)
@@ -243,6 +253,7 @@ def test_chat_streams_and_tokens_show_their_features(page, server, tmp_path):
     assert (np.abs(img1.astype(int) - SHADE).max(axis=2) <= 8).sum() > 20
     page_shot = tmp_path / "page-shaded.png"
     pg.screenshot(path=str(page_shot), full_page=True)
+    keep(page_shot)
     assert_not_blank(read_png(page_shot))
 
     # offline: the page fetched nothing but this server
@@ -274,6 +285,7 @@ def test_clamp_steers_side_by_side_and_the_spec_is_what_is_sent(page, server, sa
     assert default.replace("↵", "") == api_answer(server, PROMPT, None, history)["message"]["content"]
     shot = tmp_path / "side-by-side.png"
     pg.screenshot(path=str(shot), full_page=True)
+    keep(shot)
     assert_not_blank(read_png(shot))
 
     # the copied JSON is the server's saehook object; the copied --spec loads with steering_spec
@@ -285,6 +297,21 @@ def test_clamp_steers_side_by_side_and_the_spec_is_what_is_sent(page, server, sa
     sts = saehook.load_spec(pg.evaluate("navigator.clipboard.readText()"), saehook.load(sae_copy))
     assert [(st.layer, [(o.op, o.feature, o.value) for o in st.ops]) for st in sts] == [(2, [("clamp", 122, 12.0)])]
     assert pg.is_disabled("#download-cvec")      # clamp is not a control vector
+
+    # "features of this text": total activation over the page's tokens, largest first
+    pg.click("#text-features")
+    first = pg.inner_text("#found li >> nth=0")
+    totals = {}
+    for e in token_entries(pg, ".tok"):
+        for t in e["top"]:
+            totals[t["feature"]] = totals.get(t["feature"], 0.0) + t["value"]
+    best = max(totals, key=lambda f: (totals[f], -f))
+    assert first.startswith(f"{best} ") and f"total {totals[best]:.1f}" in first
+    # "similar": the decoder-cosine neighbours saehook.labels.similar_features finds
+    pg.locator("#found li >> nth=0").locator("button", has_text="Similar").click()
+    pg.wait_for_function(f"document.getElementById('found').textContent.includes('with {best}')")
+    shown = [int(t.split()[0]) for t in pg.eval_on_selector_all("#found li .label", "ls => ls.map(l => l.textContent)")]
+    assert shown == [h["feature"] for h in similar_features(saehook.load(sae_copy), best, top=10)]
     assert not pg.problems, pg.problems
 
 

@@ -13,7 +13,7 @@ const S = {
   tokens: [],                        // every rendered token entry, indexed by the span's data-t
   history: [],                       // chat messages so far / completion text so far
   running: [],                       // AbortControllers of the requests in flight
-  lastTurn: null,
+  inspected: null,                   // the token span the inspector shows
 };
 const VALUE_OPS = {add: [-20, 20, 0.5, 8], clamp: [-20, 20, 0.5, 8], scale: [0, 5, 0.1, 2], rescale: [0, 5, 0.1, 0]};
 
@@ -163,7 +163,11 @@ function tokenGroup(label) {
 }
 
 function inspect(span) {
+  S.inspected = span;
   const e = S.tokens[+span.dataset.t];
+  const missing = e.top.map((x) => x.feature).filter((f) => !S.labels.has(f));
+  if (S.sae && S.sae.labels && missing.length)   // show it now, and again with the labels once they come
+    fetchLabels(missing).then(() => { if (S.inspected === span) inspect(span); });
   const box = $("inspect");
   const head = document.createElement("p");
   head.innerHTML = "";
