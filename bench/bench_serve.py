@@ -33,7 +33,7 @@ import sys
 import tarfile
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
@@ -318,7 +318,7 @@ def main() -> int:
     args = p.parse_args()
 
     import saehook
-    from saehook.demo.gguf_writer import VOCAB, vocab
+    from saehook.demo.gguf_writer import vocab
     from common import read_bandwidth
 
     eos = vocab()[0].index("<|endoftext|>")

@@ -7,6 +7,7 @@
 | dataset_commands    | capture, stats, compare, classify         |
 | train_commands      | train                                     |
 | tool_commands       | demo, bench                               |
+| serve_commands      | serve                                     |
 """
 from __future__ import annotations
 

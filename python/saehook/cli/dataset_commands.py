@@ -35,6 +35,8 @@ def cmd_capture(args) -> int:
     from ..workflows.datasets import capture, read_documents
     from ..engines import open_engine
 
+    if args.ray is not None:
+        return capture_ray(args)
     saes = load_layers(args.sae, args.layers, args.k)
     docs = read_documents(args.data)
     eng = open_engine(args.model, args.engine)
@@ -50,14 +52,39 @@ def cmd_capture(args) -> int:
     return 0
 
 
+def capture_ray(args) -> int:
+    """capture --ray: the same capture by Ray actors (workflows.distributed.capture_on_ray), each
+    loading the SAEs as the local capture does (load_layers)."""
+    import functools
+
+    from ..workflows.datasets import read_documents
+    from ..workflows.distributed import capture_on_ray
+
+    docs = read_documents(args.data)
+    bar = Progress("capturing documents on Ray", len(docs))
+    try:
+        res = capture_on_ray(args.model, functools.partial(load_layers, args.sae, args.layers, args.k), docs, args.out,
+                             address=args.ray or None, engine=args.engine, shard_docs=args.shard_docs,
+                             max_tokens=args.max_tokens, num_actors=args.actors,
+                             manifest_extra={"model": os.path.abspath(args.model), "sae": os.path.abspath(args.sae),
+                                             "data": os.path.abspath(args.data)}, progress=lambda done, total: bar(done))
+    finally:
+        bar.close()
+    print(json.dumps(res) if args.json else
+          f"{args.out}: {res['written']} shards written by {res['actors']} actors on {res.get('nodes', 0)} nodes, "
+          f"{res['skipped']} already there, {res['actor_failures']} actor failures")
+    return 0
+
+
 def cmd_stats(args) -> int:
     import numpy as np
 
-    from ..workflows.datasets import FeatureData, feature_stats, write_json
+    from ..workflows.datasets import write_json
     from ..workflows.report import histogram_svg, table_html
+    from ..workflows.streaming import StreamingCapture, stream_feature_stats
 
-    data = FeatureData(args.dir, args.layer)
-    stats = feature_stats(data, top=args.top)
+    data = StreamingCapture(args.dir, args.layer)  # read batch by batch: any size of capture
+    stats = stream_feature_stats(data, top=args.top)
     live = sorted((s for s in stats if not s["dead"]), key=lambda s: -s["frequency"])
     summary = {"layer": data.layer, "tokens": data.n_tokens, "features": data.d_sae,
                "dead_fraction": sum(s["dead"] for s in stats) / data.d_sae}
@@ -101,11 +128,11 @@ COMPARE_RANKING = ("Rows are the features whose firing frequency differs most be
 
 
 def cmd_compare(args) -> int:
-    from ..workflows.datasets import FeatureData, compare
     from ..workflows.report import paired_bars_html
+    from ..workflows.streaming import StreamingCapture, stream_compare
 
-    a, b = FeatureData(args.a, args.layer), FeatureData(args.b, args.layer)
-    res = compare(a, b, top=args.top, redundancy=args.redundancy)
+    a, b = StreamingCapture(args.a, args.layer), StreamingCapture(args.b, args.layer)  # read batch by batch
+    res = stream_compare(a, b, top=args.top, redundancy=args.redundancy)
     coverage = (f"Coverage of B by A = {res['coverage_of_b_by_a']:.1%}: the share of the features active somewhere in B "
                 f"({res['active_b']}) that are also active somewhere in A; of A by B = {res['coverage_of_a_by_b']:.1%} "
                 f"(of A's {res['active_a']}). {len(res['redundant_docs_b'])} documents of B have a feature profile "
@@ -166,6 +193,10 @@ def register(sub) -> None:
     cp.add_argument("--out", required=True, help="capture directory (created; rerun to resume)")
     cp.add_argument("--shard-docs", type=positive_int, default=64, help="documents per Parquet shard")
     cp.add_argument("--max-tokens", type=positive_int, default=512, help="tokens kept per document (the rest is cut)")
+    cp.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                    help="capture on a Ray cluster: ADDRESS as ray.init takes it (auto, HOST:PORT, ray://HOST:10001); "
+                         "without one, $RAY_ADDRESS or a new local cluster. --out may then be a URI (s3://, gs://...)")
+    cp.add_argument("--actors", type=positive_int, help="--ray: capture actors (default: one per CPU of the cluster)")
     cp.add_argument("--json", action="store_true", help="print the result as JSON")
     cp.set_defaults(fn=cmd_capture)
     sp = sub.add_parser("stats", help="per-feature frequency, activations, top contexts, dead features")

@@ -30,6 +30,17 @@ def cmd_serve(args) -> int:
         raise FileNotFoundError(f"{args.model}: no such model file")
     limits = Limits(max_body_bytes=args.max_body, max_tokens=args.max_tokens, max_steer_ops=args.max_steer_ops,
                     max_top=args.max_top)
+    if args.ray is not None:  # N replicas of this server behind one endpoint (serve/ray_serve.py)
+        from ..serve.ray_serve import run_on_ray
+
+        print(f"saehook serve: {args.replicas} Ray Serve replicas of {args.model}; http://{args.host}:{args.port}/v1",
+              file=sys.stderr, flush=True)
+        run_on_ray(args.model, sae_specs(args.sae), replicas=args.replicas, address=args.ray or None, host=args.host,
+                   port=args.port, num_cpus=args.threads or 1, parallel=args.parallel, n_ctx=args.n_ctx,
+                   n_batch=args.n_batch, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                   chat_format=args.chat_format, api_key=args.api_key or os.environ.get("SAEHOOK_API_KEY"),
+                   limits=limits, queue_size=args.queue, decode=args.decode, model_name=args.model_name, k=args.k)
+        return 0
     state = load_server(args.model, sae_specs(args.sae), parallel=args.parallel, n_ctx=args.n_ctx,
                         n_batch=args.n_batch, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                         chat_format=args.chat_format, api_key=args.api_key or os.environ.get("SAEHOOK_API_KEY"),
@@ -81,4 +92,9 @@ def register(sub) -> None:
                    "sequence); sequential: one llama_decode per request (for comparison)")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
+    s.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="serve --replicas copies through Ray Serve (its HTTP proxy on --host/--port); ADDRESS as "
+                        "ray.init takes it (auto, HOST:PORT), without one $RAY_ADDRESS or a new local cluster")
+    s.add_argument("--replicas", type=int, default=2, help="--ray: replicas, each with its own model and SAEs, "
+                   "each taking --threads CPUs of the cluster (default 2)")
     s.set_defaults(fn=cmd_serve)

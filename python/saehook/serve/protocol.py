@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..sae import SAE
-from ..steering import OPS, POSITIONS, Steering
+from ..steering import POSITIONS, Steering
+
+# The operations of the wire format (issue 15): Steering's add/clamp/scale/ablate, one value each.
+# (Steering's cap and rescale take other arguments and are not part of it yet.)
+WIRE_OPS = ("add", "clamp", "scale", "ablate")
 
 
 class APIError(Exception):
@@ -192,8 +196,9 @@ def parse_saehook(ext: Any, reg: SAERegistry, limits: Limits):
                           "unknown_field")
         name, sae, layer = reg.pick(op, p)
         kind = op.get("op")
-        if kind not in OPS:
-            raise bad(f"{p}.op", f"{p}.op must be one of {', '.join(OPS)}, got {json.dumps(kind)}", "unknown_op")
+        if kind not in WIRE_OPS:
+            raise bad(f"{p}.op", f"{p}.op must be one of {', '.join(WIRE_OPS)}, got {json.dumps(kind)}",
+                      "unknown_op")
         feature = op.get("feature")
         if not _is_int(feature):
             raise bad(f"{p}.feature", f"{p}.feature must be an integer, got {json.dumps(feature)}", "invalid_type")

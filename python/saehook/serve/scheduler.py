@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import codecs
 import collections
-import ctypes
 import itertools
 import random
 import threading
@@ -134,6 +133,7 @@ class Scheduler:
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.steps = 0      # scheduler steps
         self.decodes = 0    # llama_decode calls (one per step in batched mode)
+        self.encodes_per_decode: Dict[int, int] = {}  # SAE encodes in one decode -> how many decodes
         self.thread = threading.Thread(target=self._run, name="saehook-scheduler", daemon=True)
         self.thread.start()
 
@@ -160,7 +160,7 @@ class Scheduler:
         with self.cv:
             return {"mode": self.mode, "parallel": self.parallel, "active": sum(s.job is not None for s in self.slots),
                     "waiting": len(self.waiting), "steps": self.steps, "decodes": self.decodes,
-                    "encodes": self.llm.encode_count}
+                    "encodes": self.llm.encode_count, "encodes_per_decode": dict(self.encodes_per_decode)}
 
     def close(self) -> None:
         """Stops after the running requests (the HTTP server drains them first)."""
@@ -302,6 +302,7 @@ class Scheduler:
         segs = self._plan()
         if not segs:
             return
+        self.steps += 1  # counted before any token of this step reaches a client (/health stays consistent)
         if self._mode == "batched":
             groups = [segs]
         elif self._mode == "split":  # one-token segments together (by sequence id), prompt chunks alone
@@ -313,7 +314,6 @@ class Scheduler:
             records = self._decode(group)
             for i, (job, toks, generated, wants) in enumerate(group):
                 self._after(job, toks, generated, wants, records.get(job.id), group, i)
-        self.steps += 1
 
     def _decode(self, group) -> Dict[int, Any]:
         """One llama_decode of the group's segments; returns each job's captured rows."""
@@ -335,8 +335,11 @@ class Scheduler:
         b.n_tokens = n
         llm = self.llm
         llm.announce(toks, pos, seq_ids=seqs, outputs=outs, generated=gens)
+        e0 = llm.encode_count
         rc = llama_cpp.llama_decode(self.ctx, b)
         self.decodes += 1
+        e = llm.encode_count - e0
+        self.encodes_per_decode[e] = self.encodes_per_decode.get(e, 0) + 1
         if rc != 0:
             llm._reset_queue()
             raise RuntimeError(f"llama_decode returned {rc}" + (" (the KV cache is full)" if rc == 1 else ""))

@@ -103,8 +103,13 @@ def _ext(path: str) -> str:
     return os.path.splitext(path)[1] or "extensionless"
 
 
+def shard_name(i: int) -> str:
+    """The file name of shard i (documents [i * shard_docs, (i + 1) * shard_docs))."""
+    return f"shard-{i:05d}.parquet"
+
+
 def _shard_path(out: str, i: int) -> str:
-    return os.path.join(out, f"shard-{i:05d}.parquet")
+    return os.path.join(out, shard_name(i))
 
 
 # ---- fingerprints: what a resumed capture checks it is continuing ----
@@ -237,10 +242,7 @@ def capture(engine: Engine, saes: Mapping[int, SAE], docs: Sequence[dict], out: 
     shard_docs = _positive_int("shard_docs", shard_docs)
     max_tokens = _positive_int("max_tokens", max_tokens)
     _check_inputs(engine, saes, docs)
-    manifest = {"layers": sorted(int(k) for k in saes), "d_sae": {str(k): s.d_sae for k, s in saes.items()},
-                "k": {str(k): s.k for k, s in saes.items()}, "shard_docs": shard_docs, "max_tokens": max_tokens,
-                "n_docs": len(docs), "docs_fingerprint": documents_fingerprint(docs),
-                "sae_fingerprint": {str(k): sae_fingerprint(s) for k, s in saes.items()}, **(manifest_extra or {})}
+    manifest = capture_manifest(saes, docs, shard_docs, max_tokens, manifest_extra)
     os.makedirs(out, exist_ok=True)
     with _directory_lock(out):
         mpath = os.path.join(out, MANIFEST)
@@ -254,25 +256,33 @@ def capture(engine: Engine, saes: Mapping[int, SAE], docs: Sequence[dict], out: 
         return _capture_shards(engine, saes, docs, out, shard_docs, max_tokens, progress)
 
 
-def _capture_shards(engine, saes, docs, out, shard_docs, max_tokens, progress) -> dict:
-    pa, pq = _pa()
-    docs_path = os.path.join(out, "docs.parquet")
-    if not os.path.exists(docs_path):
-        table = {"doc_id": list(range(len(docs))), "text": [d["text"] for d in docs]}
-        if any("label" in d for d in docs):
-            table["label"] = [None if d.get("label") is None else str(d["label"]) for d in docs]
-        _atomic_parquet(pa.table(table), docs_path)
-    n_shards = (len(docs) + shard_docs - 1) // shard_docs
-    written = 0
-    for i in range(n_shards):
-        path = _shard_path(out, i)
-        if os.path.exists(path):
-            continue
-        cols: Dict[str, list] = {k: [] for k in ("doc_id", "position", "token", "token_text", "layer", "indices", "values")}
-        for doc_id in range(i * shard_docs, min(len(docs), (i + 1) * shard_docs)):
-            tokens = engine.tokenize(docs[doc_id]["text"])[:max_tokens]
-            if not tokens:
-                continue
+def capture_manifest(saes: Mapping[int, SAE], docs: Sequence[dict], shard_docs: int, max_tokens: int,
+                     manifest_extra: Optional[dict] = None) -> dict:
+    """What a capture directory's manifest.json holds (local and Ray captures write the same)."""
+    return {"layers": sorted(int(k) for k in saes), "d_sae": {str(k): s.d_sae for k, s in saes.items()},
+            "k": {str(k): s.k for k, s in saes.items()}, "shard_docs": shard_docs, "max_tokens": max_tokens,
+            "n_docs": len(docs), "docs_fingerprint": documents_fingerprint(docs),
+            "sae_fingerprint": {str(k): sae_fingerprint(s) for k, s in saes.items()}, **(manifest_extra or {})}
+
+
+def docs_table(docs: Sequence[dict]):
+    """docs.parquet's table: doc_id, text, label (when any document has one)."""
+    pa, _ = _pa()
+    table = {"doc_id": list(range(len(docs))), "text": [d["text"] for d in docs]}
+    if any("label" in d for d in docs):
+        table["label"] = [None if d.get("label") is None else str(d["label"]) for d in docs]
+    return pa.table(table)
+
+
+def shard_table(engine: Engine, saes: Mapping[int, SAE], docs: Sequence[dict], first_doc_id: int, max_tokens: int,
+                on_document=None):
+    """One shard's rows: the features of `docs`, numbered from first_doc_id (the unit of work of a
+    local and of a Ray capture). on_document(doc_id) is called after each document."""
+    pa, _ = _pa()
+    cols: Dict[str, list] = {k: [] for k in ("doc_id", "position", "token", "token_text", "layer", "indices", "values")}
+    for doc_id, doc in enumerate(docs, first_doc_id):
+        tokens = engine.tokenize(doc["text"])[:max_tokens]
+        if tokens:
             texts = [engine.token_text(t) for t in tokens]
             for layer, (pos, vals, idx) in engine.features(tokens, saes).items():
                 for r, p in enumerate(pos):
@@ -284,12 +294,28 @@ def _capture_shards(engine, saes, docs, out, shard_docs, max_tokens, progress) -
                     cols["layer"].append(int(layer))
                     cols["indices"].append(idx[r][keep].astype(np.int32))
                     cols["values"].append(vals[r][keep].astype(np.float32))
-            if progress:
-                progress(doc_id + 1, len(docs))
-        schema = pa.schema([("doc_id", pa.int64()), ("position", pa.int32()), ("token", pa.int32()),
-                            ("token_text", pa.string()), ("layer", pa.int32()),
-                            ("indices", pa.list_(pa.int32())), ("values", pa.list_(pa.float32()))])
-        _atomic_parquet(pa.table(cols, schema=schema), path)
+        if on_document:
+            on_document(doc_id)
+    schema = pa.schema([("doc_id", pa.int64()), ("position", pa.int32()), ("token", pa.int32()),
+                        ("token_text", pa.string()), ("layer", pa.int32()),
+                        ("indices", pa.list_(pa.int32())), ("values", pa.list_(pa.float32()))])
+    return pa.table(cols, schema=schema)
+
+
+def _capture_shards(engine, saes, docs, out, shard_docs, max_tokens, progress) -> dict:
+    docs_path = os.path.join(out, "docs.parquet")
+    if not os.path.exists(docs_path):
+        _atomic_parquet(docs_table(docs), docs_path)
+    n_shards = (len(docs) + shard_docs - 1) // shard_docs
+    written = 0
+    for i in range(n_shards):
+        path = _shard_path(out, i)
+        if os.path.exists(path):
+            continue
+        lo = i * shard_docs
+        table = shard_table(engine, saes, docs[lo: lo + shard_docs], lo, max_tokens,
+                            on_document=(lambda doc_id: progress(doc_id + 1, len(docs))) if progress else None)
+        _atomic_parquet(table, path)
         written += 1
     return {"out": out, "shards": n_shards, "written": written, "skipped": n_shards - written}
 
