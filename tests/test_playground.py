@@ -33,7 +33,7 @@ from test_serve import Server, post  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run"]
-SHADE = np.array([214, 88, 0])          # --shade in playground.css
+SHADE = np.array([235, 125, 25])        # --shade in playground.css
 LABELLED = {122: "the letter i (test label)", 444: "inside a word (test label)"}
 PROMPT = "The function returns"
 MAX_TOKENS = 24
@@ -149,7 +149,7 @@ def keep(png) -> None:
 
 
 def shade_pixels(img: np.ndarray) -> int:
-    """Pixels tinted by the shading colour (rgba(214, 88, 0, a) over white, a >= ~0.2)."""
+    """Pixels tinted by the shading colour (rgba(--shade, a) over white, a >= ~0.2)."""
     r, g, b = (img[:, :, c].astype(int) for c in range(3))
     return int(((r - b > 40) & (r > 150) & (g < r)).sum())
 
@@ -366,6 +366,22 @@ def test_add_only_spec_downloads_a_control_vector_llama_cpp_applies(page, server
     assert np.isfinite(hooked).all() and np.isfinite(cvec).all()
     np.testing.assert_allclose(cvec, hooked, rtol=1e-4, atol=1e-4, equal_nan=False)
     assert np.abs(cvec - plain).max() > 1e-2          # the vector does something
+    assert not pg.problems, pg.problems
+
+
+def test_completion_mode_streams_what_v1_completions_answers(page, server):
+    pg = page
+    pg.click("#settings summary")
+    pg.select_option("#mode", "completion")
+    send(pg, "def main():")
+    assert not pg.is_visible("#error"), pg.inner_text("#error")
+    status, want = post(server, "/v1/completions", {"prompt": "def main():", "max_tokens": MAX_TOKENS, "temperature": 0,
+                                                    "seed": 42, "saehook": {"features": {"top": 8, "prompt": True}}})
+    assert status == 200, want
+    want = want["choices"][0]
+    prompt = token_entries(pg, ".turn .tokens[aria-label^=prompt] .tok")
+    assert [e["id"] for e in prompt] == [e["id"] for e in want["saehook"]["features"][:len(prompt)]]
+    assert "".join(answer_tokens(pg, "default")).replace("↵", "") == want["text"]
     assert not pg.problems, pg.problems
 
 
