@@ -14,13 +14,15 @@ the few endpoints the page needs beyond the OpenAI ones:
                                          control-vector GGUF (saehook.llama.export_control_vector)
 
 These read the SAEs only (never the model), so they run beside generation, in FastAPI's thread
-pool. Errors are OpenAI error objects with `param` naming the query field, as elsewhere.
+pool. Cost: labels and search read the label file once (then a pass over the labels per search);
+similar reads the whole decoder per call, in chunks of 2048 features (a few seconds for a
+multi-GB SAE, no copy of it); a control vector is one float32 d_model vector per layer. Errors are OpenAI error objects with `param` naming the query field, as elsewhere.
 """
 from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
