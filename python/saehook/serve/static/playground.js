@@ -315,9 +315,19 @@ function textFeatures() {
 
 // ---------------------------------------------------------------- the op form and the spec
 
+function valueRange(op, f) {
+  // [min, max, step, default]; add and clamp reach twice the feature's largest value on the page
+  const v = VALUE_OPS[op];
+  if (!v || (op !== "add" && op !== "clamp")) return v;
+  let peak = 0;
+  for (const e of S.tokens) peak = Math.max(peak, valueAt(e, f));
+  const hi = Math.max(v[1], Math.ceil(2 * peak));
+  return [-hi, hi, hi > 40 ? 1 : 0.5, op === "clamp" && peak > 0 ? Math.round(2 * peak) : v[3]];
+}
+
 function opChanged() {
   const op = $("op").value;
-  const v = VALUE_OPS[op];
+  const v = valueRange(op, S.selected);
   $("value-row").hidden = !v;
   $("cap-row").hidden = op !== "cap";
   if (v) {
@@ -333,7 +343,7 @@ function opChanged() {
 function addOp(ev) {
   ev.preventDefault();
   const op = $("op").value;
-  const o = {feature: S.selected, op, positions: $("positions").value};
+  const o = {feature: S.selected, op, positions: $("positions").value, range: valueRange(op, S.selected)};
   if (VALUE_OPS[op]) {
     o.value = parseFloat($("value").value);
     if (!Number.isFinite(o.value)) return showError("the value must be a number");
@@ -383,7 +393,7 @@ function renderSpec() {
     l.textContent = `${o.op} ${featureName(o.feature)}` + (o.op === "cap" ? ` to [${o.min ?? "−∞"}, ${o.max ?? "∞"}]` : "") +
       (o.positions !== "all" ? ` · ${o.positions} tokens` : "");
     li.append(l);
-    const v = VALUE_OPS[o.op];
+    const v = o.range;
     if (v) {
       const range = Object.assign(document.createElement("input"), {type: "range", min: v[0], max: v[1], step: v[2], value: o.value});
       const num = Object.assign(document.createElement("input"), {type: "number", step: "any", value: o.value});
