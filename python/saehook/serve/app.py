@@ -5,6 +5,7 @@
     POST /v1/chat/completions      messages -> the GGUF's chat template -> tokens
     POST /v1/completions           prompt (text or token ids)
     GET  /health
+    GET  /                         the steering playground (playground.py, its own endpoints)
 
 Requests are checked (protocol.parse_request), tokenized here, and handed to the Scheduler;
 its worker thread sends tokens back through an asyncio queue. Streams are Server-Sent Events
@@ -245,6 +246,9 @@ def create_app(state: ServeState) -> FastAPI:
     async def completions(request: Request):
         return await _generate(request, "completion")
 
+    from .playground import router as playground_router  # GET / (the page) and its endpoints
+
+    app.include_router(playground_router(state))
     return app
 
 
