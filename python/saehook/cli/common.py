@@ -10,11 +10,13 @@ from typing import List, Optional
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions as written; every option's help ends with its default when it has one."""
+    """Descriptions as written; every option's help ends with its default when it has one (unless
+    the help already says it)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if ("%(default)" not in text and action.option_strings and action.default is not None
+        if ("%(default)" not in text and "(default" not in text and action.option_strings
+                and action.default is not None
                 and action.default is not False and action.default is not argparse.SUPPRESS):
             text += " (default: %(default)s)"
         return text
