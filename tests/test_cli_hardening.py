@@ -411,10 +411,13 @@ def test_bench_scripts_are_installed_with_the_package(tmp_path):
     """CMake's install step puts bench/*.py into saehook/bench (what a wheel contains)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     build = os.path.join(root, "build", "editable")
-    if not os.path.exists(os.path.join(build, "CMakeCache.txt")):
-        pytest.skip("no CMake build directory (editable install) to install from")
-    subprocess.run(["cmake", "--install", build, "--prefix", str(tmp_path)], check=True, capture_output=True)
-    bench = tmp_path / "saehook" / "bench"
+    if os.path.exists(os.path.join(build, "CMakeCache.txt")):  # editable install: run the install step
+        subprocess.run(["cmake", "--install", build, "--prefix", str(tmp_path)], check=True, capture_output=True)
+        bench = tmp_path / "saehook" / "bench"
+    else:  # an installed wheel (what `pip install .` and CI do): the scripts sit in the package
+        import pathlib
+
+        bench = pathlib.Path(os.path.dirname(saehook.__file__)) / "bench"
     assert (bench / "bench_kernels.py").exists() and (bench / "common.py").exists()
     env = dict(os.environ, SAEHOOK_BENCH_DIR=str(bench))
     r = subprocess.run([sys.executable, "-m", "saehook", "bench", "--help"], cwd=tmp_path, env=env,
