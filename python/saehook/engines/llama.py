@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
+import signal
 import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import Callable, ContextManager, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -83,6 +85,12 @@ def _ggml_api() -> _GgmlApi:
         return _GgmlApi(*[ctypes.cast(getattr(lib, s), ctypes.c_void_p).value for s in _SYMBOLS])
     except AttributeError as e:
         raise RuntimeError(f"llama_cpp's library does not export the ggml functions {_SYMBOLS}: {e}") from None
+
+
+def _check_finite_f32(v: np.ndarray, what: str) -> None:
+    if not np.isfinite(v).all():
+        raise ValueError(f"{what} is not finite in float32 (a steering value or a sum of them overflows "
+                         f"float32, whose largest value is 3.4e38)")
 
 
 class _Lib:
@@ -207,6 +215,91 @@ class LlamaLayerRecord:
     residuals: Optional[np.ndarray] = None  # (n, n_embd) with capture(..., residuals=True)
 
 
+@dataclass
+class TokenFeatures:
+    """One evaluated token's features (HookedLlama.stream_features): per layer, the k feature
+    indices and values of its row, sorted by value (the last block holds only output rows, so a
+    prompt token other than the last has no entry for it)."""
+
+    position: int
+    token: int
+    generated: bool
+    features: Dict[int, Tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class _Entry:
+    """What Python knows of one C hook entry."""
+
+    layer: int
+    seq: int  # -1: every row
+    capture: bool
+    # what the entry does to the residual (None: nothing), part of the prompt-cache key
+    effect: Optional[tuple] = None
+    positions: str = "all"
+    wants_prompt: bool = False  # a capture that needs every prompt token evaluated
+
+
+class _NotAliveRef:
+    """Stands in for a weak reference to an object that cannot have one: equal only to itself."""
+
+    def __call__(self):
+        return None
+
+
+def _ref(obj):
+    """A weak reference to obj: equal to another reference to obj while obj lives, never after,
+    so a key holding it cannot match a later object that reuses obj's address."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return _NotAliveRef()
+
+
+_UNKNOWN_ROW = object()  # a cached row whose hook state is unknown (a state restored from elsewhere)
+
+
+class _SigintHold:
+    """A SIGINT handler that holds a Ctrl-C back while C and Python hook state change together.
+    It is installed by a bare `signal.signal(SIGINT, hold)` as the first call of a critical
+    section: CPython runs pending signal handlers only between bytecodes at its check points
+    (the start of a Python function, after a call, a backward jump), so a Ctrl-C that arrives
+    before the swap is raised before anything changed, and one that arrives after it, even one
+    already pending, reaches this handler. release() puts the previous handler back and raises
+    the KeyboardInterrupt held back, once the state is consistent."""
+
+    __slots__ = ("prev", "pending")
+
+    def __init__(self):
+        self.prev, self.pending = None, False
+
+    def __call__(self, signum, frame):
+        self.pending = True
+
+    def adopt(self, prev) -> None:
+        """Records the handler signal.signal() replaced (not this hold itself, when re-installed)."""
+        if prev is not self:
+            self.prev = prev
+
+    def release(self) -> None:
+        prev, self.prev = self.prev, None
+        if prev is not None:
+            signal.signal(signal.SIGINT, prev)
+        if self.pending:
+            self.pending = False
+            if callable(prev):
+                prev(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+
+
+class _Generation:
+    """State of one generate() call while it runs: how many evals it made (the first evaluates
+    the prompt, later ones sampled tokens) and a sampled token evaluated ahead for the features."""
+
+    def __init__(self):
+        self.evals = 0
+        self.pre_evaluated: Optional[int] = None
+
+
 class _HookedContext(_internals.LlamaContext):
     """llama-cpp-python's context wrapper whose decode() first tells the hook which tokens the
     batch holds, so every path into llama_decode (eval, generate, embed) is covered."""
@@ -217,6 +310,8 @@ class _HookedContext(_internals.LlamaContext):
 
     def decode(self, batch: _internals.LlamaBatch):
         owner = self._owner()
+        if owner is not None and owner._dirty:  # an interrupted steer/capture: make C match Python first
+            owner._reconcile()
         if owner is None or not owner._entries:
             return super().decode(batch)
         owner.announce_batch(batch.batch, generated=owner._decode_generated)
@@ -238,16 +333,24 @@ class HookedLlama(llama_cpp.Llama):
     def __init__(self, *args, context_overrides: Optional[Mapping[str, object]] = None,
                  use_extra_bufts: Optional[bool] = None, **kwargs):
         self._hook = None
-        self._entries: List[int] = []
-        self._modifier_layer: Dict[int, int] = {}  # entry id -> layer, for entries that change the residual
-        self._cvec: Dict[int, List[np.ndarray]] = {}
+        self._closed = False
+        self._entries: Dict[int, _Entry] = {}  # the live C entries, in the order added
+        self._cvec: Dict[int, List[np.ndarray]] = {}  # the active control-vector steerings per layer
+        self._cvec_applied: Optional[tuple] = ()  # the control vector llama.cpp holds (None: unknown)
+        self._dirty = False  # C state may differ from the above (an interrupted enter/exit)
+        self._streams: List["FeatureStream"] = []
+        # Prompt cache: the hook state that produced each cached row (by position), so a prefix
+        # computed under other steering is evaluated again (see _prepare_cache).
+        self._row_keys: List[object] = []
+        self._state_version, self._keys_cache = 0, (-1, None, None)
+        self._gen: Optional[_Generation] = None  # the generate() call running right now
+        self._epoch = 0  # bumped by every call that starts from the model's state; stale streams stop
         self._stop_entries: Dict[int, tuple] = {}  # entry id -> (Steering, its stop items, seq), for stop_when
-        self._stop_event: Optional[StopEvent] = None  # the first stop of the running generate()
-        self.last_stop: Optional[StopEvent] = None    # the stop that ended the last generate(), if any
-        self._in_generate = False
-        self._generate_evals = 0
+        self._stop_event: Optional["StopEvent"] = None  # the first stop of the running generate()
+        self.last_stop: Optional["StopEvent"] = None    # the stop that ended the last generate(), if any
         self._decode_generated = False
         self._cb = None
+        kwargs.setdefault("verbose", False)  # llama.cpp's load log only when asked for
         real_context = _internals.LlamaContext
         owner = self
 
@@ -307,6 +410,14 @@ class HookedLlama(llama_cpp.Llama):
         if st.layer is None:
             raise ValueError("Steering has no layer: pass layer= or use an SAE with a layer")
         self._check(st.layer, st.sae)
+        for o in st.ops:
+            with np.errstate(over="ignore"):
+                value = np.float32(o.value)
+            if not np.isfinite(value):
+                raise ValueError(f"steering value {o.value!r} for feature {o.feature} is not finite in float32")
+        if st.additive_only and st.ops:
+            with np.errstate(over="ignore"):
+                _check_finite_f32(st.vector(), f"the steering vector at layer {st.layer}")
 
     # ---- token bookkeeping ----
     def _rows_may_be_grouped_by_sequence(self) -> bool:
@@ -423,40 +534,172 @@ class HookedLlama(llama_cpp.Llama):
             _lib().clear_error(self._hook)
             raise RuntimeError(f"saehook llama.cpp hook: {err.decode()}")
 
+    # ---- the model's state across calls ----
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this HookedLlama was closed (close() freed its model and context); "
+                               "create a new HookedLlama to generate again")
+
+    def _supersede(self) -> None:
+        """A call that starts from the model's state: a generation suspended earlier (an
+        abandoned stream) can no longer continue and raises if resumed."""
+        if self._gen is None:
+            self._epoch += 1
+
+    def _changed(self) -> None:
+        self._state_version += 1
+
+    def _keys(self):
+        """The hook state that changes the residual of a prompt row and of a generated row now:
+        the entries that steer or splice (for the high-level path's sequence 0) and the control
+        vector. A cached row is reused only under the key it was evaluated with."""
+        if self._keys_cache[0] != self._state_version:
+            effects = [(e.effect, e.positions) for e in self._entries.values()
+                       if e.effect is not None and e.seq in (-1, 0)]
+            cv = tuple((layer, np.sum(vs, axis=0).tobytes()) for layer, vs in sorted(self._cvec.items()) if vs)
+            prompt = (tuple(f for f, p in effects if p != "generated"), cv)
+            generated = (tuple(f for f, p in effects if p != "prompt"), cv)
+            self._keys_cache = (self._state_version, prompt, generated)
+        return self._keys_cache[1], self._keys_cache[2]
+
+    def _set_row_keys(self, start: int, stop: int, key) -> None:
+        if len(self._row_keys) < stop:
+            self._row_keys.extend([_UNKNOWN_ROW] * (stop - len(self._row_keys)))
+        self._row_keys[start:stop] = [key] * (stop - start)
+
+    def _wants_prompt(self) -> bool:
+        return any(e.wants_prompt for e in self._entries.values())
+
+    def _prepare_cache(self, reset: bool) -> None:
+        """Before generate() reuses a cached prefix (llama-cpp-python keeps the longest common
+        prefix of the new prompt in the KV cache): keep only the rows evaluated under the hook
+        state in force now for a prompt row, and none when a capture wants the prompt's
+        features (it gets them by evaluating the prompt again)."""
+        n = self.n_tokens
+        if n == 0:
+            return
+        if not reset:
+            if self._wants_prompt():
+                warnings.warn(f"saehook: generate(reset=False) continues from {n} cached tokens, which are not "
+                              f"re-evaluated, so not captured", stacklevel=4)
+            return
+        if self._wants_prompt():
+            keep = 0
+        else:
+            now = self._keys()[0]
+            keys = self._row_keys
+            keep = 0
+            while keep < n and keep < len(keys) and keys[keep] == now:
+                keep += 1
+        if keep >= n:
+            return
+        if keep > 0 and self._ctx.kv_cache_seq_rm(-1, keep, -1):
+            self.n_tokens = keep
+            self._requires_eval = True
+        else:  # nothing to keep, or a recurrent memory that cannot drop a suffix
+            llama_cpp.Llama.reset(self)
+
+    def save_state(self):
+        self._check_open()
+        state = super().save_state()
+        state.saehook_row_keys = list(self._row_keys[: state.n_tokens])
+        return state
+
+    def load_state(self, state) -> None:
+        """Also restores the hook state the saved rows were computed under (a state saved by
+        another program or model is treated as unknown: re-evaluated before reuse)."""
+        self._check_open()
+        self._supersede()
+        super().load_state(state)
+        keys = getattr(state, "saehook_row_keys", None)
+        if keys is None or len(keys) != state.n_tokens:
+            keys = [_UNKNOWN_ROW] * state.n_tokens
+        self._row_keys = list(keys)
+
+    def reset(self):
+        self._check_open()
+        self._supersede()
+        super().reset()
+
     def eval(self, tokens: Sequence[int]):
+        self._check_open()
+        g = self._gen
+        self._supersede()
+        tokens = list(tokens)
         # Inside generate(), the first eval is the (uncached part of the) prompt and later ones
         # evaluate sampled tokens: that is how positions='prompt'|'generated' are told apart.
-        self._decode_generated = self._in_generate and self._generate_evals > 0
-        if self._in_generate:
-            self._generate_evals += 1
+        generated = g is not None and g.evals > 0
+        if g is not None:
+            if g.pre_evaluated is not None and tokens[:1] == [g.pre_evaluated]:
+                tokens = tokens[1:]  # evaluated already, for its features (stream_features)
+            g.pre_evaluated = None
+            g.evals += 1
+            if not tokens:
+                return
+        key = self._keys()[1 if generated else 0]
+        start = self.n_tokens
+        self._decode_generated = generated
         try:
             super().eval(tokens)
         finally:
             self._decode_generated = False
+            self._set_row_keys(start, self.n_tokens, key)
+            for fs in self._streams:
+                fs._pull()
         unbound = [i for i, (_, _, seq) in self._stop_entries.items() if seq < 0]
         if unbound:
             for ev in self.take_stops(unbound):
-                if ev.generated and ev.seq_id == 0 and self._in_generate and self._stop_event is None:
+                if ev.generated and ev.seq_id == 0 and g is not None and self._stop_event is None:
                     self._stop_event = ev
 
     def generate(self, tokens, *args, **kwargs):
-        """llama_cpp.Llama.generate; with stop_when conditions steering, it ends after the first
-        generated token on which one holds (the token it held on is the last one yielded) and
-        sets last_stop (a StopEvent)."""
-        self._in_generate, self._generate_evals = True, 0
+        """llama_cpp.Llama.generate, plus: a cached prefix is reused only when the hook state that
+        produced it is the one in force now (else it is evaluated again; a capture of the prompt
+        always gets it evaluated), a suspended generation stops with an error once another call
+        used the model, and with stream_features() active each sampled token is evaluated before
+        it is yielded, so its features (the last token's included) are there with it. With
+        stop_when conditions steering, it ends after the first generated token on which one holds
+        (the token it held on is the last one yielded) and sets last_stop (a StopEvent)."""
+        self._check_open()
+        reset = kwargs.get("reset", args[6] if len(args) > 6 else True)
+        self._supersede()
+        epoch = self._epoch
+        g = _Generation()
         self._stop_event = self.last_stop = None
+        self._prepare_cache(reset)
+        inner = super().generate(tokens, *args, **kwargs)
+        sent = None
         try:
-            for tok in super().generate(tokens, *args, **kwargs):
-                if self._stop_event is not None:  # the eval of the previous token fired
+            while True:
+                if self._epoch != epoch:
+                    raise RuntimeError("this generation was superseded: another call on the model (generate, a "
+                                       "completion, eval, reset, ...) started after it; finish or close a stream "
+                                       "before the next call")
+                if self._stop_event is not None:  # the token yielded last (evaluated ahead) held a stop
                     self.last_stop = self._stop_event
                     return
-                yield tok
+                self._gen = g
+                try:
+                    token = inner.send(sent)
+                    if self._stop_event is not None:  # the eval of the previous token held a stop
+                        self.last_stop = self._stop_event
+                        return
+                    if self._streams and not self._closed:  # evaluate it now, for its features
+                        self.eval([token])
+                        g.pre_evaluated = token
+                except StopIteration:
+                    return
+                finally:
+                    self._gen = None
+                sent = yield token
         finally:
-            self._in_generate = False
+            inner.close()
 
     def create_completion(self, *args, **kwargs):
-        """llama_cpp.Llama.create_completion; a completion ended by stop_when has finish_reason
-        "stop_when" and choices[0]["saehook"] = {"stop_when": the condition's report}."""
+        """llama_cpp.Llama.create_completion (create_chat_completion goes through it); a completion
+        ended by stop_when has finish_reason "stop_when" and choices[0]["saehook"] =
+        {"stop_when": the condition's report}."""
+        self._check_open()
         out = super().create_completion(*args, **kwargs)
         if not kwargs.get("stream", False):
             self._mark_stop(out["choices"][0])
@@ -481,6 +724,8 @@ class HookedLlama(llama_cpp.Llama):
         stop condition). generate() takes those of the entries not bound to a sequence itself."""
         lib, out = _lib(), []
         for i in list(self._stop_entries) if entries is None else entries:
+            if i not in self._stop_entries:
+                continue
             st, stop_items, _ = self._stop_entries[i]
             n = int(lib.take_fired(self._hook, i, None, None, None, None, 0))
             if n <= 0:
@@ -495,34 +740,31 @@ class HookedLlama(llama_cpp.Llama):
                     out.append(StopEvent(st, st.stops[hit[0]], hit[0], int(seq[r]), int(pos[r]), bool(gen[r])))
         return out
 
-    # ---- capture ----
-    def _read_into(self, r: LlamaLayerRecord, i: int, residuals: bool) -> None:
-        """Fills r with the rows entry i captured so far."""
-        lib = _lib()
-        n, kk = lib.captured(self._hook, i), lib.k(self._hook, i)
-        r.tokens, r.positions, r.seq_ids = (np.empty(n, np.int32) for _ in range(3))
-        gen = np.empty(n, np.int8)
-        r.values, r.indices = np.empty((n, kk), np.float32), np.empty((n, kk), np.int32)
-        r.residuals = np.empty((n, self._n_embd), np.float32) if residuals else None
-        lib.read(self._hook, i, _ptr(r.tokens), _ptr(r.positions), _ptr(r.seq_ids), _ptr(gen),
-                 _ptr(r.values), _ptr(r.indices), _ptr(r.residuals))
-        r.generated = gen.astype(bool)
-
     def _add(self, layer: int, sae: SAE, *, capture: bool = False, k: int = 0, items: Optional[np.ndarray] = None,
-             positions="all", reconstruct: bool = False, seq: int = -1) -> int:
+             positions="all", reconstruct: bool = False, seq: int = -1, wants_prompt: bool = False) -> int:
+        """Adds a C entry and records it in self._entries at once (with SIGINT held back by the
+        callers, nothing runs between the two; an id lost to an exception in between is an
+        orphan that _reconcile removes)."""
+        self._check_open()
         lib = _lib()
+        n = 0 if items is None else len(items)
         if reconstruct:
             i = lib.add_reconstruct(self._hook, int(layer), sae.handle)
         else:
-            n = 0 if items is None else len(items)
+            # a window (start, end) is set on the entry afterwards (_add_steering); the code is "all"
             code = _POS_CODE[positions] if isinstance(positions, str) else _POS_CODE["all"]
             i = lib.add_for_seq(self._hook, int(layer), sae.handle, int(capture), int(k), _ptr(items) if n else None, n,
                                 code, int(seq))
         if i < 0:  # _check and Steering validate first, so this is unexpected
             raise ValueError(f"saehook: cannot hook layer {layer} with this SAE")
-        self._entries.append(i)
-        if reconstruct or (items is not None and len(items)):
-            self._modifier_layer[i] = int(layer)
+        effect = None
+        if reconstruct:
+            effect = (int(layer), "reconstruct", _ref(sae))
+        elif n:
+            effect = (int(layer), "steer", _ref(sae), int(k), items.tobytes())
+        self._entries[i] = _Entry(int(layer), int(seq), bool(capture), effect, positions, wants_prompt)
+        if effect is not None:
+            self._changed()
         return i
 
     def _add_steering(self, st: Steering, seq: int = -1) -> int:
@@ -539,58 +781,162 @@ class HookedLlama(llama_cpp.Llama):
             self._stop_entries[i] = (st, st.stop_items(), int(seq))
         return i
 
+    def _forget(self, ids: Iterable[int]) -> None:
+        """Python forgets the entries first (so what it believes is what must hold), then C is
+        made to match."""
+        for i in ids:
+            self._stop_entries.pop(i, None)
+            e = self._entries.pop(i, None)
+            if e is not None and e.effect is not None:
+                self._changed()
+
     def _remove(self, i: int) -> None:
-        _lib().remove(self._hook, i)
-        self._entries.remove(i)
-        self._modifier_layer.pop(i, None)
-        self._stop_entries.pop(i, None)
+        self._forget([i])
+        if self._hook:
+            _lib().remove(self._hook, i)
+
+    def _reconcile(self) -> None:
+        """Makes the C side match Python's records: removes C entries Python does not hold (an
+        interrupted add or remove) and loads the control vector Python's steerings sum to."""
+        self._dirty = True
+        if self._hook:
+            for i in self.live_entry_ids():
+                if i not in self._entries:
+                    _lib().remove(self._hook, i)
+            live = set(self.live_entry_ids())
+            for i in [i for i in self._entries if i not in live]:
+                self._forget([i])
+        if self._cvec_applied != self._cvec_key():
+            self._apply_cvec()
+        self._dirty = False
+
+    def _settle(self) -> None:
+        """_reconcile, retried when an exception (an injected or second interrupt) stops it; the
+        first exception is raised once C and Python agree."""
+        first = None
+        for _ in range(3):
+            try:
+                self._reconcile()
+                break
+            except BaseException as e:  # noqa: B902 - KeyboardInterrupt too: it is re-raised below
+                first = first or e
+        if first is not None:
+            raise first
 
     @contextlib.contextmanager
+    def _entered(self, setup: Callable[[List[int], List[Tuple[int, np.ndarray]]], None], result=None,
+                 teardown: Optional[Callable[[], None]] = None):
+        """The context manager capture()/splice()/steer()/stream_features() return: setup(ids,
+        cvecs) adds the block's entries (their ids into `ids`) and control vectors (into `cvecs`),
+        then the block yields `result`; on exit, teardown() (e.g. reading the records), then
+        Python forgets the block and _settle makes the C side match. Setup and cleanup run with
+        a Ctrl-C held back (_SigintHold); one that came during setup is raised when the hold
+        ends, inside the try, so the cleanup still runs. A with statement whose __exit__ is
+        interrupted before it starts leaves this generator suspended: closing it (when the
+        context manager is freed) runs the same cleanup."""
+        ids: List[int] = []
+        cvecs: List[Tuple[int, np.ndarray]] = []
+        hold = _SigintHold()
+        try:
+            try:
+                hold.adopt(signal.signal(signal.SIGINT, hold))  # the first call: see _SigintHold
+            except ValueError:  # not the main thread: Python signal handlers never run here
+                pass
+            self._dirty = True
+            setup(ids, cvecs)
+            self._settle()
+            hold.release()
+            yield result
+        finally:
+            try:
+                hold.adopt(signal.signal(signal.SIGINT, hold))
+            except ValueError:
+                pass
+            try:
+                self._dirty = True
+                try:
+                    if teardown is not None:
+                        teardown()
+                finally:
+                    self._forget(ids)
+                    for layer, v in cvecs:
+                        lst = self._cvec.get(layer, [])
+                        for j, x in enumerate(lst):
+                            if x is v:
+                                del lst[j]
+                                self._changed()
+                                break
+                    self._settle()
+            finally:
+                hold.release()
+
+    # ---- capture ----
+    def _read_into(self, r: LlamaLayerRecord, i: int, residuals: bool) -> None:
+        """Fills r with the rows entry i captured so far."""
+        lib = _lib()
+        n, kk = lib.captured(self._hook, i), lib.k(self._hook, i)
+        if n < 0:  # the entry is gone (an interrupted exit): nothing to read
+            return
+        r.tokens, r.positions, r.seq_ids = (np.empty(n, np.int32) for _ in range(3))
+        gen = np.empty(n, np.int8)
+        r.values, r.indices = np.empty((n, kk), np.float32), np.empty((n, kk), np.int32)
+        r.residuals = np.empty((n, self._n_embd), np.float32) if residuals else None
+        lib.read(self._hook, i, _ptr(r.tokens), _ptr(r.positions), _ptr(r.seq_ids), _ptr(gen),
+                 _ptr(r.values), _ptr(r.indices), _ptr(r.residuals))
+        r.generated = gen.astype(bool)
+
     def capture(self, saes: Mapping[int, SAE], *, k: Optional[int] = None,
-                residuals: bool = False) -> Iterator[Dict[int, LlamaLayerRecord]]:
-        """Records the Top-K features at each layer for every token evaluated inside the block
-        (a cached prefix is not evaluated again, so not captured again); the records are filled
-        when the block exits. At a steered layer they hold the residual before the steering.
-        residuals=True also keeps the raw residual rows."""
+                residuals: bool = False) -> ContextManager[Dict[int, LlamaLayerRecord]]:
+        """Records the Top-K features at each layer for every token evaluated inside the block;
+        the records are filled when the block exits. A generation inside the block evaluates
+        its whole prompt, even a prefix llama-cpp-python has cached (that is what a capture of
+        the prompt asks for; the cost is one prompt evaluation), except generate(reset=False),
+        which keeps the cache and warns that those tokens are not captured. At a steered layer
+        the records hold the residual before the steering. residuals=True also keeps the raw
+        residual rows."""
+        self._check_open()
         for layer, sae in saes.items():
             self._check(layer, sae)
         lib = _lib()
-        rec: Dict[int, LlamaLayerRecord] = {}
-        ids = {}
+        rec: Dict[int, LlamaLayerRecord] = {int(layer): LlamaLayerRecord() for layer in saes}
+        ids: Dict[int, int] = {}
         unannounced = self.unannounced_rows
-        if residuals:
-            lib.keep_residuals(self._hook, 1)
-        try:
-            for layer, sae in saes.items():
-                ids[int(layer)] = (self._add(layer, sae, capture=True, k=int(k or 0)), sae)
-                rec[int(layer)] = LlamaLayerRecord()
-            yield rec
-        finally:
-            for layer, (i, sae) in ids.items():
-                self._read_into(rec[layer], i, residuals)
-                self._remove(i)
+
+        def setup(block_ids, _):
             if residuals:
-                lib.keep_residuals(self._hook, 0)
+                lib.keep_residuals(self._hook, 1)
+            for layer, sae in saes.items():
+                i = self._add(layer, sae, capture=True, k=int(k or 0), wants_prompt=True)
+                block_ids.append(i)
+                ids[int(layer)] = i
+
+        def teardown():
+            try:
+                for layer, i in ids.items():
+                    self._read_into(rec[layer], i, residuals)
+            finally:
+                if residuals:
+                    lib.keep_residuals(self._hook, 0)
             missed = self.unannounced_rows - unannounced
             if missed:
                 warnings.warn(f"saehook: {missed} rows were decoded without an announcement and not captured "
-                              "(call announce_batch() before a llama_decode you issue yourself)", stacklevel=3)
+                              "(call announce_batch() before a llama_decode you issue yourself)", stacklevel=5)
+
+        return self._entered(setup, rec, teardown)
 
     # ---- splicing ----
-    @contextlib.contextmanager
-    def splice(self, saes: Mapping[int, SAE]) -> Iterator[None]:
+    def splice(self, saes: Mapping[int, SAE]) -> ContextManager[None]:
         """Replaces the residual after each given layer by its SAE reconstruction in every decode
         inside the block (for evaluation: the loss with the SAE spliced in)."""
+        self._check_open()
         for layer, sae in saes.items():
             self._check(layer, sae)
-        ids = []
-        try:
+
+        def setup(ids, _):
             for layer, sae in saes.items():
                 ids.append(self._add(layer, sae, reconstruct=True))
-            yield
-        finally:
-            for i in ids:
-                self._remove(i)
+
+        return self._entered(setup)
 
     # ---- steering ----
     def _uses_cvec(self, st: Steering) -> bool:
@@ -598,13 +944,18 @@ class HookedLlama(llama_cpp.Llama):
         # added before the callback sees the block's output, so it must not follow a callback
         # change at that layer (steerings apply in the order they are given and entered).
         return (st.additive_only and st.positions == "all" and st.layer >= 1
-                and st.layer not in self._modifier_layer.values())
+                and not any(e.layer == st.layer and e.effect is not None for e in self._entries.values()))
+
+    def _cvec_key(self) -> tuple:
+        return tuple((layer, np.sum(vs, axis=0).tobytes()) for layer, vs in sorted(self._cvec.items()) if vs)
 
     def _apply_cvec(self) -> None:
         """Loads the sum of the active additive steerings as llama.cpp's control vector (and
         tells the hook, so captures at those layers still read the residual before it)."""
         ctx = self._ctx.ctx
-        active = {layer: sum(vs) for layer, vs in self._cvec.items() if vs}
+        key = self._cvec_key()
+        active = {layer: np.sum(vs, axis=0) for layer, vs in self._cvec.items() if vs}
+        self._cvec_applied = None  # unknown until both calls below are done
         if not active:
             rc = llama_cpp.llama_set_adapter_cvec(ctx, None, 0, self._n_embd, -1, -1)
             _lib().set_cvec(self._hook, None, 0, self._n_embd, -1, -1)
@@ -613,6 +964,7 @@ class HookedLlama(llama_cpp.Llama):
             buf = np.zeros((self._n_layer - 1, self._n_embd), np.float32)
             for layer, v in active.items():
                 buf[layer - 1] = v
+            _check_finite_f32(buf, "the control vector")
             # Only the steered range: llama.cpp adds one graph node per layer in it.
             lo, hi = min(active), max(active)
             rc = llama_cpp.llama_set_adapter_cvec(ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
@@ -621,35 +973,69 @@ class HookedLlama(llama_cpp.Llama):
                 _lib().set_cvec(self._hook, buf.ctypes.data, buf.size, self._n_embd, lo, hi)
         if rc != 0:
             raise RuntimeError(f"llama_set_adapter_cvec failed ({rc})")
+        self._cvec_applied = key
 
-    @contextlib.contextmanager
-    def steer(self, *steerings: Steering, control_vectors: bool = True) -> Iterator[None]:
+    def steer(self, *steerings: Steering, control_vectors: bool = True) -> ContextManager[None]:
         """Applies the steerings to every decode inside the block, in order (after those of
         enclosing blocks). Add-only steerings of all positions at layers >= 1 become llama.cpp
         control vectors (control_vectors=False forces the callback) unless a callback change at
-        that layer comes before them; the others run in the callback with one encode per layer."""
+        that layer comes before them; the others run in the callback with one encode per layer.
+        A prompt prefix llama-cpp-python cached under other steering is evaluated again."""
+        self._check_open()
         for st in steerings:
             self._check_steering(st)
-        ids, cvecs = [], []
-        try:
+
+        def setup(ids, cvecs):
             for st in steerings:
                 if control_vectors and self._uses_cvec(st):
                     v = st.vector()
                     self._cvec.setdefault(st.layer, []).append(v)
                     cvecs.append((st.layer, v))
+                    self._changed()
                     continue
                 ids.append(self._add_steering(st))
-            if cvecs:
-                self._apply_cvec()
-            yield
-        finally:
-            for i in ids:
-                self._remove(i)
-            if cvecs:
-                for layer, v in cvecs:
-                    lst = self._cvec[layer]
-                    lst.pop(next(j for j, x in enumerate(lst) if x is v))
-                self._apply_cvec()
+
+        return self._entered(setup)
+
+    # ---- streaming features ----
+    def stream_features(self, saes: Mapping[int, SAE], *, k: Optional[int] = None, prompt: bool = False,
+                        on_token: Optional[Callable[[TokenFeatures], None]] = None) -> ContextManager["FeatureStream"]:
+        """Delivers each token's features as it is evaluated, for streaming (create_completion /
+        create_chat_completion with stream=True inside the block):
+
+            with llm.stream_features({12: sae}, k=5) as fs:
+                for chunk in llm.create_chat_completion(messages, stream=True):
+                    for tf in fs.take():   # TokenFeatures: position, token, generated, features
+                        ...
+
+        Inside the block each sampled token is evaluated before generate() yields it (one
+        decode that llama-cpp-python would make anyway before sampling the next token, plus one
+        for the last token, which it never evaluates), so by the time a token reaches the
+        stream its features are in fs.take() and on_token(tf) has been called. prompt=True also
+        delivers the prompt's tokens (the prompt is then evaluated whole, as for capture());
+        prompt=False leaves the prompt cache alone. k: features per token (default the SAE's)."""
+        self._check_open()
+        for layer, sae in saes.items():
+            self._check(layer, sae)
+        fs = FeatureStream(bool(prompt), on_token)
+
+        def setup(ids, _):
+            for layer, sae in saes.items():
+                i = self._add(layer, sae, capture=True, k=int(k or 0), wants_prompt=bool(prompt))
+                ids.append(i)
+                fs._ids[int(layer)] = i
+            fs._llm = self
+            self._streams.append(fs)
+
+        def teardown():
+            try:
+                fs._pull()
+            finally:
+                if fs in self._streams:
+                    self._streams.remove(fs)
+                fs._llm = None
+
+        return self._entered(setup, fs, teardown)
 
     # ---- per-sequence entries (continuous batching) ----
     def hook_sequence(self, seq_id: int, steerings: Iterable[Steering] = (),
@@ -662,11 +1048,81 @@ class HookedLlama(llama_cpp.Llama):
         the SAE's k). Returns a SequenceHook; close it (or use `with`) when the sequence ends."""
         return SequenceHook(self, seq_id, steerings, capture, k)
 
+    def embed(self, *args, **kwargs):
+        self._check_open()
+        self._supersede()
+        return super().embed(*args, **kwargs)
+
     def close(self) -> None:
+        """Frees the model, its context and the hook; any later use raises RuntimeError."""
+        self._closed = True
+        self._streams = []
         super().close()  # frees the context first: the hook must outlive it
         if getattr(self, "_hook", None):
             _lib().destroy(self._hook)
             self._hook = None
+        self._entries = {}
+
+
+def _refuse_after_close(name: str):
+    """A llama_cpp.Llama method that uses the freed model or context after close() (a SIGSEGV in
+    llama.cpp): HookedLlama raises a RuntimeError instead."""
+    base = getattr(llama_cpp.Llama, name)
+
+    @functools.wraps(base)
+    def method(self, *args, **kwargs):
+        self._check_open()
+        return base(self, *args, **kwargs)
+    return method
+
+
+for _name in ("tokenize", "detokenize", "create_chat_completion", "create_embedding",
+              "create_chat_completion_openai_v1", "__call__", "n_ctx", "n_embd", "n_vocab", "token_bos", "token_eos",
+              "token_nl", "tokenizer", "sample", "set_cache"):
+    if hasattr(llama_cpp.Llama, _name):
+        setattr(HookedLlama, _name, _refuse_after_close(_name))
+del _name
+
+
+class FeatureStream:
+    """Features of the tokens evaluated inside a HookedLlama.stream_features block. take()
+    returns the TokenFeatures delivered since the last take, in position order."""
+
+    def __init__(self, prompt: bool, on_token: Optional[Callable[[TokenFeatures], None]]):
+        self.prompt = prompt
+        self._on_token = on_token
+        self._ids: Dict[int, int] = {}
+        self._llm: Optional[HookedLlama] = None
+        self._ready: List[TokenFeatures] = []
+
+    def _pull(self) -> None:
+        """Moves the rows the hook captured since the last pull into TokenFeatures."""
+        llm = self._llm
+        if llm is None or not llm._hook:
+            return
+        lib = _lib()
+        by_pos: Dict[int, TokenFeatures] = {}
+        for layer, i in self._ids.items():
+            r = LlamaLayerRecord()
+            llm._read_into(r, i, False)
+            lib.clear_captured(llm._hook, i)
+            for j in range(len(r.tokens)):
+                if not (r.generated[j] or self.prompt):
+                    continue
+                p = int(r.positions[j])
+                tf = by_pos.get(p)
+                if tf is None:
+                    tf = by_pos[p] = TokenFeatures(p, int(r.tokens[j]), bool(r.generated[j]), {})
+                tf.features[layer] = (r.indices[j].copy(), r.values[j].copy())
+        for p in sorted(by_pos):
+            tf = by_pos[p]
+            self._ready.append(tf)
+            if self._on_token is not None:
+                self._on_token(tf)
+
+    def take(self) -> List[TokenFeatures]:
+        out, self._ready = self._ready, []
+        return out
 
 
 @dataclass
@@ -719,7 +1175,7 @@ class SequenceHook:
             self.close()
             raise
 
-    def take_stops(self) -> List[StopEvent]:
+    def take_stops(self) -> List["StopEvent"]:
         """The stop_when conditions of this sequence's steerings that held since the last call."""
         if self._llm is None:
             raise RuntimeError("this SequenceHook was closed")
@@ -741,12 +1197,20 @@ class SequenceHook:
         llm, self._llm = self._llm, None
         if llm is None:
             return
-        for i in self._ids:
-            if i in llm._entries and llm._hook:
-                llm._remove(i)
-        self._ids, self._captures = [], {}
-        if llm._hook:
-            _lib().clear_seq(llm._hook, self.seq_id)
+        hold = _SigintHold()
+        try:
+            hold.adopt(signal.signal(signal.SIGINT, hold))  # see _SigintHold
+        except ValueError:
+            pass
+        try:
+            llm._dirty = True
+            llm._forget(self._ids)
+            self._ids, self._captures = [], {}
+            if llm._hook:
+                llm._settle()
+                _lib().clear_seq(llm._hook, self.seq_id)
+        finally:
+            hold.release()
 
     def __enter__(self) -> "SequenceHook":
         return self
@@ -769,7 +1233,9 @@ def export_control_vector(steerings: Iterable[Steering], path: str, *, model_hin
             raise ValueError("only add-only steering is a control vector; clamp/scale/ablate need the hook")
         if st.layer < 1:
             raise ValueError("llama.cpp control vectors cannot steer block 0's output; use the hook")
-        per_layer[st.layer] = per_layer.get(st.layer, 0) + st.vector()
+        with np.errstate(over="ignore"):
+            per_layer[st.layer] = per_layer.get(st.layer, 0) + st.vector()
+            _check_finite_f32(np.asarray(per_layer[st.layer], np.float32), f"the control vector of layer {st.layer}")
     if not per_layer:
         raise ValueError("no steering to export")
     w = gguf.GGUFWriter(str(path), "controlvector")
