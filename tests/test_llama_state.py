@@ -404,16 +404,8 @@ def test_llama_log_is_quiet_by_default(model):
 
 
 def test_control_vector_that_overflows_float32_is_refused(model, sae, tmp_path):
-    huge = saehook.Steering(sae, layer=1).add(3, 1e39)  # finite as a Python float, inf in float32
-    with pytest.raises(ValueError, match="float32"):
-        export_control_vector([huge], tmp_path / "x.gguf")
-    assert not (tmp_path / "x.gguf").exists()
-    llm = open_llm(model)
-    for cv in (True, False):
-        with pytest.raises(ValueError, match="float32"):
-            with llm.steer(huge, control_vectors=cv):
-                pass
-    assert llm.live_entry_ids() == [] and not any(llm._cvec.values())
+    with pytest.raises(ValueError, match="float32"):  # finite as a Python float, inf in float32: refused
+        saehook.Steering(sae, layer=1).add(3, 1e39)    # where the Steering is made
     # a sum of finite float32 vectors can overflow too (feature 3's direction is a unit axis here)
     W_dec = np.zeros((8, D), np.float32)
     W_dec[3, 0] = 1.0
@@ -421,6 +413,12 @@ def test_control_vector_that_overflows_float32_is_refused(model, sae, tmp_path):
     big = [saehook.Steering(axis, layer=1).add(3, 2e38), saehook.Steering(axis, layer=1).add(3, 2e38)]
     with pytest.raises(ValueError, match="float32"):
         export_control_vector(big, tmp_path / "y.gguf")
+    assert not (tmp_path / "y.gguf").exists()
+    llm = open_llm(model)
+    with pytest.raises(ValueError, match="float32"):
+        with llm.steer(*big):  # two control vectors at one layer: their sum overflows
+            pass
+    assert llm.live_entry_ids() == [] and not any(llm._cvec.values())
 
 
 # ---------------------------------------------------------------------------------------------
