@@ -548,3 +548,25 @@ def test_cli_shows_labels_and_takes_label_named_features(demo_setup, tmp_path, c
     assert "#23" in err and "#5" in err                       # ambiguous: both candidates listed
     assert main(["steer", model, "--sae", sae_path, "x", "--ablate", "label:no such thing"]) == 2
     assert "label" in capsys.readouterr().err
+
+
+def test_stats_and_compare_show_the_labels_of_the_captured_sae(demo_setup, tmp_path, capsys):
+    d, model = demo_setup
+    sae_path = str(tmp_path / "demo-sae.safetensors")
+    shutil.copy(d / "demo-sae.safetensors", sae_path)
+    store = saehook.load(sae_path).labels
+    for f in range(0, store.fingerprint["d_sae"], 2):  # every even feature named
+        store.set(f, f"even {f}", source="imported")
+    store.save()
+    cap = str(tmp_path / "cap")
+    assert main(["capture", model, "--sae", sae_path, "--data", str(d / "docs.jsonl"), "--out", cap,
+                 "--max-tokens", "32"]) == 0
+    capsys.readouterr()
+    assert main(["stats", cap, "--json", "--report-rows", "30"]) == 0
+    feats = json.loads(capsys.readouterr().out)["features"]
+    assert feats and all(s["label"] == (f"even {s['feature']}" if s["feature"] % 2 == 0 else None) for s in feats)
+    assert "even " in open(os.path.join(cap, f"stats-layer{feats and saehook.load(sae_path).layer}.html")).read()
+    assert main(["compare", cap, cap, "--json", "--top", "5"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert all(s["label"] == (f"even {s['feature']}" if s["feature"] % 2 == 0 else None)
+               for s in res["separating_features"])

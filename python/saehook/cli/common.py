@@ -182,6 +182,18 @@ def feature_labels(sae):
     return (lambda f: None) if not len(store) else (lambda f: label_of(store, int(f)))
 
 
+def capture_labels(manifest: dict, layer: int):
+    """f -> label or None for a capture's features: the label store of the SAE the capture names
+    (manifest["sae"]); no labels when the capture does not name one or its file is gone."""
+    path = manifest.get("sae")
+    if not path or not os.path.exists(path):
+        return lambda f: None
+    from ..labels import open_labels
+
+    store = open_labels(path, layer=layer)
+    return (lambda f: None) if not len(store) else (lambda f: store.label(int(f)))
+
+
 def pairs(specs: List[str], flag: str, sae, value_type=float):
     """FEATURE=VALUE flags -> [(feature, value)]; FEATURE an index or label:TEXT (the value is after
     the last '=', so a label may contain one)."""

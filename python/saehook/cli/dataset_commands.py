@@ -5,7 +5,9 @@ import json
 import os
 import sys
 
-from .common import Optional, Progress, fraction, unit_float, nonnegative_int, positive_int, print_table
+from .common import (
+    Optional, Progress, capture_labels, fraction, nonnegative_int, positive_int, print_table, unit_float,
+)
 
 
 def load_layers(path: str, layers: Optional[str], k: Optional[int]) -> dict:
@@ -85,6 +87,9 @@ def cmd_stats(args) -> int:
 
     data = StreamingCapture(args.dir, args.layer)  # read batch by batch: any size of capture
     stats = stream_feature_stats(data, top=args.top)
+    label = capture_labels(data.manifest, data.layer)
+    for s in stats:
+        s["label"] = label(s["feature"])
     live = sorted((s for s in stats if not s["dead"]), key=lambda s: -s["frequency"])
     summary = {"layer": data.layer, "tokens": data.n_tokens, "features": data.d_sae,
                "dead_fraction": sum(s["dead"] for s in stats) / data.d_sae}
@@ -96,8 +101,8 @@ def cmd_stats(args) -> int:
     pq.write_table(pa.table({c: [s[c] for s in stats] for c in cols} |
                             {"top_contexts": [[c["context"] for c in s["top_contexts"]] for s in stats]}),
                    os.path.join(args.dir, f"stats-layer{data.layer}.parquet"))
-    rows = [[s["feature"], s["frequency"], s["mean"], s["max"], s["top_contexts"][0]["context"] if s["top_contexts"] else ""]
-            for s in live[: args.report_rows]]
+    rows = [[s["feature"], s["label"] or "", s["frequency"], s["mean"], s["max"],
+             s["top_contexts"][0]["context"] if s["top_contexts"] else ""] for s in live[: args.report_rows]]
     page = os.path.join(args.dir, f"stats-layer{data.layer}.html")
     with open(page, "w", encoding="utf-8") as f:
         f.write(table_html(f"Feature statistics, layer {data.layer}",
@@ -105,7 +110,8 @@ def cmd_stats(args) -> int:
                            f"The table lists the {len(rows)} most frequent live features: frequency is the fraction of "
                            "tokens on which the feature is among the SAE's active features; mean is its activation "
                            "averaged over those tokens; the context marks the token of its largest activation in [brackets].",
-                           ["feature", "frequency", "mean", "max", "top context"], rows, bars=["frequency", "max"],
+                           ["feature", "label", "frequency", "mean", "max", "top context"], rows,
+                           bars=["frequency", "max"],
                            figures=[histogram_svg([np.log10(s["frequency"]) for s in live],
                                                   "firing frequency of the live features (log10 of the fraction of tokens)",
                                                   x_label="log10 frequency", y_label="features"),
@@ -115,8 +121,8 @@ def cmd_stats(args) -> int:
         print(json.dumps({"summary": summary, "features": live[: args.report_rows]}, indent=1))
     else:
         print(json.dumps(summary))
-        print_table(["feature", "frequency", "mean", "max", "top context"],
-                     [[f"#{s['feature']}", f"{s['frequency']:.4f}", f"{s['mean']:.3f}", f"{s['max']:.3f}",
+        print_table(["feature", "label", "frequency", "mean", "max", "top context"],
+                     [[f"#{s['feature']}", s["label"] or "", f"{s['frequency']:.4f}", f"{s['mean']:.3f}", f"{s['max']:.3f}",
                        repr(s["top_contexts"][0]["context"] if s["top_contexts"] else "")] for s in live[: args.report_rows]])
     print(f"wrote {page} and stats-layer{data.layer}.json/.parquet beside it", file=sys.stderr)
     return 0
@@ -133,6 +139,9 @@ def cmd_compare(args) -> int:
 
     a, b = StreamingCapture(args.a, args.layer), StreamingCapture(args.b, args.layer)  # read batch by batch
     res = stream_compare(a, b, top=args.top, redundancy=args.redundancy)
+    label = capture_labels(a.manifest, res["layer"])
+    for s in res["separating_features"]:
+        s["label"] = label(s["feature"])
     coverage = (f"Coverage of B by A = {res['coverage_of_b_by_a']:.1%}: the share of the features active somewhere in B "
                 f"({res['active_b']}) that are also active somewhere in A; of A by B = {res['coverage_of_a_by_b']:.1%} "
                 f"(of A's {res['active_a']}). {len(res['redundant_docs_b'])} documents of B have a feature profile "
@@ -151,8 +160,9 @@ def cmd_compare(args) -> int:
               f"(Jaccard {res['jaccard']:.3f})")
         print(coverage)
         print(COMPARE_RANKING)
-        print_table(["feature", "freq A", "freq B", "log(A/B)"],
-                     [[f"#{s['feature']}", f"{s['freq_a']:.4f}", f"{s['freq_b']:.4f}", f"{s['log_ratio']:+.2f}"]
+        print_table(["feature", "label", "freq A", "freq B", "log(A/B)"],
+                     [[f"#{s['feature']}", s["label"] or "", f"{s['freq_a']:.4f}", f"{s['freq_b']:.4f}",
+                       f"{s['log_ratio']:+.2f}"]
                       for s in res["separating_features"]])
     return 0
 
