@@ -542,6 +542,8 @@ def test_cli_shows_labels_and_takes_label_named_features(demo_setup, tmp_path, c
         return json.loads(capsys.readouterr().out)["steered_tokens"]
 
     assert steered("label:dash runs=20") == steered("23=20")
+    assert main(["steer", model, "--sae", sae_path, "x", "--max-tokens", "2", "--clamp", "23=20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["labels"] == {"23": "dash runs"}
     assert steered("label:with statement=20") == steered("7=20")
     assert main(["steer", model, "--sae", sae_path, "x", "--clamp", "label:dash=3"]) == 2
     err = capsys.readouterr().err
@@ -568,5 +570,8 @@ def test_stats_and_compare_show_the_labels_of_the_captured_sae(demo_setup, tmp_p
     assert "even " in open(os.path.join(cap, f"stats-layer{feats and saehook.load(sae_path).layer}.html")).read()
     assert main(["compare", cap, cap, "--json", "--top", "5"]) == 0
     res = json.loads(capsys.readouterr().out)
+    assert main(["compare", cap, cap, "--top", "5", "--html", str(tmp_path / "c.html")]) == 0
+    page = (tmp_path / "c.html").read_text()
+    assert all(f"#{s['feature']} even " in page for s in res["separating_features"] if s["label"])
     assert all(s["label"] == (f"even {s['feature']}" if s["feature"] % 2 == 0 else None)
                for s in res["separating_features"])

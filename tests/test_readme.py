@@ -31,6 +31,7 @@ FIXTURE = [
     ("layer12.", "layer2."),                                                # file names that say the layer
     ("1234", "123"),                                                        # a feature the SAE has
     ("{12:", "{2:"), ("rec[12]", "rec[2]"), ("layer=12", "layer=2"), ("sae, 12,", "sae, 2,"),  # layer 12 -> 2
+    ("features[12]", "features[2]"),
     ("(8, 50)", "(8, 16)"),                                                 # k in comments
 ]
 

@@ -63,9 +63,14 @@ def cmd_steer(args) -> int:
     stop = getattr(eng, "last_stop", None)  # the stop_when condition that ended the steered run
     text = lambda ids: "".join(eng.token_text(t) for t in ids)  # noqa: E731
     desc = "; ".join(repr(st) for st in sts)
+    label = feature_labels(sae)
+    labels = {str(o.feature): label(o.feature) for st in sts for o in st.ops if label(o.feature)}
+    if labels:
+        desc += "  [" + ", ".join(f"#{f}: {t}" for f, t in labels.items()) + "]"
     if args.json:
         print(json.dumps({"prompt": args.prompt, "steering": desc, "clean": text(clean), "steered": text(steered),
-                          "clean_tokens": clean, "steered_tokens": steered, "stopped_by": stop}, indent=1))
+                          "clean_tokens": clean, "steered_tokens": steered, "stopped_by": stop,
+                          "labels": labels}, indent=1))
     else:
         print(f"prompt:  {args.prompt!r}\n{desc}\nclean:   {text(clean)!r}\nsteered: {text(steered)!r}")
         if stop:

@@ -101,7 +101,8 @@ def paired_bars_html(title: str, intro: str, rows: Sequence[dict]) -> str:
         bars = "".join(f'<div class="pair"><span class="tag">{tag}</span><div class="bar {tag}" '
                        f'style="width:{full * r[key] / scale:.1f}px"></div> {r[key]:.4f}</div>'
                        for tag, key in (("A", "freq_a"), ("B", "freq_b")))
-        body.append(f"<tr><td>#{int(r['feature'])}</td><td>{bars}</td><td>{r['log_ratio']:+.2f}</td></tr>")
+        label = f" {html.escape(r['label'])}" if r.get("label") else ""  # the feature's label, when it has one
+        body.append(f"<tr><td>#{int(r['feature'])}{label}</td><td>{bars}</td><td>{r['log_ratio']:+.2f}</td></tr>")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
