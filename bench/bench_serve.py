@@ -54,7 +54,7 @@ def write_qwen35(path: str, *, hidden: int, layers: int, ffn: int, heads: int, h
     names, shapes, metadata), with saehook's byte-level vocabulary."""
     import gguf
 
-    from saehook.demo.gguf_writer import MERGES, VOCAB, vocab
+    from saehook.demo.gguf_writer import VOCAB, add_byte_vocabulary
 
     rng = np.random.default_rng(seed)
     rnd = lambda *shape: (0.02 * rng.standard_normal(shape, dtype=np.float32))  # noqa: E731
@@ -83,16 +83,7 @@ def write_qwen35(path: str, *, hidden: int, layers: int, ffn: int, heads: int, h
     w.add_uint32("qwen35.full_attention_interval", interval)
     w.add_rope_dimension_count(head_dim // 4)
     w.add_rope_dimension_sections([11, 11, 10, 0])  # the converter's default (text: every section sees one position)
-    toks, types = vocab()
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(toks)
-    w.add_token_types(types)
-    w.add_token_merges([f"{a} {b}" for a, b in MERGES])
-    eos = toks.index("<|endoftext|>")
-    w.add_bos_token_id(eos)
-    w.add_eos_token_id(eos)
-    w.add_add_bos_token(False)
+    add_byte_vocabulary(w)
     w.add_tensor("token_embd.weight", rnd(VOCAB, hidden))
     w.add_tensor("output_norm.weight", ones(hidden))
     w.add_tensor("output.weight", rnd(VOCAB, hidden))

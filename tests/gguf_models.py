@@ -7,6 +7,18 @@ from saehook.demo.gguf_writer import VOCAB, quantize, vocab, write_hf_model  # n
 EOS = vocab()[0].index("<|endoftext|>")
 
 
+def random_sae(seed=0, d_sae=1024, k=16, d_model=256):
+    """A random Top-K SAE for the tiny models (hidden 256): W_enc, W_dec, b_enc drawn in that order."""
+    import numpy as np
+
+    import saehook
+
+    rng = np.random.default_rng(seed)
+    W_enc = (rng.standard_normal((d_sae, d_model)) / 16).astype(np.float32)
+    W_dec = (rng.standard_normal((d_sae, d_model)) / 16).astype(np.float32)
+    return saehook.SAE(W_enc, W_dec, (0.05 * rng.standard_normal(d_sae)).astype(np.float32), k=k)
+
+
 def build_hf_model(seed=0, **overrides):
     import torch
     import transformers

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from saehook.demo.gguf_writer import MERGES, VOCAB, vocab
+from saehook.demo.gguf_writer import VOCAB, add_byte_vocabulary
 
 D, N_HEAD, N_HEAD_KV, HEAD_DIM, N_FF = 256, 4, 2, 64, 512
 # gated delta net: key heads (ssm.group_count), value heads (ssm.time_step_rank), head size
@@ -44,16 +44,7 @@ def write_qwen35(path, *, n_layer: int = 4, full_attention_interval: int = 2, se
     w.add_uint32(f"{arch}.ssm.inner_size", D_STATE * N_V_HEADS)
     w.add_uint32(f"{arch}.full_attention_interval", full_attention_interval)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    toks, types = vocab()
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(toks)
-    w.add_token_types(types)
-    w.add_token_merges([f"{a} {b}" for a, b in MERGES])
-    eos = toks.index("<|endoftext|>")
-    w.add_bos_token_id(eos)
-    w.add_eos_token_id(eos)
-    w.add_add_bos_token(False)
+    add_byte_vocabulary(w)
 
     def mat(n_in, n_out):  # ggml {n_in, n_out} is numpy (n_out, n_in)
         return (rng.standard_normal((n_out, n_in)) * 0.08).astype(np.float32)

@@ -43,11 +43,7 @@ def models(tmp_path_factory):
     return hf, files
 
 
-def random_sae(seed=0, d_sae=1024, k=16):
-    rng = np.random.default_rng(seed)
-    W_enc = (rng.standard_normal((d_sae, D)) / 16).astype(np.float32)
-    W_dec = (rng.standard_normal((d_sae, D)) / 16).astype(np.float32)
-    return saehook.SAE(W_enc, W_dec, (0.05 * rng.standard_normal(d_sae)).astype(np.float32), k=k)
+random_sae = gm.random_sae  # d_model 256: the tiny models' hidden size
 
 
 @pytest.fixture(scope="module")

@@ -38,11 +38,7 @@ def qwen35(tmp_path_factory):
     return path
 
 
-def random_sae(seed=0, d_sae=1024, k=16):
-    rng = np.random.default_rng(seed)
-    return saehook.SAE((rng.standard_normal((d_sae, D)) / 16).astype(np.float32),
-                       (rng.standard_normal((d_sae, D)) / 16).astype(np.float32),
-                       (0.05 * rng.standard_normal(d_sae)).astype(np.float32), k=k)
+random_sae = gm.random_sae  # d_model 256: the tiny models' hidden size
 
 
 @pytest.fixture(scope="module")

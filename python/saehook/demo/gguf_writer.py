@@ -34,6 +34,21 @@ def vocab():
     return toks, types
 
 
+def add_byte_vocabulary(w) -> None:
+    """Writes the byte-level BPE vocabulary (gpt2 model, qwen2 pre-tokenizer, <|endoftext|> as BOS
+    and EOS, no BOS added) into a gguf.GGUFWriter: the tokenizer every tiny test model shares."""
+    toks, types = vocab()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(toks)
+    w.add_token_types(types)
+    w.add_token_merges([f"{a} {b}" for a, b in MERGES])
+    eos = toks.index("<|endoftext|>")
+    w.add_bos_token_id(eos)
+    w.add_eos_token_id(eos)
+    w.add_add_bos_token(False)
+
+
 def write_qwen3(path, cfg: dict, tensors) -> None:
     """Writes a Qwen3 causal LM as an f32 GGUF. cfg: hidden_size, intermediate_size,
     num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, max_position_embeddings,
@@ -57,16 +72,7 @@ def write_qwen3(path, cfg: dict, tensors) -> None:
     w.add_rope_freq_base(float(cfg["rope_theta"]))
     w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    toks, types = vocab()
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(toks)
-    w.add_token_types(types)
-    w.add_token_merges([f"{a} {b}" for a, b in MERGES])
-    eos = toks.index("<|endoftext|>")
-    w.add_bos_token_id(eos)
-    w.add_eos_token_id(eos)
-    w.add_add_bos_token(False)
+    add_byte_vocabulary(w)
 
     f32 = lambda name: np.ascontiguousarray(tensors[name], dtype=np.float32)  # noqa: E731
     w.add_tensor("token_embd.weight", f32("model.embed_tokens.weight"))
