@@ -423,15 +423,6 @@ def compare(a: FeatureData, b: FeatureData, *, top: int = 20, redundancy: float 
     nearly duplicate a document of A (cosine similarity of their feature profiles)."""
     if a.d_sae != b.d_sae or a.layer != b.layer:
         raise ValueError("compare needs captures of the same SAE and layer")
-    fa = a.feature_counts() / max(1, a.n_tokens)
-    fb = b.feature_counts() / max(1, b.n_tokens)
-    eps = 1.0 / max(a.n_tokens, b.n_tokens, 1)
-    log_ratio = np.log((fa + eps) / (fb + eps))
-    active_a, active_b = set(np.flatnonzero(fa).tolist()), set(np.flatnonzero(fb).tolist())
-    both = active_a & active_b
-    order = np.argsort(-np.abs(fa - fb))
-    sep = [{"feature": int(f), "freq_a": float(fa[f]), "freq_b": float(fb[f]), "log_ratio": float(log_ratio[f])}
-           for f in order[:top] if fa[f] != fb[f]]
     pa_, pb_ = a.doc_profiles(), b.doc_profiles()
     ids_a, ids_b = sorted(pa_), sorted(pb_)
     near = []
@@ -444,8 +435,25 @@ def compare(a: FeatureData, b: FeatureData, *, top: int = 20, redundancy: float 
         for j, i in enumerate(sim.argmax(axis=1)):
             if sim[j, i] >= redundancy:
                 near.append({"doc_b": ids_b[j], "doc_a": ids_a[int(i)], "similarity": float(sim[j, i])})
+    return compare_result(a.layer, a.feature_counts(), a.n_tokens, b.feature_counts(), b.n_tokens, top, near)
+
+
+def compare_result(layer: int, counts_a: np.ndarray, tokens_a: int, counts_b: np.ndarray, tokens_b: int,
+                   top: int, near: List[dict]) -> dict:
+    """compare()'s result from each capture's per-feature firing counts and token count (the
+    separating features, coverage, Jaccard) and the near-duplicate documents already found;
+    shared with the streaming compare, which counts without loading the captures."""
+    fa = counts_a / max(1, tokens_a)
+    fb = counts_b / max(1, tokens_b)
+    eps = 1.0 / max(tokens_a, tokens_b, 1)
+    log_ratio = np.log((fa + eps) / (fb + eps))
+    active_a, active_b = set(np.flatnonzero(fa).tolist()), set(np.flatnonzero(fb).tolist())
+    both = active_a & active_b
+    order = np.argsort(-np.abs(fa - fb))
+    sep = [{"feature": int(f), "freq_a": float(fa[f]), "freq_b": float(fb[f]), "log_ratio": float(log_ratio[f])}
+           for f in order[:top] if fa[f] != fb[f]]
     return {
-        "layer": a.layer, "tokens_a": a.n_tokens, "tokens_b": b.n_tokens,
+        "layer": layer, "tokens_a": tokens_a, "tokens_b": tokens_b,
         "active_a": len(active_a), "active_b": len(active_b), "active_both": len(both),
         "coverage_of_b_by_a": len(both) / max(1, len(active_b)), "coverage_of_a_by_b": len(both) / max(1, len(active_a)),
         "jaccard": len(both) / max(1, len(active_a | active_b)),

@@ -210,15 +210,6 @@ def stream_compare(a: StreamingCapture, b: StreamingCapture, *, top: int = 20, r
         raise ValueError("compare needs captures of the same SAE and layer")
     ca, pa_ = _frequencies_and_profiles(a, redundancy is not None)
     cb, pb_ = _frequencies_and_profiles(b, redundancy is not None)
-    fa = ca / max(1, a.n_tokens)
-    fb = cb / max(1, b.n_tokens)
-    eps = 1.0 / max(a.n_tokens, b.n_tokens, 1)
-    log_ratio = np.log((fa + eps) / (fb + eps))
-    active_a, active_b = set(np.flatnonzero(fa).tolist()), set(np.flatnonzero(fb).tolist())
-    both = active_a & active_b
-    order = np.argsort(-np.abs(fa - fb))
-    sep = [{"feature": int(f), "freq_a": float(fa[f]), "freq_b": float(fb[f]), "log_ratio": float(log_ratio[f])}
-           for f in order[:top] if fa[f] != fb[f]]
     near = []
     ids_a, ids_b = sorted(pa_), sorted(pb_)
     if redundancy is not None and ids_a and ids_b:
@@ -234,10 +225,4 @@ def stream_compare(a: StreamingCapture, b: StreamingCapture, *, top: int = 20, r
             for j in range(len(B)):
                 if best[j] >= redundancy:
                     near.append({"doc_b": ids_b[j0 + j], "doc_a": ids_a[int(arg[j])], "similarity": float(best[j])})
-    return {
-        "layer": a.layer, "tokens_a": a.n_tokens, "tokens_b": b.n_tokens,
-        "active_a": len(active_a), "active_b": len(active_b), "active_both": len(both),
-        "coverage_of_b_by_a": len(both) / max(1, len(active_b)), "coverage_of_a_by_b": len(both) / max(1, len(active_a)),
-        "jaccard": len(both) / max(1, len(active_a | active_b)),
-        "separating_features": sep, "redundant_docs_b": near,
-    }
+    return datasets.compare_result(a.layer, ca, a.n_tokens, cb, b.n_tokens, top, near)
