@@ -31,24 +31,22 @@ class CommandParser(argparse.ArgumentParser):
 
 
 # ---- argument types: bad values are refused by argparse with the flag named ----
-def positive_int(text: str) -> int:
+def _whole_number_at_least(text: str, low: int, what: str) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
     return v
+
+
+def positive_int(text: str) -> int:
+    return _whole_number_at_least(text, 1, "at least 1")
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {v}")
-    return v
+    return _whole_number_at_least(text, 0, "0 or more")
 
 
 def finite_float(text: str) -> float:
