@@ -74,3 +74,15 @@ def test_incomplete_capture_is_refused(captures, tmp_path):
     (tmp_path / "A" / "shard-00002.parquet").unlink()
     with pytest.raises(ValueError, match="3 of 4 shards present"):
         streaming.StreamingCapture(str(tmp_path / "A"))
+
+
+def test_a_stray_file_does_not_stand_in_for_a_missing_shard(captures, tmp_path):
+    # FeatureData once counted the shard-*.parquet files: a missing shard with a stray one beside it
+    # (a copy, a rename) passed the count and loaded the wrong rows
+    import shutil
+
+    shutil.copytree(captures / "A", tmp_path / "A")
+    (tmp_path / "A" / "shard-00002.parquet").rename(tmp_path / "A" / "shard-00002-old.parquet")
+    for open_capture in (datasets.FeatureData, streaming.StreamingCapture):
+        with pytest.raises(ValueError, match=r"3 of 4 shards present \(missing shard-00002.parquet"):
+            open_capture(str(tmp_path / "A"))

@@ -20,7 +20,7 @@ import csv
 import hashlib
 import json
 import os
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -334,26 +334,35 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def open_capture(path: str, layer: Optional[int] = None) -> Tuple[dict, int, int, List[str]]:
+    """A capture directory's manifest, the layer to read (the first one by default), its d_sae and
+    the paths of all its shards; refused when the layer is not captured or a shard is missing.
+    The one check both FeatureData and the streaming analyses open a capture with."""
+    with open(os.path.join(path, MANIFEST)) as f:
+        manifest = json.load(f)
+    layers = manifest["layers"]
+    chosen = layers[0] if layer is None else int(layer)
+    if chosen not in layers:
+        raise ValueError(f"{path} has layers {layers}, not {layer}")
+    expected = (manifest["n_docs"] + manifest["shard_docs"] - 1) // manifest["shard_docs"]
+    shards = [os.path.join(path, shard_name(i)) for i in range(expected)]
+    missing = [s for s in shards if not os.path.exists(s)]
+    if missing:
+        raise ValueError(f"{path}: {expected - len(missing)} of {expected} shards present (missing "
+                         f"{os.path.basename(missing[0])}...); rerun capture to complete it")
+    return manifest, chosen, int(manifest["d_sae"][str(chosen)]), shards
+
+
 class FeatureData:
     """A capture directory loaded for analysis (all rows of one layer in memory)."""
 
     def __init__(self, path: str, layer: Optional[int] = None):
         _, pq = _pa()
-        with open(os.path.join(path, MANIFEST)) as f:
-            self.manifest = json.load(f)
-        layers = self.manifest["layers"]
-        self.layer = layers[0] if layer is None else int(layer)
-        if self.layer not in layers:
-            raise ValueError(f"{path} has layers {layers}, not {layer}")
-        self.d_sae = int(self.manifest["d_sae"][str(self.layer)])
-        shards = sorted(f for f in os.listdir(path) if f.startswith("shard-") and f.endswith(".parquet"))
-        expected = (self.manifest["n_docs"] + self.manifest["shard_docs"] - 1) // self.manifest["shard_docs"]
-        if len(shards) != expected:
-            raise ValueError(f"{path}: {len(shards)} of {expected} shards present; rerun capture to complete it")
+        self.manifest, self.layer, self.d_sae, shards = open_capture(path, layer)
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        table = pa.concat_tables([pq.read_table(os.path.join(path, s)) for s in shards])
+        table = pa.concat_tables([pq.read_table(s) for s in shards])
         table = table.filter(pc.equal(table["layer"], self.layer))
         self.doc_id = table["doc_id"].to_numpy()
         self.position = table["position"].to_numpy()

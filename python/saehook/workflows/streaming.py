@@ -21,8 +21,6 @@ accumulation, same tie-breaking by row); what each needs in memory:
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -34,22 +32,10 @@ BATCH_ROWS = 16384
 
 class StreamingCapture:
     """A capture directory opened for one streaming pass per analysis (nothing loaded here
-    beyond the manifest and the shard list, checked as FeatureData checks them)."""
+    beyond the manifest and the shard list, checked by datasets.open_capture as FeatureData's are)."""
 
     def __init__(self, path: str, layer: Optional[int] = None, batch_rows: int = BATCH_ROWS):
-        with open(os.path.join(path, datasets.MANIFEST)) as f:
-            self.manifest = json.load(f)
-        layers = self.manifest["layers"]
-        self.layer = layers[0] if layer is None else int(layer)
-        if self.layer not in layers:
-            raise ValueError(f"{path} has layers {layers}, not {layer}")
-        self.d_sae = int(self.manifest["d_sae"][str(self.layer)])
-        expected = (self.manifest["n_docs"] + self.manifest["shard_docs"] - 1) // self.manifest["shard_docs"]
-        self.shards = [os.path.join(path, datasets.shard_name(i)) for i in range(expected)]
-        missing = [s for s in self.shards if not os.path.exists(s)]
-        if missing:
-            raise ValueError(f"{path}: {expected - len(missing)} of {expected} shards present (missing "
-                             f"{os.path.basename(missing[0])}...); rerun capture to complete it")
+        self.manifest, self.layer, self.d_sae, self.shards = datasets.open_capture(path, layer)
         self.path, self.batch_rows = path, int(batch_rows)
         self.n_tokens: Optional[int] = None  # known after a pass
 
