@@ -92,11 +92,11 @@ bool on_device(const void *p, int device, std::string &why) {
     why = std::string("cudaPointerGetAttributes: ") + cudaGetErrorString(e);
     return false;
   }
-  if (a.type != cudaMemoryTypeDevice) {
+  if (a.type != cudaMemoryTypeDevice && a.type != cudaMemoryTypeManaged) {  // managed: GGML_CUDA_ENABLE_UNIFIED_MEMORY
     why = "the tensor's data is not CUDA device memory to saehook's CUDA runtime";
     return false;
   }
-  if (a.device != device) {
+  if (a.type == cudaMemoryTypeDevice && a.device != device) {
     why = "the tensor's data is on CUDA device " + std::to_string(a.device) + ", its buffer type names device " +
           std::to_string(device);
     return false;
@@ -250,7 +250,11 @@ Scope::Scope(Ctx &c) : dev_(c.device) {
   }
   if (prev_ != dev_) check(cudaSetDevice(dev_), "cudaSetDevice");
   c.stage_used = 0;
-  check(cudaMemsetAsync(c.err, 0xff, sizeof(ErrRec), c.stream), "clearing the hook's error record");
+  const cudaError_t e = cudaMemsetAsync(c.err, 0xff, sizeof(ErrRec), c.stream);
+  if (e != cudaSuccess) {
+    if (prev_ >= 0 && prev_ != dev_) (void)cudaSetDevice(prev_);  // no destructor for a throwing constructor
+    check(e, "clearing the hook's error record");
+  }
 }
 
 Scope::~Scope() {

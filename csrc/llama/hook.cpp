@@ -423,33 +423,39 @@ struct saehook_llama_hook {
   // the reason (saehook_llama_hook_path).
   int where(int layer, ggml_tensor *t) {
     Path &p = paths[size_t(layer)];
-    auto host = [&](const void *key, std::string why) {
+    // The sentence is built only when the decision changes (every micro-batch asks).
+    auto host = [&](const void *key, const auto &why) {
       if (p.device != -1 || p.key != key) {
         p.device = -1;
         p.key = key;
-        p.why = "host (" + why + ")";
+        p.why = "host (" + std::string(why()) + ")";
       }
       return -1;
     };
-    if (!device_path) return host(&device_path, "the device path is off: SAEHOOK_LLAMA_DEVICE=0 or saehook_llama_hook_set_device_path");
-    if (!have_bapi) return host(&have_bapi, "the caller gave no ggml backend-buffer functions (saehook_llama_hook_set_backend_api)");
+    if (!device_path)
+      return host(&device_path, [] { return "the device path is off: SAEHOOK_LLAMA_DEVICE=0 or saehook_llama_hook_set_device_path"; });
+    if (!have_bapi)
+      return host(&have_bapi, [] { return "the caller gave no ggml backend-buffer functions (saehook_llama_hook_set_backend_api)"; });
     ggml_backend_buffer *b = bapi.tensor_buffer ? bapi.tensor_buffer(t)
                                                 : static_cast<ggml_backend_buffer *>(
                                                       reinterpret_cast<const GgmlTensorHead *>(t)->buffer);
-    if (!b) return host(nullptr, "the tensor has no backend buffer");
+    if (!b) return host(nullptr, [] { return "the tensor has no backend buffer"; });
     ggml_backend_buffer_type *bt = bapi.buffer_get_type(b);
     const char *name = bt ? bapi.buft_name(bt) : nullptr;
-    const std::string nm = name ? name : "?";
-    if (bapi.buffer_is_host(b)) return host(bt, "buffer type " + nm + " is host memory");
+    auto nm = [name] { return std::string(name ? name : "?"); };
+    if (bapi.buffer_is_host(b)) return host(bt, [&] { return "buffer type " + nm() + " is host memory"; });
     const int dev = saehook::llama_device::cuda_device_of_buffer_type(name);
-    if (dev < 0) return host(bt, "buffer type " + nm + " is not a CUDA device buffer: read and written with ggml_backend_tensor_get/set");
-    if (!saehook::llama_device::built()) return host(bt, nm + ": this saehook build has no CUDA kernels");
+    if (dev < 0)
+      return host(bt, [&] {
+        return "buffer type " + nm() + " is not a CUDA device buffer: read and written with ggml_backend_tensor_get/set";
+      });
+    if (!saehook::llama_device::built()) return host(bt, [&] { return nm() + ": this saehook build has no CUDA kernels"; });
     std::string why;
-    if (!saehook::llama_device::on_device(bapi.get_data(t), dev, why)) return host(bt, nm + ": " + why);
+    if (!saehook::llama_device::on_device(bapi.get_data(t), dev, why)) return host(bt, [&] { return nm() + ": " + why; });
     if (p.device != dev || p.key != bt) {
       p.device = dev;
       p.key = bt;
-      p.why = "device " + std::to_string(dev) + " (" + nm + ")";
+      p.why = "device " + std::to_string(dev) + " (" + nm() + ")";
     }
     return dev;
   }
