@@ -99,6 +99,7 @@ env_info() {
   nvidia-smi || echo "no nvidia-smi"
   nvcc --version || echo "no nvcc"
   "$PYTHON" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))'
+  lscpu | grep -i "model name\|flags" | cut -c1-400 || true
   cmake --version | head -n1
   ninja --version
   nproc
@@ -156,9 +157,12 @@ build_llama() {
     fi
   fi
   # sm_90 only; no flash-attention kernels (their template instances are most of the build
-  # time; llama.cpp then computes attention without them) and no mtmd (llama_cpp imports it
-  # only for multimodal models).
-  CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA=OFF -DLLAVA_BUILD=OFF -DGGML_NATIVE=ON $extra" \
+  # time; llama.cpp then computes attention without them); no mtmd (llama_cpp imports it only
+  # for multimodal models); the CPU backend for AVX2 without -march=native, so that it has no
+  # AMX code whatever the host (the AMX matrix product that segfaults on Sapphire Rapids hosts,
+  # ggml-org/llama.cpp#20824: see README, GPU section).
+  CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA=OFF -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF \
+-DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON $extra" \
     "$PYTHON" -m pip install -v --no-build-isolation --no-index --no-deps --no-cache-dir --target "$SITE_LLAMA" \
     -Cbuild-dir="$WORK/llama-build" "$src"
 }
@@ -194,6 +198,7 @@ import saehook.llama  # first (llama.cpp's OpenMP threads)
 import llama_cpp, saehook
 from saehook import _core
 print("llama_cpp", llama_cpp.__version__, llama_cpp.__file__, "gpu offload:", llama_cpp.llama_supports_gpu_offload())
+print("llama.cpp system info:", llama_cpp.llama_print_system_info().decode(errors="replace"))
 print("saehook", saehook.__file__, "cuda kernels:", _core.cuda_available())
 import saehook.cuda
 try:
