@@ -4,9 +4,12 @@ to the host, saehook's CPU kernels, copied back) on the same GGUF and the same o
 and against the model on the CPU.
 
 The first tests run everywhere (CI has nvcc but no GPU): which path a layer takes and why, the
-buffer-type parsing, that libsaehook links no ggml symbol. The device tests need llama-cpp-python
-built with -DGGML_CUDA=on, saehook built with CUDA and a CUDA device; they skip with the reason
-otherwise and run in bench/device_check.sh."""
+buffer-type parsing, that libsaehook links no ggml symbol. The comparisons run twice: on an
+emulated device (saehook_llama_hook_emulate_device: the device path's code on host memory, CPU
+loops for its kernels, a CPU model), everywhere, which checks what the device path copies where
+against the host path; and on a real CUDA device, which needs llama-cpp-python built with
+-DGGML_CUDA=on, saehook built with CUDA and a GPU, skips with the reason otherwise and runs in
+bench/device_check.sh."""
 from __future__ import annotations
 
 import ctypes
@@ -133,23 +136,39 @@ def _device_reason():
     return None
 
 
-gpu = pytest.mark.skipif(_device_reason() is not None, reason=str(_device_reason()))
+@pytest.fixture(params=["emulated", "cuda"])
+def mode(request):
+    """Where the device path runs: the emulated device (a CPU model) or a real GPU (every layer offloaded)."""
+    if request.param == "cuda" and _device_reason() is not None:
+        pytest.skip(_device_reason())
+    return request.param
 
 
-def runs(llm, fn):
-    """fn() on the device path and on the host path of the same offloaded model."""
+def open_in(mode, path, **kw):
+    return open_llm(path, n_gpu_layers=-1 if mode == "cuda" else 0, **kw)
+
+
+DEVICE_PATH = {"cuda": "device 0 (CUDA0)",
+               "emulated": "emulated device (the device path on host memory, for tests: saehook_llama_hook_emulate_device)"}
+
+
+def runs(llm, fn, mode):
+    """fn() on the device path and on the host path of the same model."""
     out = {}
     for on in (True, False):
-        llm.device_hook = on
+        if mode == "cuda":
+            llm.device_hook = on
+        else:
+            shl._lib().emulate_device(llm._hook, int(on))
         llm.reset()
         out[on] = fn()
     llm.device_hook = True
+    shl._lib().emulate_device(llm._hook, 0)
     return out[True], out[False]
 
 
-@gpu
-def test_capture_on_the_device_equals_the_host_path_and_the_cpu_model(model, sae):
-    llm = open_llm(model, n_gpu_layers=-1, logits_all=True)
+def test_capture_on_the_device_equals_the_host_path_and_the_cpu_model(mode, model, sae):
+    llm = open_in(mode, model, logits_all=True)
 
     def capture():
         with llm.capture({0: sae, 1: sae}, residuals=True) as rec:
@@ -157,9 +176,9 @@ def test_capture_on_the_device_equals_the_host_path_and_the_cpu_model(model, sae
             paths, copies = llm.hook_paths(), llm.device_sae_copies()
         return rec, paths, copies, np.array(llm.scores[: len(TOKENS)])
 
-    (dev, dpaths, dcopies, dlogits), (host, hpaths, hcopies, hlogits) = runs(llm, capture)
-    assert dpaths == {0: "device 0 (CUDA0)", 1: "device 0 (CUDA0)"}, dpaths
-    assert all(p.startswith("host (the device path is off") for p in hpaths.values())
+    (dev, dpaths, dcopies, dlogits), (host, hpaths, hcopies, hlogits) = runs(llm, capture, mode)
+    assert dpaths == {0: DEVICE_PATH[mode], 1: DEVICE_PATH[mode]}, dpaths
+    assert all(p.startswith("host (") for p in hpaths.values()) and hcopies == (0, 0)
     # one copy of the SAE for both layers, W_enc + W_dec + b_enc (256-byte aligned parts)
     assert dcopies[0] == 1 and dcopies[1] >= sae.d_sae * sae.d_model * 8 + sae.d_sae * 4
     assert llm.device_sae_copies() == (0, 0)  # dropped with the last entry using the SAE
@@ -194,9 +213,8 @@ def _steerings(sae, rec):
     return [st1, st2, st3, st4]
 
 
-@gpu
-def test_every_steering_op_on_the_device_equals_the_host_path(model, sae):
-    llm = open_llm(model, n_gpu_layers=-1, logits_all=True)
+def test_every_steering_op_on_the_device_equals_the_host_path(mode, model, sae):
+    llm = open_in(mode, model, logits_all=True)
     with llm.capture({1: sae}) as rec:
         llm.eval(TOKENS)
     sts = _steerings(sae, rec[1])
@@ -216,12 +234,12 @@ def test_every_steering_op_on_the_device_equals_the_host_path(model, sae):
                     break
         return out, r[2]
 
-    (dl, dr, dp), (hl, hr, _) = runs(llm, steer_eval)
-    assert set(dp.values()) == {"device 0 (CUDA0)"}
+    (dl, dr, dp), (hl, hr, _) = runs(llm, steer_eval, mode)
+    assert set(dp.values()) == {DEVICE_PATH[mode]}
     assert rel_err(dl, hl) < 1e-4
     for L in (1, 2):
         assert overlap(dr[L].indices, hr[L].indices) >= 0.99
-    (dt, dg), (ht, hg) = runs(llm, steer_generate)
+    (dt, dg), (ht, hg) = runs(llm, steer_generate, mode)
     assert dt == ht  # the greedy tokens under prompt/generated/window steering
     assert np.array_equal(dg.generated, hg.generated) and overlap(dg.indices, hg.indices) >= 0.99
     # and the steering did something
@@ -230,9 +248,8 @@ def test_every_steering_op_on_the_device_equals_the_host_path(model, sae):
     assert rel_err(np.array(llm.scores[: len(TOKENS)]), dl) > 1e-2
 
 
-@gpu
-def test_control_vector_and_capture_at_its_layer_on_the_device(model, sae):
-    llm = open_llm(model, n_gpu_layers=-1, logits_all=True)
+def test_control_vector_and_capture_at_its_layer_on_the_device(mode, model, sae):
+    llm = open_in(mode, model, logits_all=True)
     add = saehook.Steering(sae, layer=2).add(7, 4.0)  # additive, all positions: a control vector
 
     def run():
@@ -240,7 +257,7 @@ def test_control_vector_and_capture_at_its_layer_on_the_device(model, sae):
             llm.eval(TOKENS)
         return r[2], np.array(llm.scores[: len(TOKENS)])
 
-    (dr, dl), (hr, hl) = runs(llm, run)
+    (dr, dl), (hr, hl) = runs(llm, run, mode)
     np.testing.assert_allclose(dr.residuals, hr.residuals, rtol=1e-6, atol=1e-6)
     llm.reset()
     with llm.capture({2: sae}, residuals=True) as clean:  # what block 2 computes, before the vector
@@ -251,26 +268,24 @@ def test_control_vector_and_capture_at_its_layer_on_the_device(model, sae):
     assert rel_err(dl, hl) < 1e-5
 
 
-@gpu
-def test_splice_on_the_device_equals_the_host_path(model, sae):
-    llm = open_llm(model, n_gpu_layers=-1, logits_all=True)
+def test_splice_on_the_device_equals_the_host_path(mode, model, sae):
+    llm = open_in(mode, model, logits_all=True)
 
     def run():
         with llm.splice({1: sae}):
             llm.eval(TOKENS)
         return np.array(llm.scores[: len(TOKENS)])
 
-    d, h = runs(llm, run)
+    d, h = runs(llm, run, mode)
     assert rel_err(d, h) < 1e-4
 
 
-@gpu
-def test_per_sequence_steering_at_batch_8_on_the_device_shares_one_encode(model, sae):
+def test_per_sequence_steering_at_batch_8_on_the_device_shares_one_encode(mode, model, sae):
     """8 sequences, each with its own clamp, in one decode per step: the device path samples what
     the host path samples, captures the same features, and runs one encode per step."""
     n = 8
     prompts = [[int(t) for t in np.random.default_rng(40 + s).integers(0, 256, 5 + s % 3)] for s in range(n)]
-    llm = open_llm(model, n_gpu_layers=-1, context_overrides={"n_seq_max": n, "kv_unified": True})
+    llm = open_in(mode, model, context_overrides={"n_seq_max": n, "kv_unified": True})
     sts = [saehook.Steering(sae, layer=1).clamp(10 + 7 * s, 6.0 + 2 * s) for s in range(n)]
 
     def run():
@@ -308,7 +323,7 @@ def test_per_sequence_steering_at_batch_8_on_the_device_shares_one_encode(model,
                 h.close()
             llama_cpp.llama_batch_free(batch)
 
-    (dout, drecs, dsteps), (hout, hrecs, hsteps) = runs(llm, run)
+    (dout, drecs, dsteps), (hout, hrecs, hsteps) = runs(llm, run, mode)
     assert dout == hout
     assert dsteps[1:] == [1, 1, 1] and hsteps[1:] == [1, 1, 1]  # 8 rows, 8 clamps, one encode
     for d, h in zip(drecs, hrecs):

@@ -237,8 +237,13 @@ SAEHOOK_API saehook_status saehook_llama_hook_set_backend_api(saehook_llama_hook
 SAEHOOK_API void saehook_llama_hook_set_device_path(saehook_llama_hook *hook, int32_t enable);
 /* Which path block `layer` took at its last hooked micro-batch: the CUDA device ordinal, -1 the
  * host, -2 not run yet, -3 no such layer; why (cap bytes, may be NULL) gets a sentence, e.g.
- * "device 0 (CUDA0)" or "host (buffer type CPU is host memory)". */
+ * "device 0 (CUDA0)" or "host (buffer type CPU is host memory)"; -4 the emulated device. */
 SAEHOOK_API int32_t saehook_llama_hook_path(const saehook_llama_hook *hook, int32_t layer, char *why, size_t cap);
+/* For tests on machines without a GPU: 1 runs every hooked block through the device path's code
+ * on host memory (an emulated device: host buffers for device memory, CPU loops for the kernels;
+ * needs saehook_llama_hook_set_backend_api), which must give the host path's results; the path
+ * then reads -4. 0: off (default). */
+SAEHOOK_API void saehook_llama_hook_emulate_device(saehook_llama_hook *hook, int32_t enable);
 /* The device copies of SAEs the hook holds (one per SAE and device), and their bytes. */
 SAEHOOK_API int32_t saehook_llama_hook_device_copies(const saehook_llama_hook *hook, int64_t *bytes);
 /* The CUDA device a ggml buffer type name denotes ("CUDA<n>" -> n), else -1. */

@@ -28,6 +28,11 @@ namespace saehook::llama_device {
 // Whether this build has the CUDA kernels (SAEHOOK_WITH_CUDA).
 bool built();
 
+// The emulated device: host memory stands for device memory and CPU loops for the kernels, in
+// every build, so that tests without a GPU run the device path's orchestration against the host
+// path (saehook_llama_hook_emulate_device). Pass it wherever a device ordinal goes.
+constexpr int kEmulated = -100;
+
 // ggml-cuda names the buffer type of device n "CUDA<n>" (GGML_CUDA_NAME + std::to_string(n));
 // "CUDA_Host" (pinned host memory), "CUDA_Split", HIP's "ROCm<n>" and every other name give -1.
 int cuda_device_of_buffer_type(const char *name);

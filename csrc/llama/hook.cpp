@@ -148,8 +148,9 @@ struct saehook_llama_hook {
   saehook_ggml_backend_api bapi{};
   bool have_bapi = false;
   bool device_path = true;  // SAEHOOK_LLAMA_DEVICE=0 or saehook_llama_hook_set_device_path(0): host only
+  bool emulate = false;      // tests: the device path on host memory (saehook_llama_hook_emulate_device)
   struct Path {
-    int device = -2;  // -2: not run yet, -1: host, >= 0: CUDA device
+    int device = -2;  // -2: not run yet, -1: host, >= 0: CUDA device, -4: the emulated device
     const void *key = nullptr;  // the buffer type it was decided for
     std::string why = "not run yet";
   };
@@ -436,6 +437,14 @@ struct saehook_llama_hook {
       return host(&device_path, [] { return "the device path is off: SAEHOOK_LLAMA_DEVICE=0 or saehook_llama_hook_set_device_path"; });
     if (!have_bapi)
       return host(&have_bapi, [] { return "the caller gave no ggml backend-buffer functions (saehook_llama_hook_set_backend_api)"; });
+    if (emulate) {
+      if (p.device != -4) {
+        p.device = -4;
+        p.key = nullptr;
+        p.why = "emulated device (the device path on host memory, for tests: saehook_llama_hook_emulate_device)";
+      }
+      return saehook::llama_device::kEmulated;
+    }
     ggml_backend_buffer *b = bapi.tensor_buffer ? bapi.tensor_buffer(t)
                                                 : static_cast<ggml_backend_buffer *>(
                                                       reinterpret_cast<const GgmlTensorHead *>(t)->buffer);
@@ -470,7 +479,7 @@ struct saehook_llama_hook {
     }
     if (!rows_to_tokens(layer, nrows)) return;
     const int dev = where(layer, t);
-    if (dev >= 0) {
+    if (dev != -1) {
       namespace dv = saehook::llama_device;
       try {
         auto &c = ctxs[dev];
@@ -480,9 +489,9 @@ struct saehook_llama_hook {
         ddev = dev;
         run(layer, static_cast<float *>(bapi.get_data(t)), nrows);
       } catch (const saehook::Error &e) {
-        fail(layer, "CUDA device " + std::to_string(dev) + ": " + e.message);
+        fail(layer, device_name(dev) + ": " + e.message);
       } catch (const std::exception &e) {
-        fail(layer, "CUDA device " + std::to_string(dev) + ": " + e.what());
+        fail(layer, device_name(dev) + ": " + e.what());
       }
       dctx = nullptr;
       ddev = -1;
@@ -491,6 +500,10 @@ struct saehook_llama_hook {
     buf.resize(size_t(ne));
     api.tensor_get(t, buf.data(), 0, size_t(ne) * sizeof(float));
     if (run(layer, buf.data(), nrows)) api.tensor_set(t, buf.data(), 0, size_t(ne) * sizeof(float));
+  }
+
+  static std::string device_name(int dev) {
+    return dev == saehook::llama_device::kEmulated ? "emulated device" : "CUDA device " + std::to_string(dev);
   }
 
   // The control vector rows on the running device (uploaded when set_cvec changed them).
@@ -968,6 +981,12 @@ int32_t saehook_llama_hook_path(const saehook_llama_hook *hook, int32_t layer, c
     why[n] = '\0';
   }
   return p.device;
+}
+
+void saehook_llama_hook_emulate_device(saehook_llama_hook *hook, int32_t enable) {
+  if (!hook) return;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  hook->emulate = enable != 0;
 }
 
 int32_t saehook_llama_hook_device_copies(const saehook_llama_hook *hook, int64_t *bytes) {

@@ -150,6 +150,7 @@ class _Lib:
             "saehook_llama_hook_set_device_path": (None, [P, c.c_int32]),
             "saehook_llama_hook_path": (c.c_int32, [P, c.c_int32, c.c_char_p, c.c_size_t]),
             "saehook_llama_hook_device_copies": (c.c_int32, [P, P]),
+            "saehook_llama_hook_emulate_device": (None, [P, c.c_int32]),
         }
         for name, (res, args) in sig.items():
             f = getattr(lib, name)
