@@ -10,7 +10,8 @@ Scenarios, timed in alternating rounds (medians): the plain llama_cpp.Llama, Hoo
 entries (the callback's idle cost), capture at one layer on the device path and on the host path
 (HookedLlama.device_hook = False), a 4-feature clamp at one layer (device path), and 8 sequences
 in one decode, each with its own clamp (serve's shape; one shared encode per step). For each:
-generation tokens/s and the extra time per token over the plain Llama; for the device-path
+generation tokens/s and the extra time per token over the plain Llama (and over HookedLlama without
+entries: the callback's and the announcements' share); for the device-path
 capture also the target 1.2 x (W_enc bytes / measured device read bandwidth) + 50 us. The read
 bandwidth is torch's sum over a 1 GiB tensor (CUDA events, median). Exits with a message
 (status 0) where llama.cpp has no GPU backend, saehook no CUDA kernels, or there is no device.
@@ -41,6 +42,9 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "saehook-bench"))
     p.add_argument("--json", default="bench_llama_cuda.json")
+    p.add_argument("--emulate", action="store_true",
+                   help="no GPU: the model on the CPU and the device path on saehook's emulated device (checks this "
+                        "script end to end; the times mean nothing)")
     args = p.parse_args()
 
     from saehook.llama import HookedLlama, plain_llama  # first: it sets up llama.cpp's OpenMP threads
@@ -50,6 +54,10 @@ def main() -> int:
     import saehook
     from saehook import _core
 
+    import saehook.llama as shl
+
+    if args.emulate:
+        return run(args, llama_cpp, saehook, shl, HookedLlama, plain_llama, None)
     if not llama_cpp.llama_supports_gpu_offload():
         print("bench_llama_cuda: llama-cpp-python has no GPU backend (build it with CMAKE_ARGS=-DGGML_CUDA=on); "
               "nothing to measure")
@@ -65,27 +73,11 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_llama_cuda: no CUDA device; nothing to measure")
         return 0
+    return run(args, llama_cpp, saehook, shl, HookedLlama, plain_llama, torch)
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_llama import synthetic_model  # one writer of the synthetic model
 
-    path = args.model or synthetic_model(args.cache, args.hidden, args.layers, args.ffn, args.quant)
-    kw = dict(n_ctx=256, n_batch=256, n_ubatch=256, n_gpu_layers=-1, verbose=False)
-    hooked = HookedLlama(path, **kw)
-    batched = HookedLlama(path, context_overrides={"n_seq_max": 8, "kv_unified": True}, **kw)
-    plain = plain_llama(path, **kw)
-    n_embd, n_layer = hooked.n_embd_model, hooked.n_layer
-    layer = args.layer if args.layer is not None else n_layer // 2
-    rng = np.random.default_rng(0)
-    W = (rng.standard_normal((args.d_sae, n_embd), dtype=np.float32) / np.sqrt(n_embd)).astype(np.float32)
-    sae = saehook.SAE(W, W, k=args.k, metadata={"layer": layer})
-    if args.sae_dtype != sae.enc_dtype:
-        sae = sae.to_dtype(args.sae_dtype)
-    clamp = saehook.Steering(sae, layer=layer)
-    for f in range(4):
-        clamp.clamp(f, 5.0)
-
-    # Read bandwidth of the device: a sum over 1 GiB (one read of each byte).
+def read_bandwidth(torch) -> float:
+    """Bytes/s of one read of 1 GiB on the GPU (a sum, CUDA events, median of 10)."""
     dev = torch.device("cuda", 0)
     buf = torch.ones(1 << 28, dtype=torch.float32, device=dev)
     ts = []
@@ -97,9 +89,41 @@ def main() -> int:
         torch.cuda.synchronize()
         if i >= 3:
             ts.append(a.elapsed_time(b) / 1e3)
-    read_bw = buf.numel() * 4 / float(np.median(ts))
+    bw = buf.numel() * 4 / float(np.median(ts))
     del buf
     torch.cuda.empty_cache()
+    return bw
+
+
+def run(args, llama_cpp, saehook, shl, HookedLlama, plain_llama, torch) -> int:
+    emulate = torch is None
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_llama import synthetic_model  # one writer of the synthetic model
+
+    path = args.model or synthetic_model(args.cache, args.hidden, args.layers, args.ffn, args.quant)
+    kw = dict(n_ctx=256, n_batch=256, n_ubatch=256, n_gpu_layers=0 if emulate else -1, verbose=False)
+    hooked = HookedLlama(path, **kw)
+    batched = HookedLlama(path, context_overrides={"n_seq_max": 8, "kv_unified": True}, **kw)
+    plain = plain_llama(path, **kw)
+    for llm in (hooked, batched):
+        shl._lib().emulate_device(llm._hook, int(emulate))
+    n_embd, n_layer = hooked.n_embd_model, hooked.n_layer
+    layer = args.layer if args.layer is not None else n_layer // 2
+    rng = np.random.default_rng(0)
+    W = (rng.standard_normal((args.d_sae, n_embd), dtype=np.float32) / np.sqrt(n_embd)).astype(np.float32)
+    sae = saehook.SAE(W, W, k=args.k, metadata={"layer": layer})
+    if args.sae_dtype != sae.enc_dtype:
+        sae = sae.to_dtype(args.sae_dtype)
+    clamp = saehook.Steering(sae, layer=layer)
+    for f in range(4):
+        clamp.clamp(f, 5.0)
+
+    if emulate:
+        from common import read_bandwidth as cpu_bandwidth  # bench/common.py: the CPU's read probe
+
+        read_bw, device_name = cpu_bandwidth(os.cpu_count())["bound"] * 1e9, "emulated (CPU)"
+    else:
+        read_bw, device_name = read_bandwidth(torch), torch.cuda.get_device_name(0)
 
     prompt = [int(t) for t in np.random.default_rng(1).integers(0, 256, 16)]
     n = args.gen_tokens
@@ -150,11 +174,13 @@ def main() -> int:
     @contextmanager
     def host_path(ctx):
         hooked.device_hook = False
+        shl._lib().emulate_device(hooked._hook, 0)
         try:
             with ctx:
                 yield
         finally:
             hooked.device_hook = True
+            shl._lib().emulate_device(hooked._hook, int(emulate))
 
     scenarios = [
         ("llama_cpp.Llama (no callback)", plain, nullcontext, gen_seconds),
@@ -167,9 +193,9 @@ def main() -> int:
     with hooked.capture({layer: sae}):
         hooked.eval(prompt[:2])
         path_line = hooked.hook_paths()[layer]
-    print(f"model {os.path.basename(path)}: n_embd {n_embd}, {n_layer} layers, all on the GPU; SAE {sae.d_model}x"
+    print(f"model {os.path.basename(path)}: n_embd {n_embd}, {n_layer} layers, {'on the CPU' if emulate else 'all on the GPU'}; SAE {sae.d_model}x"
           f"{sae.d_sae} k={sae.k} {sae.enc_dtype}, layer {layer}: {path_line}")
-    print(f"device {torch.cuda.get_device_name(dev)}, read bandwidth {read_bw / 1e9:.0f} GB/s")
+    print(f"device {device_name}, read bandwidth {read_bw / 1e9:.0f} GB/s")
     times = {name: [] for name, *_ in scenarios}
     for rnd in range(args.reps + 1):  # the first round warms up (SAE upload, graph reservation)
         for name, llm, factory, fn in scenarios:
@@ -177,14 +203,17 @@ def main() -> int:
             if rnd:
                 times[name].append(t)
     base = float(np.median(times[scenarios[0][0]]))
+    idle = float(np.median(times[scenarios[1][0]]))  # the callback and the announcements, no entry
     bound_s = sae.encoder_bytes / read_bw
     target_s = 1.2 * bound_s + 50e-6
     rows = []
     for name, *_ in scenarios:
         t = float(np.median(times[name]))
-        row = dict(scenario=name, s_per_token=t, tok_s=1 / t, extra_us=(t - base) * 1e6)
+        row = dict(scenario=name, s_per_token=t, tok_s=1 / t, extra_us=(t - base) * 1e6,
+                   extra_vs_idle_us=(t - idle) * 1e6)
         rows.append(row)
-        print(f"{name:<36} {1 / t:9.1f} tok/s   {t * 1e3:8.3f} ms/token   +{(t - base) * 1e6:8.1f} us", flush=True)
+        print(f"{name:<36} {1 / t:9.1f} tok/s   {t * 1e3:8.3f} ms/token   {(t - base) * 1e6:+9.1f} us "
+              f"({(t - idle) * 1e6:+9.1f} us over no entries)", flush=True)
     cap = next(r for r in rows if r["scenario"] == "capture 1 layer, device path")
     ok = cap["extra_us"] <= target_s * 1e6
     print(f"W_enc {sae.encoder_bytes / 2**20:.0f} MiB / {read_bw / 1e9:.0f} GB/s = {bound_s * 1e6:.1f} us; target "
@@ -192,7 +221,7 @@ def main() -> int:
           f"{'within' if ok else 'ABOVE'} the target")
     print(f"8 sequences: {getattr(batch8_seconds, 'encodes_per_step', float('nan')):.2f} encodes per step")
     with open(args.json, "w") as f:
-        json.dump({"model": path, "n_embd": n_embd, "n_layer": n_layer, "layer": layer, "path": path_line,
+        json.dump({"emulated": emulate, "device": device_name, "model": path, "n_embd": n_embd, "n_layer": n_layer, "layer": layer, "path": path_line,
                    "sae": [sae.d_model, sae.d_sae, sae.k, sae.enc_dtype], "read_bandwidth_GBps": read_bw / 1e9,
                    "bound_us": bound_s * 1e6, "target_us": target_s * 1e6, "within_target": ok,
                    "encodes_per_batch8_step": getattr(batch8_seconds, "encodes_per_step", None), "rows": rows}, f,
