@@ -5,11 +5,13 @@
 // (the hook then never calls them: it runs the host path).
 //
 // Why the residual's device pointer can be used as it is: saehook links the CUDA runtime
-// statically and ggml-cuda links its own copy dynamically, but every CUDA runtime uses the
-// driver's primary context of a device ("there is exactly one primary context per device per
-// process", shared by all runtime instances and the driver API: CUDA Runtime API, "Interactions
-// with the CUDA Driver API"), so both see one address space per device. on_device() checks it for
-// every tensor (cudaPointerGetAttributes must report device memory of that ordinal).
+// statically and ggml-cuda links its own copy dynamically, but a runtime "uses the device's
+// primary context" (CUDA 13.0 Runtime API, "Interactions with the CUDA Driver API": a one to one
+// relationship between devices and driver CUcontexts within a process; runtime calls operate on
+// the context current to the calling thread) and primary contexts are driver objects, "one per
+// device per process" (CUDA Driver API, "Difference between the driver and runtime APIs"), so both
+// runtimes work in the same context and address space. on_device() checks it for every tensor
+// (cudaPointerGetAttributes must report device memory of that ordinal).
 // Why no event is needed: ggml_backend_sched_compute_splits calls the eval callback with
 // ask = false only after ggml_backend_synchronize(split_backend) (ggml-backend.cpp), so the node
 // is computed when the callback starts; the device path runs on saehook's own stream and waits
