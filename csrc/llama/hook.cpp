@@ -489,9 +489,9 @@ struct saehook_llama_hook {
         ddev = dev;
         run(layer, static_cast<float *>(bapi.get_data(t)), nrows);
       } catch (const saehook::Error &e) {
-        fail(layer, device_name(dev) + ": " + e.message);
+        fail(layer, device_name(dev) + ": " + e.message + kHostHint);
       } catch (const std::exception &e) {
-        fail(layer, device_name(dev) + ": " + e.what());
+        fail(layer, device_name(dev) + ": " + e.what() + kHostHint);
       }
       dctx = nullptr;
       ddev = -1;
@@ -502,6 +502,9 @@ struct saehook_llama_hook {
     if (run(layer, buf.data(), nrows)) api.tensor_set(t, buf.data(), 0, size_t(ne) * sizeof(float));
   }
 
+  static constexpr const char *kHostHint =
+      " (saehook_llama_hook_set_device_path(hook, 0), HookedLlama.device_hook = False or SAEHOOK_LLAMA_DEVICE=0 "
+      "runs hooked layers on the host path instead)";
   static std::string device_name(int dev) {
     return dev == saehook::llama_device::kEmulated ? "emulated device" : "CUDA device " + std::to_string(dev);
   }
