@@ -5,7 +5,9 @@
  * llama.cpp to stop after each hooked node `l_out-L` (the residual stream after block L), reads
  * the rows with ggml_backend_tensor_get, encodes them with an SAE (capture), applies steering
  * and writes them back with ggml_backend_tensor_set, so every later layer sees the change.
- * It works with any backend (CPU, CUDA, Metal) and any weight type (the residual is f32).
+ * It works with any backend (CPU, CUDA, Metal) and any weight type (the residual is f32). Where
+ * the residual is in a CUDA device buffer and libsaehook has CUDA, it runs on the device instead,
+ * without the host round trip (see "GPU offload: the device path" below).
  *
  * It uses no ggml struct layout: only the exported functions in saehook_ggml_api, taken by the
  * caller from the ggml library the running llama.cpp uses (SAEHOOK_GGML_API_LINKED when the
