@@ -117,6 +117,27 @@ def test_switching_the_device_path_off_and_a_missing_backend_api_say_why(model, 
         assert llm.hook_paths()[1].startswith("host (the caller gave no ggml backend-buffer functions")
 
 
+def test_a_device_that_cannot_run_the_kernels_falls_back_to_the_host_path(model, sae):
+    """A device whose setup fails (here the emulated stand-in for a GPU this build has no kernels
+    for) is not used: its layers run on the host path, the path report says why, nothing fails."""
+    llm = open_llm(model, logits_all=True)
+    st = saehook.Steering(sae, layer=1).clamp(3, 2.0)
+    outs = {}
+    for emulate in (2, 0):
+        shl._lib().emulate_device(llm._hook, emulate)
+        llm.reset()
+        with llm.steer(st), llm.capture({1: sae}) as rec:
+            llm.eval(TOKENS)
+            paths, copies = llm.hook_paths(), llm.device_sae_copies()
+        outs[emulate] = (rec[1], np.array(llm.scores[: len(TOKENS)]), paths, copies)
+    rec, logits, paths, copies = outs[2]
+    assert paths == {1: "host (emulated device cannot run the device path: this saehook build cannot run on the "
+                        "emulated broken device (a stand-in for a GPU without kernels of this build))"}, paths
+    assert copies == (0, 0)
+    np.testing.assert_array_equal(logits, outs[0][1])
+    np.testing.assert_array_equal(rec.indices, outs[0][0].indices)
+
+
 # ---------------------------------------------------------------------------------------------
 # on a CUDA device
 

@@ -213,6 +213,8 @@ SAEHOOK_API void saehook_llama_hook_keep_residuals(saehook_llama_hook *hook, int
  * features come to the host in one transfer per encode and micro-batch; the residual never does
  * (unless keep_residuals). Every other buffer (CPU, CUDA_Host, Metal, Vulkan, ...) takes the host
  * path above (ggml_backend_tensor_get/set). Results equal the host path's to float tolerance.
+ * A device whose setup fails (no kernels of this build for it, no memory for the SAE copy) is
+ * not used again by this hook: its layers take the host path and saehook_llama_hook_path says why.
  * The hook needs four more ggml functions to see where a tensor lives (all in ggml-base, also
  * in CPU-only builds); without them every block takes the host path. tensor_buffer may be NULL:
  * the hook then reads the tensor's `buffer` field itself (the second member of ggml.h's struct
@@ -244,7 +246,8 @@ SAEHOOK_API int32_t saehook_llama_hook_path(const saehook_llama_hook *hook, int3
 /* For tests on machines without a GPU: 1 runs every hooked block through the device path's code
  * on host memory (an emulated device: host buffers for device memory, CPU loops for the kernels;
  * needs saehook_llama_hook_set_backend_api), which must give the host path's results; the path
- * then reads -4. 0: off (default). */
+ * then reads -4. 2: an emulated device whose setup fails (as a GPU this build has no kernels for):
+ * its layers fall back to the host path, which the path report explains. 0: off (default). */
 SAEHOOK_API void saehook_llama_hook_emulate_device(saehook_llama_hook *hook, int32_t enable);
 /* The device copies of SAEs the hook holds (one per SAE and device), and their bytes. */
 SAEHOOK_API int32_t saehook_llama_hook_device_copies(const saehook_llama_hook *hook, int64_t *bytes);

@@ -31,7 +31,7 @@ namespace saehook::llama_device {
 
 namespace {
 
-bool emu(int device) { return device == kEmulated; }
+bool emu(int device) { return device == kEmulated || device == kEmulatedBroken; }
 
 [[maybe_unused]] [[noreturn]] void no_cuda() {
   fail(SAEHOOK_ERR_UNSUPPORTED, "this saehook build has no CUDA kernels");
@@ -146,6 +146,9 @@ SaePtr upload(const saehook_sae *host, int device) {
   SaePtr s(new Sae());
   s->device = device;
   s->size = total;
+  if (device == kEmulatedBroken)
+    fail(SAEHOOK_ERR_UNSUPPORTED, "this saehook build cannot run on the emulated broken device (a stand-in for a GPU "
+                                  "without kernels of this build)");
   if (emu(device)) {  // the host handle stands for the copy (its size counted as a copy's)
     s->handle = const_cast<saehook_sae *>(host);
     s->borrowed = true;

@@ -34,6 +34,9 @@ bool built();
 // every build, so that tests without a GPU run the device path's orchestration against the host
 // path (saehook_llama_hook_emulate_device). Pass it wherever a device ordinal goes.
 constexpr int kEmulated = -100;
+// The same, but its SAE copies fail as on a GPU this build has no kernels for (tests of the
+// fallback to the host path).
+constexpr int kEmulatedBroken = -101;
 
 // ggml-cuda names the buffer type of device n "CUDA<n>" (GGML_CUDA_NAME + std::to_string(n));
 // "CUDA_Host" (pinned host memory), "CUDA_Split", HIP's "ROCm<n>" and every other name give -1.

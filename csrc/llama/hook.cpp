@@ -148,7 +148,10 @@ struct saehook_llama_hook {
   saehook_ggml_backend_api bapi{};
   bool have_bapi = false;
   bool device_path = true;  // SAEHOOK_LLAMA_DEVICE=0 or saehook_llama_hook_set_device_path(0): host only
-  bool emulate = false;      // tests: the device path on host memory (saehook_llama_hook_emulate_device)
+  int emulate = 0;  // tests: the device path on host memory (saehook_llama_hook_emulate_device)
+  // Devices whose setup failed (e.g. a GPU this build has no kernels for), with the reason: their
+  // layers take the host path.
+  std::map<int, std::string> unusable;
   struct Path {
     int device = -2;  // -2: not run yet, -1: host, >= 0: CUDA device, -4: the emulated device
     const void *key = nullptr;  // the buffer type it was decided for
@@ -443,7 +446,7 @@ struct saehook_llama_hook {
         p.key = nullptr;
         p.why = "emulated device (the device path on host memory, for tests: saehook_llama_hook_emulate_device)";
       }
-      return saehook::llama_device::kEmulated;
+      return emulate == 2 ? saehook::llama_device::kEmulatedBroken : saehook::llama_device::kEmulated;
     }
     ggml_backend_buffer *b = bapi.tensor_buffer ? bapi.tensor_buffer(t)
                                                 : static_cast<ggml_backend_buffer *>(
@@ -479,13 +482,16 @@ struct saehook_llama_hook {
     }
     if (!rows_to_tokens(layer, nrows)) return;
     const int dev = where(layer, t);
-    if (dev != -1) {
+    if (dev != -1 && !device_ready(layer, dev)) {  // the host path, with the reason in the path report
+      Path &p = paths[size_t(layer)];
+      p.device = -1;
+      p.key = nullptr;
+      p.why = "host (" + device_name(dev) + " cannot run the device path: " + unusable[dev] + ")";
+    } else if (dev != -1) {
       namespace dv = saehook::llama_device;
       try {
-        auto &c = ctxs[dev];
-        if (!c) c = dv::open(dev);
-        dv::Scope scope(*c);
-        dctx = c.get();
+        dv::Scope scope(*ctxs[dev]);
+        dctx = ctxs[dev].get();
         ddev = dev;
         run(layer, static_cast<float *>(bapi.get_data(t)), nrows);
       } catch (const saehook::Error &e) {
@@ -502,11 +508,35 @@ struct saehook_llama_hook {
     if (run(layer, buf.data(), nrows)) api.tensor_set(t, buf.data(), 0, size_t(ne) * sizeof(float));
   }
 
+  // Sets up `dev` for the entries at `layer` before anything changes the residual: its stream and
+  // scratch, and the copies of their SAEs. A failure (no kernels for this GPU, out of memory) marks
+  // the device unusable: its layers then take the host path, and the path report says why.
+  bool device_ready(int layer, int dev) {
+    if (unusable.count(dev)) return false;
+    try {
+      auto &c = ctxs[dev];
+      if (!c) c = saehook::llama_device::open(dev);
+      ddev = dev;
+      for (const auto &e : entries)
+        if (e->layer == layer) device_sae(e->sae);
+      ddev = -1;
+      return true;
+    } catch (const saehook::Error &e) {
+      unusable[dev] = e.message;
+    } catch (const std::exception &e) {
+      unusable[dev] = e.what();
+    }
+    ddev = -1;
+    ctxs.erase(dev);
+    for (auto it = dev_saes.begin(); it != dev_saes.end();) it = it->first.second == dev ? dev_saes.erase(it) : std::next(it);
+    return false;
+  }
+
   static constexpr const char *kHostHint =
       " (saehook_llama_hook_set_device_path(hook, 0), HookedLlama.device_hook = False or SAEHOOK_LLAMA_DEVICE=0 "
       "runs hooked layers on the host path instead)";
   static std::string device_name(int dev) {
-    return dev == saehook::llama_device::kEmulated ? "emulated device" : "CUDA device " + std::to_string(dev);
+    return dev < 0 ? "emulated device" : "CUDA device " + std::to_string(dev);  // kEmulated(Broken) < 0
   }
 
   // The control vector rows on the running device (uploaded when set_cvec changed them).
@@ -989,7 +1019,8 @@ int32_t saehook_llama_hook_path(const saehook_llama_hook *hook, int32_t layer, c
 void saehook_llama_hook_emulate_device(saehook_llama_hook *hook, int32_t enable) {
   if (!hook) return;
   std::lock_guard<std::mutex> lk(hook->mu);
-  hook->emulate = enable != 0;
+  hook->emulate = enable == 2 ? 2 : enable != 0;
+  hook->unusable.clear();
 }
 
 int32_t saehook_llama_hook_device_copies(const saehook_llama_hook *hook, int64_t *bytes) {
