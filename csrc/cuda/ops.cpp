@@ -19,6 +19,7 @@
 #include "../core/cuda_ops.hpp"
 #include "../core/steer_formula.hpp"
 #include "../core/steer_modes.hpp"
+#include "hook_ops.hpp"
 #include "launch.cuh"
 #include "plan.cuh"
 #include "runtime.cuh"
@@ -460,6 +461,15 @@ void steer(const Sae &s, float *h, int64_t n, int64_t ldh, const saehook_steer_i
     fail(SAEHOOK_ERR_INVALID_ARGUMENT, "feature " + std::to_string(items[hr.dir_item].feature) +
                                            " has a zero decoder direction; cannot normalize");
   if (fired) std::copy(hact.begin(), hact.end(), fired);
+}
+
+void steer_rows(const saehook_steer_item *items, int32_t n_items, float *h, int64_t n, int64_t ldh, int64_t d,
+                const uint8_t *mask, const uint8_t *act, const float *vals, const int32_t *idx, int32_t kk,
+                const float *dirs, const ErrRec *err, cudaStream_t st) {
+  if (n <= 0 || n_items <= 0) return;
+  for (const ItemBatch &b : batches(items, n_items))
+    kern::steer_apply(b, h, n, ldh, d, mask, act, n_items, vals, idx, kk, dirs, err, st);
+  check_launch("steer_rows");
 }
 
 void decoder_direction(const Sae &s, int32_t feature, bool normalize, float *out) {

@@ -5,7 +5,9 @@
  * llama.cpp to stop after each hooked node `l_out-L` (the residual stream after block L), reads
  * the rows with ggml_backend_tensor_get, encodes them with an SAE (capture), applies steering
  * and writes them back with ggml_backend_tensor_set, so every later layer sees the change.
- * It works with any backend (CPU, CUDA, Metal) and any weight type (the residual is f32).
+ * It works with any backend (CPU, CUDA, Metal) and any weight type (the residual is f32). Where
+ * the residual is in a CUDA device buffer and libsaehook has CUDA, it runs on the device instead,
+ * without the host round trip (see "GPU offload: the device path" below).
  *
  * It uses no ggml struct layout: only the exported functions in saehook_ggml_api, taken by the
  * caller from the ggml library the running llama.cpp uses (SAEHOOK_GGML_API_LINKED when the
@@ -200,6 +202,59 @@ SAEHOOK_API saehook_status saehook_llama_hook_read(const saehook_llama_hook *hoo
 SAEHOOK_API void saehook_llama_hook_clear_captured(saehook_llama_hook *hook, int32_t id);
 /* Also keep the raw residual rows of capture entries (n_embd floats per row; for tests/analysis). */
 SAEHOOK_API void saehook_llama_hook_keep_residuals(saehook_llama_hook *hook, int32_t keep);
+
+/* ---- GPU offload: the device path ----
+ * A hooked block whose output lives in a CUDA device buffer (llama.cpp's CUDA backend, the layer
+ * offloaded with n_gpu_layers) runs on that device when libsaehook was built with CUDA: the hook
+ * keeps one copy of each SAE per device (uploaded at its first use there: W_enc + W_dec bytes;
+ * dropped when no entry uses the SAE), and encode, capture and every steering op run on the
+ * tensor's device memory with saehook's CUDA kernels on the hook's own stream, which the callback
+ * waits for before it returns (llama.cpp synchronises its backend before the callback). Captured
+ * features come to the host in one transfer per encode and micro-batch; the residual never does
+ * (unless keep_residuals). Every other buffer (CPU, CUDA_Host, Metal, Vulkan, ...) takes the host
+ * path above (ggml_backend_tensor_get/set). Results equal the host path's to float tolerance.
+ * A device whose setup fails (no kernels of this build for it, no memory for the SAE copy) is
+ * not used again by this hook: its layers take the host path and saehook_llama_hook_path says why.
+ * The hook needs four more ggml functions to see where a tensor lives (all in ggml-base, also
+ * in CPU-only builds); without them every block takes the host path. tensor_buffer may be NULL:
+ * the hook then reads the tensor's `buffer` field itself (the second member of ggml.h's struct
+ * ggml_tensor). */
+struct ggml_backend_buffer;
+struct ggml_backend_buffer_type;
+typedef struct {
+  bool (*buffer_is_host)(struct ggml_backend_buffer *buffer);
+  struct ggml_backend_buffer_type *(*buffer_get_type)(struct ggml_backend_buffer *buffer);
+  const char *(*buft_name)(struct ggml_backend_buffer_type *buft);
+  void *(*get_data)(const struct ggml_tensor *t);
+  struct ggml_backend_buffer *(*tensor_buffer)(const struct ggml_tensor *t); /* optional */
+} saehook_ggml_backend_api;
+
+/* For programs that link ggml directly (ggml.h and ggml-backend.h included first). */
+#define SAEHOOK_GGML_BACKEND_API_LINKED \
+  {ggml_backend_buffer_is_host, ggml_backend_buffer_get_type, ggml_backend_buft_name, ggml_get_data, NULL}
+
+/* Gives the hook the backend-buffer functions (copied; NULL: none, every block on the host). */
+SAEHOOK_API saehook_status saehook_llama_hook_set_backend_api(saehook_llama_hook *hook,
+                                                              const saehook_ggml_backend_api *api);
+/* 0: every block on the host path even where its tensor is on a CUDA device (the default where
+ * the environment has SAEHOOK_LLAMA_DEVICE=0); 1: the device path where it can run (default). */
+SAEHOOK_API void saehook_llama_hook_set_device_path(saehook_llama_hook *hook, int32_t enable);
+/* Which path block `layer` took at its last hooked micro-batch: the CUDA device ordinal, -1 the
+ * host, -2 not run yet, -3 no such layer; why (cap bytes, may be NULL) gets a sentence, e.g.
+ * "device 0 (CUDA0)" or "host (buffer type CPU is host memory)"; -4 the emulated device. */
+SAEHOOK_API int32_t saehook_llama_hook_path(const saehook_llama_hook *hook, int32_t layer, char *why, size_t cap);
+/* For tests on machines without a GPU: 1 runs every hooked block through the device path's code
+ * on host memory (an emulated device: host buffers for device memory, CPU loops for the kernels;
+ * needs saehook_llama_hook_set_backend_api), which must give the host path's results; the path
+ * then reads -4. 2: an emulated device whose setup fails (as a GPU this build has no kernels for):
+ * its layers fall back to the host path, which the path report explains. 0: off (default). */
+SAEHOOK_API void saehook_llama_hook_emulate_device(saehook_llama_hook *hook, int32_t enable);
+/* The device copies of SAEs the hook holds (one per SAE and device), and their bytes. */
+SAEHOOK_API int32_t saehook_llama_hook_device_copies(const saehook_llama_hook *hook, int64_t *bytes);
+/* The CUDA device a ggml buffer type name denotes ("CUDA<n>" -> n), else -1. */
+SAEHOOK_API int32_t saehook_llama_buffer_type_device(const char *name);
+/* 1 if this libsaehook has the device path (built with CUDA), else 0. */
+SAEHOOK_API int32_t saehook_llama_device_path_built(void);
 
 /* Errors inside the callback cannot reach llama.cpp: the first one is kept here (NULL if none)
  * and the hook stops changing tensors until it is cleared. */

@@ -5,6 +5,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <cstddef>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -14,6 +15,7 @@
 
 #include "../core/steer_formula.hpp"
 #include "../core/steer_modes.hpp"
+#include "device.hpp"
 
 namespace {
 
@@ -30,6 +32,7 @@ struct Entry {
   int32_t k;  // resolved (> 0)
   std::vector<saehook_steer_item> items;
   std::vector<float> dirs;  // the items' decoder directions (n_items x n_embd), read once at add
+  std::map<int, saehook::llama_device::Buffer> ddirs;  // dirs copied to each CUDA device that runs it
   bool needs_encode = false;  // an item reads z_f (clamp, scale, ablate, a condition)
   saehook_positions positions;
   // Conditional steering: conditions are evaluated on every row the entry wants (so latches
@@ -74,6 +77,21 @@ struct Encoding {
   std::vector<float> v;
   std::vector<int32_t> ix;
   std::vector<uint32_t> ver;
+  int id = 0;  // which device storage holds it on the device path
+  // Device path: the encode lives in device memory (values then indices, rows x k each) and v/ix
+  // are refreshed from it (one transfer) only where the host reads them: captures, conditions.
+  float *dv = nullptr;
+  int32_t *dix = nullptr;
+  bool host_stale = false;
+};
+
+// ggml.h's struct ggml_tensor begins `enum ggml_type type; struct ggml_backend_buffer *buffer;`
+// (unchanged since ggml's backend buffers, 2023; llama.cpp's own eval callback, common/debug.cpp,
+// reads t->buffer the same way). Only this field is read, and only where the caller gave the
+// backend-buffer functions but no tensor_buffer accessor.
+struct GgmlTensorHead {
+  int32_t type;
+  void *buffer;
 };
 
 // "l_out-12" -> 12; anything else -> -1.
@@ -122,6 +140,32 @@ struct saehook_llama_hook {
   std::vector<Token> toks;
   std::vector<int64_t> known_rows;
   std::vector<uint8_t> act, latch_bytes, latch_scratch;
+  std::vector<uint8_t> row_act, row_steer;  // per row of one entry: act (n_items each), steered
+  std::vector<uint8_t> dl;                  // device path: encodes downloaded for the host
+  std::vector<int32_t> row_list;
+
+  // ---- where each hooked layer runs (host or CUDA device) ----
+  saehook_ggml_backend_api bapi{};
+  bool have_bapi = false;
+  bool device_path = true;  // SAEHOOK_LLAMA_DEVICE=0 or saehook_llama_hook_set_device_path(0): host only
+  int emulate = 0;  // tests: the device path on host memory (saehook_llama_hook_emulate_device)
+  // Devices whose setup failed (e.g. a GPU this build has no kernels for), with the reason: their
+  // layers take the host path.
+  std::map<int, std::string> unusable;
+  struct Path {
+    int device = -2;  // -2: not run yet, -1: host, >= 0: CUDA device, -4: the emulated device
+    const void *key = nullptr;  // the buffer type it was decided for
+    std::string why = "not run yet";
+  };
+  std::vector<Path> paths;
+  // Device path state: per device a stream and scratch, per (SAE, device) one copy of the SAE
+  // (uploaded at first use, dropped when no entry uses the SAE any more), the control vector.
+  std::map<int, saehook::llama_device::CtxPtr> ctxs;
+  std::map<std::pair<const saehook_sae *, int>, saehook::llama_device::SaePtr> dev_saes;
+  uint64_t cvec_version = 1;
+  std::map<int, uint64_t> cvec_uploaded;
+  saehook::llama_device::Ctx *dctx = nullptr;  // set while one callback runs on a device
+  int ddev = -1;
 
   bool hooked(int layer) const {
     for (const auto &e : entries)
@@ -190,7 +234,8 @@ struct saehook_llama_hook {
   }
 
   // Encodes the rows of `x` selected by `need` (those whose encoding is missing or stale) into
-  // e, one saehook_encode over all of them (gathered when they are not every row).
+  // e, one encode over all of them (gathered when they are not every row): saehook_encode on the
+  // host, or on the device copy of the SAE with the encode left in device memory.
   bool encode_rows(int layer, Encoding &e, const float *x, int64_t nrows, const std::vector<uint8_t> &need) {
     std::vector<int64_t> &rows = enc_rows;
     rows.clear();
@@ -199,24 +244,83 @@ struct saehook_llama_hook {
     if (rows.empty()) return true;
     const size_t d = size_t(n_embd), k = size_t(e.k), n = rows.size();
     const bool all = int64_t(n) == nrows;
-    if (!all) {
-      gather.resize(n * d);
-      for (size_t i = 0; i < n; ++i) std::copy_n(x + size_t(rows[i]) * d, d, gather.begin() + std::ptrdiff_t(i * d));
+    if (dctx) {
+      device_encode(e, x, nrows, all);
+    } else {
+      if (!all) {
+        gather.resize(n * d);
+        for (size_t i = 0; i < n; ++i) std::copy_n(x + size_t(rows[i]) * d, d, gather.begin() + std::ptrdiff_t(i * d));
+      }
+      enc_v.resize(n * k);
+      enc_ix.resize(n * k);
+      if (saehook_encode(e.sae, all ? x : gather.data(), int64_t(n), n_embd, e.k, enc_v.data(), enc_ix.data(),
+                         nullptr) != SAEHOOK_OK)
+        return fail(layer, saehook_last_error());
+      for (size_t i = 0; i < n; ++i) {
+        const size_t r = size_t(rows[i]);
+        std::copy_n(enc_v.begin() + std::ptrdiff_t(i * k), k, e.v.begin() + std::ptrdiff_t(r * k));
+        std::copy_n(enc_ix.begin() + std::ptrdiff_t(i * k), k, e.ix.begin() + std::ptrdiff_t(r * k));
+      }
     }
-    enc_v.resize(n * k);
-    enc_ix.resize(n * k);
-    if (saehook_encode(e.sae, all ? x : gather.data(), int64_t(n), n_embd, e.k, enc_v.data(), enc_ix.data(),
-                       nullptr) != SAEHOOK_OK)
-      return fail(layer, saehook_last_error());
     ++n_encodes;
     encoded_rows += int64_t(n);
-    for (size_t i = 0; i < n; ++i) {
-      const size_t r = size_t(rows[i]);
-      std::copy_n(enc_v.begin() + std::ptrdiff_t(i * k), k, e.v.begin() + std::ptrdiff_t(r * k));
-      std::copy_n(enc_ix.begin() + std::ptrdiff_t(i * k), k, e.ix.begin() + std::ptrdiff_t(r * k));
-      e.ver[r] = row_ver[r];
-    }
+    for (int64_t r : rows) e.ver[size_t(r)] = row_ver[size_t(r)];
     return true;
+  }
+
+  // The device half of encode_rows: enc_rows of x (device) into e's device storage.
+  void device_encode(Encoding &e, const float *x, int64_t nrows, bool all) {
+    namespace dv = saehook::llama_device;
+    dv::Ctx &c = *dctx;
+    const int64_t d = n_embd, k = e.k, n = int64_t(enc_rows.size());
+    if (!e.dv) {
+      auto *p = static_cast<uint8_t *>(dv::encoding_storage(c, e.id, size_t(nrows * k) * 8));
+      e.dv = reinterpret_cast<float *>(p);
+      e.dix = reinterpret_cast<int32_t *>(p + size_t(nrows * k) * 4);
+    }
+    const dv::Sae &s = device_sae(e.sae);
+    if (all) {
+      dv::encode(c, s, x, n, e.k, e.dv, e.dix);
+    } else {  // gather the rows, encode them, scatter the Top-K back to their rows
+      row_list.assign(enc_rows.begin(), enc_rows.end());
+      auto *rows = static_cast<int32_t *>(dv::scratch(c, dv::kRows, size_t(n) * 4));
+      dv::upload(c, rows, row_list.data(), size_t(n) * 4);
+      auto *g = static_cast<float *>(dv::scratch(c, dv::kGather, size_t(n * d) * 4));
+      dv::copy_rows(c, g, d, nullptr, x, d, rows, n, d);
+      auto *tv = static_cast<float *>(dv::scratch(c, dv::kEncTmp, size_t(n * k) * 8));
+      auto *ti = reinterpret_cast<int32_t *>(tv + n * k);
+      dv::encode(c, s, g, n, e.k, tv, ti);
+      dv::copy_rows(c, e.dv, k, rows, tv, k, nullptr, n, k);
+      dv::copy_rows(c, e.dix, k, rows, ti, k, nullptr, n, k);
+    }
+    e.host_stale = true;
+  }
+
+  // The host copy of an encode the device path holds: one transfer of every row's Top-K.
+  const Encoding &host_view(Encoding &e, int64_t nrows) {
+    if (!dctx || !e.host_stale) return e;
+    const size_t half = size_t(nrows) * size_t(e.k);
+    dl.resize(half * 8);
+    saehook::llama_device::download(*dctx, dl.data(), e.dv, half * 8);
+    std::memcpy(e.v.data(), dl.data(), half * 4);
+    std::memcpy(e.ix.data(), dl.data() + half * 4, half * 4);
+    e.host_stale = false;
+    return e;
+  }
+
+  // The copy of `sae` on the device running now (uploaded at its first use there).
+  const saehook::llama_device::Sae &device_sae(const saehook_sae *sae) {
+    auto &p = dev_saes[{sae, ddev}];
+    if (!p) p = saehook::llama_device::upload(sae, ddev);
+    return *p;
+  }
+
+  // Drops the device copies of SAEs that no entry uses any more (their host handles may be freed).
+  void drop_unused_copies() {
+    for (auto it = dev_saes.begin(); it != dev_saes.end();) {
+      const bool used = std::any_of(entries.begin(), entries.end(), [&](const auto &e) { return e->sae == it->first.first; });
+      it = used ? std::next(it) : dev_saes.erase(it);
+    }
   }
 
   Encoding &encoding(std::vector<Encoding> &list, const saehook_sae *sae, int32_t k, int64_t nrows) {
@@ -227,64 +331,145 @@ struct saehook_llama_hook {
     e.v.assign(size_t(nrows) * size_t(k), 0.f);
     e.ix.assign(size_t(nrows) * size_t(k), -1);
     e.ver.assign(size_t(nrows), 0);
+    e.id = int(list.size() - 1) + (&list == &encs_in ? 1 << 16 : 0);
     return e;
   }
 
-  // Applies a steering entry's items (steer::apply_row, as saehook_steer does) to the rows of h
-  // it steers among those selected by mask, reading z_f from enc (the encode of those rows as
-  // they are now), and evaluates its conditions (steer::evaluate) with per-sequence latches.
-  bool apply_items(int layer, Entry &m, float *h, int64_t nrows, const std::vector<uint8_t> &mask,
-                   const Encoding *enc) {
-    const size_t d = size_t(n_embd);
+  // The plan of a steering entry at one micro-batch, shared by both paths: for each row selected
+  // by mask, whether the entry steers it (row_steer) and, with conditions, which items apply
+  // there (row_act, n_items per row; evaluated with per-sequence latches from enc, the encode of
+  // those rows as they are now, and recorded as fired where asked).
+  bool plan_rows(int layer, Entry &m, int64_t nrows, const std::vector<uint8_t> &mask, const Encoding *enc) {
     const int32_t n_items = int32_t(m.items.size());
+    row_steer.assign(size_t(nrows), 0);
+    if (m.has_conditions) row_act.assign(size_t(nrows) * size_t(n_items), 0);
     act.resize(size_t(n_items));
     latch_bytes.resize(size_t(n_items));
     for (int64_t r = 0; r < nrows; ++r) {
       if (!mask[size_t(r)]) continue;
       const Token &tk = toks[size_t(r)];
+      const bool steer_row = m.steers(tk);
+      row_steer[size_t(r)] = steer_row;
+      if (!m.has_conditions) continue;
+      const float *v = enc ? &enc->v[size_t(r) * size_t(enc->k)] : nullptr;
+      const int32_t *ix = enc ? &enc->ix[size_t(r) * size_t(enc->k)] : nullptr;
+      const int32_t k = enc ? enc->k : 0;
+      Entry::SeqLatch *L = tk.known ? &m.latch[tk.seq] : nullptr;  // unannounced rows: no memory
+      if (L) {
+        if (L->at.empty()) L->at.assign(size_t(n_items), INT_MAX);
+        if (tk.pos <= L->last_pos)  // rewound: what latched from this position on is gone
+          for (int32_t &p : L->at)
+            if (p >= tk.pos) p = INT_MAX;
+        for (int32_t t = 0; t < n_items; ++t) latch_bytes[size_t(t)] = L->at[size_t(t)] != INT_MAX;
+      } else {
+        std::fill(latch_bytes.begin(), latch_bytes.end(), 0);
+      }
+      saehook_steer_state st{latch_bytes.data(), nullptr, 1, nullptr};
+      const uint8_t sel = steer_row;
+      try {
+        saehook::steer::evaluate(m.items.data(), n_items, v, ix, 0, 1, k, &sel, &st, latch_scratch, act.data());
+      } catch (const saehook::Error &e) {
+        return fail(layer, e.message);
+      }
+      bool any = false;
+      for (int32_t t = 0; t < n_items; ++t) {
+        if (L && latch_bytes[size_t(t)] && L->at[size_t(t)] == INT_MAX) L->at[size_t(t)] = tk.pos;
+        any |= saehook::steer_is_condition(int(m.items[size_t(t)].op)) && act[size_t(t)];
+      }
+      if (L) L->last_pos = tk.pos;
+      if (any && m.record_fired && tk.known) {
+        m.f_seq.push_back(tk.seq);
+        m.f_pos.push_back(tk.pos);
+        m.f_gen.push_back(tk.generated);
+        m.f_bytes.insert(m.f_bytes.end(), act.begin(), act.end());
+      }
+      if (steer_row) std::copy(act.begin(), act.end(), row_act.begin() + std::ptrdiff_t(size_t(r) * size_t(n_items)));
+    }
+    return true;
+  }
+
+  // Applies a steering entry's items to the rows plan_rows chose: steer::apply_row per row on the
+  // host (as saehook_steer does), the steering kernels on the device.
+  bool apply_items(int layer, Entry &m, float *h, int64_t nrows, const Encoding *enc) {
+    const size_t d = size_t(n_embd);
+    const int32_t n_items = int32_t(m.items.size());
+    if (dctx) {
+      namespace dv = saehook::llama_device;
+      dv::Ctx &c = *dctx;
+      dv::Buffer &db = m.ddirs[ddev];
+      const bool fresh = db.get() == nullptr;
+      auto *dirs = static_cast<float *>(db.ensure(std::max<size_t>(m.dirs.size(), 1) * 4, ddev));
+      if (fresh) dv::upload(c, dirs, m.dirs.data(), m.dirs.size() * 4);
+      const std::vector<uint8_t> &sel = m.has_conditions ? row_act : row_steer;
+      auto *dsel = static_cast<uint8_t *>(dv::scratch(c, dv::kMask, sel.size()));
+      dv::upload(c, dsel, sel.data(), sel.size());
+      dv::steer_rows(c, m.items.data(), n_items, h, nrows, n_embd, m.has_conditions ? nullptr : dsel,
+                     m.has_conditions ? dsel : nullptr, enc ? enc->dv : nullptr, enc ? enc->dix : nullptr,
+                     enc ? enc->k : 0, dirs);
+      return true;
+    }
+    for (int64_t r = 0; r < nrows; ++r) {
+      if (!row_steer[size_t(r)]) continue;
       float *row = h + size_t(r) * d;
       if (!enc && !std::all_of(row, row + d, [](float x) { return std::isfinite(x); }))
         return fail(layer, "the residual of row " + std::to_string(r) + " contains NaN or Inf");
       const float *v = enc ? &enc->v[size_t(r) * size_t(enc->k)] : nullptr;
       const int32_t *ix = enc ? &enc->ix[size_t(r) * size_t(enc->k)] : nullptr;
-      const int32_t k = enc ? enc->k : 0;
-      const bool steer_row = m.steers(tk);
-      const uint8_t *a = nullptr;
-      if (m.has_conditions) {
-        Entry::SeqLatch *L = tk.known ? &m.latch[tk.seq] : nullptr;  // unannounced rows: no memory
-        if (L) {
-          if (L->at.empty()) L->at.assign(size_t(n_items), INT_MAX);
-          if (tk.pos <= L->last_pos)  // rewound: what latched from this position on is gone
-            for (int32_t &p : L->at)
-              if (p >= tk.pos) p = INT_MAX;
-          for (int32_t t = 0; t < n_items; ++t) latch_bytes[size_t(t)] = L->at[size_t(t)] != INT_MAX;
-        } else {
-          std::fill(latch_bytes.begin(), latch_bytes.end(), 0);
-        }
-        saehook_steer_state st{latch_bytes.data(), nullptr, 1, nullptr};
-        const uint8_t sel = steer_row;
-        try {
-          saehook::steer::evaluate(m.items.data(), n_items, v, ix, 0, 1, k, &sel, &st, latch_scratch, act.data());
-        } catch (const saehook::Error &e) {
-          return fail(layer, e.message);
-        }
-        bool any = false;
-        for (int32_t t = 0; t < n_items; ++t) {
-          if (L && latch_bytes[size_t(t)] && L->at[size_t(t)] == INT_MAX) L->at[size_t(t)] = tk.pos;
-          any |= saehook::steer_is_condition(int(m.items[size_t(t)].op)) && act[size_t(t)];
-        }
-        if (L) L->last_pos = tk.pos;
-        if (any && m.record_fired && tk.known) {
-          m.f_seq.push_back(tk.seq);
-          m.f_pos.push_back(tk.pos);
-          m.f_gen.push_back(tk.generated);
-          m.f_bytes.insert(m.f_bytes.end(), act.begin(), act.end());
-        }
-        a = act.data();
-      }
-      if (steer_row) saehook::steer::apply_row(m.items.data(), n_items, a, v, ix, k, m.dirs.data(), int64_t(d), row);
+      const uint8_t *a = m.has_conditions ? &row_act[size_t(r) * size_t(n_items)] : nullptr;
+      saehook::steer::apply_row(m.items.data(), n_items, a, v, ix, enc ? enc->k : 0, m.dirs.data(), int64_t(d), row);
     }
     return true;
+  }
+
+  // Which path runs `layer` for tensor t: a CUDA device (its ordinal) when the tensor's buffer is
+  // ggml-cuda's device buffer "CUDA<n>", this build has CUDA and the data pointer is device
+  // memory of that device to saehook's CUDA runtime; else the host (-1). Recorded per layer with
+  // the reason (saehook_llama_hook_path).
+  int where(int layer, ggml_tensor *t) {
+    Path &p = paths[size_t(layer)];
+    // The sentence is built only when the decision changes (every micro-batch asks).
+    auto host = [&](const void *key, const auto &why) {
+      if (p.device != -1 || p.key != key) {
+        p.device = -1;
+        p.key = key;
+        p.why = "host (" + std::string(why()) + ")";
+      }
+      return -1;
+    };
+    if (!device_path)
+      return host(&device_path, [] { return "the device path is off: SAEHOOK_LLAMA_DEVICE=0 or saehook_llama_hook_set_device_path"; });
+    if (!have_bapi)
+      return host(&have_bapi, [] { return "the caller gave no ggml backend-buffer functions (saehook_llama_hook_set_backend_api)"; });
+    if (emulate) {
+      if (p.device != -4) {
+        p.device = -4;
+        p.key = nullptr;
+        p.why = "emulated device (the device path on host memory, for tests: saehook_llama_hook_emulate_device)";
+      }
+      return emulate == 2 ? saehook::llama_device::kEmulatedBroken : saehook::llama_device::kEmulated;
+    }
+    ggml_backend_buffer *b = bapi.tensor_buffer ? bapi.tensor_buffer(t)
+                                                : static_cast<ggml_backend_buffer *>(
+                                                      reinterpret_cast<const GgmlTensorHead *>(t)->buffer);
+    if (!b) return host(nullptr, [] { return "the tensor has no backend buffer"; });
+    ggml_backend_buffer_type *bt = bapi.buffer_get_type(b);
+    const char *name = bt ? bapi.buft_name(bt) : nullptr;
+    auto nm = [name] { return std::string(name ? name : "?"); };
+    if (bapi.buffer_is_host(b)) return host(bt, [&] { return "buffer type " + nm() + " is host memory"; });
+    const int dev = saehook::llama_device::cuda_device_of_buffer_type(name);
+    if (dev < 0)
+      return host(bt, [&] {
+        return "buffer type " + nm() + " is not a CUDA device buffer: read and written with ggml_backend_tensor_get/set";
+      });
+    if (!saehook::llama_device::built()) return host(bt, [&] { return nm() + ": this saehook build has no CUDA kernels"; });
+    std::string why;
+    if (!saehook::llama_device::on_device(bapi.get_data(t), dev, why)) return host(bt, [&] { return nm() + ": " + why; });
+    if (p.device != dev || p.key != bt) {
+      p.device = dev;
+      p.key = bt;
+      p.why = "device " + std::to_string(dev) + " (" + nm() + ")";
+    }
+    return dev;
   }
 
   void process(int layer, ggml_tensor *t) {
@@ -296,9 +481,81 @@ struct saehook_llama_hook {
       return;
     }
     if (!rows_to_tokens(layer, nrows)) return;
+    const int dev = where(layer, t);
+    if (dev != -1 && !device_ready(layer, dev)) {  // the host path, with the reason in the path report
+      Path &p = paths[size_t(layer)];
+      p.device = -1;
+      p.key = nullptr;
+      p.why = "host (" + device_name(dev) + " cannot run the device path: " + unusable[dev] + ")";
+    } else if (dev != -1) {
+      namespace dv = saehook::llama_device;
+      try {
+        dv::Scope scope(*ctxs[dev]);
+        dctx = ctxs[dev].get();
+        ddev = dev;
+        run(layer, static_cast<float *>(bapi.get_data(t)), nrows);
+      } catch (const saehook::Error &e) {
+        fail(layer, device_name(dev) + ": " + e.message + kHostHint);
+      } catch (const std::exception &e) {
+        fail(layer, device_name(dev) + ": " + e.what() + kHostHint);
+      }
+      dctx = nullptr;
+      ddev = -1;
+      return;
+    }
     buf.resize(size_t(ne));
     api.tensor_get(t, buf.data(), 0, size_t(ne) * sizeof(float));
+    if (run(layer, buf.data(), nrows)) api.tensor_set(t, buf.data(), 0, size_t(ne) * sizeof(float));
+  }
 
+  // Sets up `dev` for the entries at `layer` before anything changes the residual: its stream and
+  // scratch, and the copies of their SAEs. A failure (no kernels for this GPU, out of memory) marks
+  // the device unusable: its layers then take the host path, and the path report says why.
+  bool device_ready(int layer, int dev) {
+    if (unusable.count(dev)) return false;
+    try {
+      auto &c = ctxs[dev];
+      if (!c) c = saehook::llama_device::open(dev);
+      ddev = dev;
+      for (const auto &e : entries)
+        if (e->layer == layer) device_sae(e->sae);
+      ddev = -1;
+      return true;
+    } catch (const saehook::Error &e) {
+      unusable[dev] = e.message;
+    } catch (const std::exception &e) {
+      unusable[dev] = e.what();
+    }
+    ddev = -1;
+    ctxs.erase(dev);
+    for (auto it = dev_saes.begin(); it != dev_saes.end();) it = it->first.second == dev ? dev_saes.erase(it) : std::next(it);
+    return false;
+  }
+
+  static constexpr const char *kHostHint =
+      " (saehook_llama_hook_set_device_path(hook, 0), HookedLlama.device_hook = False or SAEHOOK_LLAMA_DEVICE=0 "
+      "runs hooked layers on the host path instead)";
+  static std::string device_name(int dev) {
+    return dev < 0 ? "emulated device" : "CUDA device " + std::to_string(dev);  // kEmulated(Broken) < 0
+  }
+
+  // The control vector rows on the running device (uploaded when set_cvec changed them).
+  const float *device_cvec(int layer) {
+    namespace dv = saehook::llama_device;
+    auto *p = static_cast<float *>(dv::scratch(*dctx, dv::kCvec, cvec.size() * 4));
+    uint64_t &have = cvec_uploaded[ddev];
+    if (have != cvec_version) {
+      dv::upload(*dctx, p, cvec.data(), cvec.size() * 4);
+      have = cvec_version;
+    }
+    return p + size_t(layer) * size_t(n_embd);
+  }
+
+  // One micro-batch at a hooked block: x holds its nrows residual rows (host memory, or the
+  // tensor's device memory while dctx is set). Returns whether x changed (host path: to write back).
+  bool run(int layer, float *x, int64_t nrows) {
+    namespace dv = saehook::llama_device;
+    const size_t ne = size_t(nrows) * size_t(n_embd);
     std::vector<Entry *> caps, mods;
     for (auto &ep : entries) {
       if (ep->layer != layer) continue;
@@ -307,16 +564,23 @@ struct saehook_llama_hook {
     }
     const bool cv = cvec_on[size_t(layer)] != 0;
     // Captures read the residual before this block's steering (and control vector): keep a copy
-    // of it when something will change buf, or when the control vector has to be taken out.
-    const float *in = buf.data();
+    // of it when something will change x, or when the control vector has to be taken out.
+    const float *in = x;
     if (!caps.empty() && (cv || !mods.empty())) {
-      src.assign(buf.begin(), buf.end());
-      if (cv) {
-        const float *v = &cvec[size_t(layer) * n_embd];
-        for (int64_t r = 0; r < nrows; ++r)
-          for (int32_t j = 0; j < n_embd; ++j) src[size_t(r) * n_embd + j] -= v[j];
+      if (dctx) {
+        auto *s = static_cast<float *>(dv::scratch(*dctx, dv::kSnapshot, ne * 4));
+        dv::copy_device(*dctx, s, x, ne * 4);
+        if (cv) dv::add_vector(*dctx, s, nrows, n_embd, device_cvec(layer), -1.f);
+        in = s;
+      } else {
+        src.assign(x, x + ne);
+        if (cv) {
+          const float *v = &cvec[size_t(layer) * n_embd];
+          for (int64_t r = 0; r < nrows; ++r)
+            for (int32_t j = 0; j < n_embd; ++j) src[size_t(r) * n_embd + j] -= v[j];
+        }
+        in = src.data();
       }
-      in = src.data();
     }
 
     // The rows each entry touches (steering: its sequence and positions; capture: its sequence's
@@ -339,7 +603,7 @@ struct saehook_llama_hook {
     for (size_t i = 0; i < caps.size(); ++i) cap_on[i] = mask_of(mods.size() + i, *caps[i], true);
 
     // One encode per (SAE, k) of every row some entry of that SAE and k reads, before any change:
-    // the captures' rows (when the control vector does not sit between them and buf) and the rows
+    // the captures' rows (when the control vector does not sit between them and x) and the rows
     // of the steering entries that read z_f. Entries that touch disjoint rows (one per sequence)
     // thus share it; a row an earlier entry changed is encoded again when a later one reads it.
     row_ver.assign(size_t(nrows), 1);
@@ -359,19 +623,28 @@ struct saehook_llama_hook {
       for (size_t i = 0; i < caps.size(); ++i)
         if (cap_on[i]) need_rows(*caps[i], masks[mods.size() + i]);
     for (size_t g = 0; g < encs.size(); ++g)
-      if (!encode_rows(layer, encs[g], buf.data(), nrows, need_of[g])) return;
+      if (!encode_rows(layer, encs[g], x, nrows, need_of[g])) return false;
     if (cv)  // the captures read the residual without the control vector: an encode of its own
       for (size_t i = 0; i < caps.size(); ++i)
         if (cap_on[i]) {
           Encoding &e = encoding(encs_in, caps[i]->sae, caps[i]->k, nrows);
-          if (!encode_rows(layer, e, in, nrows, masks[mods.size() + i])) return;
+          if (!encode_rows(layer, e, in, nrows, masks[mods.size() + i])) return false;
         }
 
-    // Captures first: they read the encodings made before any change.
+    // Captures first: they read the encodings made before any change (on the device path copied
+    // to the host once per encode, and the residuals only when they are kept).
+    const float *in_host = in;
+    if (dctx && keep_residuals && std::find(cap_on.begin(), cap_on.end(), true) != cap_on.end()) {
+      dl.resize(ne * 4);
+      dv::download(*dctx, dl.data(), in, ne * 4);
+      in_host = reinterpret_cast<const float *>(dl.data());
+      src.assign(in_host, in_host + ne);  // dl is reused by host_view below
+      in_host = src.data();
+    }
     for (size_t i = 0; i < caps.size(); ++i) {
       if (!cap_on[i]) continue;
       Entry *c = caps[i];
-      const Encoding &e = encoding(cv ? encs_in : encs, c->sae, c->k, nrows);
+      const Encoding &e = host_view(encoding(cv ? encs_in : encs, c->sae, c->k, nrows), nrows);
       const auto &m = masks[mods.size() + i];
       for (int64_t r = 0; r < nrows; ++r) {
         if (!m[size_t(r)]) continue;
@@ -380,7 +653,8 @@ struct saehook_llama_hook {
                          e.v.begin() + std::ptrdiff_t(size_t(r + 1) * k));
         c->indices.insert(c->indices.end(), e.ix.begin() + std::ptrdiff_t(size_t(r) * k),
                           e.ix.begin() + std::ptrdiff_t(size_t(r + 1) * k));
-        if (keep_residuals) c->residuals.insert(c->residuals.end(), in + size_t(r) * n_embd, in + size_t(r + 1) * n_embd);
+        if (keep_residuals)
+          c->residuals.insert(c->residuals.end(), in_host + size_t(r) * n_embd, in_host + size_t(r + 1) * n_embd);
         const Token &tk = toks[size_t(r)];
         c->tokens.push_back(tk.token);
         c->pos.push_back(tk.pos);
@@ -389,13 +663,20 @@ struct saehook_llama_hook {
       }
     }
 
+    // Device path: rows with NaN/Inf stop every steering kernel (as the host's checks stop the
+    // write-back); the encodes and reconstructions refuse them themselves.
+    const bool checked = dctx && std::find(mod_on.begin(), mod_on.end(), true) != mod_on.end();
+    if (checked) dv::check_finite(*dctx, x, nrows, n_embd);
     bool changed = false;
     for (size_t i = 0; i < mods.size(); ++i) {
       if (!mod_on[i]) continue;
       Entry *m = mods[i];
       if (m->reconstruct) {
-        if (saehook_reconstruct(m->sae, buf.data(), nrows, n_embd, nullptr) != SAEHOOK_OK)
-          return (void)fail(layer, saehook_last_error());
+        if (dctx) {
+          dv::reconstruct(*dctx, device_sae(m->sae), x, nrows);
+        } else if (saehook_reconstruct(m->sae, x, nrows, n_embd, nullptr) != SAEHOOK_OK) {
+          return fail(layer, saehook_last_error());
+        }
         ++n_encodes;
         encoded_rows += nrows;
         for (auto &v : row_ver) ++v;
@@ -405,13 +686,21 @@ struct saehook_llama_hook {
       Encoding *e = nullptr;
       if (m->needs_encode) {
         e = &encoding(encs, m->sae, m->k, nrows);
-        if (!encode_rows(layer, *e, buf.data(), nrows, masks[i])) return;  // only rows changed since
+        if (!encode_rows(layer, *e, x, nrows, masks[i])) return false;  // only rows changed since
       }
-      if (!apply_items(layer, *m, buf.data(), nrows, masks[i], e)) return;
+      if (!plan_rows(layer, *m, nrows, masks[i], m->has_conditions && e ? &host_view(*e, nrows) : e)) return false;
+      if (!apply_items(layer, *m, x, nrows, e)) return false;
       for (int64_t r = 0; r < nrows; ++r) row_ver[size_t(r)] += masks[i][size_t(r)];
       changed = true;
     }
-    if (changed) api.tensor_set(t, buf.data(), 0, size_t(ne) * sizeof(float));
+    if (dctx) {  // llama.cpp's next kernels must see the rows as changed here
+      if (checked) {
+        const int64_t bad = dv::nonfinite_row(*dctx, n_embd);  // waits for the stream
+        if (bad >= 0) return fail(layer, "the residual of row " + std::to_string(bad) + " contains NaN or Inf");
+      }
+      dv::sync(*dctx);
+    }
+    return changed;
   }
 
   Entry *find(int32_t id) const {
@@ -434,6 +723,9 @@ saehook_llama_hook *saehook_llama_hook_create(const saehook_ggml_api *api, int32
   h->cursor.assign(size_t(n_layer), 0);
   h->cvec.assign(size_t(n_layer) * size_t(n_embd), 0.f);
   h->cvec_on.assign(size_t(n_layer), 0);
+  h->paths.assign(size_t(n_layer), saehook_llama_hook::Path{});
+  const char *env = std::getenv("SAEHOOK_LLAMA_DEVICE");
+  h->device_path = !(env && std::strcmp(env, "0") == 0);
   return h;
 }
 
@@ -512,6 +804,7 @@ saehook_status saehook_llama_hook_remove(saehook_llama_hook *hook, int32_t id) {
   auto it = std::find_if(hook->entries.begin(), hook->entries.end(), [&](const auto &e) { return e->id == id; });
   if (it == hook->entries.end()) return SAEHOOK_ERR_INVALID_ARGUMENT;
   hook->entries.erase(it);
+  hook->drop_unused_copies();  // the SAE's host handle may be freed next
   return SAEHOOK_OK;
 }
 
@@ -628,6 +921,7 @@ saehook_status saehook_llama_hook_set_cvec(saehook_llama_hook *hook, const float
   std::lock_guard<std::mutex> lk(hook->mu);
   std::fill(hook->cvec.begin(), hook->cvec.end(), 0.f);
   std::fill(hook->cvec_on.begin(), hook->cvec_on.end(), 0);
+  ++hook->cvec_version;  // the device copies are stale
   if (!data) return SAEHOOK_OK;
   const size_t d = size_t(n_embd);
   // As llama_adapter_cvec: no row for block 0; row il - 1 for block il within [il_start, il_end].
@@ -692,6 +986,57 @@ void saehook_llama_hook_keep_residuals(saehook_llama_hook *hook, int32_t keep) {
   std::lock_guard<std::mutex> lk(hook->mu);
   hook->keep_residuals = keep != 0;
 }
+
+saehook_status saehook_llama_hook_set_backend_api(saehook_llama_hook *hook, const saehook_ggml_backend_api *api) {
+  if (!hook) return SAEHOOK_ERR_INVALID_ARGUMENT;
+  if (api && (!api->buffer_is_host || !api->buffer_get_type || !api->buft_name || !api->get_data))
+    return SAEHOOK_ERR_INVALID_ARGUMENT;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  hook->bapi = api ? *api : saehook_ggml_backend_api{};
+  hook->have_bapi = api != nullptr;
+  return SAEHOOK_OK;
+}
+
+void saehook_llama_hook_set_device_path(saehook_llama_hook *hook, int32_t enable) {
+  if (!hook) return;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  hook->device_path = enable != 0;
+}
+
+int32_t saehook_llama_hook_path(const saehook_llama_hook *hook, int32_t layer, char *why, size_t cap) {
+  if (!hook) return -3;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  if (layer < 0 || layer >= hook->n_layer) return -3;
+  const auto &p = hook->paths[size_t(layer)];
+  if (why && cap) {
+    const size_t n = std::min(cap - 1, p.why.size());
+    std::memcpy(why, p.why.data(), n);
+    why[n] = '\0';
+  }
+  return p.device;
+}
+
+void saehook_llama_hook_emulate_device(saehook_llama_hook *hook, int32_t enable) {
+  if (!hook) return;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  hook->emulate = enable == 2 ? 2 : enable != 0;
+  hook->unusable.clear();
+}
+
+int32_t saehook_llama_hook_device_copies(const saehook_llama_hook *hook, int64_t *bytes) {
+  if (!hook) return -1;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  int64_t total = 0;
+  for (const auto &kv : hook->dev_saes) total += int64_t(saehook::llama_device::bytes(*kv.second));
+  if (bytes) *bytes = total;
+  return int32_t(hook->dev_saes.size());
+}
+
+int32_t saehook_llama_buffer_type_device(const char *name) {
+  return saehook::llama_device::cuda_device_of_buffer_type(name);
+}
+
+int32_t saehook_llama_device_path_built(void) { return saehook::llama_device::built() ? 1 : 0; }
 
 const char *saehook_llama_hook_error(const saehook_llama_hook *hook) {
   return hook && !hook->error.empty() ? hook->error.c_str() : nullptr;

@@ -73,9 +73,15 @@ def _require_cuda() -> None:
         raise RuntimeError("torch sees no CUDA device")
 
 
-def describe(device: Any = None) -> str:
+def describe(device: Any = None, *, llm: Any = None) -> str:
     """One line about the CUDA path on a device: which GEMM runs (cuBLAS and its version, or
-    saehook's own kernels and why)."""
+    saehook's own kernels and why). With `llm` (a saehook.llama.HookedLlama): which path each of
+    its hooked layers took at its last micro-batch instead, "device N (CUDAN)" (the SAE on that
+    GPU, on the residual's device memory) or "host (why)" (needs neither torch nor a GPU)."""
+    if llm is not None:
+        built = "with" if _core.cuda_available() else "without"
+        paths = "; ".join(f"layer {L}: {p}" for L, p in llm.hook_paths().items()) or "no hooked layer"
+        return f"llama.cpp hook (saehook built {built} CUDA): {paths}"
     _require_cuda()
     torch = _torch()
     dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)

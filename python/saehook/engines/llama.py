@@ -87,6 +87,27 @@ def _ggml_api() -> _GgmlApi:
         raise RuntimeError(f"llama_cpp's library does not export the ggml functions {_SYMBOLS}: {e}") from None
 
 
+class _GgmlBackendApi(ctypes.Structure):
+    """saehook_ggml_backend_api: where a tensor lives (for the device path on GPU offload)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("buffer_is_host", "buffer_get_type", "buft_name", "get_data", "tensor_buffer")]
+
+
+_BACKEND_SYMBOLS = ("ggml_backend_buffer_is_host", "ggml_backend_buffer_get_type", "ggml_backend_buft_name",
+                    "ggml_get_data")
+
+
+def _ggml_backend_api() -> Optional[_GgmlBackendApi]:
+    """The backend-buffer functions of libllama's ggml (in ggml-base, CPU-only builds included),
+    or None where this llama.cpp lacks one (every layer then takes the host path)."""
+    lib = getattr(_llama_lib, "_lib", None)
+    try:
+        return _GgmlBackendApi(*[ctypes.cast(getattr(lib, s), ctypes.c_void_p).value for s in _BACKEND_SYMBOLS], None)
+    except AttributeError:
+        return None
+
+
 def _check_finite_f32(v: np.ndarray, what: str) -> None:
     if not np.isfinite(v).all():
         raise ValueError(f"{what} is not finite in float32 (a steering value or a sum of them overflows "
@@ -125,6 +146,11 @@ class _Lib:
             "saehook_llama_hook_clear_error": (None, [P]),
             "saehook_llama_hook_set_options": (c.c_int, [P, c.c_int32, c.c_int32, c.c_int32, c.c_int32]),
             "saehook_llama_hook_take_fired": (c.c_int64, [P, c.c_int32, P, P, P, P, c.c_int64]),
+            "saehook_llama_hook_set_backend_api": (c.c_int, [P, c.POINTER(_GgmlBackendApi)]),
+            "saehook_llama_hook_set_device_path": (None, [P, c.c_int32]),
+            "saehook_llama_hook_path": (c.c_int32, [P, c.c_int32, c.c_char_p, c.c_size_t]),
+            "saehook_llama_hook_device_copies": (c.c_int32, [P, P]),
+            "saehook_llama_hook_emulate_device": (None, [P, c.c_int32]),
         }
         for name, (res, args) in sig.items():
             f = getattr(lib, name)
@@ -350,6 +376,7 @@ class HookedLlama(llama_cpp.Llama):
         self.last_stop: Optional["StopEvent"] = None    # the stop that ended the last generate(), if any
         self._decode_generated = False
         self._cb = None
+        self._device_hook = os.environ.get("SAEHOOK_LLAMA_DEVICE", "1") != "0"
         kwargs.setdefault("verbose", False)  # llama.cpp's load log only when asked for
         real_context = _internals.LlamaContext
         owner = self
@@ -366,6 +393,9 @@ class HookedLlama(llama_cpp.Llama):
             owner._hook = lib.create(ctypes.byref(api), owner._n_embd, owner._n_layer)
             if not owner._hook:
                 raise RuntimeError("saehook: cannot create the llama.cpp hook")
+            bapi = _ggml_backend_api()  # lets layers on a CUDA device run there (device path)
+            if bapi is not None:
+                lib.set_backend_api(owner._hook, ctypes.byref(bapi))
             # A ctypes function pointer to the C++ callback (no Python on the per-layer path);
             # kept on the Llama, which outlives its context.
             owner._cb = ctypes.cast(lib.callback_address, llama_cpp.ggml_backend_sched_eval_callback)
@@ -391,6 +421,45 @@ class HookedLlama(llama_cpp.Llama):
     @property
     def n_embd_model(self) -> int:
         return self._n_embd
+
+    # ---- where the hook runs (host or CUDA device) ----
+    def hook_paths(self) -> Dict[int, str]:
+        """Per hooked layer, the path its last micro-batch took: "device N (CUDAN)" (the SAE on
+        that GPU, run on the residual's device memory) or "host (why)" (the residual copied to
+        the host and back), or "not run yet"."""
+        if not self._hook:
+            return {}
+        lib, out = _lib(), {}
+        why = ctypes.create_string_buffer(512)
+        for L in sorted({e.layer for e in self._entries.values()}):
+            lib.path(self._hook, L, why, len(why))
+            out[L] = why.value.decode()
+        return out
+
+    @property
+    def device_hook(self) -> bool:
+        """Whether layers whose residual is on a CUDA device run there (default True, unless the
+        environment has SAEHOOK_LLAMA_DEVICE=0); False forces the host path everywhere."""
+        return self._device_hook
+
+    @device_hook.setter
+    def device_hook(self, on: bool) -> None:
+        self._device_hook = bool(on)
+        if self._hook:
+            _lib().set_device_path(self._hook, int(self._device_hook))
+
+    def device_sae_copies(self) -> Tuple[int, int]:
+        """(copies, bytes) of the SAEs the hook holds on CUDA devices (one per SAE and device)."""
+        if not self._hook:
+            return 0, 0
+        b = ctypes.c_int64(0)
+        n = _lib().device_copies(self._hook, ctypes.byref(b))
+        return int(n), int(b.value)
+
+    def __repr__(self) -> str:
+        paths = "; ".join(f"layer {L}: {p}" for L, p in self.hook_paths().items()) or "no hooked layer"
+        name = os.path.basename(str(getattr(self, "model_path", "?")))
+        return f"HookedLlama({name!r}, n_layer={getattr(self, '_n_layer', '?')}, hook: {paths})"
 
     @property
     def unannounced_rows(self) -> int:
