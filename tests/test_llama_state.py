@@ -4,6 +4,7 @@ logging, control vectors that overflow float32, and the streaming features API (
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -256,6 +257,54 @@ def test_keyboard_interrupt_at_every_step_of_enter_and_exit(model, sae):
                     with pytest.raises(KeyboardInterrupt):
                         block()
                 assert_clean(llm, baseline, f"{name}: interrupt {'after' if after else 'before'} call {at}")
+
+
+class CtrlCAtInstall:
+    """A Ctrl-C that arrives just before _SigintHold.install(), at call number `at`: the handler
+    in effect then runs at install()'s entry (a check point) and again inside signal.signal(),
+    which runs pending handlers before it swaps. If that handler is the hold itself, the Ctrl-C
+    is only marked pending; otherwise Python's default handler raises KeyboardInterrupt there.
+    A sys.settrace 'call' event raises at the function's entry, as CPython's check point does."""
+
+    def __init__(self, at=None):
+        self.n, self.at = 0, at
+
+    def __call__(self, frame, event, arg):
+        if event == "call" and frame.f_code is shl._SigintHold.install.__code__:
+            i, self.n = self.n, self.n + 1
+            if i == self.at:
+                hold = frame.f_locals["self"]
+                if signal.getsignal(signal.SIGINT) is hold:
+                    hold.pending = True
+                else:
+                    raise KeyboardInterrupt(f"pending at install {i}")
+        return None
+
+
+def test_ctrl_c_pending_when_a_block_exits_still_cleans_up(model, sae):
+    # signal.signal() runs a pending Ctrl-C with the old handler before it swaps: an exit that
+    # installed its hold once lost its whole cleanup to a Ctrl-C that came a few bytecodes early
+    # (the entry stayed live and steered every later decode; seen in the real Ctrl-C loop under load)
+    llm = open_llm(model)
+    llm.eval(TOKENS[:10])
+    baseline = logits(llm)
+    seq = lambda: llm.hook_sequence(3, [strong(sae)]).close()  # noqa: E731 - SequenceHook too
+    for name, block in {**_blocks(llm, sae), "sequence": seq}.items():
+        counter = CtrlCAtInstall()
+        sys.settrace(counter)
+        try:
+            block()
+        finally:
+            sys.settrace(None)
+        assert counter.n > 0, name
+        for at in range(counter.n):
+            sys.settrace(CtrlCAtInstall(at))
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    block()
+            finally:
+                sys.settrace(None)
+            assert_clean(llm, baseline, f"{name}: Ctrl-C pending at install {at}")
 
 
 def test_a_cleanup_that_keeps_failing_is_finished_before_the_next_decode(model, sae):

@@ -287,12 +287,21 @@ _UNKNOWN_ROW = object()  # a cached row whose hook state is unknown (a state res
 
 class _SigintHold:
     """A SIGINT handler that holds a Ctrl-C back while C and Python hook state change together.
-    It is installed by a bare `signal.signal(SIGINT, hold)` as the first call of a critical
-    section: CPython runs pending signal handlers only between bytecodes at its check points
-    (the start of a Python function, after a call, a backward jump), so a Ctrl-C that arrives
-    before the swap is raised before anything changed, and one that arrives after it, even one
-    already pending, reaches this handler. release() puts the previous handler back and raises
-    the KeyboardInterrupt held back, once the state is consistent."""
+    install() is the first call of a critical section: CPython runs pending signal handlers only
+    between bytecodes at its check points (the start of a Python function, after a call, a
+    backward jump) and signal.signal() itself runs the pending ones with the OLD handler before
+    it swaps, so a Ctrl-C that arrives before the swap is raised by install() before anything
+    changed, and one that arrives after it reaches this handler. A section that must run to the
+    end (a cleanup) therefore installs twice:
+
+        try:
+            hold.install()      # may raise a Ctrl-C that was already pending
+        finally:
+            hold.install()      # now installed, whatever the first one did
+            try: ... finally: hold.release()
+
+    release() puts the previous handler back and raises the KeyboardInterrupt held back, once
+    the state is consistent."""
 
     __slots__ = ("prev", "pending")
 
@@ -301,6 +310,12 @@ class _SigintHold:
 
     def __call__(self, signum, frame):
         self.pending = True
+
+    def install(self) -> None:
+        try:
+            self.adopt(signal.signal(signal.SIGINT, self))
+        except ValueError:  # not the main thread: Python signal handlers never run there
+            pass
 
     def adopt(self, prev) -> None:
         """Records the handler signal.signal() replaced (not this hold itself, when re-installed)."""
@@ -907,10 +922,7 @@ class HookedLlama(llama_cpp.Llama):
         cvecs: List[Tuple[int, np.ndarray]] = []
         hold = _SigintHold()
         try:
-            try:
-                hold.adopt(signal.signal(signal.SIGINT, hold))  # the first call: see _SigintHold
-            except ValueError:  # not the main thread: Python signal handlers never run here
-                pass
+            hold.install()  # the first call: see _SigintHold
             self._dirty = True
             setup(ids, cvecs)
             self._settle()
@@ -918,26 +930,26 @@ class HookedLlama(llama_cpp.Llama):
             yield result
         finally:
             try:
-                hold.adopt(signal.signal(signal.SIGINT, hold))
-            except ValueError:
-                pass
-            try:
-                self._dirty = True
-                try:
-                    if teardown is not None:
-                        teardown()
-                finally:
-                    self._forget(ids)
-                    for layer, v in cvecs:
-                        lst = self._cvec.get(layer, [])
-                        for j, x in enumerate(lst):
-                            if x is v:
-                                del lst[j]
-                                self._changed()
-                                break
-                    self._settle()
+                hold.install()  # may raise a Ctrl-C pending since before the swap ...
             finally:
-                hold.release()
+                hold.install()  # ... so the cleanup installs again and runs whatever the first did
+                try:
+                    self._dirty = True
+                    try:
+                        if teardown is not None:
+                            teardown()
+                    finally:
+                        self._forget(ids)
+                        for layer, v in cvecs:
+                            lst = self._cvec.get(layer, [])
+                            for j, x in enumerate(lst):
+                                if x is v:
+                                    del lst[j]
+                                    self._changed()
+                                    break
+                        self._settle()
+                finally:
+                    hold.release()
 
     # ---- capture ----
     def _read_into(self, r: LlamaLayerRecord, i: int, residuals: bool) -> None:
@@ -1233,7 +1245,9 @@ class SequenceHook:
         self._llm = llm
         self._ids: List[int] = []
         self._captures: Dict[int, int] = {}
+        hold = _SigintHold()  # a Ctrl-C between an add and its record here would orphan the entry
         try:
+            hold.install()
             for st in steerings:
                 self._ids.append(llm._add_steering(st, seq=self.seq_id))
             for layer, sae in capture.items():
@@ -1243,6 +1257,8 @@ class SequenceHook:
         except BaseException:
             self.close()
             raise
+        finally:
+            hold.release()
 
     def take_stops(self) -> List["StopEvent"]:
         """The stop_when conditions of this sequence's steerings that held since the last call."""
@@ -1263,23 +1279,25 @@ class SequenceHook:
         return out
 
     def close(self) -> None:
-        llm, self._llm = self._llm, None
-        if llm is None:
+        if self._llm is None:
             return
-        hold = _SigintHold()
+        hold = _SigintHold()  # made first: a Ctrl-C in its __init__ leaves the sequence untouched
         try:
-            hold.adopt(signal.signal(signal.SIGINT, hold))  # see _SigintHold
-        except ValueError:
-            pass
-        try:
-            llm._dirty = True
-            llm._forget(self._ids)
-            self._ids, self._captures = [], {}
-            if llm._hook:
-                llm._settle()
-                _lib().clear_seq(llm._hook, self.seq_id)
+            hold.install()  # may raise a Ctrl-C pending since before the swap (see _SigintHold) ...
         finally:
-            hold.release()
+            hold.install()  # ... so install again: this sequence's entries go whatever happens
+            try:
+                llm, self._llm = self._llm, None
+                if llm is None:
+                    return
+                llm._dirty = True
+                llm._forget(self._ids)
+                self._ids, self._captures = [], {}
+                if llm._hook:
+                    llm._settle()
+                    _lib().clear_seq(llm._hook, self.seq_id)
+            finally:
+                hold.release()
 
     def __enter__(self) -> "SequenceHook":
         return self
