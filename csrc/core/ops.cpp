@@ -48,12 +48,13 @@ inline float load_scalar(const uint8_t *p, saehook_dtype dt) {
 
 // Features per task. With several rows, about 512 KiB of encoder weights, so a block stays in L2
 // while every row of the chunk is multiplied with it; a single row streams the weights once.
-int64_t feature_block(const saehook_sae_desc &d, int64_t rows) {
+// The byte targets are the CPU class's (Tuning::block_bytes_n, block_bytes_1).
+int64_t feature_block(const saehook_sae_desc &d, int64_t rows, const cpu::Tuning &tp) {
   int64_t row_bytes = d.d_model * int64_t(dtype_size(d.enc_dtype));
   // Batch 1 streams the weights once: long sequential blocks keep the hardware prefetcher
   // running (2 MiB blocks vs 128 KiB, alternating in one process at 4096 x 65536: f32 0.82 ->
   // 0.91, bf16 0.95 -> 0.99, int8 0.93 -> 0.98 of the measured read bandwidth).
-  int64_t target = rows > 1 ? (512 << 10) : (2 << 20);
+  int64_t target = rows > 1 ? tp.block_bytes_n : tp.block_bytes_1;
   int64_t fb = std::clamp<int64_t>(target / std::max<int64_t>(row_bytes, 1), 8, 512);
   // Several rows: whole register tiles of the packed kernels (4 groups of 16 features), as long
   // as the block still fits L2. At d_model 5120 the 512 KiB target gave 48 bf16 features, three
@@ -125,7 +126,8 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
   check_finite(x, n, d, ldx, "input");
 
   const cpu::Kernels &K = cpu::active();
-  const int64_t fb = feature_block(D, n);
+  const cpu::Tuning &tp = cpu::tuning();
+  const int64_t fb = feature_block(D, n, tp);
   const int64_t n_blocks = (m + fb - 1) / fb;
   const int T = int(std::max<int64_t>(1, std::min<int64_t>(threads, n_blocks)));
   // Top-K buffer entries per row and worker: room for 2k (compacting to k when full), never more
@@ -155,7 +157,7 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
     parallel_for(n_blocks, T, [&](int64_t b, int w) {
       const int64_t f0 = b * fb, nf = std::min(fb, m - f0);
       float *P = &pre[size_t(w) * rc_max * fb];
-      K.dot_block(operand.data(), rc, D.W_enc, D.enc_dtype, D.enc_scales, d, f0, nf, P, fb);
+      K.dot_block(operand.data(), rc, D.W_enc, D.enc_dtype, D.enc_scales, d, f0, nf, P, fb, tp);
       const float *be = D.b_enc ? D.b_enc + f0 : nullptr;
       const float *th = D.threshold ? D.threshold + f0 : nullptr;
       for (int64_t r = 0; r < rc; ++r) {
@@ -203,13 +205,14 @@ void preacts(const Sae &s, const float *x, int64_t n, int64_t ldx, float *out, i
   if (n == 0) return;
   check_finite(x, n, D.d_model, ldx, "input");
   const cpu::Kernels &K = cpu::active();
+  const cpu::Tuning &tp = cpu::tuning();
   std::vector<uint8_t> operand(K.operand_bytes(D.enc_dtype, n, D.d_model));
   K.prepare(x, ldx, D.subtract_b_dec ? D.b_dec : nullptr, n, D.d_model, D.enc_dtype, operand.data());
-  const int64_t fb = feature_block(D, n), n_blocks = (D.d_sae + fb - 1) / fb;
+  const int64_t fb = feature_block(D, n, tp), n_blocks = (D.d_sae + fb - 1) / fb;
   parallel_for(n_blocks, threads, [&](int64_t b, int) {
     const int64_t f0 = b * fb, nf = std::min(fb, D.d_sae - f0);
     K.dot_block(operand.data(), n, D.W_enc, D.enc_dtype, D.enc_scales, D.d_model, f0, nf, out + f0,
-                D.d_sae);
+                D.d_sae, tp);
     if (D.b_enc)
       for (int64_t r = 0; r < n; ++r)
         for (int64_t j = 0; j < nf; ++j) out[r * D.d_sae + f0 + j] += D.b_enc[f0 + j];
@@ -234,6 +237,7 @@ int64_t decode_rows(const Sae &s, const float *values, const int32_t *indices, i
       fail(SAEHOOK_ERR_NAN, "values contain NaN or Inf at row " + std::to_string(e / k));
   }
   const cpu::Kernels &K = cpu::active();
+  const cpu::Tuning &tp = cpu::tuning();
   const size_t es = dtype_size(D.dec_dtype);
   const uint8_t *W = static_cast<const uint8_t *>(D.W_dec);
 
@@ -241,7 +245,7 @@ int64_t decode_rows(const Sae &s, const float *values, const int32_t *indices, i
     parallel_for(n, threads, [&](int64_t r, int) {
       float *o = out + r * ldo;
       for (int64_t i = 0; i < d; ++i) o[i] = D.b_dec ? D.b_dec[i] : 0.f;
-      K.gather_sum(values + r * k, indices + r * k, k, W, D.dec_dtype, d, o);
+      K.gather_sum(values + r * k, indices + r * k, k, W, D.dec_dtype, d, o, tp);
     });
   } else {
     // Column layout: feature f is strided by d_sae. Walk the decoder row by row (one model

@@ -67,20 +67,20 @@ constexpr int64_t kPackRows = 4;
 // float32 weights pack from more rows: packing costs a pass over the block, and below 16 rows
 // the dot-product tiles were as fast (8 rows: 57 ms against 60 at 4096 x 65536).
 constexpr int64_t kPackRowsF32 = 16;
-constexpr int64_t kChunk = 1024;  // panel inputs per pass (a multiple of kQBlock): L1/L2 reuse
+// Panel inputs per pass (a multiple of kQBlock, for L1/L2 reuse): Tuning::panel_chunk.
 
 // ---------------- dot-product tiles (few rows) ----------------
 #if SAEHOOK_VNNI_BF16
 template <int R, int F>
 static inline void dot_bf16(const uint16_t *x, int64_t ldx, const uint16_t *W, int64_t d, float *out,
-                            int64_t ldo) {
+                            int64_t ldo, int64_t prefetch) {
   __m512 acc[R][F];
   for (int r = 0; r < R; ++r)
     for (int f = 0; f < F; ++f) acc[r][f] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= d; i += 32)
     for (int f = 0; f < F; ++f) {
-      if (R == 1) prefetch_ahead(W + f * d + i, 64);
+      if (R == 1) prefetch_ahead(W + f * d + i, 64, prefetch);
       const __m512bh w = (__m512bh)_mm512_loadu_si512(W + f * d + i);
       for (int r = 0; r < R; ++r)
         acc[r][f] = _mm512_dpbf16_ps(acc[r][f], (__m512bh)_mm512_loadu_si512(x + r * ldx + i), w);
@@ -141,7 +141,7 @@ static inline void dot_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8
 // kQBlock / 64 independent 64-byte products (unrolled: with a runtime-indexed accumulator array
 // GCC kept the accumulators on the stack).
 static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, int64_t nf,
-                   const float *wscale, float *out) {
+                   const float *wscale, float *out, int64_t prefetch) {
   static_assert(kQBlock % 64 == 0 && kQBlock <= 256, "row_i8 unrolls a block into 64-byte steps");
   constexpr int kSteps = int(kQBlock / 64);
   const __m512i offset = _mm512_set1_epi8(char(0x80));
@@ -156,7 +156,7 @@ static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, i
     __m512 facc = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t b0 = b * kQBlock, b1 = std::min(d, b0 + kQBlock);
-      prefetch_ahead(w + b0, kQBlock);
+      prefetch_ahead(w + b0, kQBlock, prefetch);
       __m512i sum;
       if (b1 - b0 == kQBlock) {
         sum = step(w, b0);
@@ -177,9 +177,10 @@ static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, i
   }
 }
 
-// Rows in groups of RG x features in groups of FG (1 x 8 for the last rows, 1 feature at the edge).
+// Rows in groups of RG x features in groups of FG, then the last rows one at a time with
+// `single` (1, 2, 4 or 8: Tuning::batch1_rows_bf16 for bf16) features interleaved, 1 at the edge.
 template <int RG, int FG, class Tile>
-static inline void walk_dot(int64_t R, int64_t nf, const Tile &tile) {
+static inline void walk_dot(int64_t R, int64_t nf, int single, const Tile &tile) {
   using std::integral_constant;
   int64_t r = 0;
   for (; r + RG <= R; r += RG) {
@@ -187,11 +188,17 @@ static inline void walk_dot(int64_t R, int64_t nf, const Tile &tile) {
     for (; j + FG <= nf; j += FG) tile(integral_constant<int, RG>(), integral_constant<int, FG>(), r, j);
     for (; j < nf; ++j) tile(integral_constant<int, RG>(), integral_constant<int, 1>(), r, j);
   }
-  for (; r < R; ++r) {
+  auto one_row = [&](auto f, int64_t r) {
     int64_t j = 0;
-    for (; j + 8 <= nf; j += 8) tile(integral_constant<int, 1>(), integral_constant<int, 8>(), r, j);
+    for (; j + decltype(f)::value <= nf; j += decltype(f)::value) tile(integral_constant<int, 1>(), f, r, j);
     for (; j < nf; ++j) tile(integral_constant<int, 1>(), integral_constant<int, 1>(), r, j);
-  }
+  };
+  for (; r < R; ++r) switch (single) {
+      case 1: one_row(integral_constant<int, 1>(), r); break;
+      case 2: one_row(integral_constant<int, 2>(), r); break;
+      case 4: one_row(integral_constant<int, 4>(), r); break;
+      default: one_row(integral_constant<int, 8>(), r); break;
+    }
 }
 
 // ---------------- packed panels (many rows) ----------------
@@ -363,16 +370,18 @@ static uint32_t *panel_buffer(size_t words) {
 
 static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dtype dt,
                       const float *scales, int64_t d, int64_t f0, int64_t nf, float *out,
-                      int64_t ldo) {
+                      int64_t ldo, const Tuning &tp) {
   const int64_t ng = (nf + 15) / 16;
+  const int64_t kChunk = tp.panel_chunk;
 #if SAEHOOK_VNNI_BF16
   if (dt == SAEHOOK_BF16) {
     const uint16_t *x = static_cast<const uint16_t *>(operand);
     const uint16_t *W = static_cast<const uint16_t *>(Wv) + f0 * d;
     const int64_t ld = bf16_ld(d);
     if (R < kPackRows) {
-      walk_dot<4, 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j) {
-        dot_bf16<decltype(rg)::value, decltype(fg)::value>(x + r * ld, ld, W + j * d, d, out + r * ldo + j, ldo);
+      walk_dot<4, 4>(R, nf, tp.batch1_rows_bf16, [&](auto rg, auto fg, int64_t r, int64_t j) {
+        dot_bf16<decltype(rg)::value, decltype(fg)::value>(x + r * ld, ld, W + j * d, d, out + r * ldo + j, ldo,
+                                                          tp.stream_prefetch);
       });
       return;
     }
@@ -394,9 +403,9 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
     const int8_t *W = static_cast<const int8_t *>(Wv) + f0 * d;
     const int64_t rb = i8_row_bytes(d), dpad = round_up(d, 64);
     // Batch 1: one sequential stream (0.94x the read probe's rate vs 0.85x for 4 interleaved rows).
-    if (R == 1) return row_i8(x, dpad, W, d, nf, scales + f0, out);
+    if (R == 1) return row_i8(x, dpad, W, d, nf, scales + f0, out, tp.stream_prefetch);
     if (R < kPackRows) {
-      walk_dot<3, 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j) {
+      walk_dot<3, 4>(R, nf, 8, [&](auto rg, auto fg, int64_t r, int64_t j) {
         dot_i8<decltype(rg)::value, decltype(fg)::value>(x + r * rb, rb, dpad, W + j * d, d, scales + f0 + j,
                                                         out + r * ldo + j, ldo);
       });
@@ -432,7 +441,7 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
     });
     return;
   }
-  dot_block_f32(operand, R, Wv, dt, scales, d, f0, nf, out, ldo);
+  dot_block_f32(operand, R, Wv, dt, scales, d, f0, nf, out, ldo, tp);
 }
 
 }  // namespace saehook::cpu::SAEHOOK_ISA_NS
