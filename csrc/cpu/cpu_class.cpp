@@ -154,12 +154,14 @@ const char *cpu_info_json() {
   std::lock_guard<std::mutex> lock(mu);
   const CpuId &c = cpuid_info();
   const Tuning &t = tuning();
-  char s[768];
+  std::string classes;
+  for (const Tuning &k : kTable) classes += (classes.empty() ? "\"" : ", \"") + std::string(k.cls) + "\"";
+  char s[1024];
   std::snprintf(s, sizeof s,
                 "{\"vendor\": \"%s\", \"family\": %u, \"model\": %u, \"stepping\": %u, \"detected_class\": \"%s\", "
-                "\"class\": \"%s\", \"params\": {\"stream_prefetch\": %lld, \"batch1_rows_bf16\": %d, "
+                "\"classes\": [%s], \"class\": \"%s\", \"params\": {\"stream_prefetch\": %lld, \"batch1_rows_bf16\": %d, "
                 "\"block_bytes_1\": %lld, \"block_bytes_n\": %lld, \"panel_chunk\": %lld, \"gather_ahead\": %d}}",
-                c.vendor, c.family, c.model, c.stepping, c.detected_class.c_str(), t.cls,
+                c.vendor, c.family, c.model, c.stepping, c.detected_class.c_str(), classes.c_str(), t.cls,
                 (long long)t.stream_prefetch, t.batch1_rows_bf16, (long long)t.block_bytes_1,
                 (long long)t.block_bytes_n, (long long)t.panel_chunk, t.gather_ahead);
   buf = s;
