@@ -21,11 +21,11 @@ namespace {
 // Rapids-class VM in earlier sessions, zen4 and generic NOT measured on such machines (zen4 takes
 // the Zen 5 numbers, generic the former one-for-all defaults).
 const Tuning kTable[] = {
-    // cls      prefetch rows_bf16 block_1     block_n      chunk ahead
-    {"zen5",    1024,    8,        2 << 20,    512 << 10,   1024, 8},
-    {"zen4",    1024,    8,        2 << 20,    512 << 10,   1024, 8},
-    {"spr",     1024,    8,        2 << 20,    512 << 10,   1024, 8},
-    {"generic", 1024,    8,        2 << 20,    512 << 10,   1024, 8},
+    // cls      prefetch rows_bf16 block_1     block_n      chunk next ahead
+    {"zen5",    1024,    8,        2 << 20,    512 << 10,   1024, 1,   8},
+    {"zen4",    1024,    8,        2 << 20,    512 << 10,   1024, 1,   8},
+    {"spr",     1024,    8,        2 << 20,    512 << 10,   1024, 0,   8},
+    {"generic", 1024,    8,        2 << 20,    512 << 10,   1024, 0,   8},
 };
 
 const Tuning *find_class(const char *name, size_t len) {
@@ -97,12 +97,16 @@ std::string parse(const char *spec, Tuning *out) {
     } else if (key == "panel_chunk") {
       if (v < 128 || v % 128) return "panel_chunk must be a positive multiple of 128, not " + item.substr(eq + 1);
       t.panel_chunk = v;
+    } else if (key == "panel_prefetch_next") {
+      if (v > 1) return "panel_prefetch_next must be 0 or 1, not " + item.substr(eq + 1);
+      t.panel_prefetch_next = int(v);
     } else if (key == "gather_ahead") {
       if (v > 64) return "gather_ahead must be at most 64, not " + item.substr(eq + 1);
       t.gather_ahead = int(v);
     } else {
       return "unknown CPU tuning key '" + key +
-             "'; keys: stream_prefetch, batch1_rows_bf16, block_bytes_1, block_bytes_n, panel_chunk, gather_ahead";
+             "'; keys: stream_prefetch, batch1_rows_bf16, block_bytes_1, block_bytes_n, panel_chunk, "
+             "panel_prefetch_next, gather_ahead";
     }
   }
   *out = t;
@@ -160,10 +164,10 @@ const char *cpu_info_json() {
   std::snprintf(s, sizeof s,
                 "{\"vendor\": \"%s\", \"family\": %u, \"model\": %u, \"stepping\": %u, \"detected_class\": \"%s\", "
                 "\"classes\": [%s], \"class\": \"%s\", \"params\": {\"stream_prefetch\": %lld, \"batch1_rows_bf16\": %d, "
-                "\"block_bytes_1\": %lld, \"block_bytes_n\": %lld, \"panel_chunk\": %lld, \"gather_ahead\": %d}}",
+                "\"block_bytes_1\": %lld, \"block_bytes_n\": %lld, \"panel_chunk\": %lld, \"panel_prefetch_next\": %d, \"gather_ahead\": %d}}",
                 c.vendor, c.family, c.model, c.stepping, c.detected_class.c_str(), classes.c_str(), t.cls,
                 (long long)t.stream_prefetch, t.batch1_rows_bf16, (long long)t.block_bytes_1,
-                (long long)t.block_bytes_n, (long long)t.panel_chunk, t.gather_ahead);
+                (long long)t.block_bytes_n, (long long)t.panel_chunk, t.panel_prefetch_next, t.gather_ahead);
   buf = s;
   return buf.c_str();
 }

@@ -19,8 +19,11 @@ struct Tuning {
   // Encoder weight bytes per task: at batch 1 (streamed once) and at several rows (the block
   // stays in L2 while every row of the chunk is multiplied with it).
   int64_t block_bytes_1, block_bytes_n;
-  // Packed-panel kernels: inputs per pass over a block's panel (a multiple of 128).
+  // Packed-panel kernels: inputs per pass over a block's panel (a multiple of 128), and whether
+  // they prefetch (into L2) the weights of the block the thread takes next while multiplying
+  // this one (1) or read them when packing (0).
   int64_t panel_chunk;
+  int panel_prefetch_next;
   // Sparse decode: rows prefetched this many features ahead.
   int gather_ahead;
 };

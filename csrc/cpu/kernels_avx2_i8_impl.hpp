@@ -140,8 +140,9 @@ static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, i
 }
 
 static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dtype dt, const float *scales,
-                      int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo, const Tuning &tp) {
-  if (dt != SAEHOOK_I8) return dot_block_f32(operand, R, Wv, dt, scales, d, f0, nf, out, ldo, tp);
+                      int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo, const Tuning &tp,
+                      int64_t f_next) {
+  if (dt != SAEHOOK_I8) return dot_block_f32(operand, R, Wv, dt, scales, d, f0, nf, out, ldo, tp, f_next);
   const uint8_t *x = i8_base(const_cast<void *>(operand));
   const int8_t *W = static_cast<const int8_t *>(Wv) + f0 * d;
   const float *ws = scales + f0;
