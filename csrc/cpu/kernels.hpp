@@ -26,10 +26,9 @@ struct Kernels {
   void (*dot_block)(const void *operand, int64_t R, const void *W, saehook_dtype dt,
                     const float *scales, int64_t d, int64_t f0, int64_t nf, float *out,
                     int64_t ldo, const Tuning &tp, int64_t f_next);
-  // out[0:d] += sum_j vals[j] * W row idx[j][0:d] (rows ldw elements of dtype dt apart, so W
-  // may point into the rows to take a column range; idx < 0 skipped).
+  // out[0:d] += sum_j vals[j] * W row idx[j] (rows of d elements of dtype dt; idx < 0 skipped).
   void (*gather_sum)(const float *vals, const int32_t *idx, int32_t k, const void *W,
-                     saehook_dtype dt, int64_t d, int64_t ldw, float *out, const Tuning &tp);
+                     saehook_dtype dt, int64_t d, float *out, const Tuning &tp);
   // y[0:d] += a * w[0:d], w of dtype dt (F32/F16/BF16).
   void (*axpy)(float a, const void *w, saehook_dtype dt, int64_t d, float *y);
   // dst[0:n] = float(src[0:n]).

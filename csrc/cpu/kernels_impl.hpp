@@ -262,10 +262,10 @@ static inline void gather_chunk(const float *vals, const int32_t *idx, int32_t k
 
 template <saehook_dtype DT>
 static void gather_sum_chunked(const float *vals, const int32_t *idx, int32_t k, const void *Wv,
-                               int64_t d, int64_t ldw, float *out, int ahead) {
+                               int64_t d, float *out, int ahead) {
   using L = Load<DT>;
   const uint8_t *W = static_cast<const uint8_t *>(Wv);
-  const size_t row_bytes = size_t(ldw) * L::size;
+  const size_t row_bytes = size_t(d) * L::size;
   constexpr int CH = kGatherChunk;
   int64_t i0 = 0;
   for (; i0 + CH * VL <= d; i0 += CH * VL) gather_chunk<DT, CH>(vals, idx, k, W, row_bytes, i0, out, ahead);
@@ -285,7 +285,7 @@ static void gather_sum_chunked(const float *vals, const int32_t *idx, int32_t k,
 
 template <saehook_dtype DT>
 static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, const void *Wv, int64_t d,
-                            int64_t ldw, float *out, int kAhead) {
+                            float *out, int kAhead) {
   // One feature row at a time into the output row (which stays in L1), prefetching the row
   // kAhead (Tuning::gather_ahead) features later line by line as this one streams, so several
   // rows are in flight.
@@ -293,7 +293,7 @@ static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, co
   // batch 64, 4096 x 65536, k = 100), slower for f32 (2.6 -> 3.0 ms).
   using L = Load<DT>;
   const uint8_t *W = static_cast<const uint8_t *>(Wv);
-  const size_t row_bytes = size_t(ldw) * L::size;
+  const size_t row_bytes = size_t(d) * L::size;
   for (int32_t j = 0; j < k; ++j) {
     if (idx[j] < 0) continue;
     const uint8_t *row = W + idx[j] * row_bytes;
@@ -314,21 +314,21 @@ static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, co
 // Sparse decode of one token: out[0:d] += sum_j vals[j] * W[idx[j]].
 template <saehook_dtype DT>
 static void gather_sum_t(const float *vals, const int32_t *idx, int32_t k, const void *W, int64_t d,
-                         int64_t ldw, float *out, int ahead) {
+                         float *out, int ahead) {
   if constexpr (DT == SAEHOOK_F32)
-    gather_sum_chunked<DT>(vals, idx, k, W, d, ldw, out, ahead);
+    gather_sum_chunked<DT>(vals, idx, k, W, d, out, ahead);
   else
-    gather_sum_rows<DT>(vals, idx, k, W, d, ldw, out, ahead);
+    gather_sum_rows<DT>(vals, idx, k, W, d, out, ahead);
 }
 
 static void gather_sum(const float *vals, const int32_t *idx, int32_t k, const void *W,
-                       saehook_dtype dt, int64_t d, int64_t ldw, float *out, const Tuning &tp) {
+                       saehook_dtype dt, int64_t d, float *out, const Tuning &tp) {
   const int ahead = tp.gather_ahead;
   switch (dt) {
-    case SAEHOOK_F32: return gather_sum_t<SAEHOOK_F32>(vals, idx, k, W, d, ldw, out, ahead);
-    case SAEHOOK_F16: return gather_sum_t<SAEHOOK_F16>(vals, idx, k, W, d, ldw, out, ahead);
-    case SAEHOOK_BF16: return gather_sum_t<SAEHOOK_BF16>(vals, idx, k, W, d, ldw, out, ahead);
-    case SAEHOOK_I8: return gather_sum_t<SAEHOOK_I8>(vals, idx, k, W, d, ldw, out, ahead);
+    case SAEHOOK_F32: return gather_sum_t<SAEHOOK_F32>(vals, idx, k, W, d, out, ahead);
+    case SAEHOOK_F16: return gather_sum_t<SAEHOOK_F16>(vals, idx, k, W, d, out, ahead);
+    case SAEHOOK_BF16: return gather_sum_t<SAEHOOK_BF16>(vals, idx, k, W, d, out, ahead);
+    case SAEHOOK_I8: return gather_sum_t<SAEHOOK_I8>(vals, idx, k, W, d, out, ahead);
   }
 }
 
