@@ -28,6 +28,8 @@ SPECS = CLASSES + [
     "generic,block_bytes_1=1024,block_bytes_n=1024",  # smallest blocks: many tasks per call
     "generic,block_bytes_n=4194304",
     "generic,panel_chunk=128",
+    "zen5,panel_prefetch_next=0",
+    "generic,panel_prefetch_next=1,block_bytes_n=1024",  # prefetching the next of many small blocks
     "generic,gather_ahead=0",
     "generic,gather_ahead=64",
 ]
@@ -109,6 +111,7 @@ def test_set_cpu_class_and_overrides():
     ("zen5,panel_chunk=100", "panel_chunk must be a positive multiple of 128, not 100"),
     ("zen5,block_bytes_n=10", "block_bytes_n must be at least 1024, not 10"),
     ("zen5,gather_ahead=65", "gather_ahead must be at most 64, not 65"),
+    ("zen5,panel_prefetch_next=2", "panel_prefetch_next must be 0 or 1, not 2"),
 ])
 def test_bad_cpu_class_specs_are_refused(spec, message):
     before = saehook.cpu_info()

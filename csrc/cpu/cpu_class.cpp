@@ -16,10 +16,16 @@ namespace saehook::cpu {
 
 namespace {
 
-// One row per class. Where each number comes from is in README "CPU kernel performance"; in
-// short: zen5 measured on a 2-core Zen 5 VM (family 26 model 2), spr on a 2-core Sapphire
-// Rapids-class VM in earlier sessions, zen4 and generic NOT measured on such machines (zen4 takes
-// the Zen 5 numbers, generic the former one-for-all defaults).
+// One row per class. zen5: measured on the 2-core Zen 5 VM (family 26 model 2) with
+// bench/bench_tuning.py in alternation with the read probe (2026-12-02): stream_prefetch 0 / 512 /
+// 1024 / 2048 / 3072 within noise of each other at batch 1 (int8 1.03 / 1.02 / 1.00 / 1.15 / 0.99
+// of the 1024 time; bf16 0.98 / 1.03 / 1.00 / 1.03 / 0.98), 1024 kept; batch1_rows_bf16 4 and 8
+// equal (0.99), 2 slower (1.02); panel_chunk 1024 best at batch 256 (256: 1.07, 512: 1.03, 2048:
+// 1.02 of its time); panel_prefetch_next on: batch 64 bf16 and int8 both 1.10x faster. spr: the
+// values measured on the 2-core Sapphire Rapids-class VM in earlier sessions (git log -- csrc/cpu),
+// panel_prefetch_next not measured there (off). zen4: NOT measured on Zen 4 (no such machine this
+// session): the Zen 5 row. generic (AVX2 laptops, anything else): the former one-for-all values,
+// not re-measured.
 const Tuning kTable[] = {
     // cls      prefetch rows_bf16 block_1     block_n      chunk next ahead
     {"zen5",    1024,    8,        2 << 20,    512 << 10,   1024, 1,   8},
