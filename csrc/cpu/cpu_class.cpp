@@ -19,8 +19,9 @@ namespace {
 // One row per class. zen5: measured on the 2-core Zen 5 VM (family 26 model 2) with
 // bench/bench_tuning.py in alternation with the read probe (2026-12-02): stream_prefetch 0 / 512 /
 // 1024 / 2048 / 3072 within noise of each other at batch 1 (int8 1.03 / 1.02 / 1.00 / 1.15 / 0.99
-// of the 1024 time; bf16 0.98 / 1.03 / 1.00 / 1.03 / 0.98), 1024 kept; batch1_rows_bf16 4 and 8
-// equal (0.99), 2 slower (1.02); panel_chunk 1024 best at batch 256 (256: 1.07, 512: 1.03, 2048:
+// of the 1024 time; bf16 0.98 / 1.03 / 1.00 / 1.03 / 0.98), 1024 kept; batch1_rows_bf16 4 against
+// 8: 0.74, 0.99 and 0.86 of its time in three sweeps (0.86 on the idle VM: 1.01 of the probe's
+// rate against 0.85), 1 row 0.96, 2 rows 1.02-1.04: 4; panel_chunk 1024 best at batch 256 (256: 1.07, 512: 1.03, 2048:
 // 1.02 of its time); panel_prefetch_next on: batch 64 bf16 and int8 both 1.10x faster. spr: the
 // values measured on the 2-core Sapphire Rapids-class VM in earlier sessions (git log -- csrc/cpu),
 // panel_prefetch_next not measured there (off). zen4: NOT measured on Zen 4 (no such machine this
@@ -28,8 +29,8 @@ namespace {
 // not re-measured.
 const Tuning kTable[] = {
     // cls      prefetch rows_bf16 block_1     block_n      chunk next ahead
-    {"zen5",    1024,    8,        2 << 20,    512 << 10,   1024, 1,   8},
-    {"zen4",    1024,    8,        2 << 20,    512 << 10,   1024, 1,   8},
+    {"zen5",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8},
+    {"zen4",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8},
     {"spr",     1024,    8,        2 << 20,    512 << 10,   1024, 0,   8},
     {"generic", 1024,    8,        2 << 20,    512 << 10,   1024, 0,   8},
 };
