@@ -9,6 +9,12 @@ Every row prints the median time of several repetitions after warm-up, the speed
 torch f32 (addmm + relu + topk for encode), the effective read rate of the weights the kernel
 must touch, and that rate as a fraction of the read bandwidth measured right before that group
 of rows (the bound at batch 1).
+Then, per batch, the encode comparison measured in alternation (--rounds rounds, each: the
+read probe, torch f32, torch bf16 and saehook in every dtype, the order rotated every round):
+medians and ranges of the per-round ratios (saehook vs torch f32 and bf16 by time, and the
+fraction of that round's read bandwidth), so this VM's bandwidth drift hits every contender
+alike. The header (and JSON) names the CPU class: vendor, family, model, ISA path and the kernel
+parameters in use (saehook.cpu_info()).
 Results are validated against the f32 reference before anything is timed.
 """
 from __future__ import annotations
@@ -22,6 +28,7 @@ import sys
 import numpy as np
 
 import saehook
+from saehook import _core
 from common import cpu_flags, median_time, paired_times, read_bandwidth
 
 
@@ -34,6 +41,24 @@ def realistic_rows(n: int, d: int, rng) -> np.ndarray:
     outliers = rng.choice(d, size=4, replace=False)
     x[:, outliers] *= 20.0
     return x
+
+
+def alternating(contenders: dict, probe, rounds: int, reps: int) -> tuple:
+    """Times of every contender and the probe's bandwidth, round after round, the order rotated
+    every round (each call after common.median_time's idle and warm-up)."""
+    names = list(contenders)
+    times = {name: [] for name in names}
+    bws = []
+    for rnd in range(rounds):
+        bws.append(probe())
+        for name in names[rnd % len(names):] + names[:rnd % len(names)]:
+            times[name].append(median_time(contenders[name], reps))
+    return times, bws
+
+
+def ratio_summary(values) -> dict:
+    v = np.asarray(values, dtype=float)
+    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max())}
 
 
 def topk_overlap(a: np.ndarray, b: np.ndarray) -> float:
@@ -60,6 +85,49 @@ def memory_note(shapes: str, **kw) -> str:
     return ", ".join(f"{s} {shape_memory(s, **kw) / 2**30:.1f} GiB" for s in shapes.split(","))
 
 
+def alternating_encode(common: dict, x, k: int, variants: dict, Wt, Wt_bf16, bt, torch, threads: int, args) -> dict:
+    """The encode comparison in alternation (module docstring); prints and returns its row."""
+    contenders = {}
+    if torch is not None:
+        xt = torch.from_numpy(x)
+        xb, bb = xt.to(torch.bfloat16), bt.to(torch.bfloat16)
+        contenders["torch f32"] = lambda: torch.relu(torch.addmm(bt, xt, Wt.T)).topk(k)
+        contenders["torch bf16"] = lambda: torch.relu(torch.addmm(bb, xb, Wt_bf16.T)).topk(k)
+    for dt, sae in variants.items():
+        contenders[f"saehook {dt}"] = (lambda s: lambda: s.encode(x, k))(sae)
+    a = _probe_array()
+    probe = lambda: a.nbytes / median_time(lambda: _core.read_probe(a.ctypes.data, a.nbytes, threads), 3) / 1e9  # noqa: E731
+    reps = max(1, args.reps // 2) if common["batch"] >= 64 else args.reps
+    times, bws = alternating(contenders, probe, args.rounds, reps)
+    bw = np.array(bws)
+    out = dict(**common, op="encode alternating", rounds=args.rounds, probe_GBps=ratio_summary(bw),
+               seconds={n: ratio_summary(t) for n, t in times.items()}, per_round_seconds=times, per_round_probe_GBps=bws)
+    print(f"{common['shape']:>12} k={k:<3} n={common['batch']:<4} encode in alternation, {args.rounds} rounds, "
+          f"read probe {bw.min():.1f}-{bw.max():.1f} GB/s:")
+    for dt, sae in variants.items():
+        t = np.array(times[f"saehook {dt}"])
+        r = {"seconds": ratio_summary(t), "fraction_of_bandwidth": ratio_summary(sae.encoder_bytes / t / 1e9 / bw)}
+        line = (f"    saehook {dt:<5} {1e3 * np.median(t):8.2f} ms  of bw {r['fraction_of_bandwidth']['median']:.3f} "
+                f"({r['fraction_of_bandwidth']['min']:.3f}-{r['fraction_of_bandwidth']['max']:.3f})")
+        for ref in ("torch f32", "torch bf16"):
+            if ref in times:
+                q = ratio_summary(np.array(times[ref]) / t)
+                r[f"speedup_vs_{ref.replace(' ', '_')}"] = q
+                line += f"  vs {ref} {q['median']:.2f}x ({q['min']:.2f}-{q['max']:.2f})"
+        out[f"saehook_{dt}"] = r
+        print(line)
+    for ref in ("torch f32", "torch bf16"):
+        if ref in times:
+            print(f"    {ref:<13} {1e3 * np.median(times[ref]):8.2f} ms")
+    return out
+
+
+def _probe_array():
+    from common import _probe_buffer
+
+    return _probe_buffer()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES,
@@ -71,6 +139,8 @@ def main() -> int:
     p.add_argument("--dtypes", default="f32,bf16,int8", help="encoder dtypes (default: %(default)s)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per row (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="0 = all CPUs (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds of the alternating encode comparison per batch (0: skip it) (default: %(default)s)")
     p.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
     p.add_argument("--json", default="bench_kernels.json", help="where the results go (default: %(default)s)")
     args = p.parse_args()
@@ -91,6 +161,7 @@ def main() -> int:
     header = {
         "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "threads": threads, "cpu_features": cpu_flags(), "saehook_isa": saehook.get_isa(),
+        "cpu": saehook.cpu_info(),
         "available_isas": saehook.available_isas(), "bandwidth_GBps": bw,
         "torch": getattr(torch, "__version__", None), "numpy": np.__version__,
     }
@@ -204,6 +275,8 @@ def main() -> int:
                           f"emb_bag {1e3 * t_b:.2f} ms, saehook/emb_bag time ratio {ratio:.3f}")
                     rows.append(dict(**common, op="decode f32 paired (saehook / emb_bag)", saehook_s=t_s, emb_bag_s=t_b,
                                      time_ratio=ratio))
+                if args.rounds > 0:
+                    rows.append(alternating_encode(common, x, k, variants, Wt, Wt_bf16, bt, torch, threads, args))
         del variants, base, W, Wt, Wt_bf16
     with open(args.json, "w") as f:
         json.dump({"header": header, "rows": rows}, f, indent=1)

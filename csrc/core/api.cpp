@@ -186,6 +186,13 @@ saehook_status saehook_set_isa(const char *name) {
 }
 const char *saehook_get_isa(void) { return cpu::active().name; }
 const char *saehook_available_isas(void) { return cpu::available(); }
+const char *saehook_cpu_info(void) { return cpu::cpu_info_json(); }
+saehook_status saehook_set_cpu_class(const char *spec) {
+  return guard([&] {
+    const std::string err = cpu::set_tuning(spec);
+    require(err.empty(), SAEHOOK_ERR_INVALID_ARGUMENT, err);
+  });
+}
 
 int saehook_cuda_available(void) {
 #ifdef SAEHOOK_WITH_CUDA

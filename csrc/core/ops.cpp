@@ -20,6 +20,11 @@ namespace {
 
 // Rows of x handled per pass over the encoder weights; bounds the Top-K scratch memory.
 constexpr int64_t kRowChunk = 128;
+// encode's Top-K scan: pre-activations tested as one vector before any is pushed (most of a row's
+// d_sae are below the buffer's floor once it has filled).
+constexpr int kScanGroup = 16;
+typedef float ScanVec __attribute__((vector_size(kScanGroup * 4)));
+
 // Upper bound of encode's per-call Top-K scratch (candidate buffers and pre-activation tiles of
 // all threads; README "Memory").
 constexpr int64_t kScratchBytes = int64_t(64) << 20;
@@ -48,12 +53,13 @@ inline float load_scalar(const uint8_t *p, saehook_dtype dt) {
 
 // Features per task. With several rows, about 512 KiB of encoder weights, so a block stays in L2
 // while every row of the chunk is multiplied with it; a single row streams the weights once.
-int64_t feature_block(const saehook_sae_desc &d, int64_t rows) {
+// The byte targets are the CPU class's (Tuning::block_bytes_n, block_bytes_1).
+int64_t feature_block(const saehook_sae_desc &d, int64_t rows, const cpu::Tuning &tp) {
   int64_t row_bytes = d.d_model * int64_t(dtype_size(d.enc_dtype));
   // Batch 1 streams the weights once: long sequential blocks keep the hardware prefetcher
   // running (2 MiB blocks vs 128 KiB, alternating in one process at 4096 x 65536: f32 0.82 ->
   // 0.91, bf16 0.95 -> 0.99, int8 0.93 -> 0.98 of the measured read bandwidth).
-  int64_t target = rows > 1 ? (512 << 10) : (2 << 20);
+  int64_t target = rows > 1 ? tp.block_bytes_n : tp.block_bytes_1;
   int64_t fb = std::clamp<int64_t>(target / std::max<int64_t>(row_bytes, 1), 8, 512);
   // Several rows: whole register tiles of the packed kernels (4 groups of 16 features), as long
   // as the block still fits L2. At d_model 5120 the 512 KiB target gave 48 bf16 features, three
@@ -125,7 +131,8 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
   check_finite(x, n, d, ldx, "input");
 
   const cpu::Kernels &K = cpu::active();
-  const int64_t fb = feature_block(D, n);
+  const cpu::Tuning &tp = cpu::tuning();
+  const int64_t fb = feature_block(D, n, tp);
   const int64_t n_blocks = (m + fb - 1) / fb;
   const int T = int(std::max<int64_t>(1, std::min<int64_t>(threads, n_blocks)));
   // Top-K buffer entries per row and worker: room for 2k (compacting to k when full), never more
@@ -155,27 +162,52 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
     parallel_for(n_blocks, T, [&](int64_t b, int w) {
       const int64_t f0 = b * fb, nf = std::min(fb, m - f0);
       float *P = &pre[size_t(w) * rc_max * fb];
-      K.dot_block(operand.data(), rc, D.W_enc, D.enc_dtype, D.enc_scales, d, f0, nf, P, fb);
+      // With tasks handed out in turn, this thread's next block is most likely T blocks on.
+      const int64_t f_next = b + T < n_blocks && (b + T + 1) * fb <= m ? (b + T) * fb : -1;
+      K.dot_block(operand.data(), rc, D.W_enc, D.enc_dtype, D.enc_scales, d, f0, nf, P, fb, tp, f_next);
       const float *be = D.b_enc ? D.b_enc + f0 : nullptr;
       const float *th = D.threshold ? D.threshold + f0 : nullptr;
       for (int64_t r = 0; r < rc; ++r) {
         TopK &t = tk[w * rc_max + r];
         const float *p = P + r * fb;
         bool nonfinite = false;  // an overflowed pre-activation (finite input): Inf, or NaN from Inf - Inf
-        for (int64_t j = 0; j < nf; ++j) {
-          const float v = be ? p[j] + be[j] : p[j];
-          nonfinite |= !(v - v == 0.f);
-          switch (D.activation) {
-            case SAEHOOK_ACT_TOPK: break;
-            case SAEHOOK_ACT_TOPK_RELU:
-            case SAEHOOK_ACT_RELU:
-              if (!(v > 0.f)) continue;
-              break;
-            case SAEHOOK_ACT_JUMPRELU:
-              if (!(v > th[j] && v > 0.f)) continue;
-              break;
+        // Groups of kScanGroup pre-activations whose largest is below the Top-K buffer's floor
+        // (or not positive, for the ReLU activations) and all finite are skipped without a push.
+        const float relu_floor = D.activation == SAEHOOK_ACT_TOPK ? -__builtin_inff() : 0.f;
+        for (int64_t j0 = 0; j0 < nf; j0 += kScanGroup) {
+          const int64_t j1 = std::min(nf, j0 + kScanGroup);
+          if (j1 - j0 == kScanGroup) {
+            ScanVec v, lanes_max = ScanVec{} - __builtin_inff(), lanes_bad = ScanVec{};
+            std::memcpy(&v, p + j0, sizeof v);
+            if (be) {
+              ScanVec b;
+              std::memcpy(&b, be + j0, sizeof b);
+              v += b;
+            }
+            lanes_bad = v - v;  // 0 where finite, NaN where Inf or NaN
+            lanes_max = v;
+            float mx = -__builtin_inff(), bad = 0.f;
+            for (int l = 0; l < kScanGroup; ++l) {
+              mx = lanes_max[l] > mx ? lanes_max[l] : mx;
+              bad += lanes_bad[l];
+            }
+            if (bad == 0.f && (mx < t.floor_value() || !(mx > relu_floor))) continue;
           }
-          t.push(v, int32_t(f0 + j));
+          for (int64_t j = j0; j < j1; ++j) {
+            const float v = be ? p[j] + be[j] : p[j];
+            nonfinite |= !(v - v == 0.f);
+            switch (D.activation) {
+              case SAEHOOK_ACT_TOPK: break;
+              case SAEHOOK_ACT_TOPK_RELU:
+              case SAEHOOK_ACT_RELU:
+                if (!(v > 0.f)) continue;
+                break;
+              case SAEHOOK_ACT_JUMPRELU:
+                if (!(v > th[j] && v > 0.f)) continue;
+                break;
+            }
+            t.push(v, int32_t(f0 + j));
+          }
         }
         if (nonfinite) record_row(bad_row, r0 + r);
       }
@@ -203,13 +235,16 @@ void preacts(const Sae &s, const float *x, int64_t n, int64_t ldx, float *out, i
   if (n == 0) return;
   check_finite(x, n, D.d_model, ldx, "input");
   const cpu::Kernels &K = cpu::active();
+  const cpu::Tuning &tp = cpu::tuning();
   std::vector<uint8_t> operand(K.operand_bytes(D.enc_dtype, n, D.d_model));
   K.prepare(x, ldx, D.subtract_b_dec ? D.b_dec : nullptr, n, D.d_model, D.enc_dtype, operand.data());
-  const int64_t fb = feature_block(D, n), n_blocks = (D.d_sae + fb - 1) / fb;
-  parallel_for(n_blocks, threads, [&](int64_t b, int) {
+  const int64_t fb = feature_block(D, n, tp), n_blocks = (D.d_sae + fb - 1) / fb;
+  const int T = std::max(1, std::min<int>(threads, int(std::min<int64_t>(n_blocks, INT_MAX))));
+  parallel_for(n_blocks, T, [&](int64_t b, int) {
     const int64_t f0 = b * fb, nf = std::min(fb, D.d_sae - f0);
+    const int64_t f_next = b + T < n_blocks && (b + T + 1) * fb <= D.d_sae ? (b + T) * fb : -1;
     K.dot_block(operand.data(), n, D.W_enc, D.enc_dtype, D.enc_scales, D.d_model, f0, nf, out + f0,
-                D.d_sae);
+                D.d_sae, tp, f_next);
     if (D.b_enc)
       for (int64_t r = 0; r < n; ++r)
         for (int64_t j = 0; j < nf; ++j) out[r * D.d_sae + f0 + j] += D.b_enc[f0 + j];
@@ -234,14 +269,19 @@ int64_t decode_rows(const Sae &s, const float *values, const int32_t *indices, i
       fail(SAEHOOK_ERR_NAN, "values contain NaN or Inf at row " + std::to_string(e / k));
   }
   const cpu::Kernels &K = cpu::active();
+  const cpu::Tuning &tp = cpu::tuning();
   const size_t es = dtype_size(D.dec_dtype);
   const uint8_t *W = static_cast<const uint8_t *>(D.W_dec);
 
   if (D.dec_layout == SAEHOOK_DEC_ROWS) {
+    // One row per task. Splitting a row's columns across threads when rows < threads was
+    // measured slower at batch 1 (4096 x 65536 f32, k 100, Zen 5 VM, paired with EmbeddingBag:
+    // 1.12-1.14x its time against 1.06-1.07x on one thread): waking a worker costs more than
+    // half of 1.6 MB read from L3 saves.
     parallel_for(n, threads, [&](int64_t r, int) {
       float *o = out + r * ldo;
       for (int64_t i = 0; i < d; ++i) o[i] = D.b_dec ? D.b_dec[i] : 0.f;
-      K.gather_sum(values + r * k, indices + r * k, k, W, D.dec_dtype, d, o);
+      K.gather_sum(values + r * k, indices + r * k, k, W, D.dec_dtype, d, o, tp);
     });
   } else {
     // Column layout: feature f is strided by d_sae. Walk the decoder row by row (one model

@@ -62,6 +62,9 @@ class TopK {
     n_ = k_;
   }
 
+  // Every candidate with a value below this is rejected (-inf until the first compaction).
+  float floor_value() const { return has_floor_ ? floor_v_ : -__builtin_inff(); }
+
   int32_t size() const { return n_; }
   const Cand *data() const { return buf_; }
   Cand *data() { return buf_; }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "../core/common.hpp"
+#include "cpu_class.hpp"
 
 namespace saehook::cpu {
 
@@ -19,12 +20,15 @@ struct Kernels {
                   saehook_dtype dt, void *operand);
   // out[r * ldo + j] = scale(f0 + j) * dot(row r, W row (f0 + j)) for r < R, j < nf.
   // W is feature-major (row f at byte offset f * d * dtype_size); scales is used for I8 only.
+  // tp: the CPU class's parameters (cpu_class.hpp). f_next: the first feature of the block of
+  // nf features this thread will likely take next (-1: none), which the packed-panel kernels
+  // may prefetch while multiplying this one.
   void (*dot_block)(const void *operand, int64_t R, const void *W, saehook_dtype dt,
                     const float *scales, int64_t d, int64_t f0, int64_t nf, float *out,
-                    int64_t ldo);
+                    int64_t ldo, const Tuning &tp, int64_t f_next);
   // out[0:d] += sum_j vals[j] * W row idx[j] (rows of d elements of dtype dt; idx < 0 skipped).
   void (*gather_sum)(const float *vals, const int32_t *idx, int32_t k, const void *W,
-                     saehook_dtype dt, int64_t d, float *out);
+                     saehook_dtype dt, int64_t d, float *out, const Tuning &tp);
   // y[0:d] += a * w[0:d], w of dtype dt (F32/F16/BF16).
   void (*axpy)(float a, const void *w, saehook_dtype dt, int64_t d, float *y);
   // dst[0:n] = float(src[0:n]).

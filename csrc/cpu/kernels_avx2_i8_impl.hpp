@@ -111,7 +111,7 @@ static void tile_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8_t *W,
 // One row: one feature row after the other (a sequential stream), a block's four 32-byte steps
 // as independent dot products.
 static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, int64_t nf, const float *wscale,
-                   float *out) {
+                   float *out, int64_t prefetch) {
   static_assert(kQBlock == 128, "row_i8 unrolls a block into four 32-byte steps");
   const float *xs = reinterpret_cast<const float *>(x + dpad);
   const int64_t nb = i8_blocks(d);
@@ -124,7 +124,7 @@ static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, i
     float acc = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t b0 = b * kQBlock, b1 = std::min(d, b0 + kQBlock);
-      prefetch_ahead(w + b0, kQBlock);
+      prefetch_ahead(w + b0, kQBlock, prefetch);
       __m256i sum;
       if (b1 - b0 == kQBlock) {
         sum = _mm256_add_epi32(_mm256_add_epi32(step(w, b0), step(w, b0 + 32)),
@@ -140,13 +140,14 @@ static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, i
 }
 
 static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dtype dt, const float *scales,
-                      int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo) {
-  if (dt != SAEHOOK_I8) return dot_block_f32(operand, R, Wv, dt, scales, d, f0, nf, out, ldo);
+                      int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo, const Tuning &tp,
+                      int64_t f_next) {
+  if (dt != SAEHOOK_I8) return dot_block_f32(operand, R, Wv, dt, scales, d, f0, nf, out, ldo, tp, f_next);
   const uint8_t *x = i8_base(const_cast<void *>(operand));
   const int8_t *W = static_cast<const int8_t *>(Wv) + f0 * d;
   const float *ws = scales + f0;
   const int64_t rb = i8_row_bytes(d), dpad = round_up(d, 64);
-  if (R == 1) return row_i8(x, dpad, W, d, nf, ws, out);
+  if (R == 1) return row_i8(x, dpad, W, d, nf, ws, out, tp.stream_prefetch);
   int64_t r = 0;
   // 3 x 2 tiles, then 2 x 2: 4096 x 65536 at batch 64 (this VM, forced ISA) avx2_vnni 162-169
   // -> 146-150 ms, avx2 199-205 -> 180-183 ms against 2 x 2 alone.

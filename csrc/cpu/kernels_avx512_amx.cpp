@@ -248,8 +248,9 @@ void tile_pairs(const uint8_t *W, int64_t row_bytes, int64_t nf, const uint8_t *
 }
 
 void amx_dot_block(const void *operand, int64_t R, const void *Wv, saehook_dtype dt, const float *scales,
-                   int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo) {
-  if (!uses_amx(dt, R)) return dot_block(operand, R, Wv, dt, scales, d, f0, nf, out, ldo);
+                   int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo, const Tuning &tp,
+                   int64_t f_next) {
+  if (!uses_amx(dt, R)) return dot_block(operand, R, Wv, dt, scales, d, f0, nf, out, ldo, tp, f_next);
   const bool i8 = dt == SAEHOOK_I8;
   const BLayout L(dt, R, d);
   const uint8_t *bop = i8_base(const_cast<void *>(operand));

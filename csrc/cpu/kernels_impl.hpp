@@ -24,13 +24,14 @@ typedef int8_t vi8 __attribute__((vector_size(VB / 4)));
 static inline vf splat(float a) { return vf{} + a; }
 
 // Software prefetch of the batch-1 kernels, which stream each weight row once: the `bytes` at
-// p + kStreamPrefetch into L1 (past a row's or block's end too: prefetches never fault).
-// 4096 x 65536 on a 2-core Sapphire Rapids-class VM, against the read probe: int8 one thread
-// 0.77-0.79 without, 0.94-0.95 at 1 KiB ahead, 0.91-0.95 at 2 KiB, 0.61 at 4 KiB; bf16 two
-// threads 0.91-0.92 without, 0.96-0.97 at 1 KiB, 0.94-0.95 at 2 KiB.
-constexpr int64_t kStreamPrefetch = 1024;
-static inline void prefetch_ahead(const void *p, int64_t bytes) {
-  for (int64_t l = 0; l < bytes; l += 64) __builtin_prefetch(static_cast<const char *>(p) + kStreamPrefetch + l);
+// p + ahead into L1 (past a row's or block's end too: prefetches never fault); ahead is the CPU
+// class's Tuning::stream_prefetch (0: none). On the 2-core Sapphire Rapids-class VM, 4096 x 65536
+// against the read probe: int8 one thread 0.77-0.79 without, 0.94-0.95 at 1 KiB ahead, 0.91-0.95
+// at 2 KiB, 0.61 at 4 KiB; bf16 two threads 0.91-0.92 without, 0.96-0.97 at 1 KiB, 0.94-0.95 at
+// 2 KiB. Zen 5: README "CPU kernel performance".
+static inline void prefetch_ahead(const void *p, int64_t bytes, int64_t ahead) {
+  if (ahead <= 0) return;
+  for (int64_t l = 0; l < bytes; l += 64) __builtin_prefetch(static_cast<const char *>(p) + ahead + l);
 }
 
 template <saehook_dtype DT>
@@ -216,7 +217,7 @@ static void dot_block_t(const float *x, int64_t ldx, int64_t R, const void *Wv, 
 
 static void dot_block_f32(const void *operand, int64_t R, const void *W, saehook_dtype dt,
                           const float *scales, int64_t d, int64_t f0, int64_t nf, float *out,
-                          int64_t ldo) {
+                          int64_t ldo, const Tuning &, int64_t) {
   const float *x = static_cast<const float *>(operand);
   const int64_t ldx = d;
   switch (dt) {
@@ -229,16 +230,15 @@ static void dot_block_f32(const void *operand, int64_t R, const void *W, saehook
 
 // Chunked walk: the output is walked in chunks held in registers (no load/store of the output
 // per feature), and the same piece of the feature kGatherAhead places later is prefetched, so
-// the k rows are read as k concurrent streams. Measured on Zen 5 (4096 x 65536 f32, k = 100,
+// the k rows are read as k concurrent streams (kGatherAhead: Tuning::gather_ahead). Measured on Zen 5 (4096 x 65536 f32, k = 100,
 // 64 tokens, one thread): 30-vector chunks with look-ahead 8 take 3.3 ms, the former 16-vector
 // chunks with look-ahead 2 4.4 ms, torch's EmbeddingBag (fbgemm) 3.2 ms.
-constexpr int kGatherAhead = 8;
 constexpr int kGatherChunk = VB == 64 ? 30 : 12;  // vectors: all registers but a few
 
 // out[i0, i0 + CH * VL) += sum_j vals[j] * W[idx[j]][same range], the chunk in CH registers.
 template <saehook_dtype DT, int CH>
 static inline void gather_chunk(const float *vals, const int32_t *idx, int32_t k, const uint8_t *W,
-                                size_t row_bytes, int64_t i0, float *out) {
+                                size_t row_bytes, int64_t i0, float *out, int ahead) {
   using L = Load<DT>;
   constexpr size_t piece = size_t(CH) * VL * L::size;  // bytes of one row in this chunk
   vf acc[CH];
@@ -247,8 +247,8 @@ static inline void gather_chunk(const float *vals, const int32_t *idx, int32_t k
   for (int32_t j = 0; j < k; ++j) {
     if (idx[j] < 0) continue;
     const uint8_t *row = W + idx[j] * row_bytes + i0 * L::size;
-    if (j + kGatherAhead < k && idx[j + kGatherAhead] >= 0) {
-      const uint8_t *next = W + idx[j + kGatherAhead] * row_bytes + i0 * L::size;
+    if (j + ahead < k && idx[j + ahead] >= 0) {
+      const uint8_t *next = W + idx[j + ahead] * row_bytes + i0 * L::size;
 #pragma GCC unroll 32
       for (size_t line = 0; line < piece; line += 64) __builtin_prefetch(next + line);
     }
@@ -262,19 +262,19 @@ static inline void gather_chunk(const float *vals, const int32_t *idx, int32_t k
 
 template <saehook_dtype DT>
 static void gather_sum_chunked(const float *vals, const int32_t *idx, int32_t k, const void *Wv,
-                               int64_t d, float *out) {
+                               int64_t d, float *out, int ahead) {
   using L = Load<DT>;
   const uint8_t *W = static_cast<const uint8_t *>(Wv);
   const size_t row_bytes = size_t(d) * L::size;
   constexpr int CH = kGatherChunk;
   int64_t i0 = 0;
-  for (; i0 + CH * VL <= d; i0 += CH * VL) gather_chunk<DT, CH>(vals, idx, k, W, row_bytes, i0, out);
+  for (; i0 + CH * VL <= d; i0 += CH * VL) gather_chunk<DT, CH>(vals, idx, k, W, row_bytes, i0, out, ahead);
   // The rest in halving chunks (4096 = 8 x 480 + 256 on AVX-512), then scalars.
-  if (i0 + 16 * VL <= d) { gather_chunk<DT, 16>(vals, idx, k, W, row_bytes, i0, out); i0 += 16 * VL; }
-  if (i0 + 8 * VL <= d) { gather_chunk<DT, 8>(vals, idx, k, W, row_bytes, i0, out); i0 += 8 * VL; }
-  if (i0 + 4 * VL <= d) { gather_chunk<DT, 4>(vals, idx, k, W, row_bytes, i0, out); i0 += 4 * VL; }
-  if (i0 + 2 * VL <= d) { gather_chunk<DT, 2>(vals, idx, k, W, row_bytes, i0, out); i0 += 2 * VL; }
-  if (i0 + VL <= d) { gather_chunk<DT, 1>(vals, idx, k, W, row_bytes, i0, out); i0 += VL; }
+  if (i0 + 16 * VL <= d) { gather_chunk<DT, 16>(vals, idx, k, W, row_bytes, i0, out, ahead); i0 += 16 * VL; }
+  if (i0 + 8 * VL <= d) { gather_chunk<DT, 8>(vals, idx, k, W, row_bytes, i0, out, ahead); i0 += 8 * VL; }
+  if (i0 + 4 * VL <= d) { gather_chunk<DT, 4>(vals, idx, k, W, row_bytes, i0, out, ahead); i0 += 4 * VL; }
+  if (i0 + 2 * VL <= d) { gather_chunk<DT, 2>(vals, idx, k, W, row_bytes, i0, out, ahead); i0 += 2 * VL; }
+  if (i0 + VL <= d) { gather_chunk<DT, 1>(vals, idx, k, W, row_bytes, i0, out, ahead); i0 += VL; }
   for (; i0 < d; ++i0) {
     float s = out[i0];
     for (int32_t j = 0; j < k; ++j)
@@ -285,13 +285,13 @@ static void gather_sum_chunked(const float *vals, const int32_t *idx, int32_t k,
 
 template <saehook_dtype DT>
 static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, const void *Wv, int64_t d,
-                            float *out) {
+                            float *out, int kAhead) {
   // One feature row at a time into the output row (which stays in L1), prefetching the row
-  // kAhead features later line by line as this one streams, so several rows are in flight.
+  // kAhead (Tuning::gather_ahead) features later line by line as this one streams, so several
+  // rows are in flight.
   // Measured faster than the chunked walk for 2-byte weights (bf16 decode 2.2 -> 1.3 ms at
   // batch 64, 4096 x 65536, k = 100), slower for f32 (2.6 -> 3.0 ms).
   using L = Load<DT>;
-  constexpr int kAhead = 8;
   const uint8_t *W = static_cast<const uint8_t *>(Wv);
   const size_t row_bytes = size_t(d) * L::size;
   for (int32_t j = 0; j < k; ++j) {
@@ -314,20 +314,21 @@ static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, co
 // Sparse decode of one token: out[0:d] += sum_j vals[j] * W[idx[j]].
 template <saehook_dtype DT>
 static void gather_sum_t(const float *vals, const int32_t *idx, int32_t k, const void *W, int64_t d,
-                         float *out) {
+                         float *out, int ahead) {
   if constexpr (DT == SAEHOOK_F32)
-    gather_sum_chunked<DT>(vals, idx, k, W, d, out);
+    gather_sum_chunked<DT>(vals, idx, k, W, d, out, ahead);
   else
-    gather_sum_rows<DT>(vals, idx, k, W, d, out);
+    gather_sum_rows<DT>(vals, idx, k, W, d, out, ahead);
 }
 
 static void gather_sum(const float *vals, const int32_t *idx, int32_t k, const void *W,
-                       saehook_dtype dt, int64_t d, float *out) {
+                       saehook_dtype dt, int64_t d, float *out, const Tuning &tp) {
+  const int ahead = tp.gather_ahead;
   switch (dt) {
-    case SAEHOOK_F32: return gather_sum_t<SAEHOOK_F32>(vals, idx, k, W, d, out);
-    case SAEHOOK_F16: return gather_sum_t<SAEHOOK_F16>(vals, idx, k, W, d, out);
-    case SAEHOOK_BF16: return gather_sum_t<SAEHOOK_BF16>(vals, idx, k, W, d, out);
-    case SAEHOOK_I8: return gather_sum_t<SAEHOOK_I8>(vals, idx, k, W, d, out);
+    case SAEHOOK_F32: return gather_sum_t<SAEHOOK_F32>(vals, idx, k, W, d, out, ahead);
+    case SAEHOOK_F16: return gather_sum_t<SAEHOOK_F16>(vals, idx, k, W, d, out, ahead);
+    case SAEHOOK_BF16: return gather_sum_t<SAEHOOK_BF16>(vals, idx, k, W, d, out, ahead);
+    case SAEHOOK_I8: return gather_sum_t<SAEHOOK_I8>(vals, idx, k, W, d, out, ahead);
   }
 }
 

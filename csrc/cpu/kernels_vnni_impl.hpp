@@ -67,20 +67,20 @@ constexpr int64_t kPackRows = 4;
 // float32 weights pack from more rows: packing costs a pass over the block, and below 16 rows
 // the dot-product tiles were as fast (8 rows: 57 ms against 60 at 4096 x 65536).
 constexpr int64_t kPackRowsF32 = 16;
-constexpr int64_t kChunk = 1024;  // panel inputs per pass (a multiple of kQBlock): L1/L2 reuse
+// Panel inputs per pass (a multiple of kQBlock, for L1/L2 reuse): Tuning::panel_chunk.
 
 // ---------------- dot-product tiles (few rows) ----------------
 #if SAEHOOK_VNNI_BF16
 template <int R, int F>
 static inline void dot_bf16(const uint16_t *x, int64_t ldx, const uint16_t *W, int64_t d, float *out,
-                            int64_t ldo) {
+                            int64_t ldo, int64_t prefetch) {
   __m512 acc[R][F];
   for (int r = 0; r < R; ++r)
     for (int f = 0; f < F; ++f) acc[r][f] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= d; i += 32)
     for (int f = 0; f < F; ++f) {
-      if (R == 1) prefetch_ahead(W + f * d + i, 64);
+      if (R == 1) prefetch_ahead(W + f * d + i, 64, prefetch);
       const __m512bh w = (__m512bh)_mm512_loadu_si512(W + f * d + i);
       for (int r = 0; r < R; ++r)
         acc[r][f] = _mm512_dpbf16_ps(acc[r][f], (__m512bh)_mm512_loadu_si512(x + r * ldx + i), w);
@@ -141,7 +141,7 @@ static inline void dot_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8
 // kQBlock / 64 independent 64-byte products (unrolled: with a runtime-indexed accumulator array
 // GCC kept the accumulators on the stack).
 static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, int64_t nf,
-                   const float *wscale, float *out) {
+                   const float *wscale, float *out, int64_t prefetch) {
   static_assert(kQBlock % 64 == 0 && kQBlock <= 256, "row_i8 unrolls a block into 64-byte steps");
   constexpr int kSteps = int(kQBlock / 64);
   const __m512i offset = _mm512_set1_epi8(char(0x80));
@@ -156,7 +156,7 @@ static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, i
     __m512 facc = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t b0 = b * kQBlock, b1 = std::min(d, b0 + kQBlock);
-      prefetch_ahead(w + b0, kQBlock);
+      prefetch_ahead(w + b0, kQBlock, prefetch);
       __m512i sum;
       if (b1 - b0 == kQBlock) {
         sum = step(w, b0);
@@ -177,9 +177,10 @@ static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, i
   }
 }
 
-// Rows in groups of RG x features in groups of FG (1 x 8 for the last rows, 1 feature at the edge).
+// Rows in groups of RG x features in groups of FG, then the last rows one at a time with
+// `single` (1, 2, 4 or 8: Tuning::batch1_rows_bf16 for bf16) features interleaved, 1 at the edge.
 template <int RG, int FG, class Tile>
-static inline void walk_dot(int64_t R, int64_t nf, const Tile &tile) {
+static inline void walk_dot(int64_t R, int64_t nf, int single, const Tile &tile) {
   using std::integral_constant;
   int64_t r = 0;
   for (; r + RG <= R; r += RG) {
@@ -187,11 +188,17 @@ static inline void walk_dot(int64_t R, int64_t nf, const Tile &tile) {
     for (; j + FG <= nf; j += FG) tile(integral_constant<int, RG>(), integral_constant<int, FG>(), r, j);
     for (; j < nf; ++j) tile(integral_constant<int, RG>(), integral_constant<int, 1>(), r, j);
   }
-  for (; r < R; ++r) {
+  auto one_row = [&](auto f, int64_t r) {
     int64_t j = 0;
-    for (; j + 8 <= nf; j += 8) tile(integral_constant<int, 1>(), integral_constant<int, 8>(), r, j);
+    for (; j + decltype(f)::value <= nf; j += decltype(f)::value) tile(integral_constant<int, 1>(), f, r, j);
     for (; j < nf; ++j) tile(integral_constant<int, 1>(), integral_constant<int, 1>(), r, j);
-  }
+  };
+  for (; r < R; ++r) switch (single) {
+      case 1: one_row(integral_constant<int, 1>(), r); break;
+      case 2: one_row(integral_constant<int, 2>(), r); break;
+      case 4: one_row(integral_constant<int, 4>(), r); break;
+      default: one_row(integral_constant<int, 8>(), r); break;
+    }
 }
 
 // ---------------- packed panels (many rows) ----------------
@@ -252,9 +259,38 @@ static inline __mmask16 lane_mask(int64_t valid) {
 // Float accumulation over a panel: R rows x G groups over steps [s0, s1); accumulates into out
 // (first pass starts from zero). `Step` multiplies one step: its inputs of a row, broadcast to
 // every lane, with a panel vector (the same 4 bytes per lane in both).
+// Software prefetch of the weights of the block the thread takes next, spread over this block's
+// tile calls (one line per step of each call's loop), so that reading them from memory overlaps
+// these products instead of stalling the next pack. Zen 5, 4096 x 65536: README "CPU kernel
+// performance".
+struct NextBlock {
+  const char *p = nullptr;
+  int64_t left = 0, per_call = 0;
+  NextBlock(const void *next, int64_t bytes, int64_t calls, int64_t steps_per_call) {
+    if (!next || calls <= 0) return;
+    p = static_cast<const char *>(next);
+    left = (bytes + 63) / 64;
+    per_call = std::min<int64_t>((left + calls - 1) / calls, steps_per_call);
+  }
+  // The lines one tile call prefetches: *lines from the returned address.
+  const char *take(int64_t *lines) {
+    *lines = std::min(per_call, left);
+    const char *q = p;
+    p += *lines * 64;
+    left -= *lines;
+    return q;
+  }
+};
+
+// Tile calls walk_panel<RG, GG> makes for R rows and ng groups, per pass.
+inline int64_t panel_calls(int64_t R, int64_t ng, int RG, int GG) {
+  return (R + RG - 1) / RG * (ng / GG + ng % GG);
+}
+
 template <class Step, int R, int G>
 static inline void panel_float(const typename Step::In *x, int64_t ldx, const uint32_t *panel, int64_t ng,
-                               int64_t g0, int64_t s0, int64_t s1, float *out, int64_t ldo, int64_t nf) {
+                               int64_t g0, int64_t s0, int64_t s1, float *out, int64_t ldo, int64_t nf,
+                               const char *pf = nullptr, int64_t pf_lines = 0) {
   __m512 acc[R][G];
   for (int g = 0; g < G; ++g) {
     const __mmask16 m = lane_mask(nf - (g0 + g) * 16);
@@ -262,6 +298,7 @@ static inline void panel_float(const typename Step::In *x, int64_t ldx, const ui
       acc[r][g] = s0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, out + r * ldo + (g0 + g) * 16);
   }
   for (int64_t s = s0; s < s1; ++s) {
+    if (s - s0 < pf_lines) _mm_prefetch(pf + 64 * (s - s0), _MM_HINT_T1);
     __m512i b[G];
     for (int g = 0; g < G; ++g) b[g] = _mm512_load_si512(panel + (s * ng + g0 + g) * 16);
     for (int r = 0; r < R; ++r) {
@@ -301,11 +338,12 @@ struct StepBF16 {  // a step is a pair of bf16 inputs (vdpbf16ps)
 template <int R, int G>
 __attribute__((always_inline)) static inline void panel_i8_block(
     const uint8_t *x, int64_t rb, int64_t dpad, const uint32_t *panel, int64_t ng, int64_t g0,
-    int64_t b0, int64_t b1, bool first, float *out, int64_t ldo, int64_t nf) {
+    int64_t b0, int64_t b1, bool first, float *out, int64_t ldo, int64_t nf, const char *pf, int64_t pf_lines) {
   __m512i acc[R][G];
   for (int r = 0; r < R; ++r)
     for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_si512();
   for (int64_t s = b0; s < b1; ++s) {
+    if (s - b0 < pf_lines) _mm_prefetch(pf + 64 * (s - b0), _MM_HINT_T1);
     __m512i b[G];
     for (int g = 0; g < G; ++g) b[g] = _mm512_load_si512(panel + (s * ng + g0 + g) * 16);
     for (int r = 0; r < R; ++r) {
@@ -327,11 +365,14 @@ __attribute__((always_inline)) static inline void panel_i8_block(
 template <int R, int G>
 static inline void panel_i8(const uint8_t *x, int64_t rb, int64_t dpad, const uint32_t *panel,
                             int64_t ng, int64_t g0, int64_t s0, int64_t s1, float *out, int64_t ldo,
-                            int64_t nf) {
+                            int64_t nf, const char *pf, int64_t pf_lines) {
   constexpr int64_t kStepsPerBlock = kQBlock / 4;
-  for (int64_t b0 = s0; b0 < s1; b0 += kStepsPerBlock)
-    panel_i8_block<R, G>(x, rb, dpad, panel, ng, g0, b0, std::min(s1, b0 + kStepsPerBlock), b0 == 0,
-                         out, ldo, nf);
+  for (int64_t b0 = s0; b0 < s1; b0 += kStepsPerBlock) {
+    const int64_t b1 = std::min(s1, b0 + kStepsPerBlock), lines = std::min(pf_lines, b1 - b0);
+    panel_i8_block<R, G>(x, rb, dpad, panel, ng, g0, b0, b1, b0 == 0, out, ldo, nf, pf, lines);
+    pf += 64 * lines;
+    pf_lines -= lines;
+  }
 }
 
 template <int RG, int GG, class Tile>
@@ -363,27 +404,38 @@ static uint32_t *panel_buffer(size_t words) {
 
 static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dtype dt,
                       const float *scales, int64_t d, int64_t f0, int64_t nf, float *out,
-                      int64_t ldo) {
+                      int64_t ldo, const Tuning &tp, int64_t f_next) {
   const int64_t ng = (nf + 15) / 16;
+  const int64_t kChunk = tp.panel_chunk;
+  // The next block's weights (nf rows of row_bytes after W's f_next-th row), or none.
+  auto next_block = [&](int64_t row_bytes, int64_t passes, int64_t steps_per_call) {
+    const bool on = tp.panel_prefetch_next && f_next >= 0;
+    return NextBlock(on ? static_cast<const char *>(Wv) + f_next * row_bytes : nullptr, nf * row_bytes,
+                     passes * panel_calls(R, ng, 6, 4), steps_per_call);
+  };
 #if SAEHOOK_VNNI_BF16
   if (dt == SAEHOOK_BF16) {
     const uint16_t *x = static_cast<const uint16_t *>(operand);
     const uint16_t *W = static_cast<const uint16_t *>(Wv) + f0 * d;
     const int64_t ld = bf16_ld(d);
     if (R < kPackRows) {
-      walk_dot<4, 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j) {
-        dot_bf16<decltype(rg)::value, decltype(fg)::value>(x + r * ld, ld, W + j * d, d, out + r * ldo + j, ldo);
+      walk_dot<4, 4>(R, nf, tp.batch1_rows_bf16, [&](auto rg, auto fg, int64_t r, int64_t j) {
+        dot_bf16<decltype(rg)::value, decltype(fg)::value>(x + r * ld, ld, W + j * d, d, out + r * ldo + j, ldo,
+                                                          tp.stream_prefetch);
       });
       return;
     }
     const int64_t steps = (d + 1) / 2;
     uint32_t *panel = panel_buffer(size_t(steps * ng * 16));
     pack(reinterpret_cast<const uint8_t *>(W), 2 * d, nf, panel, 0);
+    NextBlock nb = next_block(2 * d, (steps + kChunk / 2 - 1) / (kChunk / 2), std::min(steps, kChunk / 2));
     for (int64_t s0 = 0; s0 < steps; s0 += kChunk / 2) {
       const int64_t s1 = std::min(steps, s0 + kChunk / 2);
       walk_panel<6, 4>(R, ng, [&](auto rg, auto gg, int64_t r, int64_t g) {
+        int64_t lines;
+        const char *pf = nb.take(&lines);
         panel_float<StepBF16, decltype(rg)::value, decltype(gg)::value>(x + r * ld, ld, panel, ng, g, s0, s1,
-                                                             out + r * ldo, ldo, nf);
+                                                             out + r * ldo, ldo, nf, pf, lines);
       });
     }
     return;
@@ -394,9 +446,9 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
     const int8_t *W = static_cast<const int8_t *>(Wv) + f0 * d;
     const int64_t rb = i8_row_bytes(d), dpad = round_up(d, 64);
     // Batch 1: one sequential stream (0.94x the read probe's rate vs 0.85x for 4 interleaved rows).
-    if (R == 1) return row_i8(x, dpad, W, d, nf, scales + f0, out);
+    if (R == 1) return row_i8(x, dpad, W, d, nf, scales + f0, out, tp.stream_prefetch);
     if (R < kPackRows) {
-      walk_dot<3, 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j) {
+      walk_dot<3, 4>(R, nf, 8, [&](auto rg, auto fg, int64_t r, int64_t j) {
         dot_i8<decltype(rg)::value, decltype(fg)::value>(x + r * rb, rb, dpad, W + j * d, d, scales + f0 + j,
                                                         out + r * ldo + j, ldo);
       });
@@ -405,11 +457,14 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
     const int64_t steps = (d + 3) / 4;
     uint32_t *panel = panel_buffer(size_t(steps * ng * 16));
     pack(reinterpret_cast<const uint8_t *>(W), d, nf, panel, 0x80);
+    NextBlock nb = next_block(d, (steps + kChunk / 4 - 1) / (kChunk / 4), std::min(steps, kChunk / 4));
     for (int64_t s0 = 0; s0 < steps; s0 += kChunk / 4) {
       const int64_t s1 = std::min(steps, s0 + kChunk / 4);
       walk_panel<6, 4>(R, ng, [&](auto rg, auto gg, int64_t r, int64_t g) {
+        int64_t lines;
+        const char *pf = nb.take(&lines);
         panel_i8<decltype(rg)::value, decltype(gg)::value>(x + r * rb, rb, dpad, panel, ng, g, s0, s1,
-                                                           out + r * ldo, ldo, nf);
+                                                           out + r * ldo, ldo, nf, pf, lines);
       });
     }
     // Remove the +128 offset's contribution and apply the per-feature weight scales.
@@ -427,12 +482,16 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
     const float *x = static_cast<const float *>(operand);  // prepare_f32: R rows of d floats
     uint32_t *panel = panel_buffer(size_t(d * ng * 16));
     pack(static_cast<const uint8_t *>(Wv) + f0 * d * 4, 4 * d, nf, panel, 0);
+    NextBlock nb = next_block(4 * d, 1, d);
     walk_panel<6, 4>(R, ng, [&](auto rg, auto gg, int64_t r, int64_t g) {
-      panel_float<StepF32, decltype(rg)::value, decltype(gg)::value>(x + r * d, d, panel, ng, g, 0, d, out + r * ldo, ldo, nf);
+      int64_t lines;
+      const char *pf = nb.take(&lines);
+      panel_float<StepF32, decltype(rg)::value, decltype(gg)::value>(x + r * d, d, panel, ng, g, 0, d, out + r * ldo,
+                                                                     ldo, nf, pf, lines);
     });
     return;
   }
-  dot_block_f32(operand, R, Wv, dt, scales, d, f0, nf, out, ldo);
+  dot_block_f32(operand, R, Wv, dt, scales, d, f0, nf, out, ldo, tp, f_next);
 }
 
 }  // namespace saehook::cpu::SAEHOOK_ISA_NS

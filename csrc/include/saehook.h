@@ -166,6 +166,16 @@ SAEHOOK_API saehook_status saehook_set_isa(const char *name);
 SAEHOOK_API const char *saehook_get_isa(void);
 /* Comma-separated list of the paths this build has and this CPU can run. */
 SAEHOOK_API const char *saehook_available_isas(void);
+/* The CPU class the kernels are tuned for (chosen once from cpuid: "zen5", "zen4", "spr",
+ * "generic") and its parameters, as JSON: {"vendor", "family", "model", "stepping",
+ * "detected_class", "class", "params": {...}}. Valid until the next call. */
+SAEHOOK_API const char *saehook_cpu_info(void);
+/* Switches the kernel parameters to another class's ("auto" = the detected one), optionally
+ * followed by ",key=value" overrides, e.g. "zen4" or "zen5,stream_prefetch=512" (keys as in
+ * saehook_cpu_info's params). The environment variable SAEHOOK_CPU_CLASS takes the same spec at
+ * start-up. For measurement and tests: not while kernels run in other threads. Results do not
+ * depend on the parameters beyond float rounding order. */
+SAEHOOK_API saehook_status saehook_set_cpu_class(const char *spec);
 /* 1 if this build has the CUDA kernels, else 0. */
 SAEHOOK_API int saehook_cuda_available(void);
 

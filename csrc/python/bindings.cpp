@@ -178,4 +178,6 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_isa", [](const std::string &name) { check(saehook_set_isa(name.c_str())); });
   m.def("get_isa", [] { return std::string(saehook_get_isa()); });
   m.def("available_isas", [] { return std::string(saehook_available_isas()); });
+  m.def("cpu_info", [] { return std::string(saehook_cpu_info()); });
+  m.def("set_cpu_class", [](const std::string &spec) { check(saehook_set_cpu_class(spec.c_str())); });
 }

@@ -10,8 +10,10 @@ import os as _os
 from .sae import (
     SAE,
     available_isas,
+    cpu_info,
     get_isa,
     get_num_threads,
+    set_cpu_class,
     set_isa,
     set_num_threads,
 )
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SAE", "SAESet", "SAEFormatError", "Steering", "load",
     "set_num_threads", "get_num_threads", "set_isa", "get_isa", "available_isas",
+    "cpu_info", "set_cpu_class",
     "get_include", "get_library",
     "SteeringState", "When", "load_spec", "SpecError",
 ]

@@ -358,3 +358,21 @@ def get_isa() -> str:
 
 def available_isas() -> list:
     return [s for s in _core.available_isas().split(",") if s]
+
+
+def cpu_info() -> dict:
+    """The CPU as cpuid reports it (vendor, family, model, stepping), the class its kernel
+    parameters come from (detected_class, class in use) and those parameters (params), plus the
+    kernel path in use (isa)."""
+    import json
+
+    info = json.loads(_core.cpu_info())
+    info["isa"] = _core.get_isa()
+    return info
+
+
+def set_cpu_class(spec: str) -> None:
+    """Kernel parameters of another CPU class ('zen5', 'zen4', 'spr', 'generic', 'auto'), with
+    optional ',key=value' overrides ('zen5,stream_prefetch=512'); for measurement and tests
+    (SAEHOOK_CPU_CLASS does the same at start-up). Results stay equal up to float rounding."""
+    _core.set_cpu_class(spec)

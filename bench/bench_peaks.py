@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Per-core issue rates of the instructions the CPU kernels use: vfmadd231ps, vdpbf16ps and
+vpdpbusd on zmm and ymm, and 64-byte L1 loads (peaks.c, built here with the system C compiler).
+
+    python bench/bench_peaks.py            # every core in turn, best of 5 runs of 0.2 s each
+    python bench/bench_peaks.py --json peaks.json
+
+A CPU that executes AVX-512 on 256-bit units (Zen 4) issues a zmm instruction every other
+cycle per pipe, so its zmm and ymm rates of multiply-adds per ns come out equal; Zen 5 and
+Intel server cores double them on zmm. The kernels' compute bound at batch B follows:
+d_model x d_sae x B multiply-adds / (cores x madds_per_ns).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def build(out_dir: str) -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise SystemExit("no C compiler found (set CC)")
+    exe = os.path.join(out_dir, "peaks")
+    cmd = [cc, "-O2", "-mavx512f", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-o", exe, os.path.join(HERE, "peaks.c")]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"building peaks.c failed ({' '.join(cmd)}):\n{p.stderr}")
+    return exe
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=0.2, help="length of one timed run per instruction")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    import saehook
+
+    info = saehook.cpu_info()
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    if not all(f in flags for f in ("avx512f", "avx512_bf16", "avx512_vnni")):
+        raise SystemExit("this CPU lacks AVX512-BF16/VNNI: the probes would fault (SIGILL)")
+    cores = sorted(os.sched_getaffinity(0))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = build(tmp)
+        for c in cores:
+            out = subprocess.run(["taskset", "-c", str(c), exe, str(args.seconds)], capture_output=True, text=True,
+                                 check=True).stdout
+            results[c] = json.loads(out)
+    print(json.dumps({"cpu": info}))
+    names = [r["insn"] for r in results[cores[0]]]
+    print(f"{'instruction':<18}" + "".join(f"  core {c}: ns/insn  madds/ns" for c in cores))
+    for i, name in enumerate(names):
+        print(f"{name:<18}" + "".join(f"  {results[c][i]['ns_per_insn']:>15.4f} {results[c][i]['madds_per_ns']:>9.1f}"
+                                      for c in cores))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cpu": info, "per_core": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

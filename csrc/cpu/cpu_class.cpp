@@ -1,0 +1,182 @@
+// The CPU class table (cpu_class.hpp) and its choice from cpuid.
+#include "cpu_class.hpp"
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#define SAEHOOK_X86 1
+#endif
+
+namespace saehook::cpu {
+
+namespace {
+
+// One row per class. zen5: measured on the 2-core Zen 5 VM (family 26 model 2) with
+// bench/bench_tuning.py in alternation with the read probe (2026-12-02): stream_prefetch 0 / 512 /
+// 1024 / 2048 / 3072 within noise of each other at batch 1 (int8 1.03 / 1.02 / 1.00 / 1.15 / 0.99
+// of the 1024 time; bf16 0.98 / 1.03 / 1.00 / 1.03 / 0.98), 1024 kept; batch1_rows_bf16 4 against
+// 8: 0.74, 0.99 and 0.86 of its time in three sweeps (0.86 on the idle VM: 1.01 of the probe's
+// rate against 0.85), 1 row 0.96, 2 rows 1.02-1.04: 4; panel_chunk 1024 best at batch 256 (256: 1.07, 512: 1.03, 2048:
+// 1.02 of its time); panel_prefetch_next on: batch 64 bf16 and int8 both 1.10x faster. spr: the
+// values measured on the 2-core Sapphire Rapids-class VM in earlier sessions (git log -- csrc/cpu),
+// panel_prefetch_next not measured there (off). zen4: NOT measured on Zen 4 (no such machine this
+// session): the Zen 5 row. generic (AVX2 laptops, anything else): the former one-for-all values,
+// not re-measured.
+const Tuning kTable[] = {
+    // cls      prefetch rows_bf16 block_1     block_n      chunk next ahead
+    {"zen5",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8},
+    {"zen4",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8},
+    {"spr",     1024,    8,        2 << 20,    512 << 10,   1024, 0,   8},
+    {"generic", 1024,    8,        2 << 20,    512 << 10,   1024, 0,   8},
+};
+
+const Tuning *find_class(const char *name, size_t len) {
+  for (const Tuning &t : kTable)
+    if (std::strlen(t.cls) == len && std::strncmp(t.cls, name, len) == 0) return &t;
+  return nullptr;
+}
+
+CpuId detect() {
+  CpuId c{};
+  std::strcpy(c.vendor, "unknown");
+  c.detected_class = "generic";
+#ifdef SAEHOOK_X86
+  unsigned a, b, cx, d;
+  if (!__get_cpuid(0, &a, &b, &cx, &d)) return c;
+  std::memcpy(c.vendor, &b, 4);
+  std::memcpy(c.vendor + 4, &d, 4);
+  std::memcpy(c.vendor + 8, &cx, 4);
+  c.vendor[12] = 0;
+  if (!__get_cpuid(1, &a, &b, &cx, &d)) return c;
+  const unsigned base_family = (a >> 8) & 0xf, base_model = (a >> 4) & 0xf;
+  c.stepping = a & 0xf;
+  c.family = base_family == 0xf ? base_family + ((a >> 20) & 0xff) : base_family;
+  c.model = (base_family == 0xf || base_family == 0x6) ? (((a >> 16) & 0xf) << 4) | base_model : base_model;
+  unsigned a7 = 0, b7 = 0, c7 = 0, d7 = 0;
+  __get_cpuid_count(7, 0, &a7, &b7, &c7, &d7);
+  const bool avx512f = b7 & (1u << 16), amx_tile = d7 & (1u << 24);
+  if (std::strcmp(c.vendor, "AuthenticAMD") == 0) {
+    if (c.family == 0x1a) c.detected_class = "zen5";
+    // Zen 4 (Genoa, Bergamo, Raphael, Phoenix: models 0x10 and up) executes AVX-512 on 256-bit
+    // units; Zen 3 (models below 0x10) has no AVX-512 and stays generic.
+    else if (c.family == 0x19 && c.model >= 0x10 && avx512f) c.detected_class = "zen4";
+  } else if (std::strcmp(c.vendor, "GenuineIntel") == 0) {
+    // Sapphire/Emerald/Granite Rapids; VMs may hide the model, AMX tells the class apart.
+    const bool spr_model = c.family == 6 && (c.model == 0x8f || c.model == 0xcf || c.model == 0xad || c.model == 0xae);
+    if (spr_model || amx_tile) c.detected_class = "spr";
+  }
+#endif
+  return c;
+}
+
+std::string parse(const char *spec, Tuning *out) {
+  const char *p = spec ? spec : "auto";
+  const char *comma = std::strchr(p, ',');
+  const size_t len = comma ? size_t(comma - p) : std::strlen(p);
+  const std::string name(p, len);
+  const Tuning *base = (name.empty() || name == "auto") ? find_class(cpuid_info().detected_class.c_str(),
+                                                                      cpuid_info().detected_class.size())
+                                                        : find_class(p, len);
+  if (!base) return "unknown CPU class '" + name + "'; classes: " + tuning_classes() + " (or auto)";
+  Tuning t = *base;
+  while (comma) {
+    p = comma + 1;
+    comma = std::strchr(p, ',');
+    const std::string item(p, comma ? size_t(comma - p) : std::strlen(p));
+    const size_t eq = item.find('=');
+    char *end = nullptr;
+    const long long v = eq == std::string::npos ? 0 : std::strtoll(item.c_str() + eq + 1, &end, 10);
+    if (eq == std::string::npos || end == item.c_str() + eq + 1 || *end || v < 0)
+      return "CPU tuning override '" + item + "' is not key=value with a non-negative integer value";
+    const std::string key = item.substr(0, eq);
+    if (key == "stream_prefetch") t.stream_prefetch = v;
+    else if (key == "batch1_rows_bf16") {
+      if (v != 1 && v != 2 && v != 4 && v != 8) return "batch1_rows_bf16 must be 1, 2, 4 or 8, not " + item.substr(eq + 1);
+      t.batch1_rows_bf16 = int(v);
+    } else if (key == "block_bytes_1" || key == "block_bytes_n") {
+      if (v < 1024) return key + " must be at least 1024, not " + item.substr(eq + 1);
+      (key == "block_bytes_1" ? t.block_bytes_1 : t.block_bytes_n) = v;
+    } else if (key == "panel_chunk") {
+      if (v < 128 || v % 128) return "panel_chunk must be a positive multiple of 128, not " + item.substr(eq + 1);
+      t.panel_chunk = v;
+    } else if (key == "panel_prefetch_next") {
+      if (v > 1) return "panel_prefetch_next must be 0 or 1, not " + item.substr(eq + 1);
+      t.panel_prefetch_next = int(v);
+    } else if (key == "gather_ahead") {
+      if (v > 64) return "gather_ahead must be at most 64, not " + item.substr(eq + 1);
+      t.gather_ahead = int(v);
+    } else {
+      return "unknown CPU tuning key '" + key +
+             "'; keys: stream_prefetch, batch1_rows_bf16, block_bytes_1, block_bytes_n, panel_chunk, "
+             "panel_prefetch_next, gather_ahead";
+    }
+  }
+  *out = t;
+  return {};
+}
+
+std::atomic<const Tuning *> &current() {
+  static std::atomic<const Tuning *> t{[] {
+    Tuning *init = new Tuning;
+    const char *env = std::getenv("SAEHOOK_CPU_CLASS");
+    const std::string err = parse(env && *env ? env : "auto", init);
+    if (!err.empty()) {  // a bad override must not silently measure the wrong parameters
+      std::fprintf(stderr, "saehook: SAEHOOK_CPU_CLASS ignored: %s\n", err.c_str());
+      parse("auto", init);
+    }
+    return init;
+  }()};
+  return t;
+}
+
+}  // namespace
+
+const CpuId &cpuid_info() {
+  static const CpuId c = detect();
+  return c;
+}
+
+const Tuning &tuning() { return *current().load(std::memory_order_acquire); }
+
+std::string set_tuning(const char *spec) {
+  Tuning t;
+  std::string err = parse(spec, &t);
+  if (err.empty()) current().store(new Tuning(t), std::memory_order_release);  // a few bytes per call, kept
+  return err;
+}
+
+const char *tuning_classes() {
+  static const std::string names = [] {
+    std::string s;
+    for (const Tuning &t : kTable) s += (s.empty() ? "" : ",") + std::string(t.cls);
+    return s;
+  }();
+  return names.c_str();
+}
+
+const char *cpu_info_json() {
+  static std::mutex mu;
+  static std::string buf;
+  std::lock_guard<std::mutex> lock(mu);
+  const CpuId &c = cpuid_info();
+  const Tuning &t = tuning();
+  std::string classes;
+  for (const Tuning &k : kTable) classes += (classes.empty() ? "\"" : ", \"") + std::string(k.cls) + "\"";
+  char s[1024];
+  std::snprintf(s, sizeof s,
+                "{\"vendor\": \"%s\", \"family\": %u, \"model\": %u, \"stepping\": %u, \"detected_class\": \"%s\", "
+                "\"classes\": [%s], \"class\": \"%s\", \"params\": {\"stream_prefetch\": %lld, \"batch1_rows_bf16\": %d, "
+                "\"block_bytes_1\": %lld, \"block_bytes_n\": %lld, \"panel_chunk\": %lld, \"panel_prefetch_next\": %d, \"gather_ahead\": %d}}",
+                c.vendor, c.family, c.model, c.stepping, c.detected_class.c_str(), classes.c_str(), t.cls,
+                (long long)t.stream_prefetch, t.batch1_rows_bf16, (long long)t.block_bytes_1,
+                (long long)t.block_bytes_n, (long long)t.panel_chunk, t.panel_prefetch_next, t.gather_ahead);
+  buf = s;
+  return buf.c_str();
+}
+
+}  // namespace saehook::cpu

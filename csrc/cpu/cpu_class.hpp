@@ -1,0 +1,51 @@
+// CPU classes and their kernel parameters: the tuning numbers that differ between machines
+// (prefetch distance, block sizes, batch-1 interleaving), chosen once from cpuid and passed to
+// the kernels, whose bodies stay one per ISA. README "CPU kernel performance" has the table per
+// class with where each number was measured.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace saehook::cpu {
+
+struct Tuning {
+  const char *cls;  // the class these parameters are for ("zen5", "zen4", "spr", "generic")
+  // Batch-1 row kernels (bf16, int8): software prefetch this many bytes ahead in each weight
+  // row (0: none, the hardware prefetcher alone).
+  int64_t stream_prefetch;
+  // Batch-1 bf16 dot-product tiles: feature rows read interleaved (1, 2, 4 or 8).
+  int batch1_rows_bf16;
+  // Encoder weight bytes per task: at batch 1 (streamed once) and at several rows (the block
+  // stays in L2 while every row of the chunk is multiplied with it).
+  int64_t block_bytes_1, block_bytes_n;
+  // Packed-panel kernels: inputs per pass over a block's panel (a multiple of 128), and whether
+  // they prefetch (into L2) the weights of the block the thread takes next while multiplying
+  // this one (1) or read them when packing (0).
+  int64_t panel_chunk;
+  int panel_prefetch_next;
+  // Sparse decode: rows prefetched this many features ahead.
+  int gather_ahead;
+};
+
+// What cpuid says about the processor, and the class it was put in.
+struct CpuId {
+  char vendor[13];
+  unsigned family, model, stepping;
+  std::string detected_class;
+};
+
+const CpuId &cpuid_info();
+// The parameters in use: the detected class's, or SAEHOOK_CPU_CLASS's at start-up, or the last
+// set_tuning's.
+const Tuning &tuning();
+// Switches parameters: a class name ("auto" = the detected one), optionally followed by
+// ",key=value" overrides (keys as in Tuning, e.g. "zen5,stream_prefetch=512"). Returns an error
+// message, empty on success. For measurement and tests; not while kernels run in other threads.
+std::string set_tuning(const char *spec);
+// Comma-separated class names of the table.
+const char *tuning_classes();
+// JSON: vendor, family, model, stepping, detected class, parameters in use.
+const char *cpu_info_json();
+
+}  // namespace saehook::cpu
