@@ -204,6 +204,35 @@ class Server:
                 self.proc.wait()
 
 
+def machine_load() -> str:
+    """The load average and the other processes using CPU right now (the VM is shared)."""
+    with open("/proc/loadavg") as f:
+        la = " ".join(f.read().split()[:3])
+    me = {os.getpid()}
+    try:
+        out = subprocess.run(["top", "-bn1", "-w", "200"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return f"load {la}"
+    busy = []
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 12 and f[0].isdigit() and int(f[0]) not in me:
+            try:
+                cpu = float(f[8])
+            except ValueError:
+                continue
+            if cpu >= 10:
+                busy.append(f"{f[11]}(nice {f[3]}, {cpu:.0f}%)")
+    return f"load {la}; busy: {', '.join(busy) or 'none'}"
+
+
+# saehook serve with load_server(flash_attn="auto") (llama-server's attention setting; the CLI
+# serves with flash attention off, see README "Serve")
+SAEHOOK_FA = ("import json, sys; from saehook.serve import load_server, run; a = json.loads(sys.argv[1]); "
+              "run(load_server(a.pop('model'), {'bench': a.pop('sae')}, flash_attn='auto', **a['load']), "
+              "host='127.0.0.1', port=a['port'], log_level='warning')")
+
+
 def stream_completion(port: int, body: dict) -> Dict[str, float]:
     """One streamed /v1/completions: TTFT, the gaps between token chunks, the tokens received."""
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -283,6 +312,19 @@ def load(port: int, concurrency: int, reqs: int, make_body) -> Dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
+# What each server runs with (besides -np / --parallel 8, the context, the threads).
+CONFIG = {
+    "llama-server": "its defaults: n_batch 2048 (capped at the context), n_ubatch 512, flash attention auto (on, "
+                    "CPU), one KV stream per slot (kv_unified off), prompt cache with context checkpoints; "
+                    "OpenMP's default spin-wait",
+    "llama_cpp.server": "one request at a time; n_batch 512, flash attention off",
+    "saehook": "n_batch = n_ubatch = 512, flash attention off, one unified KV cache, prompt cache keyed by "
+               "steering (checkpoints on recurrent models); GOMP_SPINCOUNT=1000",
+    "saehook-fa": "as saehook, with flash attention auto (as llama-server)",
+    "saehook-sequential": "as saehook, every sequence decoded alone",
+}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", default=["qwen3", "qwen35"], choices=["qwen3", "qwen35"])
@@ -299,8 +341,9 @@ def main() -> int:
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--servers", nargs="+", default=["llama-server", "llama_cpp.server", "saehook"],
-                   choices=["llama-server", "llama_cpp.server", "saehook", "saehook-sequential"],
-                   help="saehook-sequential: saehook serve --decode sequential (one llama_decode per request), "
+                   choices=["llama-server", "llama_cpp.server", "saehook", "saehook-fa", "saehook-sequential"],
+                   help="saehook-fa: saehook serve with flash attention as llama-server (load_server(flash_attn="
+                   "'auto')); saehook-sequential: saehook serve --decode sequential (one llama_decode per request), "
                    "to show what batching gains")
     p.add_argument("--llama-server", help="a llama-server binary (default: built from --llama-cpp-src)")
     p.add_argument("--llama-cpp-src", help="llama.cpp source (default: the vendored one of llama-cpp-python's sdist)")
@@ -344,7 +387,12 @@ def main() -> int:
         scenarios = []
         for name in args.servers:
             port = free_port()
-            if name.startswith("saehook"):
+            if name == "saehook-fa":
+                cmd = [sys.executable, "-c", SAEHOOK_FA, json.dumps({
+                    "model": path, "sae": sae_path, "port": port,
+                    "load": {"parallel": par, "n_ctx": n_ctx, "n_threads": args.threads}})]
+                scenarios.append((name, cmd, port, "/health", [("unsteered", lambda i: {"ignore_eos": True})]))
+            elif name.startswith("saehook"):
                 cmd = [sys.executable, "-m", "saehook", "serve", path, "--sae", f"bench={sae_path}", "--port", str(port),
                        "--parallel", str(par), "--n-ctx", str(n_ctx), "--threads", str(args.threads),
                        "--max-tokens", str(args.gen_tokens)]
@@ -366,7 +414,10 @@ def main() -> int:
                 scenarios.append((name, cmd, port, "/v1/models", [
                     ("unsteered", lambda i: {"logit_bias": {str(eos): -100}})]))
         results: Dict[tuple, dict] = {}
+        loads: Dict[str, str] = {}
         for name, cmd, port, health, variants in scenarios:
+            loads[name] = machine_load()
+            print(f"{name}: {CONFIG.get(name, '')}; before the run: {loads[name]}", flush=True)
             srv = Server(name, cmd, port, health)
             try:
                 try:
@@ -388,6 +439,7 @@ def main() -> int:
         bound_ms = sae.encoder_bytes / (bw * 1e9) * 1e3
         top = max(args.concurrency)
         row = {"model": os.path.basename(path), "arch": arch, "bandwidth_GBps": bw, "encoder_read_bound_ms": bound_ms,
+               "load_before": loads, "config": {n: CONFIG.get(n, "") for n in loads},
                "results": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()}}
         s, ls, lcs = (results.get(("saehook", "unsteered", top)), results.get(("llama-server", "unsteered", top)),
                       results.get(("llama_cpp.server", "unsteered", top)))

@@ -668,6 +668,51 @@ def test_qwen35_prompt_cache_restarts_from_a_checkpoint_of_the_same_steering(tmp
         assert s.stop() == 0
 
 
+def test_flash_attn_option_reaches_llama_cpp(demo_sae):
+    """load_server(flash_attn=...): "on" computes what HookedLlama with flash attention computes,
+    which on this prompt is not what the default (off) gives; a wrong value is refused."""
+    from saehook.serve import load_server
+    from saehook.serve.protocol import parse_request
+    from saehook.serve.scheduler import Job
+
+    with pytest.raises(ValueError, match="flash_attn must be one of auto, on, off, got 'yes'"):
+        load_server(demo.MODEL, {}, flash_attn="yes")
+
+    def served(flash_attn):
+        state = load_server(demo.MODEL, {"demo": demo.SAE_FILE}, parallel=2, n_ctx=N_CTX, n_batch=64, n_threads=1,
+                            chat_format=CHAT_FORMAT, flash_attn=flash_attn)
+        try:
+            req = parse_request("completion", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0},
+                                state.registry, state.limits)
+            done, text = threading.Event(), []
+
+            def emit(kind, payload):
+                if kind == "token":
+                    text.append(payload.text)
+                elif kind in ("done", "error"):
+                    done.set()
+
+            state.scheduler.submit(Job(req=req, prompt=state.llm.tokenize(PROMPT.encode(), special=True), emit=emit))
+            assert done.wait(60)
+            return "".join(text)
+        finally:
+            state.scheduler.close()
+            state.llm.close()
+
+    def oracle(flash_attn):
+        llm = HookedLlama(demo.MODEL, n_ctx=N_CTX, n_batch=64, n_ubatch=64, n_threads=1, verbose=False,
+                          flash_attn=flash_attn)
+        try:
+            return oracle_completion(llm, PROMPT)[0]
+        finally:
+            llm.close()
+
+    with_fa, without = oracle(True), oracle(False)
+    assert with_fa != without  # the prompt tells the two apart
+    assert served("on") == with_fa
+    assert served("off") == without
+
+
 def test_command_line_errors(tmp_path, capsys):
     from saehook.cli import main
 
