@@ -172,9 +172,10 @@ def llama_server_binary(args) -> str:
 
 
 class Server:
-    def __init__(self, name: str, cmd: List[str], port: int, health: str):
+    def __init__(self, name: str, cmd: List[str], port: int, health: str, env: Dict[str, str] = None):
         self.name, self.port = name, port
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
         self.log: List[str] = []
         threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()
         deadline = time.monotonic() + 300
@@ -312,12 +313,15 @@ def load(port: int, concurrency: int, reqs: int, make_body) -> Dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
+# Environment each server gets on top of this one's (saehook sets GOMP_SPINCOUNT=1000 itself).
+ENV = {"llama-server-spin": {"GOMP_SPINCOUNT": "1000"}, "llama_cpp.server": {"GOMP_SPINCOUNT": "1000"}}
 # What each server runs with (besides -np / --parallel 8, the context, the threads).
 CONFIG = {
+    "llama-server-spin": "as llama-server, with GOMP_SPINCOUNT=1000 (saehook's OpenMP spin-wait)",
     "llama-server": "its defaults: n_batch 2048 (capped at the context), n_ubatch 512, flash attention auto (on, "
                     "CPU), one KV stream per slot (kv_unified off), prompt cache with context checkpoints; "
                     "OpenMP's default spin-wait",
-    "llama_cpp.server": "one request at a time; n_batch 512, flash attention off",
+    "llama_cpp.server": "one request at a time; n_batch 512, flash attention off; GOMP_SPINCOUNT=1000 (as saehook)",
     "saehook": "n_batch = n_ubatch = 512, flash attention off, one unified KV cache, prompt cache keyed by "
                "steering (checkpoints on recurrent models); GOMP_SPINCOUNT=1000",
     "saehook-fa": "as saehook, with flash attention auto (as llama-server)",
@@ -340,9 +344,13 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--servers", nargs="+", default=["llama-server", "llama_cpp.server", "saehook"],
-                   choices=["llama-server", "llama_cpp.server", "saehook", "saehook-fa", "saehook-sequential"],
-                   help="saehook-fa: saehook serve with flash attention as llama-server (load_server(flash_attn="
+    p.add_argument("--servers", nargs="+",
+                   default=["llama-server", "llama-server-spin", "llama_cpp.server", "saehook", "saehook-fa"],
+                   choices=["llama-server", "llama-server-spin", "llama_cpp.server", "saehook", "saehook-fa",
+                            "saehook-sequential"],
+                   help="llama-server-spin: llama-server with saehook's OpenMP spin-wait (GOMP_SPINCOUNT=1000; "
+                   "its default spin collapses when other processes want the cores); "
+                   "saehook-fa: saehook serve with flash attention as llama-server (load_server(flash_attn="
                    "'auto')); saehook-sequential: saehook serve --decode sequential (one llama_decode per request), "
                    "to show what batching gains")
     p.add_argument("--llama-server", help="a llama-server binary (default: built from --llama-cpp-src)")
@@ -402,7 +410,7 @@ def main() -> int:
                     ("unsteered", lambda i: {"ignore_eos": True}),
                     ("steered", lambda i: {"ignore_eos": True, "saehook": {"steer": [
                         {"feature": i, "op": "clamp", "value": 5.0}]}})]))
-            elif name == "llama-server":
+            elif name.startswith("llama-server"):
                 cmd = [llama_server_binary(args), "-m", path, "--host", "127.0.0.1", "--port", str(port),
                        "-np", str(par), "-c", str(n_ctx * par), "-t", str(args.threads), "-tb", str(args.threads),
                        "--no-webui", "-lv", "0"]
@@ -418,7 +426,7 @@ def main() -> int:
         for name, cmd, port, health, variants in scenarios:
             loads[name] = machine_load()
             print(f"{name}: {CONFIG.get(name, '')}; before the run: {loads[name]}", flush=True)
-            srv = Server(name, cmd, port, health)
+            srv = Server(name, cmd, port, health, env=ENV.get(name))
             try:
                 try:
                     stream_completion(port, body(variants[0][1])(0, 0))  # warm-up
@@ -441,12 +449,19 @@ def main() -> int:
         row = {"model": os.path.basename(path), "arch": arch, "bandwidth_GBps": bw, "encoder_read_bound_ms": bound_ms,
                "load_before": loads, "config": {n: CONFIG.get(n, "") for n in loads},
                "results": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()}}
-        s, ls, lcs = (results.get(("saehook", "unsteered", top)), results.get(("llama-server", "unsteered", top)),
-                      results.get(("llama_cpp.server", "unsteered", top)))
+        s = results.get(("saehook", "unsteered", top))
+        lss = [r for r in (results.get((n, "unsteered", top)) for n in ("llama-server", "llama-server-spin")) if r]
+        ls = max(lss, key=lambda r: r["tok_s"]) if lss else None  # the faster configuration
+        lcs = results.get(("llama_cpp.server", "unsteered", top))
         st = results.get(("saehook", "steered", top))
         if s and ls:
             row["vs_llama_server"] = s["tok_s"] / ls["tok_s"]
-            print(f"c={top} unsteered: saehook / llama-server = {row['vs_llama_server']:.2f}x (target >= 0.9x)")
+            print(f"c={top} unsteered: saehook / llama-server (its faster configuration) = "
+                  f"{row['vs_llama_server']:.2f}x (target >= 0.9x)")
+            fa = results.get(("saehook-fa", "unsteered", top))
+            if fa:
+                row["fa_vs_llama_server"] = fa["tok_s"] / ls["tok_s"]
+                print(f"c={top} unsteered: saehook-fa / llama-server = {row['fa_vs_llama_server']:.2f}x")
         if s and lcs:
             row["vs_llama_cpp_server"] = s["tok_s"] / lcs["tok_s"]
             print(f"c={top} unsteered: saehook / llama_cpp.server = {row['vs_llama_cpp_server']:.2f}x (target >= 3x)")
