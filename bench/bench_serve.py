@@ -13,6 +13,12 @@ request clamps a different feature: one encode per step serves the whole batch).
 (README "Serve"): at concurrency 8 unsteered, >= 0.9x llama-server and >= 3x llama_cpp.server;
 steered, the added time per decode step at most the SAE's W_enc read bound + 10%.
 
+Configurations (printed with each server, and kept in the JSON with the machine's load before its
+run): llama-server with its defaults (flash attention auto, one KV stream per slot, OpenMP's
+default spin-wait) and as llama-server-spin with saehook's GOMP_SPINCOUNT=1000 (the target is
+taken against the faster of the two); saehook serve as shipped (flash attention off) and as
+saehook-fa with flash attention auto (load_server(flash_attn="auto")).
+
 llama-server is built from the llama.cpp that llama-cpp-python's sdist vendors (--llama-cpp-src,
 or the sdist is fetched with `pip download`), once, into --cache; or pass --llama-server BIN.
 llama_cpp.server needs llama-cpp-python's server extra (`pip install 'llama-cpp-python[server]'`:

@@ -14,7 +14,9 @@ One worker thread owns the model. Every step it
      mode "split" (recurrent/hybrid models such as qwen35, where llama.cpp groups a micro-batch's
      rows by sequence) decodes the one-token segments of all sequences together and each
      multi-token prompt chunk in a llama_decode of its own, the only batches whose rows the hook
-     can map exactly (HookedLlama.announce refuses the others); mode "sequential" decodes every
+     can map exactly (HookedLlama.announce refuses the others). That costs no extra pass over
+     the weights: llama.cpp's split_equal cuts a shared batch into the same two micro-batches
+     (one token per sequence, then the rest of the chunk). Mode "sequential" decodes every
      sequence alone (for comparison);
   4. reads each sequence's captured features, samples each sequence's next token with its own
      llama.cpp sampler chain, and hands tokens to the HTTP side through `Job.emit`.
