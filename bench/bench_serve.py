@@ -13,6 +13,12 @@ request clamps a different feature: one encode per step serves the whole batch).
 (README "Serve"): at concurrency 8 unsteered, >= 0.9x llama-server and >= 3x llama_cpp.server;
 steered, the added time per decode step at most the SAE's W_enc read bound + 10%.
 
+Configurations (printed with each server, and kept in the JSON with the machine's load before its
+run): llama-server with its defaults (flash attention auto, one KV stream per slot, OpenMP's
+default spin-wait) and as llama-server-spin with saehook's GOMP_SPINCOUNT=1000 (the target is
+taken against the faster of the two); saehook serve as shipped (flash attention off) and as
+saehook-fa with flash attention auto (load_server(flash_attn="auto")).
+
 llama-server is built from the llama.cpp that llama-cpp-python's sdist vendors (--llama-cpp-src,
 or the sdist is fetched with `pip download`), once, into --cache; or pass --llama-server BIN.
 llama_cpp.server needs llama-cpp-python's server extra (`pip install 'llama-cpp-python[server]'`:
@@ -172,9 +178,10 @@ def llama_server_binary(args) -> str:
 
 
 class Server:
-    def __init__(self, name: str, cmd: List[str], port: int, health: str):
+    def __init__(self, name: str, cmd: List[str], port: int, health: str, env: Dict[str, str] = None):
         self.name, self.port = name, port
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
         self.log: List[str] = []
         threading.Thread(target=lambda: self.log.extend(self.proc.stdout), daemon=True).start()
         deadline = time.monotonic() + 300
@@ -202,6 +209,35 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def machine_load() -> str:
+    """The load average and the other processes using CPU right now (the VM is shared)."""
+    with open("/proc/loadavg") as f:
+        la = " ".join(f.read().split()[:3])
+    me = {os.getpid()}
+    try:
+        out = subprocess.run(["top", "-bn1", "-w", "200"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return f"load {la}"
+    busy = []
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 12 and f[0].isdigit() and int(f[0]) not in me:
+            try:
+                cpu = float(f[8])
+            except ValueError:
+                continue
+            if cpu >= 10:
+                busy.append(f"{f[11]}(nice {f[3]}, {cpu:.0f}%)")
+    return f"load {la}; busy: {', '.join(busy) or 'none'}"
+
+
+# saehook serve with load_server(flash_attn="auto") (llama-server's attention setting; the CLI
+# serves with flash attention off, see README "Serve")
+SAEHOOK_FA = ("import json, sys; from saehook.serve import load_server, run; a = json.loads(sys.argv[1]); "
+              "run(load_server(a.pop('model'), {'bench': a.pop('sae')}, flash_attn='auto', **a['load']), "
+              "host='127.0.0.1', port=a['port'], log_level='warning')")
 
 
 def stream_completion(port: int, body: dict) -> Dict[str, float]:
@@ -283,6 +319,22 @@ def load(port: int, concurrency: int, reqs: int, make_body) -> Dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
+# Environment each server gets on top of this one's (saehook sets GOMP_SPINCOUNT=1000 itself).
+ENV = {"llama-server-spin": {"GOMP_SPINCOUNT": "1000"}, "llama_cpp.server": {"GOMP_SPINCOUNT": "1000"}}
+# What each server runs with (besides -np / --parallel 8, the context, the threads).
+CONFIG = {
+    "llama-server-spin": "as llama-server, with GOMP_SPINCOUNT=1000 (saehook's OpenMP spin-wait)",
+    "llama-server": "its defaults: n_batch 2048 (capped at the context), n_ubatch 512, flash attention auto (on, "
+                    "CPU), one KV stream per slot (kv_unified off), prompt cache with context checkpoints; "
+                    "OpenMP's default spin-wait",
+    "llama_cpp.server": "one request at a time; n_batch 512, flash attention off; GOMP_SPINCOUNT=1000 (as saehook)",
+    "saehook": "n_batch = n_ubatch = 512, flash attention off, one unified KV cache, prompt cache keyed by "
+               "steering (checkpoints on recurrent models); GOMP_SPINCOUNT=1000",
+    "saehook-fa": "as saehook, with flash attention auto (as llama-server)",
+    "saehook-sequential": "as saehook, every sequence decoded alone",
+}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", default=["qwen3", "qwen35"], choices=["qwen3", "qwen35"])
@@ -298,9 +350,14 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--servers", nargs="+", default=["llama-server", "llama_cpp.server", "saehook"],
-                   choices=["llama-server", "llama_cpp.server", "saehook", "saehook-sequential"],
-                   help="saehook-sequential: saehook serve --decode sequential (one llama_decode per request), "
+    p.add_argument("--servers", nargs="+",
+                   default=["llama-server", "llama-server-spin", "llama_cpp.server", "saehook", "saehook-fa"],
+                   choices=["llama-server", "llama-server-spin", "llama_cpp.server", "saehook", "saehook-fa",
+                            "saehook-sequential"],
+                   help="llama-server-spin: llama-server with saehook's OpenMP spin-wait (GOMP_SPINCOUNT=1000; "
+                   "its default spin collapses when other processes want the cores); "
+                   "saehook-fa: saehook serve with flash attention as llama-server (load_server(flash_attn="
+                   "'auto')); saehook-sequential: saehook serve --decode sequential (one llama_decode per request), "
                    "to show what batching gains")
     p.add_argument("--llama-server", help="a llama-server binary (default: built from --llama-cpp-src)")
     p.add_argument("--llama-cpp-src", help="llama.cpp source (default: the vendored one of llama-cpp-python's sdist)")
@@ -344,7 +401,12 @@ def main() -> int:
         scenarios = []
         for name in args.servers:
             port = free_port()
-            if name.startswith("saehook"):
+            if name == "saehook-fa":
+                cmd = [sys.executable, "-c", SAEHOOK_FA, json.dumps({
+                    "model": path, "sae": sae_path, "port": port,
+                    "load": {"parallel": par, "n_ctx": n_ctx, "n_threads": args.threads}})]
+                scenarios.append((name, cmd, port, "/health", [("unsteered", lambda i: {"ignore_eos": True})]))
+            elif name.startswith("saehook"):
                 cmd = [sys.executable, "-m", "saehook", "serve", path, "--sae", f"bench={sae_path}", "--port", str(port),
                        "--parallel", str(par), "--n-ctx", str(n_ctx), "--threads", str(args.threads),
                        "--max-tokens", str(args.gen_tokens)]
@@ -354,7 +416,7 @@ def main() -> int:
                     ("unsteered", lambda i: {"ignore_eos": True}),
                     ("steered", lambda i: {"ignore_eos": True, "saehook": {"steer": [
                         {"feature": i, "op": "clamp", "value": 5.0}]}})]))
-            elif name == "llama-server":
+            elif name.startswith("llama-server"):
                 cmd = [llama_server_binary(args), "-m", path, "--host", "127.0.0.1", "--port", str(port),
                        "-np", str(par), "-c", str(n_ctx * par), "-t", str(args.threads), "-tb", str(args.threads),
                        "--no-webui", "-lv", "0"]
@@ -366,8 +428,11 @@ def main() -> int:
                 scenarios.append((name, cmd, port, "/v1/models", [
                     ("unsteered", lambda i: {"logit_bias": {str(eos): -100}})]))
         results: Dict[tuple, dict] = {}
+        loads: Dict[str, str] = {}
         for name, cmd, port, health, variants in scenarios:
-            srv = Server(name, cmd, port, health)
+            loads[name] = machine_load()
+            print(f"{name}: {CONFIG.get(name, '')}; before the run: {loads[name]}", flush=True)
+            srv = Server(name, cmd, port, health, env=ENV.get(name))
             try:
                 try:
                     stream_completion(port, body(variants[0][1])(0, 0))  # warm-up
@@ -388,13 +453,21 @@ def main() -> int:
         bound_ms = sae.encoder_bytes / (bw * 1e9) * 1e3
         top = max(args.concurrency)
         row = {"model": os.path.basename(path), "arch": arch, "bandwidth_GBps": bw, "encoder_read_bound_ms": bound_ms,
+               "load_before": loads, "config": {n: CONFIG.get(n, "") for n in loads},
                "results": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()}}
-        s, ls, lcs = (results.get(("saehook", "unsteered", top)), results.get(("llama-server", "unsteered", top)),
-                      results.get(("llama_cpp.server", "unsteered", top)))
+        s = results.get(("saehook", "unsteered", top))
+        lss = [r for r in (results.get((n, "unsteered", top)) for n in ("llama-server", "llama-server-spin")) if r]
+        ls = max(lss, key=lambda r: r["tok_s"]) if lss else None  # the faster configuration
+        lcs = results.get(("llama_cpp.server", "unsteered", top))
         st = results.get(("saehook", "steered", top))
         if s and ls:
             row["vs_llama_server"] = s["tok_s"] / ls["tok_s"]
-            print(f"c={top} unsteered: saehook / llama-server = {row['vs_llama_server']:.2f}x (target >= 0.9x)")
+            print(f"c={top} unsteered: saehook / llama-server (its faster configuration) = "
+                  f"{row['vs_llama_server']:.2f}x (target >= 0.9x)")
+            fa = results.get(("saehook-fa", "unsteered", top))
+            if fa:
+                row["fa_vs_llama_server"] = fa["tok_s"] / ls["tok_s"]
+                print(f"c={top} unsteered: saehook-fa / llama-server = {row['fa_vs_llama_server']:.2f}x")
         if s and lcs:
             row["vs_llama_cpp_server"] = s["tok_s"] / lcs["tok_s"]
             print(f"c={top} unsteered: saehook / llama_cpp.server = {row['vs_llama_cpp_server']:.2f}x (target >= 3x)")

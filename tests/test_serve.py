@@ -610,6 +610,109 @@ def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tmp_path):
         assert s.stop() == 0
 
 
+def test_qwen35_prompt_cache_restarts_from_a_checkpoint_of_the_same_steering(tmp_path):
+    """A hybrid model's recurrent state cannot be cut back: the server keeps the state 4 tokens
+    before each prompt's end (scheduler.CHECKPOINT_TAIL, as llama-server does), and a prompt
+    sharing that prefix under the same steering restarts there. Oracle: HookedLlama's own
+    generation from a clean state."""
+    from gguf_qwen35 import D, write_qwen35
+
+    from saehook.serve.scheduler import CHECKPOINT_TAIL
+
+    model = tmp_path / "qwen35.gguf"
+    write_qwen35(model)
+    rng = np.random.default_rng(1)
+    sae = saehook.SAE((rng.standard_normal((512, D)) / 16).astype(np.float32),
+                      (rng.standard_normal((512, D)) / 16).astype(np.float32), k=8)
+    sae.metadata["layer"] = 1
+    sae_path = tmp_path / "sae.safetensors"
+    sae.save(str(sae_path))
+    llm = HookedLlama(str(model), n_ctx=128, n_batch=32, n_ubatch=32, n_threads=1, verbose=False)
+    s = Server(model, "--sae", f"t={sae_path}", "--parallel", 1, "--n-ctx", 128, "--n-batch", 32)
+    try:
+        client = s.client()
+        spec = [{"feature": 5, "op": "clamp", "value": 2.5}]
+        st = saehook.Steering(sae, layer=1).clamp(5, 2.5)
+
+        def want(prompt, steerings):
+            fresh(llm)
+            ids = []
+            with llm.steer(*steerings, control_vectors=False):
+                for t in llm.generate(llm.tokenize(prompt.encode(), special=True), temp=0.0):
+                    if t == llm.token_eos() or len(ids) == 10:
+                        break
+                    ids.append(t)
+            return llm.detokenize(ids).decode("utf-8", errors="replace")
+
+        def run(prompt, steer=None):
+            r = client.completions.create(model="m", prompt=prompt, max_tokens=10, temperature=0,
+                                          extra_body={"saehook": {"steer": steer}} if steer else None)
+            return r.choices[0].text, r.usage.prompt_tokens, r.usage.prompt_tokens_details.cached_tokens
+
+        base = "the quick brown fox jumps over"
+        n_prompts = []
+        # (prompt, steering, the earlier request whose checkpoint serves it or None)
+        for prompt, steer, steerings, served_by in [
+                (base + " a", None, (), None),
+                (base + " b", None, (), 0),             # the unsteered checkpoint serves
+                (base + " c", spec, (st,), None),       # not a steered prompt
+                (base + " d", spec, (st,), 2),          # the steered checkpoint serves
+                (base[:12] + "X", spec, (st,), None),   # diverges before the checkpoint: from token 0
+                (base + " e", spec, (st,), 4)]:         # the last request's checkpoint replaced the earlier one
+            text, n_prompt, n_cached = run(prompt, steer)
+            n_prompts.append(n_prompt)
+            assert n_cached == (0 if served_by is None else n_prompts[served_by] - CHECKPOINT_TAIL), (prompt, steer)
+            assert text == want(prompt, steerings), (prompt, steer)
+    finally:
+        llm.close()
+        assert s.stop() == 0
+
+
+def test_flash_attn_option_reaches_llama_cpp(demo_sae):
+    """load_server(flash_attn=...): "on" computes what HookedLlama with flash attention computes,
+    which on this prompt is not what the default (off) gives; a wrong value is refused."""
+    from saehook.serve import load_server
+    from saehook.serve.protocol import parse_request
+    from saehook.serve.scheduler import Job
+
+    with pytest.raises(ValueError, match="flash_attn must be one of auto, on, off, got 'yes'"):
+        load_server(demo.MODEL, {}, flash_attn="yes")
+
+    def served(flash_attn):
+        state = load_server(demo.MODEL, {"demo": demo.SAE_FILE}, parallel=2, n_ctx=N_CTX, n_batch=64, n_threads=1,
+                            chat_format=CHAT_FORMAT, flash_attn=flash_attn)
+        try:
+            req = parse_request("completion", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0},
+                                state.registry, state.limits)
+            done, text = threading.Event(), []
+
+            def emit(kind, payload):
+                if kind == "token":
+                    text.append(payload.text)
+                elif kind in ("done", "error"):
+                    done.set()
+
+            state.scheduler.submit(Job(req=req, prompt=state.llm.tokenize(PROMPT.encode(), special=True), emit=emit))
+            assert done.wait(60)
+            return "".join(text)
+        finally:
+            state.scheduler.close()
+            state.llm.close()
+
+    def oracle(flash_attn):
+        llm = HookedLlama(demo.MODEL, n_ctx=N_CTX, n_batch=64, n_ubatch=64, n_threads=1, verbose=False,
+                          flash_attn=flash_attn)
+        try:
+            return oracle_completion(llm, PROMPT)[0]
+        finally:
+            llm.close()
+
+    with_fa, without = oracle(True), oracle(False)
+    assert with_fa != without  # the prompt tells the two apart
+    assert served("on") == with_fa
+    assert served("off") == without
+
+
 def test_command_line_errors(tmp_path, capsys):
     from saehook.cli import main
 

@@ -57,15 +57,29 @@ def chat_formatter(llm, chat_format: Optional[str] = None):
 def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx: int = 4096, n_batch: int = 512,
                 n_threads: Optional[int] = None, n_gpu_layers: int = 0, chat_format: Optional[str] = None,
                 api_key: Optional[str] = None, limits: Limits = Limits(), queue_size: int = 64,
-                decode: str = "auto", model_name: Optional[str] = None, k: Optional[int] = None):
+                decode: str = "auto", model_name: Optional[str] = None, k: Optional[int] = None,
+                flash_attn: str = "off"):
     """Loads the model and SAEs and starts the scheduler; returns the ServeState an app serves.
-    The KV cache holds n_ctx tokens for each of the `parallel` sequences (one unified cache)."""
+    The KV cache holds n_ctx tokens for each of the `parallel` sequences (one unified cache).
+    flash_attn: "off" (default), "on", or "auto" (llama-server's default: on where the backend
+    has the kernel, as the CPU does). Off keeps every request's result independent of what else
+    is in the unified cache: the plain attention path masks other sequences' cells to exact
+    zeros, while llama.cpp's flash-attention kernels tile the cache and round in f16 (on the
+    demo model, features then differ from HookedLlama.capture of the same tokens by up to 0.4%,
+    even with flash attention there too). On is faster on the CPU (fewer graph nodes, so fewer
+    thread barriers per decode; README "Serve")."""
     from .. import load
-    from ..engines.llama import HookedLlama
+    from ..engines.llama import HookedLlama  # first: it sets GOMP_SPINCOUNT before llama_cpp loads libgomp
     from ..formats import SAESet
     from .app import ServeState
     from .scheduler import Scheduler
 
+    import llama_cpp
+
+    fa_types = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+    if flash_attn not in fa_types:
+        raise ValueError(f"flash_attn must be one of {', '.join(fa_types)}, got {flash_attn!r}")
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
     if n_ctx < 8:
@@ -83,7 +97,8 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
 
         set_num_threads(n_threads)
     llm = HookedLlama(model, n_ctx=n_ctx * parallel, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers,
-                      verbose=False, context_overrides={"n_seq_max": parallel, "kv_unified": True}, **kw)
+                      verbose=False, context_overrides={"n_seq_max": parallel, "kv_unified": True,
+                                                         "flash_attn_type": fa_types[flash_attn]}, **kw)
     for name, sae in loaded.items():
         if sae.d_model != llm.n_embd_model:
             raise ValueError(f"--sae {name}={saes[name]}: d_model {sae.d_model} does not match the model's "

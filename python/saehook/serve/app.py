@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import APIError, GenerationRequest, Limits, SAERegistry, bad, parse_request
@@ -130,6 +131,36 @@ def _completion_logprobs(llm, toks: List[TokenInfo], offset0: int = 0) -> Option
             "text_offset": offsets}
 
 
+class _AuthAndSize:
+    """The API key and the declared body size, checked before a route runs. A plain ASGI
+    middleware: Starlette's BaseHTTPMiddleware (@app.middleware) would pass every streamed token
+    through an extra task and memory stream."""
+
+    def __init__(self, app, state: ServeState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            error = self._check(scope)
+            if error is not None:
+                return await _error_response(error)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _check(self, scope) -> Optional[APIError]:
+        state = self.state
+        headers = Headers(scope=scope)
+        if state.api_key and scope["path"].startswith("/v1/"):
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
+                return APIError(401, "missing or wrong API key: send Authorization: Bearer <key> "
+                                "(the --api-key this server was started with)", code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > state.limits.max_body_bytes:
+            return APIError(413, f"the request body has {length} bytes; at most {state.limits.max_body_bytes} "
+                            "are allowed (--max-body)", code="body_too_large")
+        return None
+
+
 def create_app(state: ServeState) -> FastAPI:
     app = FastAPI(title="saehook serve", description="OpenAI-compatible server with per-request SAE steering",
                   docs_url=None, redoc_url=None, openapi_url=None)
@@ -144,21 +175,7 @@ def create_app(state: ServeState) -> FastAPI:
         return _error_response(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404
                                         else None))
 
-    @app.middleware("http")
-    async def _auth_and_size(request: Request, call_next):
-        if state.api_key and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
-                return _error_response(APIError(401, "missing or wrong API key: send Authorization: Bearer <key> "
-                                                "(the --api-key this server was started with)",
-                                                code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > state.limits.max_body_bytes:
-            return _error_response(APIError(413, f"the request body has {length} bytes; at most "
-                                            f"{state.limits.max_body_bytes} are allowed (--max-body)",
-                                            code="body_too_large"))
-        return await call_next(request)
+    app.add_middleware(_AuthAndSize, state=state)
 
     @app.get("/health")
     async def health():

@@ -4,7 +4,9 @@ with its own SAE steering, feature capture and sampler.
 One worker thread owns the model. Every step it
   1. admits waiting requests into free slots (one llama.cpp sequence each, up to --parallel),
      reusing a slot's cached prefix when its tokens *and the steering they were evaluated
-     under* match the new prompt (protocol.token_key);
+     under* match the new prompt (protocol.token_key); a recurrent/hybrid model's state cannot
+     be cut back, so there a prefix is reused whole or from the slot's checkpoint, the state
+     CHECKPOINT_TAIL tokens before the end of the last prompt it evaluated (as llama-server);
   2. builds one batch: the pending token of every generating request, then prompt chunks of
      newly admitted ones up to n_batch tokens (so running streams keep flowing while a long
      prompt is processed);
@@ -12,7 +14,9 @@ One worker thread owns the model. Every step it
      mode "split" (recurrent/hybrid models such as qwen35, where llama.cpp groups a micro-batch's
      rows by sequence) decodes the one-token segments of all sequences together and each
      multi-token prompt chunk in a llama_decode of its own, the only batches whose rows the hook
-     can map exactly (HookedLlama.announce refuses the others); mode "sequential" decodes every
+     can map exactly (HookedLlama.announce refuses the others). That costs no extra pass over
+     the weights: llama.cpp's split_equal cuts a shared batch into the same two micro-batches
+     (one token per sequence, then the rest of the chunk). Mode "sequential" decodes every
      sequence alone (for comparison);
   4. reads each sequence's captured features, samples each sequence's next token with its own
      llama.cpp sampler chain, and hands tokens to the HTTP side through `Job.emit`.
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import ctypes
 import itertools
 import random
 import threading
@@ -90,6 +95,22 @@ class Job:
         self.cancelled = True
 
 
+# Recurrent/hybrid models: the state a prompt leaves this many tokens before its end is kept (as
+# llama-server's context checkpoints do), so that a later prompt sharing all but its last few
+# tokens (a regenerated answer, an edited last message) restarts there instead of at token 0.
+CHECKPOINT_TAIL = 4
+
+
+@dataclass
+class _Checkpoint:
+    """A recurrent/hybrid sequence's recurrent state after its first n tokens (the attention KV
+    of those tokens stays in the cache and is cut back to them on restore)."""
+
+    n: int
+    data: Any   # ctypes uint8 array from llama_state_seq_get_data_ext(..., PARTIAL_ONLY)
+    size: int
+
+
 @dataclass
 class _Slot:
     seq: int
@@ -97,6 +118,7 @@ class _Slot:
     keys: List[Tuple] = field(default_factory=list)     # the steering each of those tokens was evaluated under
     job: Optional[Job] = None
     last_used: float = 0.0
+    checkpoint: Optional[_Checkpoint] = None            # recurrent models: state after tokens[:checkpoint.n]
 
 
 class QueueFull(APIError):
@@ -225,8 +247,38 @@ class Scheduler:
         while n < limit and slot.tokens[n] == job.prompt[n] and slot.keys[n] == key:
             n += 1
         if self.recurrent and n < len(slot.tokens):
-            return 0  # recurrent state cannot be rolled back to a shorter prefix
+            # recurrent state cannot be rolled back, only restored from the slot's checkpoint
+            cp = slot.checkpoint
+            return cp.n if cp is not None and cp.n <= n else 0
         return n
+
+    def _cut(self, slot: _Slot, n: int) -> int:
+        """Cuts the slot's sequence back to its first n tokens (a recurrent model's state comes
+        from the checkpoint at n); returns the tokens kept (0 when that fails: the sequence is
+        cleared)."""
+        ok = True
+        if n > 0 and self.recurrent:
+            cp = slot.checkpoint
+            ok = (cp is not None and cp.n == n and llama_cpp.llama_state_seq_set_data_ext(
+                self.ctx, cp.data, cp.size, slot.seq, llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == cp.size)
+        if not (ok and llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, n, -1)):
+            llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
+            n = 0
+        del slot.tokens[n:], slot.keys[n:]
+        if slot.checkpoint is not None and slot.checkpoint.n > n:
+            slot.checkpoint = None
+        return n
+
+    def _save_checkpoint(self, slot: _Slot) -> None:
+        """Keeps the recurrent state after the slot's tokens so far (one checkpoint per slot; its
+        buffer is reused: the state of one sequence has the same size every time)."""
+        flag = llama_cpp.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+        size = llama_cpp.llama_state_seq_get_size_ext(self.ctx, slot.seq, flag)
+        cp = slot.checkpoint
+        data = cp.data if cp is not None and len(cp.data) == size else (ctypes.c_uint8 * size)()
+        slot.checkpoint = None
+        if size and llama_cpp.llama_state_seq_get_data_ext(self.ctx, data, size, slot.seq, flag) == size:
+            slot.checkpoint = _Checkpoint(n=len(slot.tokens), data=data, size=size)
 
     def _start(self, job: Job, free: List[_Slot]) -> None:
         slot = max(free, key=lambda s: (self._reusable(s, job), -s.last_used))
@@ -236,10 +288,7 @@ class Scheduler:
                                                   capture=None if f is None else {f.layer: f.sae})
         n = self._reusable(slot, job)
         if n < len(slot.tokens):
-            if not llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, n, -1):
-                llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-                n = 0
-            del slot.tokens[n:], slot.keys[n:]
+            n = self._cut(slot, n)
         job.slot, job.n_cached, job.n_past = slot, n, n
         job.t_start = time.monotonic()
         job.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -272,11 +321,18 @@ class Scheduler:
             job.sampler = None
         if not keep_cache:
             llama_cpp.llama_memory_seq_rm(self.mem, slot.seq, -1, -1)
-            slot.tokens, slot.keys = [], []
+            slot.tokens, slot.keys, slot.checkpoint = [], [], None
         slot.job = None
         slot.last_used = time.monotonic()
 
     # ---- one step ----
+    def _checkpoint_at(self, job: Job) -> Optional[int]:
+        """Where this job's prompt evaluation stops for a checkpoint (recurrent models), if ahead."""
+        if not self.recurrent:
+            return None
+        cp = len(job.prompt) - CHECKPOINT_TAIL
+        return cp if cp > job.n_past else None
+
     def _plan(self) -> List[Tuple[Job, List[int], bool, bool]]:
         """(job, tokens, generated, wants_logits) segments of this step: every generating job's
         pending token first, then prompt chunks in admission order while n_batch allows."""
@@ -290,7 +346,11 @@ class Scheduler:
                 budget -= 1
         for j in jobs:
             if j.to_eval is None and j.finishing is None and j.n_past < len(j.prompt) and budget > 0:
-                chunk = j.prompt[j.n_past: j.n_past + budget]
+                end = j.n_past + budget
+                cp = self._checkpoint_at(j)
+                if cp is not None:
+                    end = min(end, cp)  # the chunk ends where the checkpoint is taken
+                chunk = j.prompt[j.n_past: end]
                 segs.append((j, chunk, False, j.n_past + len(chunk) == len(j.prompt)))
                 budget -= len(chunk)
         return segs
@@ -378,6 +438,8 @@ class Scheduler:
         slot.tokens.extend(toks)
         slot.keys.extend([key] * len(toks))
         job.n_past += len(toks)
+        if not generated and self.recurrent and job.n_past == len(job.prompt) - CHECKPOINT_TAIL:
+            self._save_checkpoint(slot)
         feats = self._feature_rows(job, rec) if job.req.features is not None else {}
         if not generated:
             if job.req.features is not None and job.req.features.prompt:
