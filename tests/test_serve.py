@@ -771,3 +771,27 @@ def test_labels_in_features_and_label_named_steering(tmp_path, demo_sae):
         assert "#23" in body["error"]["message"] and "#5" in body["error"]["message"]
     finally:
         assert s.stop() == 0, "".join(s.output)
+
+
+def test_serve_command_passes_flash_attn(monkeypatch):
+    """`saehook serve --flash-attn on` reaches load_server; the default is off; a wrong value is
+    refused by argparse with the flag named."""
+    import saehook.serve
+    from saehook import cli
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load_server(model, saes, **kw):
+        seen.append(kw["flash_attn"])
+        raise Stop
+
+    monkeypatch.setattr(saehook.serve, "load_server", fake_load_server)  # the command imports it when run
+    for argv, want in ((["--flash-attn", "on"], "on"), ([], "off")):
+        with pytest.raises(Stop):
+            cli.main(["serve", demo.MODEL, *argv])
+        assert seen[-1] == want
+    with pytest.raises(SystemExit):
+        cli.main(["serve", demo.MODEL, "--flash-attn", "yes"])

@@ -39,13 +39,14 @@ def cmd_serve(args) -> int:
                    port=args.port, num_cpus=args.threads or 1, parallel=args.parallel, n_ctx=args.n_ctx,
                    n_batch=args.n_batch, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                    chat_format=args.chat_format, api_key=args.api_key or os.environ.get("SAEHOOK_API_KEY"),
-                   limits=limits, queue_size=args.queue, decode=args.decode, model_name=args.model_name, k=args.k)
+                   limits=limits, queue_size=args.queue, decode=args.decode, model_name=args.model_name, k=args.k,
+                   flash_attn=args.flash_attn)
         return 0
     state = load_server(args.model, sae_specs(args.sae), parallel=args.parallel, n_ctx=args.n_ctx,
                         n_batch=args.n_batch, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                         chat_format=args.chat_format, api_key=args.api_key or os.environ.get("SAEHOOK_API_KEY"),
                         limits=limits, queue_size=args.queue, decode=args.decode, model_name=args.model_name,
-                        k=args.k)
+                        k=args.k, flash_attn=args.flash_attn)
     print(f"saehook serve: {args.model} with {len(state.registry.saes)} SAE(s) "
           f"({', '.join(state.registry.saes) or 'none'}); {args.parallel} sequences, {state.scheduler.mode} "
           f"decoding; http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
@@ -90,6 +91,11 @@ def register(sub) -> None:
                    "models); split: the generated tokens of all requests in one llama_decode, each prompt chunk in "
                    "its own (auto on recurrent/hybrid models such as qwen35, where llama.cpp groups rows by "
                    "sequence); sequential: one llama_decode per request (for comparison)")
+    s.add_argument("--flash-attn", choices=["off", "on", "auto"], default="off",
+                   help="llama.cpp's flash attention: off (default) keeps each request's output and features "
+                   "independent of the other requests in the KV cache, exactly equal to HookedLlama; on/auto "
+                   "(llama-server's default) is faster on the CPU, but its f16 tiling moves features slightly "
+                   "(about 0.4%% on the demo) with what else is cached")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
     s.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
