@@ -388,7 +388,7 @@ ERRORS = [
     ({"saehook": {"steer": [{**STEER, "value": float("inf")}]}}, "saehook.steer[0].value", "finite"),
     ({"saehook": {"steer": [{**STEER, "value": float("nan")}]}}, "saehook.steer[0].value", "finite"),
     ({"saehook": {"steer": [{**STEER, "op": "boost"}]}}, "saehook.steer[0].op", "add, clamp, scale, ablate"),
-    ({"saehook": {"steer": [{**STEER, "op": "cap"}]}}, "saehook.steer[0].op", "add, clamp, scale, ablate, got"),
+    ({"saehook": {"steer": [{**STEER, "op": "cap"}]}}, "saehook.steer[0].value", "does not apply to op 'cap'"),
     ({"saehook": {"steer": [{**STEER, "positions": "later"}]}}, "saehook.steer[0].positions", "all, prompt"),
     ({"saehook": {"steer": [{**STEER, "strength": 1}]}}, "saehook.steer[0].strength", "unknown field"),
     ({"saehook": {"steer": [STEER] * 5}}, "saehook.steer", "at most 4"),
