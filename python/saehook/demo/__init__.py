@@ -35,7 +35,7 @@ def cache_dir() -> str:
 def hf_model_dir() -> str:
     """A transformers copy of the demo model (config, weights, tokenizer), for `--engine hf` and the
     transformers examples, offline. Built at first use from the shipped GGUF (Q8_0 weights
-    dequantized to float32, about 3.5 MB, a few seconds) into cache_dir(); the directory name
+    dequantized to float32, about 6 MB, a few seconds) into cache_dir(); the directory name
     carries a hash of the GGUF, so a rebuilt demo gets a new copy."""
     import hashlib
 
@@ -115,7 +115,8 @@ def build_feature_labels(out: str = LABELS, *, model_path: str = MODEL, sae_path
                                             for t, w in nxt.most_common(3)],
                             "max": round(best[f][0], 3), "context": best[f][1], "mass": round(total, 2)}
     res = {"layer": sae.layer, "n_tokens": seen, "features": features, "demo_feature": choice["feature"],
-           "demo_value": choice["value"], "demo_auroc": choice["auroc"],
+           "demo_value": choice["value"], "demo_auroc": choice["auroc"], "demo_code_precision": choice["code_precision"],
+           "demo_fires_on_code": choice["fires_on_code"],
            "demo_effect": {"clean_code_likeness": choice["clean_code_likeness"],
                            "steered_code_likeness": choice["steered_code_likeness"], "prompts": choice["prompts"],
                            "max_tokens": choice["max_tokens"]},
@@ -188,11 +189,12 @@ def run(prompt: str = PROMPT, max_tokens: int = 40, strength: Optional[float] = 
     odds = info["code_log_odds"]
     c0, c1 = code_likeness(clean, odds), code_likeness(steered, odds)
     text = lambda t: llm.detokenize(t).decode(errors="replace")  # noqa: E731
-    print(f"\nfeature #{f}, the code feature: it tells code from prose tokens with AUROC {info['demo_auroc']:.3f} "
-          f"(held-out text; {label(info, f)}, e.g. {entry['context']!r}).\nClamp it to {strength:g} at every token:")
+    print(f"\nfeature #{f}, the code feature: on held-out text it fires on {100 * info['demo_fires_on_code']:.0f}% of "
+          f"code tokens, and {100 * info['demo_code_precision']:.0f}% of its firings are in code (prose and code weighted "
+          f"equally; {label(info, f)}, e.g. {entry['context']!r}).\nClamp it to {strength:g} at every token:")
     print(f"  code-likeness of the continuation (mean log-odds code vs prose per token): clean {c0:+.2f} -> "
           f"steered {c1:+.2f}")
     print(f"  clean:   {_show(prompt + text(clean))}")
     print(f"  steered: {_show(prompt + text(steered))}")
-    return {"feature": f, "value": strength, "auroc": info["demo_auroc"], "code_likeness_clean": c0,
+    return {"feature": f, "value": strength, "code_precision": info["demo_code_precision"], "code_likeness_clean": c0,
             "code_likeness_steered": c1, "clean": text(clean), "steered": text(steered)}

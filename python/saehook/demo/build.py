@@ -161,6 +161,12 @@ def auroc(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
     return out
 
 
+def code_precision(code: np.ndarray, prose: np.ndarray):
+    """Per feature: P(code | fires) with both kinds weighted equally, and its firing rate on code."""
+    rc, rp = (code > 0).mean(0), (prose > 0).mean(0)
+    return rc / np.maximum(rc + rp, 1e-12), rc
+
+
 def dense_codes(eng, sae, ids: List[int], chunk: int = 256) -> np.ndarray:
     """(n_tokens, d_sae) float32 activations at sae.layer, through llama.cpp (the shipped model)."""
     out = np.zeros((len(ids), sae.d_sae), np.float32)
@@ -175,9 +181,12 @@ def dense_codes(eng, sae, ids: List[int], chunk: int = 256) -> np.ndarray:
 def choose(model_path: str, sae, held, log_odds: np.ndarray, *, n_candidates: int = 8,
            multiples=(1.0, 2.0, 4.0, 8.0), max_tokens: int = 32, tokens_per_kind: int = 30_000) -> dict:
     """The demo's feature and steering, by measurement:
-    1. AUROC of each feature's activation for "code token" vs "prose token" over held-out tokens
-       (up to tokens_per_kind of each kind, documents in order, cut to 256-token chunks);
-    2. for the n_candidates features of highest AUROC, clamps at `multiples` of the feature's
+    1. on held-out tokens (up to tokens_per_kind of each kind, documents in order, cut to
+       256-token chunks), each feature's code precision: P(code | the feature fires) with the
+       two kinds weighted equally, among features that fire on at least 1% of code tokens (a
+       Top-K feature is silent on most tokens, so its AUROC, also recorded, stays near 0.5 even
+       when it fires on code alone);
+    2. for the n_candidates most code-precise features, clamps at `multiples` of the feature's
        99th-percentile activation on held-out code tokens (where it fires): greedy continuations
        (max_tokens) of PROSE_PROMPTS with and without the clamp, scored by code-likeness (mean
        code_log_odds of the continuation's tokens). A setting whose continuations are degenerate
@@ -197,7 +206,9 @@ def choose(model_path: str, sae, held, log_odds: np.ndarray, *, n_candidates: in
                 ids += eng.tokenize(text)[:1024]
         codes[kind] = dense_codes(eng, sae, ids[:tokens_per_kind])
     au = auroc(codes["code"], codes["prose"])
-    cands = [int(f) for f in np.argsort(-au, kind="stable")[:n_candidates]]
+    precision, rate = code_precision(codes["code"], codes["prose"])
+    ranked = [int(f) for f in np.lexsort((-rate, -precision)) if rate[f] >= 0.01]
+    cands = ranked[:n_candidates]
     llm = eng.llm
     prompts = [llm.tokenize(p.encode(), add_bos=False, special=False) for p in PROSE_PROMPTS]
 
@@ -223,7 +234,8 @@ def choose(model_path: str, sae, held, log_odds: np.ndarray, *, n_candidates: in
             v = round(m * p99, 2)
             outs = continuations(Steering(sae, layer=sae.layer).clamp(f, v))
             cl, distinct = score(outs)
-            trials.append({"feature": f, "auroc": round(float(au[f]), 4), "value": v, "multiple_of_p99": m,
+            trials.append({"feature": f, "code_precision": round(float(precision[f]), 4),
+                           "fires_on_code": round(float(rate[f]), 4), "auroc": round(float(au[f]), 4), "value": v, "multiple_of_p99": m,
                            "code_likeness": round(cl, 4), "gain": round(cl - base, 4), "distinct": round(distinct, 3),
                            "eligible": distinct >= min_distinct})
             print(json.dumps(trials[-1]), flush=True)
@@ -233,11 +245,13 @@ def choose(model_path: str, sae, held, log_odds: np.ndarray, *, n_candidates: in
                          f"varied (distinct >= {min_distinct:.2f}); see the trials above")
     best = max(eligible, key=lambda t: t["gain"])
     return {"auroc_tokens": {k: int(len(v)) for k, v in codes.items()}, "candidates": cands,
-            "top_auroc": [[int(f), round(float(au[f]), 4)] for f in cands],
+            "top_code_precision": [[int(f), round(float(precision[f]), 4), round(float(rate[f]), 4)] for f in cands],
+            "top_auroc": [[int(f), round(float(au[f]), 4)] for f in np.argsort(-au, kind="stable")[:n_candidates]],
             "clean_code_likeness": round(base, 4), "clean_distinct": round(base_distinct, 3),
             "min_distinct": round(min_distinct, 3),
             "prompts": PROSE_PROMPTS, "max_tokens": max_tokens, "trials": trials,
             "feature": best["feature"], "value": best["value"], "auroc": best["auroc"], "gain": best["gain"],
+            "code_precision": best["code_precision"], "fires_on_code": best["fires_on_code"],
             "steered_code_likeness": best["code_likeness"]}
 
 
@@ -257,6 +271,8 @@ def main(argv=None) -> int:
                    help="skip the LM training: use the transformers model (and curve.json) a run kept in "
                         "OUT/lm (--keep-lm), e.g. to redo the SAE and the choice")
     p.add_argument("--keep-lm", action="store_true", help="keep the trained LM in OUT/lm (not shipped)")
+    p.add_argument("--reuse-sae", action="store_true",
+                   help="with --from-model: keep OUT's demo-sae.safetensors, redo only the measurements and the choice")
     args = p.parse_args(argv)
 
     import torch
@@ -342,6 +358,7 @@ def main(argv=None) -> int:
     os.remove(f32)
     hf_dir = os.path.join(args.out, "lm") if args.keep_lm else tempfile.mkdtemp()
     model.save_pretrained(hf_dir)
+    vocab.hf_tokenizer().save_pretrained(hf_dir)  # HFEngine (evaluate) tokenizes text with it
     with open(os.path.join(hf_dir, "curve.json"), "w") as f:
         json.dump(curve, f)
 
@@ -357,11 +374,16 @@ def main(argv=None) -> int:
                 a = int(r.integers(0, len(stream[k]) - 257))
                 yield eng.residuals(stream[k][a:a + 256].tolist(), LAYER)
 
-    sae = train_sae(shuffled_batches(rows(), 256, seed=args.seed), CONFIG["hidden_size"], args.d_sae, args.k,
-                    steps=args.sae_steps, lr=1e-3, seed=args.seed, dead_tokens=200_000,
-                    metadata={"layer": LAYER, "hook_point": "resid_post", "model": "saehook-demo-qwen3"})
     sae_path = os.path.join(args.out, "demo-sae.safetensors")
-    sae.save(sae_path)
+    if args.reuse_sae:
+        from .. import load
+
+        sae = load(sae_path)
+    else:
+        sae = train_sae(shuffled_batches(rows(), 256, seed=args.seed), CONFIG["hidden_size"], args.d_sae, args.k,
+                        steps=args.sae_steps, lr=1e-3, seed=args.seed, dead_tokens=200_000,
+                        metadata={"layer": LAYER, "hook_point": "resid_post", "model": "saehook-demo-qwen3"})
+        sae.save(sae_path)
     metrics = evaluate(eng, sae, LAYER, [d[2] for d in held], max_tokens=256)
     metrics["seconds"] = round(time.time() - t_sae, 1)
     print(json.dumps(metrics), flush=True)
@@ -370,7 +392,7 @@ def main(argv=None) -> int:
 
     log_odds = code_log_odds(ids, len(vocab.tokens))
     choice = choose(model_path, sae, held, log_odds)
-    print(json.dumps({k: choice[k] for k in ("feature", "value", "auroc", "gain", "clean_code_likeness",
+    print(json.dumps({k: choice[k] for k in ("feature", "value", "code_precision", "auroc", "gain", "clean_code_likeness",
                                              "steered_code_likeness")}), flush=True)
     build_feature_labels(os.path.join(args.out, "demo-features.json"), model_path=model_path, sae_path=sae_path,
                          docs=[d[2] for d in train], choice=choice, log_odds=log_odds)
