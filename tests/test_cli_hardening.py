@@ -130,7 +130,7 @@ def test_feature_reward_refuses_features_out_of_range():
         feature_reward(eng, sae, 2, {5000: 1.0})
     with pytest.raises(ValueError, match="not finite"):
         feature_reward(eng, sae, 2, {5: float("nan")})
-    reward = feature_reward(eng, sae, 2, {131: 1.0})  # fires on spaces (see the demo's labels)
+    reward = feature_reward(eng, sae, 2, {219: 1.0})  # fires on the " d" of "a b c d" (the BPE demo)
     assert reward(["a b c d", "abcd"])[0] > 0
 
 
@@ -376,10 +376,11 @@ def test_compare_bars_share_one_scale_and_say_what_they_mean(capsys, tmp_path):
 
 def test_features_page_has_a_legend(tmp_path, capsys):
     page = tmp_path / "f.html"
-    assert main(["features", MODEL, "--sae", SAE, "--feature", "131", "--html", str(page), "a b c"]) == 0
+    # feature 259 fires on the " c" of "a b c" (the BPE demo)
+    assert main(["features", MODEL, "--sae", SAE, "--feature", "259", "--html", str(page), "a b c"]) == 0
     html = page.read_text()
-    assert "Shading: feature 131" in html and html.count('class="swatch"') == 5  # the legend's five steps
-    assert html.count('class="t"') == 5  # one span per token ('a', ' ', 'b', ' ', 'c')
+    assert "Shading: feature 259" in html and html.count('class="swatch"') == 5  # the legend's five steps
+    assert html.count('class="t"') == 3  # one span per token ('a', ' b', ' c')
 
 
 def test_eval_shows_progress_and_explains_its_metrics(capsys, docs_txt):

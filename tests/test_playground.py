@@ -37,7 +37,13 @@ from test_serve import Server, post  # noqa: E402
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run"]
 SHADE = np.array([235, 125, 25])        # --shade in playground.css
-LABELLED = {122: "the letter i (test label)", 444: "inside a word (test label)"}
+with open(demo.LABELS, encoding="utf-8") as _fh:
+    _DEMO = json.load(_fh)
+CODE = _DEMO["demo_feature"]          # the demo's code feature (chosen by measurement at build time)
+CODE_VALUE = _DEMO["demo_value"]      # and its clamp value
+CODE_LOG_ODDS = _DEMO["code_log_odds"]
+OTHER = next(f for f in (444, 445) if f != CODE)
+LABELLED = {CODE: "Python code is starting (test label)", OTHER: "inside a word (test label)"}
 PROMPT = "The function returns"
 MAX_TOKENS = 24
 N_CTX = 256
@@ -56,7 +62,9 @@ def sae_copy(tmp_path_factory):
     with open(os.path.join(demo.DATA, "demo-features.json")) as fh:
         described = json.load(fh)["features"]
     for f, d in described.items():
-        store.set(int(f), "top tokens " + " ".join(repr(t[0]) for t in d["top_tokens"][:3]), source="test_playground")
+        # spaces shown as '·': the page's HTML collapses runs of them (BPE tokens of indentation)
+        store.set(int(f), "top tokens " + " ".join(repr(t[0]).replace(" ", "·") for t in d["top_tokens"][:3]),
+                  source="test_playground")
     for f, text in LABELLED.items():
         store.set(f, text, source="test_playground")
     store.save()
@@ -229,7 +237,10 @@ def test_chat_streams_and_tokens_show_their_features(page, server, tmp_path):
     assert "".join(toks).replace("↵", "") == want["message"]["content"]
 
     # focus a token whose top feature has a label: the inspector lists its features, labels and values
-    i = next(i for i, e in enumerate(got[:-1]) if str(e["top"][0]["feature"]) in labels_of(server))
+    # (one whose top feature is among the top ones of another token too, so the shading below shows two)
+    on_page = [t["feature"] for e in token_entries(pg, ".tok") for t in e["top"]]
+    i = next(i for i, e in enumerate(got[:-1]) if str(e["top"][0]["feature"]) in labels_of(server)
+             and on_page.count(e["top"][0]["feature"]) >= 2)
     pg.locator(".answer.default .tok").nth(i).focus()
     rows = pg.eval_on_selector_all("#inspect tbody tr", "rs => rs.map(r => [...r.cells].slice(0, 3).map(c => c.textContent))")
     assert [(int(f), float(v)) for f, _, v in rows] == [(t["feature"], round(t["value"], 3)) for t in gen[i]["top"]]
@@ -274,19 +285,69 @@ def test_chat_streams_and_tokens_show_their_features(page, server, tmp_path):
     assert not pg.problems, pg.problems
 
 
+def api_completion(server, prompt, saehook_obj):
+    """The server's own non-streamed /v1/completions answer to the request the page sends."""
+    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "seed": 42,
+            "saehook": {**(saehook_obj or {}), "features": {"sae": "demo", "top": 8, "prompt": True}}}
+    status, r = post(server, "/v1/completions", body)
+    assert status == 200, r
+    return r["choices"][0]
+
+
+def test_clamping_the_code_feature_turns_prose_into_code(page, server, sae_copy, tmp_path):
+    """The demo's meaningful feature in the page: found by its label, clamped on a prose prompt,
+    the steered column is the server's steered answer, differs from the default one and is more
+    code-like (demo.code_likeness); the code feature is among the steered tokens' features."""
+    pg = page
+    pg.click("#settings summary")
+    pg.select_option("#mode", "completion")
+    pg.click("#settings summary")
+    pg.fill("#find", "python code")
+    pg.click("#find-form button[type=submit]")
+    pg.wait_for_selector("#found li button")
+    assert str(CODE) in pg.inner_text("#found") and LABELLED[CODE] in pg.inner_text("#found")
+    pg.locator("#found li", has_text=LABELLED[CODE]).locator("button", has_text="Steer").click()
+    pg.select_option("#op", "clamp")
+    pg.fill("#value", str(CODE_VALUE))
+    pg.click("#op-form button[type=submit]")
+    spec = json.loads(pg.inner_text("#spec-json"))
+    assert spec == {"steer": [{"sae": "demo", "layer": 2, "feature": CODE, "op": "clamp", "value": CODE_VALUE}]}
+    send(pg, demo.PROMPT)
+    assert not pg.is_visible("#error"), pg.inner_text("#error")
+    steered, default = "".join(answer_tokens(pg, "steered")), "".join(answer_tokens(pg, "default"))
+    assert steered and default and steered != default
+    want_steered, want_default = api_completion(server, demo.PROMPT, spec), api_completion(server, demo.PROMPT, None)
+    assert steered.replace("↵", "") == want_steered["text"] and default.replace("↵", "") == want_default["text"]
+    ids_steered = [e["id"] for e in token_entries(pg, ".answer.steered .tok")]
+    ids_default = [e["id"] for e in token_entries(pg, ".answer.default .tok")]
+    c1, c0 = demo.code_likeness(ids_steered, CODE_LOG_ODDS), demo.code_likeness(ids_default, CODE_LOG_ODDS)
+    assert c1 > c0 + 0.5, (c0, c1, default, steered)
+
+    # inspect the first steered token: the inspector lists the features the server reports for it
+    got = token_entries(pg, ".answer.steered .tok")
+    pg.locator(".answer.steered .tok").nth(0).focus()
+    rows = pg.eval_on_selector_all("#inspect tbody tr", "rs => rs.map(r => [...r.cells].slice(0, 3).map(c => c.textContent))")
+    assert [(int(f), float(v)) for f, _, v in rows] == [(t["feature"], round(t["value"], 3)) for t in got[0]["top"]]
+    shot = tmp_path / "code-steering.png"
+    pg.screenshot(path=str(shot), full_page=True)
+    keep(shot)
+    assert_not_blank(read_png(shot))
+    assert not pg.problems, pg.problems
+
+
 def test_clamp_steers_side_by_side_and_the_spec_is_what_is_sent(page, server, sae_copy, tmp_path):
     pg = page
     # find the labelled feature by label search, steer it with a clamp
-    pg.fill("#find", "letter")
+    pg.fill("#find", "python code")
     pg.click("#find-form button[type=submit]")
     pg.wait_for_selector("#found li button")
-    assert "122" in pg.inner_text("#found") and LABELLED[122] in pg.inner_text("#found")
-    pg.locator("#found li", has_text="122").locator("button", has_text="Steer").click()
+    assert str(CODE) in pg.inner_text("#found") and LABELLED[CODE] in pg.inner_text("#found")
+    pg.locator("#found li", has_text=LABELLED[CODE]).locator("button", has_text="Steer").click()
     pg.select_option("#op", "clamp")
     pg.fill("#value", "12")
     pg.click("#op-form button[type=submit]")
     spec = json.loads(pg.inner_text("#spec-json"))
-    assert spec == {"steer": [{"sae": "demo", "layer": 2, "feature": 122, "op": "clamp", "value": 12}]}
+    assert spec == {"steer": [{"sae": "demo", "layer": 2, "feature": CODE, "op": "clamp", "value": 12}]}
     history = ()
     send(pg)
     assert not pg.is_visible("#error"), pg.inner_text("#error")
@@ -307,7 +368,7 @@ def test_clamp_steers_side_by_side_and_the_spec_is_what_is_sent(page, server, sa
     pg.click("#copy-spec")
     pg.wait_for_function("document.getElementById('spec-status').textContent.includes('--spec JSON copied')")
     sts = saehook.load_spec(pg.evaluate("navigator.clipboard.readText()"), saehook.load(sae_copy))
-    assert [(st.layer, [(o.op, o.feature, o.value) for o in st.ops]) for st in sts] == [(2, [("clamp", 122, 12.0)])]
+    assert [(st.layer, [(o.op, o.feature, o.value) for o in st.ops]) for st in sts] == [(2, [("clamp", CODE, 12.0)])]
     assert pg.is_disabled("#download-cvec")      # clamp is not a control vector
 
     # "features of this text": total activation over the page's tokens, largest first
@@ -334,7 +395,7 @@ def test_add_only_spec_downloads_a_control_vector_llama_cpp_applies(page, server
     from saehook.llama import HookedLlama, export_control_vector
 
     pg = page
-    pg.fill("#find", "444")
+    pg.fill("#find", str(OTHER))
     pg.click("#find-form button[type=submit]")
     pg.select_option("#op", "add")
     pg.fill("#value", "3.5")
@@ -347,7 +408,7 @@ def test_add_only_spec_downloads_a_control_vector_llama_cpp_applies(page, server
     assert "downloaded" in pg.inner_text("#spec-status")
 
     sae = saehook.load(sae_copy)
-    st = saehook.Steering(sae, layer=2).add(444, 3.5)
+    st = saehook.Steering(sae, layer=2).add(OTHER, 3.5)
     export_control_vector([st], tmp_path / "own.gguf", model_hint="demo-model-Q8_0.gguf")
     got, own = gguf.GGUFReader(str(path)), gguf.GGUFReader(str(tmp_path / "own.gguf"))
     assert got.fields["general.architecture"].contents() == "controlvector"
@@ -406,21 +467,36 @@ def test_server_errors_are_shown(page, server):
     err = pg.inner_text("#error")
     assert "max_tokens 100 exceeds this server's limit of 64" in err and "(field: max_tokens)" in err
     assert "failed" in pg.inner_text(".answer.default .status")
-    # a cap: this server's requests do not take it yet (the page asks the server's parser), so
-    # the page says so instead of sending, and the op stays usable in the copied --spec
-    pg.fill("#max-tokens", str(MAX_TOKENS))
+    assert not [p for p in pg.problems if "status of 400" not in p], pg.problems
+
+
+def test_cap_and_rescale_are_sent_with_the_message(page, server):
+    """The steering-modes ops go into the request (this server's parser takes them): the page's
+    steered column is the server's answer to the saehook object the page shows."""
+    pg = page
     info = json.loads(urllib.request.urlopen(server.base + "/v1/saehook/playground", timeout=10).read())
-    assert set(info["request_ops"]) >= {"add", "clamp", "scale", "ablate"}
-    pg.fill("#find", "122")
+    assert info["request_ops"] == ["add", "clamp", "scale", "ablate", "cap", "rescale"]
+    pg.fill("#find", str(CODE))
     pg.click("#find-form button[type=submit]")
     pg.select_option("#op", "cap")
-    if "cap" in info["request_ops"]:
-        pytest.skip("this server takes cap in requests: nothing to refuse")
-    assert "copied --spec" in pg.inner_text("#op-note")
+    assert pg.inner_text("#op-note") == ""             # nothing "copied spec only" about it
+    pg.fill("#cap-max", "")
+    pg.fill("#cap-min", "12")
     pg.click("#op-form button[type=submit]")
+    pg.fill("#find", str(OTHER))
+    pg.click("#find-form button[type=submit]")
+    pg.select_option("#op", "rescale")
+    pg.fill("#value", "0")
+    pg.click("#op-form button[type=submit]")
+    spec = json.loads(pg.inner_text("#spec-json"))
+    assert spec == {"steer": [{"sae": "demo", "layer": 2, "feature": CODE, "op": "cap", "min": 12},
+                              {"sae": "demo", "layer": 2, "feature": OTHER, "op": "rescale", "value": 0}]}
     send(pg)
-    assert "do not take cap" in pg.inner_text("#error")
-    assert not [p for p in pg.problems if "status of 400" not in p], pg.problems
+    assert not pg.is_visible("#error"), pg.inner_text("#error")
+    steered, default = "".join(answer_tokens(pg, "steered")), "".join(answer_tokens(pg, "default"))
+    assert steered != default
+    assert steered.replace("↵", "") == api_answer(server, PROMPT, spec)["message"]["content"]
+    assert not pg.problems, pg.problems
 
 
 def get(server, path):
@@ -441,8 +517,9 @@ def test_playground_endpoints(server, sae_copy):
     assert info["saes"][0]["name"] == "demo" and info["saes"][0]["layer"] == 2
     status, r = get(server, "/v1/saehook/search?q=letter%20word&top=5")
     assert status == 200 and r["data"] == search_labels(sae.labels, "letter word", top=5)
-    status, r = get(server, "/v1/saehook/labels?features=122,3")
-    assert r["data"] == {"122": LABELLED[122], "3": sae.labels.label(3)}
+    other = next(f for f in (3, 4) if f != CODE)
+    status, r = get(server, f"/v1/saehook/labels?features={CODE},{other}")
+    assert r["data"] == {str(CODE): LABELLED[CODE], str(other): sae.labels.label(other)}
     for path, param in (("/v1/saehook/labels?features=5000", "features"), ("/v1/saehook/search?q=", "q"),
                         ("/v1/saehook/search?q=a&top=0", "top"), ("/v1/saehook/similar?feature=x", "feature"),
                         ("/v1/saehook/labels?sae=nope&features=1", "sae")):

@@ -78,7 +78,7 @@ def register(sub) -> None:
     d.add_argument("--prompt", default=PROMPT, help="the prompt analysed and continued (not empty)")
     d.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens generated with and without steering")
     d.add_argument("--strength", type=finite_float,
-                   help="clamp value (default: twice the feature's largest activation)")
+                   help="clamp value of the code feature (default: the value chosen when the demo was built)")
     d.add_argument("--paths", action="store_true",
                    help="print where the demo's files are (GGUF, SAE, labels, and a transformers copy of the model, "
                         "built at first use) and exit, e.g. for saehook features MODEL --sae SAE")

@@ -2,9 +2,11 @@
 offline, in seconds.
 
 The package ships (saehook/demo/data, built by `python -m saehook.demo.build`) a 4-layer
-Qwen3-architecture model trained on CPython's own documentation, as a Q8_0 GGUF run by
-llama.cpp, a Top-K SAE trained on its layer-2 residual stream, and demo-features.json: every
-feature's top-activating tokens and a context, from which each feature gets its label.
+Qwen3-architecture model with its own 2048-token BPE vocabulary, trained on prose (CPython's
+documentation and docstrings) and code (the standard library's sources), as a Q8_0 GGUF run by
+llama.cpp; a Top-K SAE trained on its layer-2 residual stream; and demo-features.json: every
+feature's top-activating tokens and a context (its label), the demo's code feature (chosen by
+measurement, see build.choose) with its clamp value, and the statistics code_likeness scores with.
 `hf_model_dir()` builds a transformers copy of the model at first use (`saehook demo --paths`).
 """
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -33,7 +35,7 @@ def cache_dir() -> str:
 def hf_model_dir() -> str:
     """A transformers copy of the demo model (config, weights, tokenizer), for `--engine hf` and the
     transformers examples, offline. Built at first use from the shipped GGUF (Q8_0 weights
-    dequantized to float32, about 3.5 MB, a few seconds) into cache_dir(); the directory name
+    dequantized to float32, about 6 MB, a few seconds) into cache_dir(); the directory name
     carries a hash of the GGUF, so a rebuilt demo gets a new copy."""
     import hashlib
 
@@ -62,24 +64,34 @@ def _show(text: str) -> str:
     return text.replace("\n", "\\n")
 
 
-def build_feature_labels(out: str = LABELS, max_docs: Optional[int] = None, candidates: int = 80) -> dict:
-    """Per feature, over the training topics: the tokens it fires on (its label), the tokens
-    that follow where it fires, its largest activation and a context. Then the steering demo's
-    feature: among the frequent ones, the one whose clamp most raises the probability of the
-    tokens that follow it, measured on the demo prompt."""
-    from .. import load
-    from .build import corpus
-    from ..engines import LlamaEngine
-    from ..steering import Steering
+def code_likeness(ids, log_odds) -> float:
+    """How much a token sequence looks like the demo corpus' code rather than its prose: the mean,
+    over its tokens, of log P(token | code) - log P(token | prose) (unigram statistics of the
+    training split, shipped in demo-features.json as code_log_odds). Above 0: more code-like."""
+    ids = np.asarray(list(ids), dtype=np.int64)
+    return float(np.asarray(log_odds, dtype=np.float64)[ids].mean()) if len(ids) else 0.0
 
-    sae = load(SAE_FILE)
-    eng = LlamaEngine(MODEL, n_ctx=512, logits_all=True)  # every row, the last layer's included
+
+def build_feature_labels(out: str = LABELS, *, model_path: str = MODEL, sae_path: str = SAE_FILE, docs=None,
+                         choice: dict, log_odds, max_tokens: int = 200_000) -> dict:
+    """demo-features.json: per feature, over training documents (every fifth one, up to max_tokens
+    tokens): the tokens it fires on (its label), the tokens that follow where it fires, its largest
+    activation and a context; the demo's feature and clamp value (`choice`, from build.choose) and
+    the code_log_odds that code_likeness scores with."""
+    from .. import load
+    from ..engines import LlamaEngine
+
+    sae = load(sae_path)
+    eng = LlamaEngine(model_path, n_ctx=512)
     on: Dict[int, Counter] = {}
     after: Dict[int, Counter] = {}
     best: Dict[int, tuple] = {}
-    docs = [d for i, d in enumerate(corpus()) if i % 10 != 0][:max_docs]
-    for doc in docs:
-        ids = eng.tokenize(doc)
+    seen = 0
+    for doc in list(docs)[::5]:
+        if seen >= max_tokens:
+            break
+        ids = eng.tokenize(doc)[: max_tokens - seen]
+        seen += len(ids)
         for s in range(0, len(ids), 256):
             chunk = ids[s:s + 256]
             _, vals, idx = eng.features(chunk, {sae.layer: sae})[sae.layer]
@@ -94,28 +106,21 @@ def build_feature_labels(out: str = LABELS, max_docs: Optional[int] = None, cand
                     if v > best.get(f, (0.0, ""))[0]:
                         best[f] = (v, "".join(texts[max(0, r - 8): r]) + "[" + texts[r] + "]" + "".join(texts[r + 1: r + 4]))
     features = {}
-    for f, c in on.items():
+    for f in sorted(on):
+        c = on[f]
         total = sum(c.values())
         nxt = after.get(f, Counter())
         features[str(f)] = {"top_tokens": [[t, round(w / total, 3)] for t, w in c.most_common(5)],
                             "next_tokens": [[int(t), eng.token_text(t), round(w / max(1e-9, sum(nxt.values())), 3)]
                                             for t, w in nxt.most_common(3)],
                             "max": round(best[f][0], 3), "context": best[f][1], "mass": round(total, 2)}
-    llm = eng.llm
-    ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
-    trials = []
-    for f in sorted(features, key=lambda f: -features[f]["mass"])[:candidates]:
-        e = features[f]
-        if not e["next_tokens"]:
-            continue
-        targets = [e["next_tokens"][0][0]]
-        p0 = target_probability(llm, ids, targets)
-        with llm.steer(Steering(sae, layer=sae.layer).clamp(int(f), 2.0 * e["max"])):
-            p1 = target_probability(llm, ids, targets)
-        trials.append((p1 - p0, int(f), targets, p0, p1))
-    gain, demo, targets, p0, p1 = max(trials)
-    res = {"layer": sae.layer, "features": features, "demo_feature": demo, "demo_targets": targets,
-           "demo_effect": {"p_clean": p0, "p_steered": p1}}
+    res = {"layer": sae.layer, "n_tokens": seen, "features": features, "demo_feature": choice["feature"],
+           "demo_value": choice["value"], "demo_auroc": choice["auroc"], "demo_code_precision": choice["code_precision"],
+           "demo_fires_on_code": choice["fires_on_code"],
+           "demo_effect": {"clean_code_likeness": choice["clean_code_likeness"],
+                           "steered_code_likeness": choice["steered_code_likeness"], "prompts": choice["prompts"],
+                           "max_tokens": choice["max_tokens"]},
+           "code_log_odds": [round(float(x), 3) for x in log_odds]}
     with open(out, "w", encoding="utf-8") as fh:
         json.dump(res, fh, indent=1)
     return res
@@ -131,17 +136,10 @@ def label(info: dict, f: int) -> str:
     return f"on {on} -> {nxt}"
 
 
-def target_probability(llm, prompt_ids: List[int], targets: List[int]) -> float:
-    """Mean probability, over the prompt's positions, that the next token is one of `targets`."""
-    llm.reset()
-    llm.eval(prompt_ids)
-    logits = np.asarray(llm.scores[: len(prompt_ids)], dtype=np.float64)
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    return float(p[:, targets].sum(1).mean())
-
-
 def run(prompt: str = PROMPT, max_tokens: int = 40, strength: Optional[float] = None) -> dict:
+    """Prints the prompt's top features per token, then the demo's code feature (chosen at build
+    time by its code-vs-prose AUROC and its steering effect) and greedy continuations without and
+    with it clamped to `strength` (default: the value chosen at build time) at every token."""
     from .. import load
     from ..engines.llama import HookedLlama
     from ..steering import Steering
@@ -158,23 +156,22 @@ def run(prompt: str = PROMPT, max_tokens: int = 40, strength: Optional[float] = 
     with open(LABELS, encoding="utf-8") as fh:
         info = json.load(fh)
     sae = load(SAE_FILE)
-    llm = HookedLlama(MODEL, n_ctx=512, logits_all=True, verbose=False, seed=0)
+    llm = HookedLlama(MODEL, n_ctx=512, verbose=False, seed=0)
     ids = llm.tokenize(prompt.encode(), add_bos=False, special=False)
 
-    print(f"model: {os.path.basename(MODEL)} (4 layers, trained on CPython's docs); SAE: {sae.d_sae} features, "
-          f"k={sae.k}, layer {sae.layer}\n\ntop features per token of {prompt!r}:")
+    print(f"model: {os.path.basename(MODEL)} (4 layers, {llm.n_vocab()}-token BPE, trained on CPython's docs and "
+          f"standard library); SAE: {sae.d_sae} features, k={sae.k}, layer {sae.layer}\n\n"
+          f"top features per token of {prompt!r}:")
     with llm.capture({sae.layer: sae}) as rec:
         llm.eval(ids)
     r = rec[sae.layer]
     for t, vals, idx in zip(r.tokens, r.values, r.indices):
         tops = ", ".join(f"#{f} {label(info, f)} ({v:.1f})" for v, f in zip(vals[:3], idx[:3]) if f >= 0)
-        print(f"  {_show(llm.detokenize([int(t)]).decode(errors='replace'))!r:>8}  {tops}")
+        print(f"  {_show(llm.detokenize([int(t)]).decode(errors='replace'))!r:>10}  {tops}")
 
     f = info["demo_feature"]
     entry = info["features"][str(f)]
-    strength = strength if strength is not None else 2.0 * entry["max"]
-    targets = info["demo_targets"]
-    shown = [llm.detokenize([t]).decode(errors="replace") for t in targets]
+    strength = strength if strength is not None else info["demo_value"]
     steering = Steering(sae, layer=sae.layer).clamp(f, strength)
 
     def generate():
@@ -184,15 +181,20 @@ def run(prompt: str = PROMPT, max_tokens: int = 40, strength: Optional[float] = 
             if tok == llm.token_eos() or len(out) >= max_tokens:
                 break
             out.append(tok)
-        return llm.detokenize(out).decode(errors="replace")
+        return out
 
     clean = generate()
-    p_clean = target_probability(llm, ids, targets)
     with llm.steer(steering):
         steered = generate()
-        p_steer = target_probability(llm, ids, targets)
-    print(f"\nfeature #{f}: {label(info, f)} (e.g. {entry['context']!r}); clamp it to {strength:.1f} at every token:")
-    print(f"  p(next token is {' or '.join(map(repr, shown))}) clean {p_clean:.3f} -> steered {p_steer:.3f}")
-    print(f"  clean:   {_show(prompt + clean)}")
-    print(f"  steered: {_show(prompt + steered)}")
-    return {"feature": f, "p_clean": p_clean, "p_steered": p_steer, "clean": clean, "steered": steered}
+    odds = info["code_log_odds"]
+    c0, c1 = code_likeness(clean, odds), code_likeness(steered, odds)
+    text = lambda t: llm.detokenize(t).decode(errors="replace")  # noqa: E731
+    print(f"\nfeature #{f}, the code feature: on held-out text it fires on {100 * info['demo_fires_on_code']:.0f}% of "
+          f"code tokens, and {100 * info['demo_code_precision']:.0f}% of its firings are in code (prose and code weighted "
+          f"equally; {label(info, f)}, e.g. {entry['context']!r}).\nClamp it to {strength:g} at every token:")
+    print(f"  code-likeness of the continuation (mean log-odds code vs prose per token): clean {c0:+.2f} -> "
+          f"steered {c1:+.2f}")
+    print(f"  clean:   {_show(prompt + text(clean))}")
+    print(f"  steered: {_show(prompt + text(steered))}")
+    return {"feature": f, "value": strength, "code_precision": info["demo_code_precision"], "code_likeness_clean": c0,
+            "code_likeness_steered": c1, "clean": text(clean), "steered": text(steered)}

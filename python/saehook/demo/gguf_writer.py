@@ -1,8 +1,12 @@
-"""Writes Qwen3 weights as a GGUF file llama.cpp loads (arch qwen3, byte-level BPE vocabulary),
-with the `gguf` package, and quantizes it with llama.cpp's own quantizer. Used by the tests
-(tiny random models) and the llama.cpp benchmark (a synthetic model of realistic width).
+"""Writes Qwen3 weights as a GGUF file llama.cpp loads (arch qwen3, a GPT-2-style byte-level BPE
+vocabulary), with the `gguf` package, and quantizes it with llama.cpp's own quantizer. Used by the
+tests and benchmarks (tiny random models with the fixed 272-token byte vocabulary below) and the
+demo recipe (its own BPE vocabulary trained on its corpus, a Vocabulary).
 read_hf_model goes back: such a GGUF as a transformers directory (the demo's transformers copy)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple
 
 import numpy as np
 
@@ -34,31 +38,117 @@ def vocab():
     return toks, types
 
 
-def add_byte_vocabulary(w) -> None:
-    """Writes the byte-level BPE vocabulary (gpt2 model, qwen2 pre-tokenizer, <|endoftext|> as BOS
-    and EOS, no BOS added) into a gguf.GGUFWriter: the tokenizer every tiny test model shares."""
+EOS = "<|endoftext|>"
+NORMAL, CONTROL = 1, 3  # llama.cpp's token types (llama_token_type / gguf.TokenType)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """A GPT-2-style byte-level BPE vocabulary as llama.cpp reads it: tokenizer.ggml.model "gpt2",
+    tokens (GPT-2's printable byte characters, e.g. 'Ġ' for a space), token types (NORMAL, or
+    CONTROL for <|endoftext|>, BOS and EOS), merges ("a b": their rank is their order) and
+    tokenizer.ggml.pre "qwen2" (llama.cpp's Qwen2 split regex, QWEN2_SPLIT below)."""
+
+    tokens: Tuple[str, ...]
+    types: Tuple[int, ...]
+    merges: Tuple[Tuple[str, str], ...]
+
+    def __post_init__(self):
+        if len(self.tokens) != len(self.types):
+            raise ValueError(f"{len(self.tokens)} tokens but {len(self.types)} token types")
+        if EOS not in self.tokens:
+            raise ValueError(f"the vocabulary has no {EOS} token")
+        have = set(self.tokens)
+        missing = [c for c in byte_tokens() if c not in have]
+        if missing:  # llama.cpp's BPE falls back to single bytes: each must be a token
+            raise ValueError(f"the vocabulary lacks {len(missing)} of the 256 byte tokens, e.g. {missing[0]!r}")
+        for i, (a, b) in enumerate(self.merges):
+            if a + b not in have:
+                raise ValueError(f"merge {i} ({a!r} {b!r}) makes {a + b!r}, which is not a token")
+
+    @property
+    def eos(self) -> int:
+        return self.tokens.index(EOS)
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "Vocabulary":
+        """From a `tokenizers.Tokenizer` with a byte-level BPE model (its merges as ranked pairs)."""
+        import json
+
+        model = json.loads(tokenizer.to_str())["model"]
+        if model.get("type") != "BPE":
+            raise ValueError(f"a {model.get('type')} tokenizer, expected BPE")
+        size = tokenizer.get_vocab_size(with_added_tokens=True)
+        by_id = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+        if sorted(by_id) != list(range(size)):
+            raise ValueError("the tokenizer's ids are not 0..n-1")
+        special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+        tokens = tuple(by_id[i] for i in range(size))
+        merges = tuple(tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"])
+        return cls(tokens, tuple(CONTROL if t in special else NORMAL for t in tokens), merges)
+
+    @classmethod
+    def from_gguf(cls, reader) -> "Vocabulary":
+        """From a gguf.GGUFReader of a file written by add_vocabulary."""
+        f = reader.fields
+        for key, want in (("tokenizer.ggml.model", "gpt2"), ("tokenizer.ggml.pre", "qwen2")):
+            got = f[key].contents() if key in f else None
+            if got != want:
+                raise ValueError(f"{key} is {got!r}, expected {want!r}")
+        merges = tuple(tuple(m.split(" ")) for m in f["tokenizer.ggml.merges"].contents())
+        return cls(tuple(f["tokenizer.ggml.tokens"].contents()), tuple(int(t) for t in
+                   f["tokenizer.ggml.token_type"].contents()), merges)
+
+    def hf_tokenizer(self):
+        """This vocabulary as a transformers fast tokenizer that gives llama.cpp's ids: the same
+        tokens, merges and pre-tokenizer split (tests/test_demo.py checks it on varied text)."""
+        from tokenizers import Tokenizer, decoders, models
+        from transformers import PreTrainedTokenizerFast
+
+        bpe = models.BPE(vocab={t: i for i, t in enumerate(self.tokens)}, merges=[tuple(m) for m in self.merges])
+        tok = Tokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizer()
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([t for t, ty in zip(self.tokens, self.types) if ty == CONTROL])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+
+
+def byte_vocabulary() -> Vocabulary:
+    """The fixed 272-token vocabulary of the tiny test and benchmark models."""
     toks, types = vocab()
+    return Vocabulary(tuple(toks), tuple(types), tuple(MERGES))
+
+
+def add_vocabulary(w, v: Vocabulary) -> None:
+    """Writes a byte-level BPE vocabulary (gpt2 model, qwen2 pre-tokenizer, <|endoftext|> as BOS
+    and EOS, no BOS added) into a gguf.GGUFWriter."""
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
-    w.add_token_list(toks)
-    w.add_token_types(types)
-    w.add_token_merges([f"{a} {b}" for a, b in MERGES])
-    eos = toks.index("<|endoftext|>")
-    w.add_bos_token_id(eos)
-    w.add_eos_token_id(eos)
+    w.add_token_list(list(v.tokens))
+    w.add_token_types(list(v.types))
+    w.add_token_merges([f"{a} {b}" for a, b in v.merges])
+    w.add_bos_token_id(v.eos)
+    w.add_eos_token_id(v.eos)
     w.add_add_bos_token(False)
 
 
-def write_qwen3(path, cfg: dict, tensors) -> None:
+def add_byte_vocabulary(w) -> None:
+    """The tokenizer every tiny test model shares (byte_vocabulary) into a gguf.GGUFWriter."""
+    add_vocabulary(w, byte_vocabulary())
+
+
+def write_qwen3(path, cfg: dict, tensors, vocabulary: "Vocabulary | None" = None) -> None:
     """Writes a Qwen3 causal LM as an f32 GGUF. cfg: hidden_size, intermediate_size,
     num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, max_position_embeddings,
-    rms_norm_eps, rope_theta, vocab_size (== VOCAB). tensors: transformers state-dict names ->
+    rms_norm_eps, rope_theta, vocab_size (the vocabulary's size). tensors: transformers state-dict names ->
     float32 numpy arrays (model.embed_tokens.weight, model.layers.N.*, model.norm.weight,
-    lm_head.weight). Linear weights keep transformers' (out, in) layout, as llama.cpp expects."""
+    lm_head.weight). Linear weights keep transformers' (out, in) layout, as llama.cpp expects.
+    vocabulary: the model's tokenizer (default: the 272-token byte vocabulary)."""
     import gguf
 
-    if cfg["vocab_size"] != VOCAB:
-        raise ValueError(f"the byte-level vocabulary has {VOCAB} tokens, the model {cfg['vocab_size']}")
+    v = vocabulary or byte_vocabulary()
+    if cfg["vocab_size"] != len(v.tokens):
+        raise ValueError(f"the vocabulary has {len(v.tokens)} tokens, the model {cfg['vocab_size']}")
     w = gguf.GGUFWriter(str(path), "qwen3")
     w.add_name("saehook-qwen3")
     w.add_block_count(cfg["num_hidden_layers"])
@@ -72,7 +162,7 @@ def write_qwen3(path, cfg: dict, tensors) -> None:
     w.add_rope_freq_base(float(cfg["rope_theta"]))
     w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    add_byte_vocabulary(w)
+    add_vocabulary(w, v)
 
     f32 = lambda name: np.ascontiguousarray(tensors[name], dtype=np.float32)  # noqa: E731
     w.add_tensor("token_embd.weight", f32("model.embed_tokens.weight"))
@@ -94,14 +184,14 @@ LAYER_TENSORS = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "
                  "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 
 
-def write_hf_model(model, path) -> None:
+def write_hf_model(model, path, vocabulary: "Vocabulary | None" = None) -> None:
     """Writes a transformers Qwen3ForCausalLM (float weights) as an f32 GGUF."""
     c = model.config
     cfg = {key: getattr(c, key) for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                             "num_attention_heads", "num_key_value_heads", "head_dim",
                                             "max_position_embeddings", "rms_norm_eps", "vocab_size")}
     cfg["rope_theta"] = getattr(c, "rope_theta", None) or c.rope_parameters["rope_theta"]
-    write_qwen3(path, cfg, {k: v.detach().float().numpy() for k, v in model.state_dict().items()})
+    write_qwen3(path, cfg, {k: v.detach().float().numpy() for k, v in model.state_dict().items()}, vocabulary)
 
 
 def quantize(src, dst, ftype: str):
@@ -122,22 +212,18 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
                r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def hf_tokenizer():
-    """The GGUF files' byte-level BPE vocabulary as a transformers fast tokenizer (the same ids
-    llama.cpp gives: same vocabulary, merges and pre-tokenizer split)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def pre_tokenizer():
+    """The `tokenizers` pre-tokenizer equal to llama.cpp's qwen2 one: the split regex, then
+    GPT-2's byte-to-character mapping (no regex of its own, no prefix space)."""
+    from tokenizers import Regex, pre_tokenizers
 
-    toks, types = vocab()
-    bpe = models.BPE(vocab={t: i for i, t in enumerate(toks)}, merges=list(MERGES))
-    tok = Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([t for t, ty in zip(toks, types) if ty == 3])
-    eos = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=eos, pad_token=eos)
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def hf_tokenizer():
+    """The byte vocabulary of the test models as a transformers fast tokenizer (llama.cpp's ids)."""
+    return byte_vocabulary().hf_tokenizer()
 
 
 def read_hf_model(path, out_dir) -> None:
@@ -152,18 +238,18 @@ def read_hf_model(path, out_dir) -> None:
 
     r = gguf.GGUFReader(str(path))
     kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.")}
+    v = Vocabulary.from_gguf(r)
     if kv.get("general.architecture") != "qwen3":
         raise ValueError(f"{path}: architecture {kv.get('general.architecture')!r}, expected qwen3")
     n_layer = int(kv["qwen3.block_count"])
     cfg = transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=int(kv["qwen3.embedding_length"]),
+        vocab_size=len(v.tokens), hidden_size=int(kv["qwen3.embedding_length"]),
         intermediate_size=int(kv["qwen3.feed_forward_length"]), num_hidden_layers=n_layer,
         num_attention_heads=int(kv["qwen3.attention.head_count"]),
         num_key_value_heads=int(kv["qwen3.attention.head_count_kv"]), head_dim=int(kv["qwen3.attention.key_length"]),
         max_position_embeddings=int(kv["qwen3.context_length"]),
         rms_norm_eps=float(kv["qwen3.attention.layer_norm_rms_epsilon"]), rope_theta=float(kv["qwen3.rope.freq_base"]),
-        tie_word_embeddings=False, eos_token_id=vocab()[0].index("<|endoftext|>"),
-        bos_token_id=vocab()[0].index("<|endoftext|>"))
+        tie_word_embeddings=False, eos_token_id=v.eos, bos_token_id=v.eos)
     names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
     for i in range(n_layer):
@@ -180,4 +266,4 @@ def read_hf_model(path, out_dir) -> None:
         raise ValueError(f"{path}: tensors missing {missing}, unexpected {unexpected}")
     with quiet_transformers():
         model.save_pretrained(out_dir)
-        hf_tokenizer().save_pretrained(out_dir)
+        v.hf_tokenizer().save_pretrained(out_dir)

@@ -495,6 +495,8 @@ class HookedLlama(llama_cpp.Llama):
             raise ValueError("Steering has no layer: pass layer= or use an SAE with a layer")
         self._check(st.layer, st.sae)
         for o in st.ops:
+            if o.op == "cap" and o.value == float("inf"):  # cap(min=...) alone: no upper bound
+                continue
             with np.errstate(over="ignore"):
                 value = np.float32(o.value)
             if not np.isfinite(value):

@@ -37,7 +37,7 @@ MAX_LABEL_QUERY = 256          # features per /v1/saehook/labels call
 MAX_SEARCH_TOP = 100
 
 # One op of each kind in the request form the page sends; an op the server's parser refuses
-# (saehook.serve.protocol) is offered by the page for the copied spec only.
+# (saehook.serve.protocol; this one takes all six) is offered by the page for the copied spec only.
 _PROBES = {"add": {"value": 1.0}, "clamp": {"value": 1.0}, "scale": {"value": 0.5}, "ablate": {},
            "cap": {"max": 1.0, "min": -1.0}, "rescale": {"value": 0.5}}
 

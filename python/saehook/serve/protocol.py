@@ -13,11 +13,19 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..sae import SAE
-from ..steering import POSITIONS, Steering
+from ..steering import _F32_MAX, POSITIONS, Steering
 
-# The operations of the wire format (issue 15): Steering's add/clamp/scale/ablate, one value each.
-# (Steering's cap and rescale take other arguments and are not part of it yet.)
-WIRE_OPS = ("add", "clamp", "scale", "ablate")
+# The operations of the wire format: Steering's add/clamp/scale/ablate (issue 15) and the
+# steering-modes ops cap and rescale, with Steering's semantics. Fields per op (besides sae,
+# layer, feature, op, positions):
+#   add, clamp, scale   value (required), normalize
+#   ablate              normalize (value: 0 if given)
+#   cap                 max and/or min (the projection on the unit direction is kept in [min, max])
+#   rescale             value (required: the factor on that projection)
+# cap and rescale always act along the unit decoder direction: `normalize` does not apply to them.
+WIRE_OPS = ("add", "clamp", "scale", "ablate", "cap", "rescale")
+_OP_KEYS = {"add": {"value", "normalize"}, "clamp": {"value", "normalize"}, "scale": {"value", "normalize"},
+            "ablate": {"value", "normalize"}, "cap": {"max", "min"}, "rescale": {"value"}}
 
 
 class APIError(Exception):
@@ -175,7 +183,48 @@ class SAERegistry:
         return name, sae, int(layer)
 
 
-_STEER_KEYS = {"sae", "layer", "feature", "op", "value", "positions", "normalize"}
+def _number(op: Mapping, key: str, param: str, kind: str, required: bool) -> Optional[float]:
+    v = op.get(key)
+    if v is None:
+        if required:
+            raise bad(param, f"{param} is required for op {kind!r}", "missing_field")
+        return None
+    if not _is_num(v) or not math.isfinite(v):
+        raise bad(param, f"{param} must be a finite number, got {json.dumps(v)}", "invalid_value")
+    if abs(v) > _F32_MAX:  # the kernels take float32
+        raise bad(param, f"{param} {v!r} overflows float32 (largest {_F32_MAX:.4g})")
+    return float(v)
+
+
+def _add_op(st: Steering, op: Mapping, kind: str, feature: int, p: str) -> Tuple:
+    """Adds one checked wire op to its Steering; returns its canonical key (the prompt cache's)."""
+    if kind == "cap":
+        hi = _number(op, "max", f"{p}.max", kind, False)
+        lo = _number(op, "min", f"{p}.min", kind, False)
+        if hi is None and lo is None:
+            raise bad(f"{p}.max", f"op 'cap' needs {p}.max and/or {p}.min", "missing_field")
+        if hi is not None and lo is not None and lo > hi:
+            raise bad(f"{p}.min", f"{p}.min {lo:g} is above {p}.max {hi:g}")
+        st.cap(feature, max=hi, min=lo)
+        return (kind, feature, hi, lo)
+    value = _number(op, "value", f"{p}.value", kind, kind != "ablate")
+    if kind == "ablate" and value not in (None, 0.0):
+        raise bad(f"{p}.value", f"{p}.value must be 0 or absent for op 'ablate', got {json.dumps(op['value'])}")
+    if kind == "rescale":
+        st.rescale(feature, value)
+        return (kind, feature, value, True)
+    normalize = _bool(op, "normalize", f"{p}.normalize", False)
+    try:
+        if kind == "ablate":
+            st.ablate(feature, normalize=normalize)
+        else:
+            getattr(st, kind)(feature, value, normalize=normalize)
+    except ValueError as e:  # add: value times the decoder direction overflows float32
+        raise bad(f"{p}.value", f"{p}.value: {e}") from None
+    return (kind, feature, float(value or 0.0), normalize)
+
+
+_STEER_KEYS = {"sae", "layer", "feature", "op", "value", "positions", "normalize", "max", "min"}
 _FEATURE_KEYS = {"sae", "layer", "top", "prompt"}
 
 
@@ -218,22 +267,19 @@ def parse_saehook(ext: Any, reg: SAERegistry, limits: Limits):
         if not 0 <= feature < sae.d_sae:
             raise bad(f"{p}.feature", f"{p}.feature {feature} is out of range for SAE {name!r} "
                       f"(d_sae = {sae.d_sae}: 0..{sae.d_sae - 1})")
-        value = op.get("value", 0.0 if kind == "ablate" else None)
-        if value is None:
-            raise bad(f"{p}.value", f"{p}.value is required for op {kind!r}", "missing_field")
-        if not _is_num(value) or not math.isfinite(value):
-            raise bad(f"{p}.value", f"{p}.value must be a finite number, got {json.dumps(value)}", "invalid_value")
+        for key in op:
+            if key in _STEER_KEYS - {"sae", "layer", "feature", "op", "positions"} - _OP_KEYS[kind]:
+                raise bad(f"{p}.{key}", f"{p}.{key} does not apply to op {kind!r} (it takes "
+                          f"{', '.join(sorted(_OP_KEYS[kind]))})", "unknown_field")
         positions = op.get("positions", "all")
         if positions not in POSITIONS:
             raise bad(f"{p}.positions", f"{p}.positions must be one of {', '.join(POSITIONS)}, got "
                       f"{json.dumps(positions)}")
-        normalize = _bool(op, "normalize", f"{p}.normalize", False)
         g = (name, layer, positions)
         if g not in groups:
             groups[g] = Steering(sae, layer=layer, positions=positions)
             keys[g] = []
-        getattr(groups[g], kind)(feature, *(() if kind == "ablate" else (float(value),)), normalize=normalize)
-        keys[g].append((kind, feature, float(value), normalize))
+        keys[g].append(_add_op(groups[g], op, kind, feature, p))
     steerings = list(groups.values())
     steer_groups = [(g[2], (g[0], g[1], tuple(keys[g]))) for g in groups]
     steer_key = tuple(k for _, k in steer_groups)
