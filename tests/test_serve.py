@@ -111,9 +111,7 @@ def post(server, path, body, headers=None, raw=None):
 
 @pytest.fixture(scope="module")
 def demo_server():
-    s = Server(demo.MODEL, "--sae", f"demo={demo.SAE_FILE}", "--parallel", 8, "--n-ctx", N_CTX, "--n-batch", 64,
-               "--chat-format", CHAT_FORMAT, "--max-tokens", 64, "--max-steer-ops", 4, "--max-top", 8,
-               "--max-body", 20000)
+    s = _demo_server()
     yield s
     assert s.stop() == 0, "".join(s.output)
 
@@ -215,8 +213,36 @@ def _check_features(got, want, rtol=1e-5):
         np.testing.assert_allclose([f["value"] for f in e["top"]], val, rtol=rtol, atol=rtol)
 
 
+def _demo_server():
+    return Server(demo.MODEL, "--sae", f"demo={demo.SAE_FILE}", "--parallel", 8, "--n-ctx", N_CTX, "--n-batch", 64,
+                  "--chat-format", CHAT_FORMAT, "--max-tokens", 64, "--max-steer-ops", 4, "--max-top", 8,
+                  "--max-body", 20000)
+
+
 def test_chat_stream_features_equal_capture_of_the_same_tokens(demo_server, demo_sae, oracle):
+    """On a fresh server the features equal HookedLlama.capture exactly. On a server with a
+    history, other requests' cached prompts hold KV cells, so this request's cells sit elsewhere
+    in the unified cache and the attention sums run over its rows in another SIMD grouping: the
+    float32 rounding differs, and llama.cpp's int8 quantization of activations for the Q8_0
+    matmuls turns that into up to 0.2% on the demo's feature values (llama-server has the same
+    property). There the same features are checked with that bound."""
+    fresh = _demo_server()
+    try:
+        feats, n_prompt, text = _chat_features(fresh)
+    finally:
+        assert fresh.stop() == 0, "".join(fresh.output)
+    want = _chat_oracle(oracle, demo_sae, feats, n_prompt, text)
+    _check_features(feats, want)
     client = demo_server.client()
+    for _ in range(2):  # a history: another request's prompt stays cached in its slot
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=6, temperature=0)
+    feats_h, n_prompt_h, text_h = _chat_features(demo_server)
+    assert (n_prompt_h, text_h) == (n_prompt, text)
+    _check_features(feats_h, want, rtol=5e-3)
+
+
+def _chat_features(server):
+    client = server.client()
     messages = [{"role": "user", "content": "What does the with statement do?"}]
     ext = {"steer": [{"feature": 7, "op": "clamp", "value": 4.0}],
            "features": {"sae": "demo", "layer": DEMO_SAE_LAYER, "top": 4, "prompt": True}}
@@ -231,20 +257,23 @@ def test_chat_stream_features_equal_capture_of_the_same_tokens(demo_server, demo
             got = (ch.model_extra or {}).get("saehook")
             if got:
                 feats.extend(got["features"])
+    assert usage.completion_tokens == 10
+    return feats, usage.prompt_tokens, text
+
+
+def _chat_oracle(oracle, demo_sae, feats, n_prompt, text):
     # the oracle: llama-cpp-python's own chat handler on the same model, same steering
+    messages = [{"role": "user", "content": "What does the with statement do?"}]
     oracle.reset()
     st = clamp(demo_sae, 7, 4.0)
     with oracle.steer(st, control_vectors=False):
         ref = oracle.create_chat_completion(messages, max_tokens=10, temperature=0.0)
     assert text == ref["choices"][0]["message"]["content"]
-    n_prompt = usage.prompt_tokens
-    assert usage.completion_tokens == 10
     prompt_ids = [e["id"] for e in feats[:n_prompt]]
     gen_ids = [e["id"] for e in feats[n_prompt:]]
     assert len(gen_ids) == 10, "every generated token has its entry, the last one included"
     assert oracle.detokenize(gen_ids).decode() == text
-    want = _oracle_features(oracle, demo_sae, [st], prompt_ids, gen_ids, 4)
-    _check_features(feats, want)
+    return _oracle_features(oracle, demo_sae, [st], prompt_ids, gen_ids, 4)
 
 
 def test_completion_features_and_logprobs_non_streamed(demo_server, demo_sae, oracle):
@@ -675,6 +704,8 @@ def test_flash_attn_option_reaches_llama_cpp(demo_sae):
     from saehook.serve.protocol import parse_request
     from saehook.serve.scheduler import Job
 
+    prompt = "This module provides a way to"  # greedy text differs with and without flash attention on the demo
+
     with pytest.raises(ValueError, match="flash_attn must be one of auto, on, off, got 'yes'"):
         load_server(demo.MODEL, {}, flash_attn="yes")
 
@@ -682,7 +713,7 @@ def test_flash_attn_option_reaches_llama_cpp(demo_sae):
         state = load_server(demo.MODEL, {"demo": demo.SAE_FILE}, parallel=2, n_ctx=N_CTX, n_batch=64, n_threads=1,
                             chat_format=CHAT_FORMAT, flash_attn=flash_attn)
         try:
-            req = parse_request("completion", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0},
+            req = parse_request("completion", {"prompt": prompt, "max_tokens": 12, "temperature": 0},
                                 state.registry, state.limits)
             done, text = threading.Event(), []
 
@@ -692,7 +723,7 @@ def test_flash_attn_option_reaches_llama_cpp(demo_sae):
                 elif kind in ("done", "error"):
                     done.set()
 
-            state.scheduler.submit(Job(req=req, prompt=state.llm.tokenize(PROMPT.encode(), special=True), emit=emit))
+            state.scheduler.submit(Job(req=req, prompt=state.llm.tokenize(prompt.encode(), special=True), emit=emit))
             assert done.wait(60)
             return "".join(text)
         finally:
@@ -703,7 +734,7 @@ def test_flash_attn_option_reaches_llama_cpp(demo_sae):
         llm = HookedLlama(demo.MODEL, n_ctx=N_CTX, n_batch=64, n_ubatch=64, n_threads=1, verbose=False,
                           flash_attn=flash_attn)
         try:
-            return oracle_completion(llm, PROMPT)[0]
+            return oracle_completion(llm, prompt)[0]
         finally:
             llm.close()
 
