@@ -121,11 +121,16 @@ def demo_sae():
     return saehook.load(demo.SAE_FILE)
 
 
+def demo_oracle() -> HookedLlama:
+    """The demo model in-process, one sequence (HookedLlama's own generation loop): the oracle
+    the served results are compared with."""
+    return HookedLlama(demo.MODEL, n_ctx=N_CTX, n_batch=64, n_ubatch=64, n_threads=1, verbose=False, seed=0,
+                       chat_format=CHAT_FORMAT)
+
+
 @pytest.fixture(scope="module")
 def oracle():
-    """The same model in-process, one sequence (HookedLlama's own generation loop)."""
-    llm = HookedLlama(demo.MODEL, n_ctx=N_CTX, n_batch=64, n_ubatch=64, n_threads=1, verbose=False, seed=0,
-                      chat_format=CHAT_FORMAT)
+    llm = demo_oracle()
     yield llm
     llm.close()
 

@@ -13,9 +13,8 @@ pytest.importorskip("uvicorn")
 
 import saehook  # noqa: E402
 from saehook import demo  # noqa: E402
-from saehook.llama import HookedLlama  # noqa: E402
 
-from test_serve import CHAT_FORMAT, N_CTX, Server, oracle_completion, post  # noqa: E402
+from test_serve import CHAT_FORMAT, N_CTX, Server, demo_oracle, oracle_completion, post  # noqa: E402
 
 PROMPT = "The with statement is used to"
 MAX_TOKENS = 12
@@ -36,8 +35,7 @@ def sae():
 
 @pytest.fixture(scope="module")
 def oracle():
-    llm = HookedLlama(demo.MODEL, n_ctx=N_CTX, n_batch=64, n_ubatch=64, n_threads=1, verbose=False, seed=0,
-                      chat_format=CHAT_FORMAT)
+    llm = demo_oracle()
     yield llm
     llm.close()
 
