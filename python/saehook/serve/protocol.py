@@ -228,6 +228,13 @@ _STEER_KEYS = {"sae", "layer", "feature", "op", "value", "positions", "normalize
 _FEATURE_KEYS = {"sae", "layer", "top", "prompt"}
 
 
+def _known_fields(obj: dict, known: Sequence[str], p: str) -> None:
+    """A 400 naming the first field of obj (at path p) that is not in `known` (listed in that order)."""
+    for key in obj:
+        if key not in known:
+            raise bad(f"{p}.{key}", f"unknown field {p}.{key} (known: {', '.join(known)})", "unknown_field")
+
+
 def parse_saehook(ext: Any, reg: SAERegistry, limits: Limits):
     """`saehook` -> (steerings, steer_key, steer_groups, FeatureRequest or None). Ops that share
     (SAE, layer, positions) become one Steering (one encode), in the order they first appear."""
@@ -235,9 +242,7 @@ def parse_saehook(ext: Any, reg: SAERegistry, limits: Limits):
         return [], (), [], None
     if not isinstance(ext, dict):
         raise bad("saehook", "saehook must be an object", "invalid_type")
-    for key in ext:
-        if key not in ("steer", "features"):
-            raise bad(f"saehook.{key}", f"unknown field saehook.{key} (known: steer, features)", "unknown_field")
+    _known_fields(ext, ("steer", "features"), "saehook")
     steer = ext.get("steer") or []
     if not isinstance(steer, list):
         raise bad("saehook.steer", "saehook.steer must be a list of operations", "invalid_type")
@@ -250,10 +255,7 @@ def parse_saehook(ext: Any, reg: SAERegistry, limits: Limits):
         p = f"saehook.steer[{i}]"
         if not isinstance(op, dict):
             raise bad(p, f"{p} must be an object", "invalid_type")
-        for key in op:
-            if key not in _STEER_KEYS:
-                raise bad(f"{p}.{key}", f"unknown field {p}.{key} (known: {', '.join(sorted(_STEER_KEYS))})",
-                          "unknown_field")
+        _known_fields(op, sorted(_STEER_KEYS), p)
         name, sae, layer = reg.pick(op, p)
         kind = op.get("op")
         if kind not in WIRE_OPS:
@@ -290,10 +292,7 @@ def parse_saehook(ext: Any, reg: SAERegistry, limits: Limits):
         p = "saehook.features"
         if not isinstance(feats, dict):
             raise bad(p, f"{p} must be an object", "invalid_type")
-        for key in feats:
-            if key not in _FEATURE_KEYS:
-                raise bad(f"{p}.{key}", f"unknown field {p}.{key} (known: {', '.join(sorted(_FEATURE_KEYS))})",
-                          "unknown_field")
+        _known_fields(feats, sorted(_FEATURE_KEYS), p)
         name, sae, layer = reg.pick(feats, p)
         top = _int(feats, "top", f"{p}.top", 1, None, default=min(5, sae.k))
         if top > limits.max_top:
