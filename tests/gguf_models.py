@@ -7,6 +7,17 @@ from saehook.demo.gguf_writer import VOCAB, quantize, vocab, write_hf_model  # n
 EOS = vocab()[0].index("<|endoftext|>")
 
 
+KV_F32 = dict(type_k=0, type_v=0)  # GGML_TYPE_F32 KV cache: llama.cpp's f16 cache would round the comparisons
+LLAMA_ARGS = dict(n_ctx=512, n_batch=64, n_ubatch=64, verbose=False, seed=0, **KV_F32)
+
+
+def open_llm(path, **kw):
+    """A HookedLlama on a tiny test model with the llama tests' settings (kw override them)."""
+    from saehook.llama import HookedLlama
+
+    return HookedLlama(str(path), **{**LLAMA_ARGS, **kw})
+
+
 def random_sae(seed=0, d_sae=1024, k=16, d_model=256):
     """A random Top-K SAE for the tiny models (hidden 256): W_enc, W_dec, b_enc drawn in that order."""
     import numpy as np

@@ -18,7 +18,7 @@ gguf = pytest.importorskip("gguf")
 
 import saehook  # noqa: E402
 import saehook.llama as shl  # noqa: E402
-from saehook.llama import HookedLlama, export_control_vector  # noqa: E402
+from saehook.llama import export_control_vector  # noqa: E402
 
 import gguf_models as gm  # noqa: E402
 
@@ -26,7 +26,7 @@ D = 256
 N_LAYER = 3
 TOKENS = [int(t) for t in np.random.default_rng(1).integers(0, 256, 40)]
 # With an f32 KV cache llama.cpp's f32 model matches transformers to ~1e-6 (f16 KV: ~1e-3).
-KV_F32 = dict(type_k=0, type_v=0)  # GGML_TYPE_F32
+KV_F32 = gm.KV_F32
 REL = 1e-4
 
 
@@ -51,10 +51,7 @@ def sae():
     return random_sae()
 
 
-def open_llm(path, **kw):
-    args = dict(n_ctx=512, n_batch=64, n_ubatch=64, verbose=False, seed=0, **KV_F32)
-    args.update(kw)
-    return HookedLlama(str(path), **args)
+open_llm = gm.open_llm
 
 
 def hf_forward(model, tokens, steerings=()):

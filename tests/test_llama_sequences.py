@@ -19,7 +19,7 @@ import gguf_models as gm  # noqa: E402
 import gguf_qwen35  # noqa: E402
 
 D = 256
-KV_F32 = dict(type_k=0, type_v=0)
+KV_F32 = gm.KV_F32
 PROMPTS = [[int(t) for t in np.random.default_rng(s).integers(0, 256, n)] for s, n in ((11, 9), (12, 6), (13, 12), (14, 7))]
 N_GEN = 6
 
@@ -46,10 +46,7 @@ def sae():
     return random_sae()
 
 
-def open_llm(path, **kw):
-    args = dict(n_ctx=512, n_batch=64, n_ubatch=64, verbose=False, seed=0, **KV_F32)
-    args.update(kw)
-    return HookedLlama(str(path), **args)
+open_llm = gm.open_llm
 
 
 def steerings(sae, n, layer=1):

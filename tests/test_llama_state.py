@@ -18,12 +18,12 @@ pytest.importorskip("gguf")
 
 import saehook  # noqa: E402
 import saehook.llama as shl  # noqa: E402
-from saehook.llama import HookedLlama, export_control_vector  # noqa: E402
+from saehook.llama import export_control_vector  # noqa: E402
 
 import gguf_models as gm  # noqa: E402
 
 D = 256
-KV_F32 = dict(type_k=0, type_v=0)
+KV_F32 = gm.KV_F32
 TOKENS = [int(t) for t in np.random.default_rng(1).integers(0, 256, 40)]
 PROMPT = TOKENS[:12]
 GREEDY = dict(max_tokens=8, temperature=0.0, top_k=1)
@@ -46,8 +46,7 @@ def sae():
     return random_sae()
 
 
-def open_llm(path, **kw):
-    return HookedLlama(str(path), **{**ARGS, "verbose": False, **kw})
+open_llm = gm.open_llm
 
 
 def text(out):
