@@ -32,11 +32,16 @@ SPECS = CLASSES + [
     "generic,panel_prefetch_next=1,block_bytes_n=1024",  # prefetching the next of many small blocks
     "generic,gather_ahead=0",
     "generic,gather_ahead=64",
+    "zen5,few_rows=0",  # 2 .. 16 rows on the many-rows kernels
+    "generic,few_rows=64",  # every shape but the 70-row one on the few-rows tiles
 ]
 TOL = 2e-4
 # d_model, d_sae, k, n: batch 1 with feature counts that end inside every interleave width, the
-# few-row tiles (2, 3), the packed panels (4, 17 and more rows), several int8 quantization blocks.
-SHAPES = [(300, 1037, 9, 1), (129, 515, 7, 2), (200, 301, 5, 3), (96, 700, 8, 5), (300, 333, 6, 17), (64, 2000, 12, 70)]
+# few-row tiles (2, 3, 5, 11, 16 rows: every partial row tile, feature counts that end inside a
+# 4- and a 6-feature group), the packed panels (4, 17 and more rows), several int8 quantization
+# blocks.
+SHAPES = [(300, 1037, 9, 1), (129, 515, 7, 2), (200, 301, 5, 3), (96, 700, 8, 5), (77, 1001, 6, 11),
+          (40, 523, 5, 16), (300, 333, 6, 17), (64, 2000, 12, 70)]
 
 
 @pytest.fixture(params=SPECS)
@@ -112,6 +117,7 @@ def test_set_cpu_class_and_overrides():
     ("zen5,block_bytes_n=10", "block_bytes_n must be at least 1024, not 10"),
     ("zen5,gather_ahead=65", "gather_ahead must be at most 64, not 65"),
     ("zen5,panel_prefetch_next=2", "panel_prefetch_next must be 0 or 1, not 2"),
+    ("zen5,few_rows=65", "few_rows must be at most 64, not 65"),
 ])
 def test_bad_cpu_class_specs_are_refused(spec, message):
     before = saehook.cpu_info()

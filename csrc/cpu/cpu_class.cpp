@@ -26,13 +26,15 @@ namespace {
 // values measured on the 2-core Sapphire Rapids-class VM in earlier sessions (git log -- csrc/cpu),
 // panel_prefetch_next not measured there (off). zen4: NOT measured on Zen 4 (no such machine this
 // session): the Zen 5 row. generic (AVX2 laptops, anything else): the former one-for-all values,
-// not re-measured.
+// not re-measured. few_rows (2026-12-02, Zen 5, 2048 x 32768 f32, alternating with few_rows=0 in
+// one process): avx512_vnni 0.87x the time at 8 rows and 0.90x at 12; avx512 0.91x at 8, 0.95x at
+// 16; avx2 0.81x at 8, 0.92x at 16; 16 on every class (measured on Zen 5 only).
 const Tuning kTable[] = {
-    // cls      prefetch rows_bf16 block_1     block_n      chunk next ahead
-    {"zen5",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8},
-    {"zen4",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8},
-    {"spr",     1024,    8,        2 << 20,    512 << 10,   1024, 0,   8},
-    {"generic", 1024,    8,        2 << 20,    512 << 10,   1024, 0,   8},
+    // cls      prefetch rows_bf16 block_1     block_n      chunk next ahead few
+    {"zen5",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8,    16},
+    {"zen4",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8,    16},
+    {"spr",     1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    16},
+    {"generic", 1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    16},
 };
 
 const Tuning *find_class(const char *name, size_t len) {
@@ -110,10 +112,13 @@ std::string parse(const char *spec, Tuning *out) {
     } else if (key == "gather_ahead") {
       if (v > 64) return "gather_ahead must be at most 64, not " + item.substr(eq + 1);
       t.gather_ahead = int(v);
+    } else if (key == "few_rows") {
+      if (v > 64) return "few_rows must be at most 64, not " + item.substr(eq + 1);
+      t.few_rows = int(v);
     } else {
       return "unknown CPU tuning key '" + key +
              "'; keys: stream_prefetch, batch1_rows_bf16, block_bytes_1, block_bytes_n, panel_chunk, "
-             "panel_prefetch_next, gather_ahead";
+             "panel_prefetch_next, gather_ahead, few_rows";
     }
   }
   *out = t;
@@ -171,10 +176,10 @@ const char *cpu_info_json() {
   std::snprintf(s, sizeof s,
                 "{\"vendor\": \"%s\", \"family\": %u, \"model\": %u, \"stepping\": %u, \"detected_class\": \"%s\", "
                 "\"classes\": [%s], \"class\": \"%s\", \"params\": {\"stream_prefetch\": %lld, \"batch1_rows_bf16\": %d, "
-                "\"block_bytes_1\": %lld, \"block_bytes_n\": %lld, \"panel_chunk\": %lld, \"panel_prefetch_next\": %d, \"gather_ahead\": %d}}",
+                "\"block_bytes_1\": %lld, \"block_bytes_n\": %lld, \"panel_chunk\": %lld, \"panel_prefetch_next\": %d, \"gather_ahead\": %d, \"few_rows\": %d}}",
                 c.vendor, c.family, c.model, c.stepping, c.detected_class.c_str(), classes.c_str(), t.cls,
                 (long long)t.stream_prefetch, t.batch1_rows_bf16, (long long)t.block_bytes_1,
-                (long long)t.block_bytes_n, (long long)t.panel_chunk, t.panel_prefetch_next, t.gather_ahead);
+                (long long)t.block_bytes_n, (long long)t.panel_chunk, t.panel_prefetch_next, t.gather_ahead, t.few_rows);
   buf = s;
   return buf.c_str();
 }

@@ -26,6 +26,10 @@ struct Tuning {
   int panel_prefetch_next;
   // Sparse decode: rows prefetched this many features ahead.
   int gather_ahead;
+  // Batches of more than one row tile and at most few_rows rows take the few-rows order of the
+  // dot-product tiles (kernels_impl.hpp) where the ISA path has no packed panel for them (float
+  // weights; avx512_vnni packs f32 from 16 rows); 0: off.
+  int few_rows;
 };
 
 // What cpuid says about the processor, and the class it was put in.
