@@ -27,8 +27,9 @@ struct Tuning {
   // Sparse decode: rows prefetched this many features ahead.
   int gather_ahead;
   // Batches of more than one row tile and at most few_rows rows take the few-rows order of the
-  // dot-product tiles (kernels_impl.hpp) where the ISA path has no packed panel for them (float
-  // weights; avx512_vnni packs f32 from 16 rows); 0: off.
+  // dot-product tiles (kernels_impl.hpp, kernels_vnni_impl.hpp) instead of the row-tile-major order
+  // or the packed panels (avx512_vnni also caps it per dtype: f32 below 16 rows, bf16 16, int8 12);
+  // 0: off.
   int few_rows;
 };
 
