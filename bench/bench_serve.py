@@ -6,9 +6,11 @@ server (`python -m llama_cpp.server`) on the same model, in the same run.
     python bench/bench_serve.py --arch qwen3 --hidden 256 --layers 2 --d-sae 1024 --gen-tokens 16 --reqs 2   # smoke
 
 For each model (a random-weight qwen3, and a qwen35 hybrid one, written here and quantized by
-llama.cpp) and each concurrency (1, 4, 8 by default), every server gets `--reqs` streamed
-completions per client; reported per server and scenario: aggregate generated tokens/s, time to
-first token (p50) and inter-token latency (p50, p99). saehook runs unsteered and steered (each
+llama.cpp) every server is started, then `--rounds` rounds each give every server and scenario,
+at each concurrency (1, 4, 8 by default), `--reqs` streamed completions per client, in an order
+rotated every round (this VM's speed drifts within minutes: the ratios are taken within a round,
+then their median and range printed); reported per server and scenario (medians of the rounds):
+aggregate generated tokens/s, time to first token (p50) and inter-token latency (p50, p99). saehook runs unsteered and steered (each
 request clamps a different feature: one encode per step serves the whole batch). The targets
 (README "Serve"): at concurrency 8 unsteered, >= 0.9x llama-server and >= 3x llama_cpp.server;
 steered, the added time per decode step at most the SAE's W_enc read bound + 10%.
@@ -347,6 +349,8 @@ def main() -> int:
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     p.add_argument("--reqs", type=int, default=3, help="requests per client at each concurrency")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of alternation: each runs every server and scenario once per concurrency")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -387,13 +391,16 @@ def main() -> int:
             W = rng.standard_normal((args.d_sae, args.hidden), dtype=np.float32) / np.sqrt(args.hidden)
             saehook.SAE(W, W, k=args.k, metadata={"layer": layer}).save(sae_path)
         sae = saehook.load(sae_path)
-        # printable byte tokens, so that every server tokenizes the prompt the same way
-        prompt = "".join(chr(c) for c in rng.integers(97, 123, args.prompt_tokens))
+        # printable byte tokens, so that every server tokenizes the prompt the same way; one prompt
+        # per round (and one for the warm-ups), so that no round finds the previous one's prompts
+        # in a server's prompt cache
+        prompts = ["".join(chr(c) for c in rng.integers(97, 123, args.prompt_tokens)) for _ in range(args.rounds + 1)]
         print(f"\n== {os.path.basename(path)}: SAE {args.hidden}x{args.d_sae} k={args.k} at layer {layer} "
               f"(W_enc {sae.encoder_bytes / 2**20:.0f} MiB); prompt {args.prompt_tokens}, {args.gen_tokens} generated "
               f"tokens per request, threads {args.threads}", flush=True)
 
-        def body(extra):
+        def body(extra, rnd=-1):
+            prompt = prompts[rnd]
             return lambda i, j: {"model": "m", "prompt": prompt[: args.prompt_tokens - i] + str(j), "stream": True,
                                  "stream_options": {"include_usage": True},
                                  "max_tokens": args.gen_tokens, "temperature": 0, **extra(i)}
@@ -427,54 +434,79 @@ def main() -> int:
                        str(args.threads), "--verbose", "false", "--interrupt_requests", "false"]
                 scenarios.append((name, cmd, port, "/v1/models", [
                     ("unsteered", lambda i: {"logit_bias": {str(eos): -100}})]))
-        results: Dict[tuple, dict] = {}
+        # Every server is started (and warmed up) first, then the runs alternate: each round runs
+        # every (server, scenario) once at each concurrency, in an order rotated every round, with
+        # the read bound measured at the start of the round. This VM's speed drifts within minutes,
+        # so each ratio is taken within a round (the servers not under load sit idle meanwhile).
         loads: Dict[str, str] = {}
-        for name, cmd, port, health, variants in scenarios:
-            loads[name] = machine_load()
-            print(f"{name}: {CONFIG.get(name, '')}; before the run: {loads[name]}", flush=True)
-            srv = Server(name, cmd, port, health, env=ENV.get(name))
-            try:
+        started = []
+        try:
+            for name, cmd, port, health, variants in scenarios:
+                loads[name] = machine_load()
+                print(f"{name}: {CONFIG.get(name, '')}; before its start: {loads[name]}", flush=True)
+                srv = Server(name, cmd, port, health, env=ENV.get(name))
+                started.append(srv)
                 try:
                     stream_completion(port, body(variants[0][1])(0, 0))  # warm-up
                 except Exception:
                     time.sleep(0.5)
                     print("".join(srv.log)[-3000:], file=sys.stderr)
                     raise
+            runs = [(name, vname, extra, port) for name, _, port, _, variants in scenarios for vname, extra in variants]
+            per_round: Dict[tuple, List[dict]] = {}
+            bounds = []
+            for rnd in range(args.rounds):
+                bw_r = read_bandwidth(args.threads)["bound"]
+                bounds.append(sae.encoder_bytes / (bw_r * 1e9) * 1e3)
+                print(f"-- round {rnd + 1}/{args.rounds}: read bound {bounds[-1]:.2f} ms at {bw_r:.0f} GB/s; "
+                      f"{machine_load()}", flush=True)
+                shift = rnd % len(runs)
                 for conc in args.concurrency:
-                    for vname, extra in variants:
-                        r = load(port, conc, args.reqs, body(extra))
-                        results[(name, vname, conc)] = r
+                    for name, vname, extra, port in runs[shift:] + runs[:shift]:
+                        r = load(port, conc, args.reqs, body(extra, rnd))
+                        per_round.setdefault((name, vname, conc), []).append(r)
                         print(f"{name:<17} {vname:<10} c={conc}: {r['tok_s']:8.1f} tok/s  TTFT p50 "
                               f"{r['ttft_p50_ms']:7.1f} ms  ITL p50 {r['itl_p50_ms']:7.2f} ms  p99 "
                               f"{r['itl_p99_ms']:7.2f} ms  ({r['tokens']} tokens)", flush=True)
-            finally:
+        finally:
+            for srv in started:
                 srv.stop()
-        bw = read_bandwidth(args.threads)["bound"]
-        bound_ms = sae.encoder_bytes / (bw * 1e9) * 1e3
+        med = lambda v: float(np.median(v))  # noqa: E731
+        results = {k: {m: med([r[m] for r in rs]) for m in rs[0] if isinstance(rs[0][m], (int, float))}
+                   for k, rs in per_round.items()}
+        bound_ms = med(bounds)
         top = max(args.concurrency)
-        row = {"model": os.path.basename(path), "arch": arch, "bandwidth_GBps": bw, "encoder_read_bound_ms": bound_ms,
-               "load_before": loads, "config": {n: CONFIG.get(n, "") for n in loads},
-               "results": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()}}
-        s = results.get(("saehook", "unsteered", top))
-        lss = [r for r in (results.get((n, "unsteered", top)) for n in ("llama-server", "llama-server-spin")) if r]
-        ls = max(lss, key=lambda r: r["tok_s"]) if lss else None  # the faster configuration
-        lcs = results.get(("llama_cpp.server", "unsteered", top))
-        st = results.get(("saehook", "steered", top))
-        if s and ls:
-            row["vs_llama_server"] = s["tok_s"] / ls["tok_s"]
-            print(f"c={top} unsteered: saehook / llama-server (its faster configuration) = "
-                  f"{row['vs_llama_server']:.2f}x (target >= 0.9x)")
-            fa = results.get(("saehook-fa", "unsteered", top))
-            if fa:
-                row["fa_vs_llama_server"] = fa["tok_s"] / ls["tok_s"]
-                print(f"c={top} unsteered: saehook-fa / llama-server = {row['fa_vs_llama_server']:.2f}x")
-        if s and lcs:
-            row["vs_llama_cpp_server"] = s["tok_s"] / lcs["tok_s"]
-            print(f"c={top} unsteered: saehook / llama_cpp.server = {row['vs_llama_cpp_server']:.2f}x (target >= 3x)")
-        if s and st:
-            row["steered_added_ms_per_step"] = st["itl_p50_ms"] - s["itl_p50_ms"]
-            print(f"c={top} steered: +{row['steered_added_ms_per_step']:.2f} ms per decode step (ITL p50); W_enc read "
-                  f"bound {bound_ms:.2f} ms at {bw:.0f} GB/s (target <= {1.1 * bound_ms:.2f} ms)")
+        row = {"model": os.path.basename(path), "arch": arch, "encoder_read_bound_ms": bound_ms,
+               "encoder_read_bound_ms_per_round": bounds, "rounds": args.rounds,
+               "load_before_start": loads, "config": {n: CONFIG.get(n, "") for n in loads},
+               "results": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in results.items()},
+               "per_round": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in per_round.items()}}
+        print(f"medians of {args.rounds} rounds:")
+        for (name, vname, conc), r in sorted(results.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
+            print(f"  {name:<17} {vname:<10} c={conc}: {r['tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
+                  f"ITL p50 {r['itl_p50_ms']:7.2f} ms  p99 {r['itl_p99_ms']:7.2f} ms")
+
+        def per_round_ratio(key: str, values: List[float], what: str) -> None:
+            if values:
+                row[key] = {"median": med(values), "min": min(values), "max": max(values), "per_round": values}
+                print(f"c={top} {what}: {med(values):.2f} (rounds {min(values):.2f}-{max(values):.2f})")
+
+        def rounds_of(name: str, vname: str) -> List[dict]:
+            return per_round.get((name, vname, top), [])
+
+        s, st = rounds_of("saehook", "unsteered"), rounds_of("saehook", "steered")
+        lss = [rs for rs in (rounds_of(n, "unsteered") for n in ("llama-server", "llama-server-spin")) if rs]
+        lcs, fa = rounds_of("llama_cpp.server", "unsteered"), rounds_of("saehook-fa", "unsteered")
+        ls = [max(rs[i]["tok_s"] for rs in lss) for i in range(len(s))] if s and lss else []  # the faster configuration
+        per_round_ratio("vs_llama_server", [a["tok_s"] / b for a, b in zip(s, ls)],
+                        "unsteered: saehook / llama-server (its faster configuration, per round) (target >= 0.9x)")
+        per_round_ratio("fa_vs_llama_server", [a["tok_s"] / b for a, b in zip(fa, ls)],
+                        "unsteered: saehook-fa / llama-server")
+        per_round_ratio("vs_llama_cpp_server", [a["tok_s"] / b["tok_s"] for a, b in zip(s, lcs)],
+                        "unsteered: saehook / llama_cpp.server (target >= 3x)")
+        per_round_ratio("steered_added_ms_per_step", [b["itl_p50_ms"] - a["itl_p50_ms"] for a, b in zip(s, st)],
+                        f"steered: ms added per decode step (ITL p50, steered - unsteered) against a W_enc read "
+                        f"bound of {bound_ms:.2f} ms (target <= {1.1 * bound_ms:.2f} ms)")
         all_rows.append(row)
     with open(args.json, "w") as f:
         json.dump({"args": vars(args), "rows": all_rows}, f, indent=1)
