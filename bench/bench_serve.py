@@ -55,83 +55,23 @@ from bench_llama import synthetic_model  # noqa: E402  (the qwen3 of bench_llama
 # a synthetic Qwen3.5 (hybrid: Gated DeltaNet layers and a full-attention layer every 4th)
 
 
-def write_qwen35(path: str, *, hidden: int, layers: int, ffn: int, heads: int, head_dim: int, kv_heads: int,
-                 lin_k_heads: int, lin_v_heads: int, lin_head_dim: int, interval: int = 4, seed: int = 0) -> None:
-    """Writes a random-weight qwen35 GGUF (f32) in the tensor layout llama.cpp's vendored
-    convert_hf_to_gguf.py produces from a transformers Qwen3_5ForCausalLM (checked against it:
-    names, shapes, metadata), with saehook's byte-level vocabulary."""
-    import gguf
-
-    from saehook.demo.gguf_writer import VOCAB, add_byte_vocabulary
-
-    rng = np.random.default_rng(seed)
-    rnd = lambda *shape: (0.02 * rng.standard_normal(shape, dtype=np.float32))  # noqa: E731
-    ones = lambda n: np.ones(n, np.float32)  # noqa: E731
-    key_dim, val_dim = lin_k_heads * lin_head_dim, lin_v_heads * lin_head_dim
-    recurrent = [(i + 1) % interval != 0 for i in range(layers)]
-    w = gguf.GGUFWriter(str(path), "qwen35")
-    w.add_name("saehook-qwen35")
-    w.add_block_count(layers)
-    w.add_context_length(4096)
-    w.add_embedding_length(hidden)
-    w.add_feed_forward_length(ffn)
-    w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_freq_base(1e6)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    w.add_ssm_conv_kernel(4)
-    w.add_ssm_state_size(lin_head_dim)
-    w.add_ssm_group_count(lin_k_heads)
-    w.add_ssm_time_step_rank(lin_v_heads)
-    w.add_ssm_inner_size(val_dim)
-    w.add_array("qwen35.attention.recurrent_layers", recurrent)
-    w.add_uint32("qwen35.full_attention_interval", interval)
-    w.add_rope_dimension_count(head_dim // 4)
-    w.add_rope_dimension_sections([11, 11, 10, 0])  # the converter's default (text: every section sees one position)
-    add_byte_vocabulary(w)
-    w.add_tensor("token_embd.weight", rnd(VOCAB, hidden))
-    w.add_tensor("output_norm.weight", ones(hidden))
-    w.add_tensor("output.weight", rnd(VOCAB, hidden))
-    for i in range(layers):
-        b = f"blk.{i}."
-        t = {"attn_norm.weight": ones(hidden), "post_attention_norm.weight": ones(hidden),
-             "ffn_gate.weight": rnd(ffn, hidden), "ffn_up.weight": rnd(ffn, hidden), "ffn_down.weight": rnd(hidden, ffn)}
-        if recurrent[i]:
-            t.update({"ssm_a": -np.exp(rng.uniform(0, 2, lin_v_heads)).astype(np.float32),
-                      "ssm_conv1d.weight": rnd(2 * key_dim + val_dim, 4) * 10,
-                      "ssm_dt.bias": ones(lin_v_heads), "ssm_alpha.weight": rnd(lin_v_heads, hidden),
-                      "ssm_beta.weight": rnd(lin_v_heads, hidden), "attn_qkv.weight": rnd(2 * key_dim + val_dim, hidden),
-                      "attn_gate.weight": rnd(val_dim, hidden), "ssm_norm.weight": ones(lin_head_dim),
-                      "ssm_out.weight": rnd(hidden, val_dim)})
-        else:
-            t.update({"attn_q.weight": rnd(2 * heads * head_dim, hidden), "attn_k.weight": rnd(kv_heads * head_dim, hidden),
-                      "attn_v.weight": rnd(kv_heads * head_dim, hidden), "attn_output.weight": rnd(hidden, heads * head_dim),
-                      "attn_q_norm.weight": ones(head_dim), "attn_k_norm.weight": ones(head_dim)})
-        for name, a in t.items():
-            w.add_tensor(b + name, np.ascontiguousarray(a, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def synthetic_qwen35(cache: str, hidden: int, layers: int, ffn: int, quant: str) -> str:
-    from saehook.demo.gguf_writer import quantize
+    from saehook.demo.gguf_writer import quantize, write_random_qwen35
 
     os.makedirs(cache, exist_ok=True)
-    name = f"qwen35-h{hidden}-l{layers}-f{ffn}-i{min(4, layers)}"
+    # -w2: written by saehook.demo.gguf_writer.write_random_qwen35 (the tests' writer); files of
+    # the former bench-only writer (other random values, same shapes) are not reused
+    name = f"qwen35-h{hidden}-l{layers}-f{ffn}-i{min(4, layers)}-w2"
     out = os.path.join(cache, f"{name}-{quant}.gguf")
     if os.path.exists(out):
         return out
     heads = max(1, hidden // 256)
     f32 = os.path.join(cache, f"{name}-f32.gguf")
     print(f"writing {f32} ...", flush=True)
-    write_qwen35(f32, hidden=hidden, layers=layers, ffn=ffn, heads=heads, head_dim=256 if hidden >= 256 else 64,
-                 kv_heads=max(1, heads // 4), lin_k_heads=max(1, hidden // 128), lin_v_heads=max(2, hidden // 64),
-                 lin_head_dim=128 if hidden >= 256 else 32, interval=min(4, layers))
+    write_random_qwen35(f32, hidden=hidden, layers=layers, ffn=ffn, heads=heads, head_dim=256 if hidden >= 256 else 64,
+                        kv_heads=max(1, heads // 4), lin_k_heads=max(1, hidden // 128),
+                        lin_v_heads=max(2, hidden // 64), lin_head_dim=128 if hidden >= 256 else 32,
+                        full_attention_interval=min(4, layers), context_length=4096)
     if quant.lower() == "f32":
         return f32
     print(f"quantizing to {quant} ...", flush=True)

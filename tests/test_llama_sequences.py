@@ -16,7 +16,7 @@ import saehook  # noqa: E402
 from saehook.llama import HookedLlama  # noqa: E402
 
 import gguf_models as gm  # noqa: E402
-import gguf_qwen35  # noqa: E402
+from saehook.demo.gguf_writer import write_random_qwen35  # noqa: E402
 
 D = 256
 KV_F32 = gm.KV_F32
@@ -34,7 +34,7 @@ def qwen3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen35(tmp_path_factory):
     path = tmp_path_factory.mktemp("gguf") / "tiny-qwen35.gguf"
-    gguf_qwen35.write_qwen35(path, n_layer=4, full_attention_interval=2)
+    write_random_qwen35(path, layers=4, full_attention_interval=2)
     return path
 
 

@@ -562,10 +562,12 @@ def fresh(llm):
 
 
 def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tmp_path):
-    from gguf_qwen35 import D, write_qwen35
+    from saehook.demo.gguf_writer import write_random_qwen35
+
+    D = 256  # write_random_qwen35's default width
 
     model = tmp_path / "qwen35.gguf"
-    write_qwen35(model)
+    write_random_qwen35(model)
     rng = np.random.default_rng(0)
     sae = saehook.SAE((rng.standard_normal((512, D)) / 16).astype(np.float32),
                       (rng.standard_normal((512, D)) / 16).astype(np.float32), k=8)
@@ -659,12 +661,14 @@ def test_qwen35_prompt_cache_restarts_from_a_checkpoint_of_the_same_steering(tmp
     before each prompt's end (scheduler.CHECKPOINT_TAIL, as llama-server does), and a prompt
     sharing that prefix under the same steering restarts there. Oracle: HookedLlama's own
     generation from a clean state."""
-    from gguf_qwen35 import D, write_qwen35
+    from saehook.demo.gguf_writer import write_random_qwen35
+
+    D = 256  # write_random_qwen35's default width
 
     from saehook.serve.scheduler import CHECKPOINT_TAIL
 
     model = tmp_path / "qwen35.gguf"
-    write_qwen35(model)
+    write_random_qwen35(model)
     rng = np.random.default_rng(1)
     sae = saehook.SAE((rng.standard_normal((512, D)) / 16).astype(np.float32),
                       (rng.standard_normal((512, D)) / 16).astype(np.float32), k=8)

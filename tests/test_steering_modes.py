@@ -805,10 +805,10 @@ def test_cuda_steering_modes_match_cpu(dec_layout):
 def _qwen35(tmp_path_factory):
     pytest.importorskip("llama_cpp")
     pytest.importorskip("gguf")
-    from gguf_qwen35 import write_qwen35
+    from saehook.demo.gguf_writer import write_random_qwen35
 
     path = tmp_path_factory.mktemp("q35") / "qwen35.gguf"
-    write_qwen35(path)
+    write_random_qwen35(path)
     return path
 
 

@@ -177,6 +177,91 @@ def write_qwen3(path, cfg: dict, tensors, vocabulary: "Vocabulary | None" = None
     w.close()
 
 
+def write_random_qwen35(path, *, hidden: int = 256, layers: int = 4, ffn: int = 512, heads: int = 4,
+                        kv_heads: int = 2, head_dim: int = 64, lin_k_heads: int = 2, lin_v_heads: int = 4,
+                        lin_head_dim: int = 32, full_attention_interval: int = 2, context_length: int = 1024,
+                        seed: int = 0) -> None:
+    """A random-weight Qwen3.5 (llama.cpp arch `qwen35`: hybrid gated-delta-net linear attention
+    and full attention) written straight as an f32 GGUF with the byte vocabulary, for the tests
+    and benchmarks that need a recurrent/hybrid memory (the defaults: the tests' tiny model). Only
+    the shapes and metadata must be what llama.cpp's loader (src/models/qwen35.cpp in the llama.cpp
+    llama-cpp-python vendors) expects, and the names are those its convert_hf_to_gguf.py writes for
+    a transformers Qwen3_5ForCausalLM; the values keep activations lively (matrices of standard
+    deviation 1.28 / sqrt(hidden), norms near 1). Blocks i with (i + 1) % full_attention_interval
+    == 0 use full attention, the others the recurrent linear attention (llama.cpp's rule when no
+    recurrent-layer array is given)."""
+    import gguf
+
+    arch = "qwen35"
+    rng = np.random.default_rng(seed)
+    scale = 0.08 * (256 / hidden) ** 0.5
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("saehook-qwen35")
+    w.add_block_count(layers)
+    w.add_context_length(context_length)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(1e6)
+    rope_dim = head_dim // 4  # Qwen3.5's partial_rotary_factor 0.25
+    w.add_rope_dimension_count(rope_dim)
+    # the converter's mrope sections for text ([11, 11, 10] at head_dim 256), summing to rope_dim / 2
+    a = round(rope_dim / 2 * 11 / 32)
+    w.add_array(f"{arch}.rope.dimension_sections", [a, a, rope_dim // 2 - 2 * a, 0])
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_uint32(f"{arch}.ssm.conv_kernel", 4)
+    w.add_uint32(f"{arch}.ssm.state_size", lin_head_dim)
+    w.add_uint32(f"{arch}.ssm.group_count", lin_k_heads)
+    w.add_uint32(f"{arch}.ssm.time_step_rank", lin_v_heads)
+    w.add_uint32(f"{arch}.ssm.inner_size", lin_head_dim * lin_v_heads)
+    w.add_uint32(f"{arch}.full_attention_interval", full_attention_interval)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    add_byte_vocabulary(w)
+
+    def mat(n_in, n_out):  # ggml {n_in, n_out} is numpy (n_out, n_in)
+        return (rng.standard_normal((n_out, n_in)) * scale).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", mat(hidden, VOCAB))
+    w.add_tensor("output_norm.weight", norm(hidden))
+    w.add_tensor("output.weight", mat(hidden, VOCAB))
+    key_dim, value_dim = lin_head_dim * lin_k_heads, lin_head_dim * lin_v_heads
+    for i in range(layers):
+        b = f"blk.{i}"
+        w.add_tensor(f"{b}.attn_norm.weight", norm(hidden))
+        w.add_tensor(f"{b}.post_attention_norm.weight", norm(hidden))
+        if (i + 1) % full_attention_interval == 0:  # full attention (q carries its gate: 2x)
+            w.add_tensor(f"{b}.attn_q.weight", mat(hidden, head_dim * heads * 2))
+            w.add_tensor(f"{b}.attn_k.weight", mat(hidden, head_dim * kv_heads))
+            w.add_tensor(f"{b}.attn_v.weight", mat(hidden, head_dim * kv_heads))
+            w.add_tensor(f"{b}.attn_output.weight", mat(head_dim * heads, hidden))
+            w.add_tensor(f"{b}.attn_q_norm.weight", norm(head_dim))
+            w.add_tensor(f"{b}.attn_k_norm.weight", norm(head_dim))
+        else:  # gated delta net
+            w.add_tensor(f"{b}.attn_qkv.weight", mat(hidden, 2 * key_dim + value_dim))
+            w.add_tensor(f"{b}.attn_gate.weight", mat(hidden, value_dim))
+            w.add_tensor(f"{b}.ssm_conv1d.weight", (rng.standard_normal((2 * key_dim + value_dim, 4)) * 0.3)
+                         .astype(np.float32))
+            w.add_tensor(f"{b}.ssm_dt.bias", (0.1 * rng.standard_normal(lin_v_heads)).astype(np.float32))
+            w.add_tensor(f"{b}.ssm_a", (-np.exp(0.3 * rng.standard_normal(lin_v_heads))).astype(np.float32))
+            w.add_tensor(f"{b}.ssm_beta.weight", mat(hidden, lin_v_heads))
+            w.add_tensor(f"{b}.ssm_alpha.weight", mat(hidden, lin_v_heads))
+            w.add_tensor(f"{b}.ssm_norm.weight", norm(lin_head_dim))
+            w.add_tensor(f"{b}.ssm_out.weight", mat(value_dim, hidden))
+        w.add_tensor(f"{b}.ffn_gate.weight", mat(hidden, ffn))
+        w.add_tensor(f"{b}.ffn_up.weight", mat(hidden, ffn))
+        w.add_tensor(f"{b}.ffn_down.weight", mat(ffn, hidden))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 # transformers Qwen3 decoder-layer tensor -> llama.cpp's name
 LAYER_TENSORS = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                  "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
