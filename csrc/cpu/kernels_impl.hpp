@@ -133,16 +133,32 @@ static inline float hsum(vf v) {
   return s;
 }
 
-// R rows x F features register tile over the full reduction length d.
+// Horizontal sum; the AVX-512 reduction is a log-depth tree (the lane loop of hsum is 15 serial adds).
+static inline float hsum_fast(vf v) {
+#if SAEHOOK_VBYTES == 64 && defined(__AVX512F__)
+  __m512 m;
+  std::memcpy(&m, &v, VB);
+  return _mm512_reduce_add_ps(m);
+#else
+  return hsum(v);
+#endif
+}
+
+// R rows x F features register tile over the full reduction length d. pf: the few-rows order's
+// next group (dot_few_rows): rows [pa, pb) of it at stride row_bytes are prefetched alongside,
+// one line per line consumed (nullptr: none).
 template <saehook_dtype DT, int R, int F>
 static inline void tile(const float *x, int64_t ldx, const uint8_t *W, size_t row_bytes, int64_t d,
-                        float *out, int64_t ldo, const float *scales) {
+                        float *out, int64_t ldo, const float *scales, const uint8_t *pf = nullptr, int pa = 0,
+                        int pb = 0) {
   using L = Load<DT>;
   vf acc[R][F];
   for (int r = 0; r < R; ++r)
     for (int f = 0; f < F; ++f) acc[r][f] = vf{};
   int64_t i = 0;
   for (; i + VL <= d; i += VL) {
+    if (pf && (i * L::size) % 64 == 0)
+      for (int f = pa; f < pb; ++f) __builtin_prefetch(pf + f * row_bytes + i * L::size, 0, 3);
     vf xv[R];
     for (int r = 0; r < R; ++r) std::memcpy(&xv[r], x + r * ldx + i, VB);
     for (int f = 0; f < F; ++f) {
@@ -152,7 +168,7 @@ static inline void tile(const float *x, int64_t ldx, const uint8_t *W, size_t ro
   }
   float res[R][F];
   for (int r = 0; r < R; ++r)
-    for (int f = 0; f < F; ++f) res[r][f] = hsum(acc[r][f]);
+    for (int f = 0; f < F; ++f) res[r][f] = hsum_fast(acc[r][f]);
   for (; i < d; ++i)
     for (int f = 0; f < F; ++f) {
       float w = L::one(W + f * row_bytes + i * L::size);
@@ -195,17 +211,6 @@ static void prepare_f32(const float *x, int64_t ldx, const float *shift, int64_t
   }
 }
 
-// Horizontal sum; the AVX-512 reduction is a log-depth tree (the lane loop of hsum is 15 serial adds).
-static inline float hsum_fast(vf v) {
-#if SAEHOOK_VBYTES == 64 && defined(__AVX512F__)
-  __m512 m;
-  std::memcpy(&m, &v, VB);
-  return _mm512_reduce_add_ps(m);
-#else
-  return hsum(v);
-#endif
-}
-
 // Few rows (Tuning::few_rows: the decode step of a few sequences, short prompts). The many-rows
 // order below multiplies one row tile after the other over the whole block: the block is read
 // from memory during the first tile, and the other tiles compute from L2 with no reads in
@@ -213,38 +218,7 @@ static inline float hsum_fast(vf v) {
 // test: about 4 ms with the block always in L2, 12 ms streamed, against 5-6.5 ms to stream it at
 // one row). Here each group of F features meets every row tile while it is in L1/L2, and every
 // tile prefetches its share of the next group's rows (one line per line consumed), so the next
-// group's reads overlap this group's products (8-9 ms in the same test). R x F register tile
-// over the full reduction length, prefetching rows [pa, pb) of the group at pf alongside.
-template <saehook_dtype DT, int R, int F>
-static inline void tile_pf(const float *x, int64_t ldx, const uint8_t *W, size_t row_bytes, int64_t d,
-                           float *out, int64_t ldo, const float *scales, const uint8_t *pf, int pa, int pb) {
-  using L = Load<DT>;
-  vf acc[R][F];
-  for (int r = 0; r < R; ++r)
-    for (int f = 0; f < F; ++f) acc[r][f] = vf{};
-  int64_t i = 0;
-  for (; i + VL <= d; i += VL) {
-    if (pf && (i * L::size) % 64 == 0)
-      for (int f = pa; f < pb; ++f) __builtin_prefetch(pf + f * row_bytes + i * L::size, 0, 3);
-    vf xv[R];
-    for (int r = 0; r < R; ++r) std::memcpy(&xv[r], x + r * ldx + i, VB);
-    for (int f = 0; f < F; ++f) {
-      vf w = L::vec(W + f * row_bytes + i * L::size);
-      for (int r = 0; r < R; ++r) acc[r][f] += xv[r] * w;
-    }
-  }
-  float res[R][F];
-  for (int r = 0; r < R; ++r)
-    for (int f = 0; f < F; ++f) res[r][f] = hsum_fast(acc[r][f]);
-  for (; i < d; ++i)
-    for (int f = 0; f < F; ++f) {
-      float w = L::one(W + f * row_bytes + i * L::size);
-      for (int r = 0; r < R; ++r) res[r][f] += x[r * ldx + i] * w;
-    }
-  for (int r = 0; r < R; ++r)
-    for (int f = 0; f < F; ++f) out[r * ldo + f] = scales ? res[r][f] * scales[f] : res[r][f];
-}
-
+// group's reads overlap this group's products (8-9 ms in the same test).
 template <saehook_dtype DT, int F>
 static void dot_few_rows_f(const float *x, int64_t ldx, int64_t R, const uint8_t *W, const float *scales, int64_t d,
                            int64_t f0, int64_t nf, float *out, int64_t ldo, int64_t f_next) {
@@ -265,18 +239,18 @@ static void dot_few_rows_f(const float *x, int64_t ldx, int64_t R, const uint8_t
       float *o = out + r * ldo + j;
       const int64_t rows = std::min<int64_t>(RG, R - r);
       if constexpr (RG == 4) {
-        if (rows == 4) { tile_pf<DT, 4, F>(xr, ldx, Wg, row_bytes, d, o, ldo, sc, pf, pa, pb); continue; }
-        if (rows == 3) { tile_pf<DT, 3, F>(xr, ldx, Wg, row_bytes, d, o, ldo, sc, pf, pa, pb); continue; }
+        if (rows == 4) { tile<DT, 4, F>(xr, ldx, Wg, row_bytes, d, o, ldo, sc, pf, pa, pb); continue; }
+        if (rows == 3) { tile<DT, 3, F>(xr, ldx, Wg, row_bytes, d, o, ldo, sc, pf, pa, pb); continue; }
       }
       if (rows == 2)
-        tile_pf<DT, 2, F>(xr, ldx, Wg, row_bytes, d, o, ldo, sc, pf, pa, pb);
+        tile<DT, 2, F>(xr, ldx, Wg, row_bytes, d, o, ldo, sc, pf, pa, pb);
       else
-        tile_pf<DT, 1, F>(xr, ldx, Wg, row_bytes, d, o, ldo, sc, pf, pa, pb);
+        tile<DT, 1, F>(xr, ldx, Wg, row_bytes, d, o, ldo, sc, pf, pa, pb);
     }
   }
   for (int64_t j = groups * F; j < nf; ++j)  // the block's last features, one at a time
     for (int64_t r = 0; r < R; ++r)
-      tile_pf<DT, 1, 1>(x + r * ldx, ldx, W + (f0 + j) * row_bytes, row_bytes, d, out + r * ldo + j, ldo,
+      tile<DT, 1, 1>(x + r * ldx, ldx, W + (f0 + j) * row_bytes, row_bytes, d, out + r * ldo + j, ldo,
                         scales ? scales + f0 + j : nullptr, nullptr, 0, 0);
 }
 
