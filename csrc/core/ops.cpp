@@ -18,8 +18,11 @@ namespace saehook {
 
 namespace {
 
-// Rows of x handled per pass over the encoder weights; bounds the Top-K scratch memory.
-constexpr int64_t kRowChunk = 128;
+// Rows of x handled per pass over the encoder weights; bounds the Top-K scratch memory. Each pass
+// reads (and the panel kernels pack) every weight once: at 4096 x 65536, Zen 5, 256 rows in one
+// pass instead of two of 128 took 0.935x the time in bf16, 0.957x in int8, 0.968x in f32, and 512
+// rows 0.957x at 256 per pass against 1.024x at 512 (alternating in one process).
+constexpr int64_t kRowChunk = 256;
 // encode's Top-K scan: pre-activations tested as one vector before any is pushed (most of a row's
 // d_sae are below the buffer's floor once it has filled).
 constexpr int kScanGroup = 16;
