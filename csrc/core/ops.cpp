@@ -57,17 +57,20 @@ inline float load_scalar(const uint8_t *p, saehook_dtype dt) {
 // Features per task. With several rows, about 512 KiB of encoder weights, so a block stays in L2
 // while every row of the chunk is multiplied with it; a single row streams the weights once.
 // The byte targets are the CPU class's (Tuning::block_bytes_n, block_bytes_1).
-int64_t feature_block(const saehook_sae_desc &d, int64_t rows, const cpu::Tuning &tp) {
+int64_t feature_block(const saehook_sae_desc &d, int64_t rows, const cpu::Kernels &K, const cpu::Tuning &tp) {
   int64_t row_bytes = d.d_model * int64_t(dtype_size(d.enc_dtype));
-  // Batch 1 streams the weights once: long sequential blocks keep the hardware prefetcher
-  // running (2 MiB blocks vs 128 KiB, alternating in one process at 4096 x 65536: f32 0.82 ->
-  // 0.91, bf16 0.95 -> 0.99, int8 0.93 -> 0.98 of the measured read bandwidth).
-  int64_t target = rows > 1 ? tp.block_bytes_n : tp.block_bytes_1;
+  // Batch 1 and the few-rows order stream the weights once: long sequential blocks keep the
+  // hardware prefetcher running (batch 1, 2 MiB blocks vs 128 KiB, alternating in one process at
+  // 4096 x 65536: f32 0.82 -> 0.91, bf16 0.95 -> 0.99, int8 0.93 -> 0.98 of the measured read
+  // bandwidth; 2048 x 32768 f32 at 6 / 8 / 12 rows, 2 MiB against 512 KiB: 0.97x / 0.91x / 0.95x
+  // the time, bf16 at 8 rows the same).
+  const bool stream = K.streams(d.enc_dtype, rows, tp);
+  int64_t target = stream ? tp.block_bytes_1 : tp.block_bytes_n;
   int64_t fb = std::clamp<int64_t>(target / std::max<int64_t>(row_bytes, 1), 8, 512);
   // Several rows: whole register tiles of the packed kernels (4 groups of 16 features), as long
   // as the block still fits L2. At d_model 5120 the 512 KiB target gave 48 bf16 features, three
   // groups, so every tile was one group wide: 129 ms at batch 64 against torch's 75 ms.
-  if (rows > 1 && fb % 64 != 0) {
+  if (!stream && fb % 64 != 0) {
     const int64_t down = fb / 64 * 64, up = down + 64;
     fb = down > 0 ? down : (up * row_bytes <= (int64_t(1) << 20) ? up : std::max<int64_t>(8, fb / 16 * 16));
   }
@@ -135,7 +138,7 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
 
   const cpu::Kernels &K = cpu::active();
   const cpu::Tuning &tp = cpu::tuning();
-  const int64_t fb = feature_block(D, n, tp);
+  const int64_t fb = feature_block(D, n, K, tp);
   const int64_t n_blocks = (m + fb - 1) / fb;
   const int T = int(std::max<int64_t>(1, std::min<int64_t>(threads, n_blocks)));
   // Top-K buffer entries per row and worker: room for 2k (compacting to k when full), never more
@@ -241,7 +244,7 @@ void preacts(const Sae &s, const float *x, int64_t n, int64_t ldx, float *out, i
   const cpu::Tuning &tp = cpu::tuning();
   std::vector<uint8_t> operand(K.operand_bytes(D.enc_dtype, n, D.d_model));
   K.prepare(x, ldx, D.subtract_b_dec ? D.b_dec : nullptr, n, D.d_model, D.enc_dtype, operand.data());
-  const int64_t fb = feature_block(D, n, tp), n_blocks = (D.d_sae + fb - 1) / fb;
+  const int64_t fb = feature_block(D, n, K, tp), n_blocks = (D.d_sae + fb - 1) / fb;
   const int T = std::max(1, std::min<int>(threads, int(std::min<int64_t>(n_blocks, INT_MAX))));
   parallel_for(n_blocks, T, [&](int64_t b, int) {
     const int64_t f0 = b * fb, nf = std::min(fb, D.d_sae - f0);

@@ -26,6 +26,10 @@ struct Kernels {
   void (*dot_block)(const void *operand, int64_t R, const void *W, saehook_dtype dt,
                     const float *scales, int64_t d, int64_t f0, int64_t nf, float *out,
                     int64_t ldo, const Tuning &tp, int64_t f_next);
+  // Whether dot_block reads each weight of a block once as a stream for R rows (batch 1, the
+  // few-rows order) rather than keeping the block in L2 for many rows: the caller then gives it
+  // the streaming block size (Tuning::block_bytes_1 instead of block_bytes_n).
+  bool (*streams)(saehook_dtype dt, int64_t R, const Tuning &tp);
   // out[0:d] += sum_j vals[j] * W row idx[j] (rows of d elements of dtype dt; idx < 0 skipped).
   void (*gather_sum)(const float *vals, const int32_t *idx, int32_t k, const void *W,
                      saehook_dtype dt, int64_t d, float *out, const Tuning &tp);

@@ -5,6 +5,6 @@
 #include "kernels_avx2_i8_impl.hpp"
 
 namespace saehook::cpu {
-extern const Kernels kernels_avx2 = {"avx2",         avx2::operand_bytes, avx2::prepare, avx2::dot_block,
+extern const Kernels kernels_avx2 = {"avx2",         avx2::operand_bytes, avx2::prepare, avx2::dot_block, avx2::streams,
                                      avx2::gather_sum, avx2::axpy,        avx2::to_f32};
 }

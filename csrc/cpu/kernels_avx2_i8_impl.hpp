@@ -139,6 +139,10 @@ static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, i
   }
 }
 
+static bool streams(saehook_dtype dt, int64_t R, const Tuning &tp) {
+  return dt != SAEHOOK_I8 ? streams_f32(dt, R, tp) : R == 1;
+}
+
 static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dtype dt, const float *scales,
                       int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo, const Tuning &tp,
                       int64_t f_next) {

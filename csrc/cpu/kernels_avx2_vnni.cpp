@@ -6,6 +6,6 @@
 
 namespace saehook::cpu {
 extern const Kernels kernels_avx2_vnni = {
-    "avx2_vnni", avx2_vnni::operand_bytes, avx2_vnni::prepare, avx2_vnni::dot_block,
+    "avx2_vnni", avx2_vnni::operand_bytes, avx2_vnni::prepare, avx2_vnni::dot_block, avx2_vnni::streams,
     avx2_vnni::gather_sum, avx2_vnni::axpy, avx2_vnni::to_f32};
 }

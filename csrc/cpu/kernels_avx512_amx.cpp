@@ -247,6 +247,8 @@ void tile_pairs(const uint8_t *W, int64_t row_bytes, int64_t nf, const uint8_t *
     }
 }
 
+bool amx_streams(saehook_dtype dt, int64_t R, const Tuning &tp) { return !uses_amx(dt, R) && streams(dt, R, tp); }
+
 void amx_dot_block(const void *operand, int64_t R, const void *Wv, saehook_dtype dt, const float *scales,
                    int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo, const Tuning &tp,
                    int64_t f_next) {
@@ -269,6 +271,6 @@ void amx_dot_block(const void *operand, int64_t R, const void *Wv, saehook_dtype
 
 namespace saehook::cpu {
 extern const Kernels kernels_avx512_amx = {
-    "avx512_amx", avx512_amx::amx_operand_bytes, avx512_amx::amx_prepare, avx512_amx::amx_dot_block,
+    "avx512_amx", avx512_amx::amx_operand_bytes, avx512_amx::amx_prepare, avx512_amx::amx_dot_block, avx512_amx::amx_streams,
     avx512_amx::gather_sum, avx512_amx::axpy, avx512_amx::to_f32};
 }

@@ -7,6 +7,6 @@
 
 namespace saehook::cpu {
 extern const Kernels kernels_avx512_vnni = {
-    "avx512_vnni", avx512_vnni::operand_bytes, avx512_vnni::prepare, avx512_vnni::dot_block,
+    "avx512_vnni", avx512_vnni::operand_bytes, avx512_vnni::prepare, avx512_vnni::dot_block, avx512_vnni::streams,
     avx512_vnni::gather_sum, avx512_vnni::axpy, avx512_vnni::to_f32};
 }

@@ -9,6 +9,6 @@
 namespace saehook::cpu {
 extern const Kernels kernels_avx512_vnni_int8 = {
     "avx512_vnni_int8", avx512_vnni_int8::operand_bytes, avx512_vnni_int8::prepare,
-    avx512_vnni_int8::dot_block, avx512_vnni_int8::gather_sum, avx512_vnni_int8::axpy,
+    avx512_vnni_int8::dot_block, avx512_vnni_int8::streams, avx512_vnni_int8::gather_sum, avx512_vnni_int8::axpy,
     avx512_vnni_int8::to_f32};
 }

@@ -4,7 +4,7 @@
 #include "kernels_impl.hpp"
 
 namespace saehook::cpu {
-extern const Kernels kernels_baseline = {"baseline", baseline::operand_bytes_f32, baseline::prepare_f32, baseline::dot_block_f32, baseline::gather_sum,
+extern const Kernels kernels_baseline = {"baseline", baseline::operand_bytes_f32, baseline::prepare_f32, baseline::dot_block_f32, baseline::streams_f32, baseline::gather_sum,
                                    baseline::axpy,
                                    baseline::to_f32};
 }

@@ -211,6 +211,9 @@ static void prepare_f32(const float *x, int64_t ldx, const float *shift, int64_t
   }
 }
 
+// One row tile: up to 4 rows, 2 with narrower vectors (16 registers).
+constexpr int64_t kRowTile = VB < 64 ? 2 : 4;
+
 // Few rows (Tuning::few_rows: the decode step of a few sequences, short prompts). The many-rows
 // order below multiplies one row tile after the other over the whole block: the block is read
 // from memory during the first tile, and the other tiles compute from L2 with no reads in
@@ -223,7 +226,7 @@ template <saehook_dtype DT, int F>
 static void dot_few_rows_f(const float *x, int64_t ldx, int64_t R, const uint8_t *W, const float *scales, int64_t d,
                            int64_t f0, int64_t nf, float *out, int64_t ldo, int64_t f_next) {
   const size_t row_bytes = size_t(d) * Load<DT>::size;
-  constexpr int RG = VB < 64 ? 2 : 4;  // AVX2 and narrower: 16 registers (see dot_block_t)
+  constexpr int RG = int(kRowTile);
   const int64_t groups = nf / F, tiles = (R + RG - 1) / RG;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t j = g * F;
@@ -262,13 +265,18 @@ static void dot_few_rows(const float *x, int64_t ldx, int64_t R, const uint8_t *
   dot_few_rows_f<DT, VB < 64 ? 4 : 6>(x, ldx, R, W, scales, d, f0, nf, out, ldo, f_next);
 }
 
+// dot_block_f32 streams the block at batch 1 and in the few-rows order.
+static bool streams_f32(saehook_dtype, int64_t R, const Tuning &tp) {
+  return R == 1 || (R > kRowTile && R <= tp.few_rows);
+}
+
 template <saehook_dtype DT>
 static void dot_block_t(const float *x, int64_t ldx, int64_t R, const void *Wv, const float *scales,
                         int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo, int64_t few_rows,
                         int64_t f_next) {
   const uint8_t *W = static_cast<const uint8_t *>(Wv);
-  // One row tile (up to 4 rows, 2 with narrower vectors) reads each weight once either way.
-  if (R > (VB < 64 ? 2 : 4) && R <= few_rows) return dot_few_rows<DT>(x, ldx, R, W, scales, d, f0, nf, out, ldo, f_next);
+  // One row tile reads each weight once either way.
+  if (R > kRowTile && R <= few_rows) return dot_few_rows<DT>(x, ldx, R, W, scales, d, f0, nf, out, ldo, f_next);
   int64_t r = 0;
   if constexpr (VB < 64) {
     // 16 vector registers: 2 rows x 4 features (8 accumulators) stay in registers; with 4 rows

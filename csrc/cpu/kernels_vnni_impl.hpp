@@ -442,6 +442,14 @@ static uint32_t *panel_buffer(size_t words) {
   return reinterpret_cast<uint32_t *>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
 }
 
+// Whether dot_block below streams the block (batch 1, walk_few) or keeps it in L2 (panels).
+static bool streams(saehook_dtype dt, int64_t R, const Tuning &tp) {
+  if (R == 1) return true;
+  if (SAEHOOK_VNNI_BF16 && dt == SAEHOOK_BF16) return R >= kPackRows && R <= std::min<int64_t>(tp.few_rows, kFewRowsBF16);
+  if (dt == SAEHOOK_I8) return R >= kPackRows && R <= std::min<int64_t>(tp.few_rows, kFewRowsI8);
+  return (dt != SAEHOOK_F32 || R < kPackRowsF32) && streams_f32(dt, R, tp);
+}
+
 static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dtype dt,
                       const float *scales, int64_t d, int64_t f0, int64_t nf, float *out,
                       int64_t ldo, const Tuning &tp, int64_t f_next) {
