@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__F16C__) || defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -222,39 +223,29 @@ constexpr int64_t kRowTile = VB < 64 ? 2 : 4;
 // one row). Here each group of F features meets every row tile while it is in L1/L2, and every
 // tile prefetches its share of the next group's rows (one line per line consumed), so the next
 // group's reads overlap this group's products (8-9 ms in the same test).
-template <saehook_dtype DT, int F>
-static void dot_few_rows_f(const float *x, int64_t ldx, int64_t R, const uint8_t *W, const float *scales, int64_t d,
-                           int64_t f0, int64_t nf, float *out, int64_t ldo, int64_t f_next) {
-  const size_t row_bytes = size_t(d) * Load<DT>::size;
-  constexpr int RG = int(kRowTile);
-  const int64_t groups = nf / F, tiles = (R + RG - 1) / RG;
+// The few-rows walk, shared by every ISA path (kernels_vnni_impl.hpp uses it with its bf16 and
+// int8 tiles): feature groups of FG outer, row tiles of up to RG rows inner;
+// tile(rows, features, r, j, jn, pa, pb) also prefetches rows [pa, pb) of the group at feature
+// jn (the block's next group; -1: the first group of the block this thread likely takes next;
+// -2: none).
+template <int RG, int FG, class Tile>
+static inline void walk_few(int64_t R, int64_t nf, const Tile &tile) {
+  using std::integral_constant;
+  const int64_t groups = nf / FG, tiles = (R + RG - 1) / RG;
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t j = g * F;
-    // The group read next: the block's next one, else the first of the block this thread
-    // likely takes next (f_next, full blocks only).
-    const uint8_t *pf = g + 1 < groups ? W + (f0 + j + F) * row_bytes : f_next >= 0 ? W + f_next * row_bytes : nullptr;
-    const uint8_t *Wg = W + (f0 + j) * row_bytes;
-    const float *sc = scales ? scales + f0 + j : nullptr;
+    const int64_t j = g * FG, jn = g + 1 < groups ? j + FG : -1;
     for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t r = t * RG;
-      const int pa = int(t * F / tiles), pb = int((t + 1) * F / tiles);
-      const float *xr = x + r * ldx;
-      float *o = out + r * ldo + j;
-      const int64_t rows = std::min<int64_t>(RG, R - r);
-      if constexpr (RG == 4) {
-        if (rows == 4) { tile<DT, 4, F>(xr, ldx, Wg, row_bytes, d, o, ldo, sc, pf, pa, pb); continue; }
-        if (rows == 3) { tile<DT, 3, F>(xr, ldx, Wg, row_bytes, d, o, ldo, sc, pf, pa, pb); continue; }
-      }
-      if (rows == 2)
-        tile<DT, 2, F>(xr, ldx, Wg, row_bytes, d, o, ldo, sc, pf, pa, pb);
-      else
-        tile<DT, 1, F>(xr, ldx, Wg, row_bytes, d, o, ldo, sc, pf, pa, pb);
+      const int64_t r = t * RG, rows = std::min<int64_t>(RG, R - r);
+      const int pa = int(t * FG / tiles), pb = int((t + 1) * FG / tiles);
+      auto run = [&](auto rg) { tile(rg, integral_constant<int, FG>(), r, j, jn, pa, pb); };
+      if constexpr (RG >= 4) if (rows == 4) { run(integral_constant<int, 4>()); continue; }
+      if constexpr (RG >= 3) if (rows == 3) { run(integral_constant<int, 3>()); continue; }
+      if (rows == 2) run(integral_constant<int, 2>());
+      else run(integral_constant<int, 1>());
     }
   }
-  for (int64_t j = groups * F; j < nf; ++j)  // the block's last features, one at a time
-    for (int64_t r = 0; r < R; ++r)
-      tile<DT, 1, 1>(x + r * ldx, ldx, W + (f0 + j) * row_bytes, row_bytes, d, out + r * ldo + j, ldo,
-                        scales ? scales + f0 + j : nullptr, nullptr, 0, 0);
+  for (int64_t j = groups * FG; j < nf; ++j)  // the block's last features, one at a time
+    for (int64_t r = 0; r < R; ++r) tile(integral_constant<int, 1>(), integral_constant<int, 1>(), r, j, int64_t(-2), 0, 0);
 }
 
 // F = 6 features per group with 4-row tiles on AVX-512 (24 accumulators; within noise of 4 x 4
@@ -262,21 +253,28 @@ static void dot_few_rows_f(const float *x, int64_t ldx, int64_t R, const uint8_t
 template <saehook_dtype DT>
 static void dot_few_rows(const float *x, int64_t ldx, int64_t R, const uint8_t *W, const float *scales, int64_t d,
                          int64_t f0, int64_t nf, float *out, int64_t ldo, int64_t f_next) {
-  dot_few_rows_f<DT, VB < 64 ? 4 : 6>(x, ldx, R, W, scales, d, f0, nf, out, ldo, f_next);
+  const size_t row_bytes = size_t(d) * Load<DT>::size;
+  walk_few<int(kRowTile), VB < 64 ? 4 : 6>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j, int64_t jn, int pa, int pb) {
+    const uint8_t *pf = jn >= 0 ? W + (f0 + jn) * row_bytes : jn == -1 && f_next >= 0 ? W + f_next * row_bytes : nullptr;
+    tile<DT, decltype(rg)::value, decltype(fg)::value>(x + r * ldx, ldx, W + (f0 + j) * row_bytes, row_bytes, d,
+                                                       out + r * ldo + j, ldo, scales ? scales + f0 + j : nullptr, pf,
+                                                       pa, pb);
+  });
 }
 
+// Whether dot_block_f32 takes the few-rows order for R rows (one row tile reads each weight once
+// either way).
+static inline bool few_rows_order(int64_t R, const Tuning &tp) { return R > kRowTile && R <= tp.few_rows; }
+
 // dot_block_f32 streams the block at batch 1 and in the few-rows order.
-static bool streams_f32(saehook_dtype, int64_t R, const Tuning &tp) {
-  return R == 1 || (R > kRowTile && R <= tp.few_rows);
-}
+static bool streams_f32(saehook_dtype, int64_t R, const Tuning &tp) { return R == 1 || few_rows_order(R, tp); }
 
 template <saehook_dtype DT>
 static void dot_block_t(const float *x, int64_t ldx, int64_t R, const void *Wv, const float *scales,
-                        int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo, int64_t few_rows,
+                        int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo, const Tuning &tp,
                         int64_t f_next) {
   const uint8_t *W = static_cast<const uint8_t *>(Wv);
-  // One row tile reads each weight once either way.
-  if (R > kRowTile && R <= few_rows) return dot_few_rows<DT>(x, ldx, R, W, scales, d, f0, nf, out, ldo, f_next);
+  if (few_rows_order(R, tp)) return dot_few_rows<DT>(x, ldx, R, W, scales, d, f0, nf, out, ldo, f_next);
   int64_t r = 0;
   if constexpr (VB < 64) {
     // 16 vector registers: 2 rows x 4 features (8 accumulators) stay in registers; with 4 rows
@@ -298,12 +296,12 @@ static void dot_block_f32(const void *operand, int64_t R, const void *W, saehook
                           const float *scales, int64_t d, int64_t f0, int64_t nf, float *out,
                           int64_t ldo, const Tuning &tp, int64_t f_next) {
   const float *x = static_cast<const float *>(operand);
-  const int64_t ldx = d, few = tp.few_rows;
+  const int64_t ldx = d;
   switch (dt) {
-    case SAEHOOK_F32: return dot_block_t<SAEHOOK_F32>(x, ldx, R, W, nullptr, d, f0, nf, out, ldo, few, f_next);
-    case SAEHOOK_F16: return dot_block_t<SAEHOOK_F16>(x, ldx, R, W, nullptr, d, f0, nf, out, ldo, few, f_next);
-    case SAEHOOK_BF16: return dot_block_t<SAEHOOK_BF16>(x, ldx, R, W, nullptr, d, f0, nf, out, ldo, few, f_next);
-    case SAEHOOK_I8: return dot_block_t<SAEHOOK_I8>(x, ldx, R, W, scales, d, f0, nf, out, ldo, few, f_next);
+    case SAEHOOK_F32: return dot_block_t<SAEHOOK_F32>(x, ldx, R, W, nullptr, d, f0, nf, out, ldo, tp, f_next);
+    case SAEHOOK_F16: return dot_block_t<SAEHOOK_F16>(x, ldx, R, W, nullptr, d, f0, nf, out, ldo, tp, f_next);
+    case SAEHOOK_BF16: return dot_block_t<SAEHOOK_BF16>(x, ldx, R, W, nullptr, d, f0, nf, out, ldo, tp, f_next);
+    case SAEHOOK_I8: return dot_block_t<SAEHOOK_I8>(x, ldx, R, W, scales, d, f0, nf, out, ldo, tp, f_next);
   }
 }
 

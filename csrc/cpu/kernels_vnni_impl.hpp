@@ -77,6 +77,14 @@ constexpr int64_t kPackRowsF32 = 16;
 // 0.43-0.61x at 4-8, 0.75x at 12, 0.87x at 16, 1.21x at 24; 4096 x 65536 0.67x at 4, 0.79x at 8,
 // 1.20x at 16.
 constexpr int64_t kFewRowsBF16 = 16, kFewRowsI8 = 12;
+// The choices of dot_block below, one place each (dot_block and streams both ask).
+inline bool few_rows_bf16(int64_t R, const Tuning &tp) {
+  return R >= kPackRows && R <= std::min<int64_t>(tp.few_rows, kFewRowsBF16);
+}
+inline bool few_rows_i8(int64_t R, const Tuning &tp) {
+  return R >= kPackRows && R <= std::min<int64_t>(tp.few_rows, kFewRowsI8);
+}
+inline bool f32_panel(saehook_dtype dt, int64_t R) { return dt == SAEHOOK_F32 && R >= kPackRowsF32; }
 
 // ---------------- dot-product tiles (few rows) ----------------
 #if SAEHOOK_VNNI_BF16
@@ -215,30 +223,6 @@ static inline void walk_dot(int64_t R, int64_t nf, int single, const Tile &tile)
       case 4: one_row(integral_constant<int, 4>(), r); break;
       default: one_row(integral_constant<int, 8>(), r); break;
     }
-}
-
-// Few rows (Tuning::few_rows) in the order of kernels_impl.hpp's dot_few_rows: feature groups of
-// FG outer, row tiles of up to RG rows inner, so each group's weights are read from memory once
-// and meet every row while in L1/L2; tile(rows, features, r, j, jn, pa, pb) also prefetches rows
-// [pa, pb) of the group at feature jn (the block's next group; -1: the next block's first).
-template <int RG, int FG, class Tile>
-static inline void walk_few(int64_t R, int64_t nf, const Tile &tile) {
-  using std::integral_constant;
-  const int64_t groups = nf / FG, tiles = (R + RG - 1) / RG;
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t j = g * FG, jn = g + 1 < groups ? j + FG : -1;
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t r = t * RG, rows = std::min<int64_t>(RG, R - r);
-      const int pa = int(t * FG / tiles), pb = int((t + 1) * FG / tiles);
-      auto run = [&](auto rg) { tile(rg, integral_constant<int, FG>(), r, j, jn, pa, pb); };
-      if constexpr (RG >= 4) if (rows == 4) { run(integral_constant<int, 4>()); continue; }
-      if constexpr (RG >= 3) if (rows == 3) { run(integral_constant<int, 3>()); continue; }
-      if (rows == 2) run(integral_constant<int, 2>());
-      else run(integral_constant<int, 1>());
-    }
-  }
-  for (int64_t j = groups * FG; j < nf; ++j)  // the block's last features, one at a time
-    for (int64_t r = 0; r < R; ++r) tile(integral_constant<int, 1>(), integral_constant<int, 1>(), r, j, int64_t(-2), 0, 0);
 }
 
 // ---------------- packed panels (many rows) ----------------
@@ -445,9 +429,9 @@ static uint32_t *panel_buffer(size_t words) {
 // Whether dot_block below streams the block (batch 1, walk_few) or keeps it in L2 (panels).
 static bool streams(saehook_dtype dt, int64_t R, const Tuning &tp) {
   if (R == 1) return true;
-  if (SAEHOOK_VNNI_BF16 && dt == SAEHOOK_BF16) return R >= kPackRows && R <= std::min<int64_t>(tp.few_rows, kFewRowsBF16);
-  if (dt == SAEHOOK_I8) return R >= kPackRows && R <= std::min<int64_t>(tp.few_rows, kFewRowsI8);
-  return (dt != SAEHOOK_F32 || R < kPackRowsF32) && streams_f32(dt, R, tp);
+  if (SAEHOOK_VNNI_BF16 && dt == SAEHOOK_BF16) return few_rows_bf16(R, tp);
+  if (dt == SAEHOOK_I8) return few_rows_i8(R, tp);
+  return !f32_panel(dt, R) && streams_f32(dt, R, tp);
 }
 
 static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dtype dt,
@@ -473,7 +457,7 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
       });
       return;
     }
-    if (R <= std::min<int64_t>(tp.few_rows, kFewRowsBF16)) {
+    if (few_rows_bf16(R, tp)) {
       const uint16_t *Wn = f_next >= 0 ? static_cast<const uint16_t *>(Wv) + f_next * d : nullptr;
       walk_few<4, 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j, int64_t jn, int pa, int pb) {
         dot_bf16<decltype(rg)::value, decltype(fg)::value>(x + r * ld, ld, W + j * d, d, out + r * ldo + j, ldo, 0,
@@ -510,7 +494,7 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
       });
       return;
     }
-    if (R <= std::min<int64_t>(tp.few_rows, kFewRowsI8)) {
+    if (few_rows_i8(R, tp)) {
       const int8_t *Wn = f_next >= 0 ? static_cast<const int8_t *>(Wv) + f_next * d : nullptr;
       walk_few<3, 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j, int64_t jn, int pa, int pb) {
         dot_i8<decltype(rg)::value, decltype(fg)::value>(x + r * rb, rb, dpad, W + j * d, d, scales + f0 + j,
@@ -539,7 +523,7 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
     }
     return;
   }
-  if (dt == SAEHOOK_F32 && R >= kPackRowsF32) {
+  if (f32_panel(dt, R)) {
     // The packed panel for float32 weights too: the dot-product tiles re-read every weight and
     // input vector from L2 for each 4 x 4 tile (4096 x 65536, 2-core Sapphire Rapids: batch 64
     // 243 -> 137 ms, batch 256 903 -> 468 ms; torch 179 and 479 ms). One pass over all of d:
