@@ -56,10 +56,68 @@ static double now(void) {
     }                                                                                  \
   }
 
+YLOOP(fma_ymm, "vfmadd231ps")
+YLOOP(maddubs_ymm, "vpmaddubsw")
+YLOOP(maddwd_ymm, "vpmaddwd")
+
+/* The avx2 path's int8 dot step (kernels_avx2_i8_impl.hpp dot_step): two vpsignb, vpmaddubsw,
+ * vpmaddwd and vpaddd per 32 products, on 6 independent accumulators (ymm0..5; sources 14, 15,
+ * temporaries 6..13). */
+static void i8step_ymm(long iters) {
+  __asm__ volatile("vpxor %%ymm14, %%ymm14, %%ymm14\n\tvpxor %%ymm15, %%ymm15, %%ymm15\n\t"
+                   "vpcmpeqw %%ymm13, %%ymm13, %%ymm13\n\tvpsrlw $15, %%ymm13, %%ymm13" ::: "xmm13", "xmm14", "xmm15");
+  for (long i = 0; i < iters; ++i) {
+#define STEP(a, t, u)                                                                           \
+  "vpsignb %%ymm14, %%ymm14, %%ymm" #t "\n\tvpsignb %%ymm14, %%ymm15, %%ymm" #u "\n\t"              \
+  "vpmaddubsw %%ymm" #u ", %%ymm" #t ", %%ymm" #t "\n\tvpmaddwd %%ymm13, %%ymm" #t ", %%ymm" #t "\n\t" \
+  "vpaddd %%ymm" #t ", %%ymm" #a ", %%ymm" #a "\n\t"
+    __asm__ volatile(STEP(0, 6, 7) STEP(1, 8, 9) STEP(2, 10, 11) STEP(3, 6, 7) STEP(4, 8, 9) STEP(5, 10, 11)
+                     STEP(0, 6, 7) STEP(1, 8, 9) STEP(2, 10, 11) STEP(3, 6, 7) STEP(4, 8, 9) STEP(5, 10, 11)
+                     STEP(0, 6, 7) STEP(1, 8, 9) STEP(2, 10, 11) STEP(3, 6, 7)
+                     ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+                     "xmm10", "xmm11");
+#undef STEP
+  }
+}
+
+/* bf16 -> f32 widening of the avx2 path (Load<BF16>: vpmovzxwd from memory, vpslld) plus the FMA
+ * it feeds, on 8 accumulators: the bf16 encode's work per 8 weights without AVX512-BF16. */
+static void bf16fma_ymm(long iters) {
+  static __attribute__((aligned(64))) char buf[4096];
+  __asm__ volatile("vpxor %%ymm15, %%ymm15, %%ymm15" ::: "xmm15");
+  for (long i = 0; i < iters; ++i) {
+#define W(a, t, off)                                                                       \
+  "vpmovzxwd " #off "(%0), %%ymm" #t "\n\tvpslld $16, %%ymm" #t ", %%ymm" #t "\n\t"             \
+  "vfmadd231ps %%ymm15, %%ymm" #t ", %%ymm" #a "\n\t"
+    __asm__ volatile(W(0, 8, 0) W(1, 9, 16) W(2, 10, 32) W(3, 11, 48) W(4, 12, 64) W(5, 13, 80) W(6, 14, 96)
+                     W(7, 8, 112) W(0, 9, 128) W(1, 10, 144) W(2, 11, 160) W(3, 12, 176) W(4, 13, 192)
+                     W(5, 14, 208) W(6, 8, 224) W(7, 9, 240)
+                     :: "r"(buf) : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+                     "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "memory");
+#undef W
+  }
+}
+
+/* Loads: 16 independent 32-byte loads per iteration from an L1-resident buffer. */
+static void load_ymm(long iters) {
+  static __attribute__((aligned(64))) char buf[4096];
+  for (long i = 0; i < iters; ++i) {
+    __asm__ volatile(
+        "vmovdqu 0(%0), %%ymm0\n\tvmovdqu 32(%0), %%ymm1\n\tvmovdqu 64(%0), %%ymm2\n\t"
+        "vmovdqu 96(%0), %%ymm3\n\tvmovdqu 128(%0), %%ymm4\n\tvmovdqu 160(%0), %%ymm5\n\t"
+        "vmovdqu 192(%0), %%ymm6\n\tvmovdqu 224(%0), %%ymm7\n\tvmovdqu 256(%0), %%ymm8\n\t"
+        "vmovdqu 288(%0), %%ymm9\n\tvmovdqu 320(%0), %%ymm10\n\tvmovdqu 352(%0), %%ymm11\n\t"
+        "vmovdqu 384(%0), %%ymm12\n\tvmovdqu 416(%0), %%ymm13\n\tvmovdqu 448(%0), %%ymm14\n\t"
+        "vmovdqu 480(%0), %%ymm15\n\t"
+        :: "r"(buf) : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8",
+          "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "memory");
+  }
+}
+
+#ifdef __AVX512F__
 ZLOOP(fma_zmm, "vfmadd231ps")
 ZLOOP(bf16_zmm, "vdpbf16ps")
 ZLOOP(vnni_zmm, "vpdpbusd")
-YLOOP(fma_ymm, "vfmadd231ps")
 YLOOP(bf16_ymm, "vdpbf16ps")
 YLOOP(vnni_ymm, "%{evex%} vpdpbusd")
 
@@ -79,6 +137,8 @@ static void load_zmm(long iters) {
   }
 }
 
+#endif
+
 struct Probe {
   const char *name;
   void (*fn)(long);
@@ -87,11 +147,16 @@ struct Probe {
 
 int main(int argc, char **argv) {
   const double seconds = argc > 1 ? atof(argv[1]) : 0.2;
+  /* Built with AVX-512 flags only on CPUs that have AVX512-BF16/VNNI (bench_peaks.py). */
   const struct Probe probes[] = {
+#ifdef __AVX512F__
       {"vfmadd231ps zmm", fma_zmm, 16},   {"vdpbf16ps zmm", bf16_zmm, 32},
-      {"vpdpbusd zmm", vnni_zmm, 64},     {"vfmadd231ps ymm", fma_ymm, 8},
-      {"vdpbf16ps ymm", bf16_ymm, 16},    {"vpdpbusd ymm", vnni_ymm, 32},
-      {"load zmm (L1)", load_zmm, 0},
+      {"vpdpbusd zmm", vnni_zmm, 64},     {"vdpbf16ps ymm", bf16_ymm, 16},
+      {"vpdpbusd ymm", vnni_ymm, 32},     {"load zmm (L1)", load_zmm, 0},
+#endif
+      {"vfmadd231ps ymm", fma_ymm, 8},    {"vpmaddubsw ymm", maddubs_ymm, 32},
+      {"vpmaddwd ymm", maddwd_ymm, 16},   {"avx2 int8 step", i8step_ymm, 32},
+      {"bf16 widen+fma", bf16fma_ymm, 8}, {"load ymm (L1)", load_ymm, 0},
   };
   printf("[");
   for (unsigned p = 0; p < sizeof probes / sizeof probes[0]; ++p) {

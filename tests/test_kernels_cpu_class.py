@@ -38,10 +38,11 @@ SPECS = CLASSES + [
 TOL = 2e-4
 # d_model, d_sae, k, n: batch 1 with feature counts that end inside every interleave width, the
 # few-row tiles (2, 3, 5, 11, 16 rows: every partial row tile, feature counts that end inside a
-# 4- and a 6-feature group), the packed panels (4, 17 and more rows), several int8 quantization
-# blocks.
+# 4- and a 6-feature group), the packed panels (4, 17 and more rows; the avx2 float32 panels from 24
+# rows, bf16/f16 from 128: 130 rows end inside a 6-row tile, 203 features inside an 8-feature
+# group, 45 inputs inside an 8-input transpose), several int8 quantization blocks.
 SHAPES = [(300, 1037, 9, 1), (129, 515, 7, 2), (200, 301, 5, 3), (96, 700, 8, 5), (77, 1001, 6, 11),
-          (40, 523, 5, 16), (300, 333, 6, 17), (64, 2000, 12, 70)]
+          (40, 523, 5, 16), (300, 333, 6, 17), (64, 2000, 12, 70), (45, 203, 5, 130)]
 
 
 @pytest.fixture(params=SPECS)
@@ -81,6 +82,8 @@ def test_cpu_info_matches_proc_cpuinfo():
         want = "zen5"
     elif info["vendor"] == "AuthenticAMD" and info["family"] == 0x19 and info["model"] >= 0x10 and "avx512f" in flags:
         want = "zen4"
+    elif info["vendor"] == "AuthenticAMD" and info["family"] == 0x19 and "avx512f" not in flags:
+        want = "zen3"
     elif info["vendor"] == "GenuineIntel" and (info["model"] in (0x8F, 0xCF, 0xAD, 0xAE) and info["family"] == 6
                                                or "amx_tile" in flags):
         want = "spr"

@@ -25,7 +25,11 @@ namespace {
 // 1.02 of its time); panel_prefetch_next on: batch 64 bf16 and int8 both 1.10x faster. spr: the
 // values measured on the 2-core Sapphire Rapids-class VM in earlier sessions (git log -- csrc/cpu),
 // panel_prefetch_next not measured there (off). zen4: NOT measured on Zen 4 (no such machine this
-// session): the Zen 5 row. generic (AVX2 laptops, anything else): the former one-for-all values,
+// session): the Zen 5 row. zen3 (AMD family 25 without AVX-512: the avx2 path): measured on the
+// 2-core Zen 3 VM (family 25 model 1) on 2026-12-02 in alternation in one process: the int8
+// batch-1 prefetch 1024 against 0 / 2048 / 4096 / 8192: 1.08 / 1.04 / 1.02 / 1.05 of its time
+// (kept), the avx2 panels' panel_prefetch_next 1.21x the time at batch 64 f32 (off); the other
+// values are generic's. generic (AVX2 laptops, anything else): the former one-for-all values,
 // not re-measured. few_rows (2026-12-02, Zen 5, 2048 x 32768 f32, alternating with few_rows=0 in
 // one process): avx512_vnni 0.87x the time at 8 rows and 0.90x at 12; avx512 0.91x at 8, 0.95x at
 // 16; avx2 0.81x at 8, 0.92x at 16; 16 on every class (measured on Zen 5 only).
@@ -34,6 +38,7 @@ const Tuning kTable[] = {
     {"zen5",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8,    16},
     {"zen4",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8,    16},
     {"spr",     1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    16},
+    {"zen3",    1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    16},
     {"generic", 1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    16},
 };
 
@@ -65,8 +70,9 @@ CpuId detect() {
   if (std::strcmp(c.vendor, "AuthenticAMD") == 0) {
     if (c.family == 0x1a) c.detected_class = "zen5";
     // Zen 4 (Genoa, Bergamo, Raphael, Phoenix: models 0x10 and up) executes AVX-512 on 256-bit
-    // units; Zen 3 (models below 0x10) has no AVX-512 and stays generic.
+    // units; Zen 3 and 3+ (Milan, Vermeer, Rembrandt, Cezanne) are family 0x19 without AVX-512.
     else if (c.family == 0x19 && c.model >= 0x10 && avx512f) c.detected_class = "zen4";
+    else if (c.family == 0x19 && !avx512f) c.detected_class = "zen3";
   } else if (std::strcmp(c.vendor, "GenuineIntel") == 0) {
     // Sapphire/Emerald/Granite Rapids; VMs may hide the model, AMX tells the class apart.
     const bool spr_model = c.family == 6 && (c.model == 0x8f || c.model == 0xcf || c.model == 0xad || c.model == 0xae);

@@ -10,7 +10,7 @@
 namespace saehook::cpu {
 
 struct Tuning {
-  const char *cls;  // the class these parameters are for ("zen5", "zen4", "spr", "generic")
+  const char *cls;  // the class these parameters are for ("zen5", "zen4", "spr", "zen3", "generic")
   // Batch-1 row kernels (bf16, int8): software prefetch this many bytes ahead in each weight
   // row (0: none, the hardware prefetcher alone).
   int64_t stream_prefetch;

@@ -280,37 +280,15 @@ static inline __mmask16 lane_mask(int64_t valid) {
   return valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1u);
 }
 
-// Float accumulation over a panel: R rows x G groups over steps [s0, s1); accumulates into out
-// (first pass starts from zero). `Step` multiplies one step: its inputs of a row, broadcast to
-// every lane, with a panel vector (the same 4 bytes per lane in both).
-// Software prefetch of the weights of the block the thread takes next, spread over this block's
-// tile calls (one line per step of each call's loop), so that reading them from memory overlaps
-// these products instead of stalling the next pack. Zen 5, 4096 x 65536: README "CPU kernel
-// performance".
-struct NextBlock {
-  const char *p = nullptr;
-  int64_t left = 0, per_call = 0;
-  NextBlock(const void *next, int64_t bytes, int64_t calls, int64_t steps_per_call) {
-    if (!next || calls <= 0) return;
-    p = static_cast<const char *>(next);
-    left = (bytes + 63) / 64;
-    per_call = std::min<int64_t>((left + calls - 1) / calls, steps_per_call);
-  }
-  // The lines one tile call prefetches: *lines from the returned address.
-  const char *take(int64_t *lines) {
-    *lines = std::min(per_call, left);
-    const char *q = p;
-    p += *lines * 64;
-    left -= *lines;
-    return q;
-  }
-};
-
 // Tile calls walk_panel<RG, GG> makes for R rows and ng groups, per pass.
 inline int64_t panel_calls(int64_t R, int64_t ng, int RG, int GG) {
   return (R + RG - 1) / RG * (ng / GG + ng % GG);
 }
 
+// Float accumulation over a panel: R rows x G groups over steps [s0, s1); accumulates into out
+// (first pass starts from zero). `Step` multiplies one step: its inputs of a row, broadcast to
+// every lane, with a panel vector (the same 4 bytes per lane in both).
+// NextBlock (kernels_impl.hpp) spreads the prefetch of the next block over the calls.
 template <class Step, int R, int G>
 static inline void panel_float(const typename Step::In *x, int64_t ldx, const uint32_t *panel, int64_t ng,
                                int64_t g0, int64_t s0, int64_t s1, float *out, int64_t ldo, int64_t nf,

@@ -166,7 +166,7 @@ SAEHOOK_API saehook_status saehook_set_isa(const char *name);
 SAEHOOK_API const char *saehook_get_isa(void);
 /* Comma-separated list of the paths this build has and this CPU can run. */
 SAEHOOK_API const char *saehook_available_isas(void);
-/* The CPU class the kernels are tuned for (chosen once from cpuid: "zen5", "zen4", "spr",
+/* The CPU class the kernels are tuned for (chosen once from cpuid: "zen5", "zen4", "spr", "zen3",
  * "generic") and its parameters, as JSON: {"vendor", "family", "model", "stepping",
  * "detected_class", "class", "params": {...}}. Valid until the next call. */
 SAEHOOK_API const char *saehook_cpu_info(void);

@@ -372,7 +372,7 @@ def cpu_info() -> dict:
 
 
 def set_cpu_class(spec: str) -> None:
-    """Kernel parameters of another CPU class ('zen5', 'zen4', 'spr', 'generic', 'auto'), with
+    """Kernel parameters of another CPU class ('zen5', 'zen4', 'spr', 'zen3', 'generic', 'auto'), with
     optional ',key=value' overrides ('zen5,stream_prefetch=512'); for measurement and tests
     (SAEHOOK_CPU_CLASS does the same at start-up). Results stay equal up to float rounding."""
     _core.set_cpu_class(spec)
