@@ -32,6 +32,8 @@ SPECS = CLASSES + [
     "generic,panel_prefetch_next=1,block_bytes_n=1024",  # prefetching the next of many small blocks
     "generic,gather_ahead=0",
     "generic,gather_ahead=64",
+    "generic,gather_rows_f32=1",  # float32 decoders by whole rows (zen3's choice) on every class
+    "zen3,gather_rows_f32=0",
     "zen5,few_rows=0",  # 2 .. 16 rows on the many-rows kernels
     "generic,few_rows=64",  # every shape but the 70-row one on the few-rows tiles
 ]
@@ -121,6 +123,7 @@ def test_set_cpu_class_and_overrides():
     ("zen5,gather_ahead=65", "gather_ahead must be at most 64, not 65"),
     ("zen5,panel_prefetch_next=2", "panel_prefetch_next must be 0 or 1, not 2"),
     ("zen5,few_rows=65", "few_rows must be at most 64, not 65"),
+    ("zen3,gather_rows_f32=2", "gather_rows_f32 must be 0 or 1, not 2"),
 ])
 def test_bad_cpu_class_specs_are_refused(spec, message):
     before = saehook.cpu_info()

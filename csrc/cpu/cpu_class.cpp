@@ -28,18 +28,19 @@ namespace {
 // session): the Zen 5 row. zen3 (AMD family 25 without AVX-512: the avx2 path): measured on the
 // 2-core Zen 3 VM (family 25 model 1) on 2026-12-02 in alternation in one process: the int8
 // batch-1 prefetch 1024 against 0 / 2048 / 4096 / 8192: 1.08 / 1.04 / 1.02 / 1.05 of its time
-// (kept), the avx2 panels' panel_prefetch_next 1.21x the time at batch 64 f32 (off); the other
-// values are generic's. generic (AVX2 laptops, anything else): the former one-for-all values,
+// (kept), the avx2 panels' panel_prefetch_next 1.21x the time at batch 64 f32 (off), f32 decode
+// by whole rows (gather_rows_f32) 0.77x / 0.80x / 0.80x the time of the chunked walk at batch
+// 1 / 64 / 256 (on); the other values are generic's. generic (AVX2 laptops, anything else): the former one-for-all values,
 // not re-measured. few_rows (2026-12-02, Zen 5, 2048 x 32768 f32, alternating with few_rows=0 in
 // one process): avx512_vnni 0.87x the time at 8 rows and 0.90x at 12; avx512 0.91x at 8, 0.95x at
 // 16; avx2 0.81x at 8, 0.92x at 16; 16 on every class (measured on Zen 5 only).
 const Tuning kTable[] = {
-    // cls      prefetch rows_bf16 block_1     block_n      chunk next ahead few
-    {"zen5",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8,    16},
-    {"zen4",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8,    16},
-    {"spr",     1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    16},
-    {"zen3",    1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    16},
-    {"generic", 1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    16},
+    // cls      prefetch rows_bf16 block_1     block_n      chunk next ahead rows few
+    {"zen5",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8,    0,   16},
+    {"zen4",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8,    0,   16},
+    {"spr",     1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    0,   16},
+    {"zen3",    1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    1,   16},
+    {"generic", 1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    0,   16},
 };
 
 const Tuning *find_class(const char *name, size_t len) {
@@ -118,13 +119,16 @@ std::string parse(const char *spec, Tuning *out) {
     } else if (key == "gather_ahead") {
       if (v > 64) return "gather_ahead must be at most 64, not " + item.substr(eq + 1);
       t.gather_ahead = int(v);
+    } else if (key == "gather_rows_f32") {
+      if (v > 1) return "gather_rows_f32 must be 0 or 1, not " + item.substr(eq + 1);
+      t.gather_rows_f32 = int(v);
     } else if (key == "few_rows") {
       if (v > 64) return "few_rows must be at most 64, not " + item.substr(eq + 1);
       t.few_rows = int(v);
     } else {
       return "unknown CPU tuning key '" + key +
              "'; keys: stream_prefetch, batch1_rows_bf16, block_bytes_1, block_bytes_n, panel_chunk, "
-             "panel_prefetch_next, gather_ahead, few_rows";
+             "panel_prefetch_next, gather_ahead, gather_rows_f32, few_rows";
     }
   }
   *out = t;
@@ -182,10 +186,11 @@ const char *cpu_info_json() {
   std::snprintf(s, sizeof s,
                 "{\"vendor\": \"%s\", \"family\": %u, \"model\": %u, \"stepping\": %u, \"detected_class\": \"%s\", "
                 "\"classes\": [%s], \"class\": \"%s\", \"params\": {\"stream_prefetch\": %lld, \"batch1_rows_bf16\": %d, "
-                "\"block_bytes_1\": %lld, \"block_bytes_n\": %lld, \"panel_chunk\": %lld, \"panel_prefetch_next\": %d, \"gather_ahead\": %d, \"few_rows\": %d}}",
+                "\"block_bytes_1\": %lld, \"block_bytes_n\": %lld, \"panel_chunk\": %lld, \"panel_prefetch_next\": %d, \"gather_ahead\": %d, \"gather_rows_f32\": %d, \"few_rows\": %d}}",
                 c.vendor, c.family, c.model, c.stepping, c.detected_class.c_str(), classes.c_str(), t.cls,
                 (long long)t.stream_prefetch, t.batch1_rows_bf16, (long long)t.block_bytes_1,
-                (long long)t.block_bytes_n, (long long)t.panel_chunk, t.panel_prefetch_next, t.gather_ahead, t.few_rows);
+                (long long)t.block_bytes_n, (long long)t.panel_chunk, t.panel_prefetch_next, t.gather_ahead,
+                t.gather_rows_f32, t.few_rows);
   buf = s;
   return buf.c_str();
 }

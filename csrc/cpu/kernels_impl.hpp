@@ -437,7 +437,8 @@ static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, co
   // kAhead (Tuning::gather_ahead) features later line by line as this one streams, so several
   // rows are in flight.
   // Measured faster than the chunked walk for 2-byte weights (bf16 decode 2.2 -> 1.3 ms at
-  // batch 64, 4096 x 65536, k = 100), slower for f32 (2.6 -> 3.0 ms).
+  // batch 64, 4096 x 65536, k = 100), slower for f32 on Zen 5 (2.6 -> 3.0 ms); on Zen 3 faster
+  // for f32 too (0.77x / 0.80x / 0.80x the time at batch 1 / 64 / 256, rows not in L3).
   using L = Load<DT>;
   const uint8_t *W = static_cast<const uint8_t *>(Wv);
   const size_t row_bytes = size_t(d) * L::size;
@@ -458,11 +459,12 @@ static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, co
   }
 }
 
-// Sparse decode of one token: out[0:d] += sum_j vals[j] * W[idx[j]].
+// Sparse decode of one token: out[0:d] += sum_j vals[j] * W[idx[j]]. Float32 decoders take the
+// chunked walk unless the class says rows (Tuning::gather_rows_f32).
 template <saehook_dtype DT>
 static void gather_sum_t(const float *vals, const int32_t *idx, int32_t k, const void *W, int64_t d,
-                         float *out, int ahead) {
-  if constexpr (DT == SAEHOOK_F32)
+                         float *out, int ahead, bool rows_f32) {
+  if (DT == SAEHOOK_F32 && !rows_f32)
     gather_sum_chunked<DT>(vals, idx, k, W, d, out, ahead);
   else
     gather_sum_rows<DT>(vals, idx, k, W, d, out, ahead);
@@ -471,11 +473,12 @@ static void gather_sum_t(const float *vals, const int32_t *idx, int32_t k, const
 static void gather_sum(const float *vals, const int32_t *idx, int32_t k, const void *W,
                        saehook_dtype dt, int64_t d, float *out, const Tuning &tp) {
   const int ahead = tp.gather_ahead;
+  const bool rows = tp.gather_rows_f32;
   switch (dt) {
-    case SAEHOOK_F32: return gather_sum_t<SAEHOOK_F32>(vals, idx, k, W, d, out, ahead);
-    case SAEHOOK_F16: return gather_sum_t<SAEHOOK_F16>(vals, idx, k, W, d, out, ahead);
-    case SAEHOOK_BF16: return gather_sum_t<SAEHOOK_BF16>(vals, idx, k, W, d, out, ahead);
-    case SAEHOOK_I8: return gather_sum_t<SAEHOOK_I8>(vals, idx, k, W, d, out, ahead);
+    case SAEHOOK_F32: return gather_sum_t<SAEHOOK_F32>(vals, idx, k, W, d, out, ahead, rows);
+    case SAEHOOK_F16: return gather_sum_t<SAEHOOK_F16>(vals, idx, k, W, d, out, ahead, rows);
+    case SAEHOOK_BF16: return gather_sum_t<SAEHOOK_BF16>(vals, idx, k, W, d, out, ahead, rows);
+    case SAEHOOK_I8: return gather_sum_t<SAEHOOK_I8>(vals, idx, k, W, d, out, ahead, rows);
   }
 }
 
