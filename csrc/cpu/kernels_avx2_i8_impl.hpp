@@ -8,7 +8,8 @@
 // - avx2 (Haswell to Zen 4 without AVX-512): vpmaddubsw on |w| and sign(w) * x, then vpmaddwd:
 //   |w| <= 128 and |x| <= 127 keep a pair's sum within int16 (2 * 128 * 127 < 32767), so the
 //   products are exact; no offset.
-// Everything else is the shared float32 code (kernels_impl.hpp).
+// Float encoders from 24 rows (f32) or 128 (bf16, f16) take the packed panels below; everything
+// else is the shared float32 code (kernels_impl.hpp).
 #define SAEHOOK_VBYTES 32
 #include <immintrin.h>
 
