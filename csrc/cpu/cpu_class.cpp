@@ -30,8 +30,8 @@ namespace {
 // batch-1 prefetch 1024 against 0 / 2048 / 4096 / 8192: 1.08 / 1.04 / 1.02 / 1.05 of its time
 // (kept), the avx2 panels' panel_prefetch_next 1.21x the time at batch 64 f32 (off), f32 decode
 // by whole rows (gather_rows_f32) 0.77x / 0.80x / 0.80x the time of the chunked walk at batch
-// 1 / 64 / 256 (on); the other values are generic's. generic (AVX2 laptops, anything else): the former one-for-all values,
-// not re-measured. few_rows (2026-12-02, Zen 5, 2048 x 32768 f32, alternating with few_rows=0 in
+// 1 / 64 / 256 (on); the other values are generic's. generic (AVX2 laptops, anything else): the
+// former one-for-all values, not re-measured. few_rows (2026-12-02, Zen 5, 2048 x 32768 f32, alternating with few_rows=0 in
 // one process): avx512_vnni 0.87x the time at 8 rows and 0.90x at 12; avx512 0.91x at 8, 0.95x at
 // 16; avx2 0.81x at 8, 0.92x at 16; 16 on every class (measured on Zen 5 only).
 const Tuning kTable[] = {

@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
-#include <vector>
 
 #include "kernels_impl.hpp"
 
@@ -129,24 +128,16 @@ static inline void panel_tile(const float *x, int64_t ldx, const float *panel, i
   }
 }
 
-// The thread's panel buffer (32-byte aligned), reused across calls.
-static float *panel_buffer(size_t floats) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < floats + 8) buf.resize(floats + 8);
-  return reinterpret_cast<float *>((reinterpret_cast<uintptr_t>(buf.data()) + 31) & ~uintptr_t(31));
-}
-
 // next: the block this thread likely takes next (nf rows of d weights; nullptr: none), prefetched
 // into L2 over this block's tile calls.
 template <saehook_dtype DT>
 static void dot_block_panel(const float *x, int64_t R, const uint8_t *W, int64_t d, int64_t nf, float *out,
                             int64_t ldo, int64_t chunk, const uint8_t *next) {
   const int64_t ng = (nf + 7) / 8;
-  float *panel = panel_buffer(size_t(d * ng * 8));
+  float *panel = panel_buffer<float>(size_t(d * ng * 8));
   pack_float<DT>(W, d, nf, panel);
   const int64_t passes = (d + chunk - 1) / chunk;
-  const int64_t calls = passes * ((R + 5) / 6) * (ng / 2 + ng % 2);
-  NextBlock nb(next, nf * d * int64_t(Load<DT>::size), calls, std::min(d, chunk));
+  NextBlock nb(next, nf * d * int64_t(Load<DT>::size), passes * panel_calls(R, ng, 6, 2), std::min(d, chunk));
   // Passes over chunks of the inputs, so that a chunk of the panel stays in L2 while every row
   // tile multiplies it, and each tile's rows stay in L1.
   for (int64_t s0 = 0; s0 < d; s0 += chunk) {

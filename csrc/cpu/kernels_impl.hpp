@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #if defined(__F16C__) || defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -254,8 +255,8 @@ static void prepare_f32_rows(const float *x, int64_t ldx, const float *shift, in
   }
 }
 
-[[maybe_unused]] static void prepare_f32(const float *x, int64_t ldx, const float *shift, int64_t R, int64_t d,
-                        saehook_dtype dt, void *operand) {
+[[maybe_unused]] static void prepare_f32(const float *x, int64_t ldx, const float *shift, int64_t R,
+                                         int64_t d, saehook_dtype dt, void *operand) {
   prepare_f32_rows(x, ldx, shift, R, d, dt == SAEHOOK_BF16, operand);
 }
 
@@ -331,6 +332,21 @@ struct NextBlock {
     return q;
   }
 };
+
+// Tile calls a packed-panel walk makes per pass over R rows and ng groups of features, in row
+// tiles of RG and group tiles of GG (the last ones narrower).
+inline int64_t panel_calls(int64_t R, int64_t ng, int RG, int GG) {
+  return (R + RG - 1) / RG * (ng / GG + ng % GG);
+}
+
+// The thread's panel buffer of n 4-byte elements (64-byte aligned), reused across calls.
+template <class T>
+static T *panel_buffer(size_t n) {
+  static_assert(sizeof(T) == 4, "panels hold 4-byte elements");
+  thread_local std::vector<T> buf;
+  if (buf.size() < n + 16) buf.resize(n + 16);
+  return reinterpret_cast<T *>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+}
 
 // Whether dot_block_f32 takes the few-rows order for R rows (one row tile reads each weight once
 // either way).

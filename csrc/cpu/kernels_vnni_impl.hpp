@@ -280,11 +280,6 @@ static inline __mmask16 lane_mask(int64_t valid) {
   return valid >= 16 ? __mmask16(0xffff) : __mmask16((1u << valid) - 1u);
 }
 
-// Tile calls walk_panel<RG, GG> makes for R rows and ng groups, per pass.
-inline int64_t panel_calls(int64_t R, int64_t ng, int RG, int GG) {
-  return (R + RG - 1) / RG * (ng / GG + ng % GG);
-}
-
 // Float accumulation over a panel: R rows x G groups over steps [s0, s1); accumulates into out
 // (first pass starts from zero). `Step` multiplies one step: its inputs of a row, broadcast to
 // every lane, with a panel vector (the same 4 bytes per lane in both).
@@ -397,13 +392,6 @@ static inline void walk_panel(int64_t R, int64_t ng, const Tile &tile) {
   }
 }
 
-// The thread's panel buffer (64-byte aligned), reused across calls.
-static uint32_t *panel_buffer(size_t words) {
-  thread_local std::vector<uint32_t> buf;
-  if (buf.size() < words + 16) buf.resize(words + 16);
-  return reinterpret_cast<uint32_t *>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
-}
-
 // Whether dot_block below streams the block (batch 1, walk_few) or keeps it in L2 (panels).
 static bool streams(saehook_dtype dt, int64_t R, const Tuning &tp) {
   if (R == 1) return true;
@@ -444,7 +432,7 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
       return;
     }
     const int64_t steps = (d + 1) / 2;
-    uint32_t *panel = panel_buffer(size_t(steps * ng * 16));
+    uint32_t *panel = panel_buffer<uint32_t>(size_t(steps * ng * 16));
     pack(reinterpret_cast<const uint8_t *>(W), 2 * d, nf, panel, 0);
     NextBlock nb = next_block(2 * d, (steps + kChunk / 2 - 1) / (kChunk / 2), std::min(steps, kChunk / 2));
     for (int64_t s0 = 0; s0 < steps; s0 += kChunk / 2) {
@@ -482,7 +470,7 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
       return;
     }
     const int64_t steps = (d + 3) / 4;
-    uint32_t *panel = panel_buffer(size_t(steps * ng * 16));
+    uint32_t *panel = panel_buffer<uint32_t>(size_t(steps * ng * 16));
     pack(reinterpret_cast<const uint8_t *>(W), d, nf, panel, 0x80);
     NextBlock nb = next_block(d, (steps + kChunk / 4 - 1) / (kChunk / 4), std::min(steps, kChunk / 4));
     for (int64_t s0 = 0; s0 < steps; s0 += kChunk / 4) {
@@ -507,7 +495,7 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
     // 243 -> 137 ms, batch 256 903 -> 468 ms; torch 179 and 479 ms). One pass over all of d:
     // chunks of 512 / 1024 / 2048 inputs took 522 / 505 / 487 ms at batch 256.
     const float *x = static_cast<const float *>(operand);  // prepare_f32: R rows of d floats
-    uint32_t *panel = panel_buffer(size_t(d * ng * 16));
+    uint32_t *panel = panel_buffer<uint32_t>(size_t(d * ng * 16));
     pack(static_cast<const uint8_t *>(Wv) + f0 * d * 4, 4 * d, nf, panel, 0);
     NextBlock nb = next_block(4 * d, 1, d);
     walk_panel<6, 4>(R, ng, [&](auto rg, auto gg, int64_t r, int64_t g) {
