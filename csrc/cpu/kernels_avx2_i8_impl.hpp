@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <type_traits>
 
 #include "kernels_impl.hpp"
 
@@ -143,28 +142,12 @@ static void dot_block_panel(const float *x, int64_t R, const uint8_t *W, int64_t
   for (int64_t s0 = 0; s0 < d; s0 += chunk) {
     const int64_t s1 = std::min(d, s0 + chunk);
     const bool first = s0 == 0;
-    int64_t r = 0;
-    auto rows = [&](auto rg) {
-      constexpr int RG = decltype(rg)::value;
-      auto tile = [&](auto gg, int64_t g) {
-        int64_t lines;
-        const char *pf = nb.take(&lines);
-        panel_tile<RG, decltype(gg)::value>(x + r * d, d, panel, ng, g, s0, s1, first, out + r * ldo, ldo, nf, pf,
-                                            lines);
-      };
-      int64_t g = 0;
-      for (; g + 2 <= ng; g += 2) tile(std::integral_constant<int, 2>(), g);
-      if (g < ng) tile(std::integral_constant<int, 1>(), g);
-    };
-    for (; r + 6 <= R; r += 6) rows(std::integral_constant<int, 6>());
-    switch (R - r) {
-      case 5: rows(std::integral_constant<int, 5>()); break;
-      case 4: rows(std::integral_constant<int, 4>()); break;
-      case 3: rows(std::integral_constant<int, 3>()); break;
-      case 2: rows(std::integral_constant<int, 2>()); break;
-      case 1: rows(std::integral_constant<int, 1>()); break;
-      default: break;
-    }
+    walk_panel<6, 2>(R, ng, [&](auto rg, auto gg, int64_t r, int64_t g) {
+      int64_t lines;
+      const char *pf = nb.take(&lines);
+      panel_tile<decltype(rg)::value, decltype(gg)::value>(x + r * d, d, panel, ng, g, s0, s1, first, out + r * ldo,
+                                                           ldo, nf, pf, lines);
+    });
   }
 }
 
@@ -186,19 +169,19 @@ static inline int32_t hsum_epi32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// 32 weight bytes from i (fewer at the row end: the rest zero, never read past the row), in the
-// form dot_step takes: unsigned w + 128 for vpdpbusd (zero padding becomes 128 and meets
-// zero-padded inputs), the int8 values themselves otherwise.
-static inline __m256i load_weights(const int8_t *w, int64_t i, int64_t end) {
-  __m256i v;
-  if (end - i >= 32) {
-    v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + i));
-  } else {
-    alignas(32) int8_t tail[32] = {};
-    std::memcpy(tail, w + i, size_t(end - i));
-    v = _mm256_load_si256(reinterpret_cast<const __m256i *>(tail));
-  }
+// Weights in the form dot_step takes: unsigned w + 128 for vpdpbusd, the int8 values themselves
+// otherwise.
+static inline __m256i weight_form(__m256i v) {
   return SAEHOOK_AVX2_VNNI ? _mm256_xor_si256(v, _mm256_set1_epi8(char(0x80))) : v;
+}
+
+// 32 weight bytes from i (fewer at the row end: the rest zero, never read past the row), in
+// weight_form (for vpdpbusd the zero padding becomes 128 and meets zero-padded inputs).
+static inline __m256i load_weights(const int8_t *w, int64_t i, int64_t end) {
+  if (end - i >= 32) return weight_form(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + i)));
+  alignas(32) int8_t tail[32] = {};
+  std::memcpy(tail, w + i, size_t(end - i));
+  return weight_form(_mm256_load_si256(reinterpret_cast<const __m256i *>(tail)));
 }
 
 // acc (8 int32) += the 32 products of weights w (from load_weights) and int8 inputs x, in groups
@@ -273,10 +256,9 @@ static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, i
     for (int64_t b = 0; b < full; ++b) {
       const int64_t b0 = b * kQBlock;
       prefetch_ahead(w + b0, kQBlock, prefetch);
-      auto step = [&](int64_t i) {
-        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + i));
-        return dot_step(_mm256_setzero_si256(), SAEHOOK_AVX2_VNNI ? _mm256_xor_si256(wv, _mm256_set1_epi8(char(0x80))) : wv,
-                        xv(i));
+      auto step = [&](int64_t i) {  // a full block: no bounds check
+        return dot_step(_mm256_setzero_si256(),
+                        weight_form(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + i))), xv(i));
       };
       const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(step(b0), step(b0 + 32)),
                                            _mm256_add_epi32(step(b0 + 64), step(b0 + 96)));

@@ -339,6 +339,28 @@ inline int64_t panel_calls(int64_t R, int64_t ng, int RG, int GG) {
   return (R + RG - 1) / RG * (ng / GG + ng % GG);
 }
 
+// The packed-panel walk: row tiles of RG rows (the last one narrower), each over the groups in
+// tiles of GG (the last ones one at a time); tile(rows, groups, r, g) as integral constants.
+template <int RG, int GG, class Tile>
+static inline void walk_panel(int64_t R, int64_t ng, const Tile &tile) {
+  using std::integral_constant;
+  auto groups = [&](auto rows, int64_t r) {
+    int64_t g = 0;
+    for (; g + GG <= ng; g += GG) tile(rows, integral_constant<int, GG>(), r, g);
+    for (; g < ng; ++g) tile(rows, integral_constant<int, 1>(), r, g);
+  };
+  int64_t r = 0;
+  for (; r + RG <= R; r += RG) groups(integral_constant<int, RG>(), r);
+  switch (R - r) {  // RG - 1 rows at most remain
+    case 5: groups(integral_constant<int, 5>(), r); break;
+    case 4: groups(integral_constant<int, 4>(), r); break;
+    case 3: groups(integral_constant<int, 3>(), r); break;
+    case 2: groups(integral_constant<int, 2>(), r); break;
+    case 1: groups(integral_constant<int, 1>(), r); break;
+    default: break;
+  }
+}
+
 // The thread's panel buffer of n 4-byte elements (64-byte aligned), reused across calls.
 template <class T>
 static T *panel_buffer(size_t n) {

@@ -372,26 +372,6 @@ static inline void panel_i8(const uint8_t *x, int64_t rb, int64_t dpad, const ui
   }
 }
 
-template <int RG, int GG, class Tile>
-static inline void walk_panel(int64_t R, int64_t ng, const Tile &tile) {
-  using std::integral_constant;
-  auto groups = [&](auto rows, int64_t r) {
-    int64_t g = 0;
-    for (; g + GG <= ng; g += GG) tile(rows, integral_constant<int, GG>(), r, g);
-    for (; g < ng; ++g) tile(rows, integral_constant<int, 1>(), r, g);
-  };
-  int64_t r = 0;
-  for (; r + RG <= R; r += RG) groups(integral_constant<int, RG>(), r);
-  switch (R - r) {  // RG - 1 rows at most remain
-    case 5: groups(integral_constant<int, 5>(), r); break;
-    case 4: groups(integral_constant<int, 4>(), r); break;
-    case 3: groups(integral_constant<int, 3>(), r); break;
-    case 2: groups(integral_constant<int, 2>(), r); break;
-    case 1: groups(integral_constant<int, 1>(), r); break;
-    default: break;
-  }
-}
-
 // Whether dot_block below streams the block (batch 1, walk_few) or keeps it in L2 (panels).
 static bool streams(saehook_dtype dt, int64_t R, const Tuning &tp) {
   if (R == 1) return true;
