@@ -6,6 +6,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -139,6 +140,94 @@ static void load_zmm(long iters) {
 
 #endif
 
+#ifdef __AMX_TILE__
+/* AMX (Sapphire Rapids and later): the tile products and tile loads of kernels_avx512_amx.cpp.
+ * Every tile 16 rows x 64 bytes. A product C (16 x 16) += A (16 x 64 bytes) . B is 8192 bf16 or
+ * 16384 int8 multiply-adds. Each loop issues 16 of the measured instruction per iteration. */
+#include <sys/syscall.h>
+#include <unistd.h>
+
+struct __attribute__((aligned(64))) tile_config {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+static int amx_setup(void) {
+  /* Linux hands a process the AMX tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA). */
+  if (syscall(SYS_arch_prctl, 0x1023, 18)) return 0;
+  struct tile_config c;
+  memset(&c, 0, sizeof c);
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    c.colsb[t] = 64;
+    c.rows[t] = 16;
+  }
+  __asm__ volatile("ldtilecfg %0" ::"m"(c));
+  __asm__ volatile("tilezero %%tmm6\n\ttilezero %%tmm7" ::: "memory");
+  return 1;
+}
+
+/* Products alone on 6 accumulator tiles (0..5), sources tmm6 and tmm7. */
+#define TLOOP(name, insn)                                                                      \
+  static void name(long iters) {                                                               \
+    for (long i = 0; i < iters; ++i)                                                           \
+      __asm__ volatile(insn " %%tmm7, %%tmm6, %%tmm0\n\t" insn " %%tmm7, %%tmm6, %%tmm1\n\t"   \
+                       insn " %%tmm7, %%tmm6, %%tmm2\n\t" insn " %%tmm7, %%tmm6, %%tmm3\n\t"   \
+                       insn " %%tmm7, %%tmm6, %%tmm4\n\t" insn " %%tmm7, %%tmm6, %%tmm5\n\t"   \
+                       insn " %%tmm7, %%tmm6, %%tmm0\n\t" insn " %%tmm7, %%tmm6, %%tmm1\n\t"   \
+                       insn " %%tmm7, %%tmm6, %%tmm2\n\t" insn " %%tmm7, %%tmm6, %%tmm3\n\t"   \
+                       insn " %%tmm7, %%tmm6, %%tmm4\n\t" insn " %%tmm7, %%tmm6, %%tmm5\n\t"   \
+                       insn " %%tmm7, %%tmm6, %%tmm0\n\t" insn " %%tmm7, %%tmm6, %%tmm1\n\t"   \
+                       insn " %%tmm7, %%tmm6, %%tmm2\n\t" insn " %%tmm7, %%tmm6, %%tmm3\n\t" ::: "memory"); \
+  }
+TLOOP(tdpbf16ps, "tdpbf16ps")
+TLOOP(tdpbssd, "tdpbssd")
+
+#define TLOAD(t, base, stride) __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(base), "r"((long)(stride)) : "memory")
+
+/* Tile loads alone: 16 per iteration, rows `stride` bytes apart, walking `span` bytes of a
+ * buffer `step` bytes per load (so that the region sits in L1 or L2, or rows share L1 sets). */
+static char *tile_buf;
+static void tile_loads(long iters, long stride, long step, long span) {
+  long off = 0;
+  for (long i = 0; i < iters; ++i)
+    for (int j = 0; j < 16; j += 4) {
+      TLOAD(4, tile_buf + off, stride);
+      TLOAD(5, tile_buf + off + step, stride);
+      TLOAD(6, tile_buf + off + 2 * step, stride);
+      TLOAD(7, tile_buf + off + 3 * step, stride);
+      off = (off + 4 * step) % span;
+    }
+}
+static void tload_l1(long iters) { tile_loads(iters, 64, 1024, 16 << 10); }
+static void tload_l2(long iters) { tile_loads(iters, 64, 1024, 512 << 10); }
+/* A tile straight from W: 16 feature rows of 8 KiB (bf16 d_model 4096), 64 bytes further each
+ * load; the 16 rows map to one L1 set. */
+static void tload_rows(long iters) { tile_loads(iters, 8192, 64, 8192 - 256); }
+
+/* The kernel's step: 2 A and 2 B tile loads, then 4 bf16 products into C tiles 0..3; 4 steps per
+ * iteration (16 products). A and B walk `a_span` / `b_span` bytes. */
+static void tile_step(long iters, long a_stride, long a_step, long a_span, long b_span) {
+  char *a = tile_buf, *b = tile_buf + (1 << 20);
+  long ao = 0, bo = 0;
+  for (long i = 0; i < iters; ++i)
+    for (int j = 0; j < 4; ++j) {
+      TLOAD(4, a + ao, a_stride);
+      TLOAD(5, a + ao + (a_stride == 64 ? 1024 : 16 * a_stride), a_stride);
+      TLOAD(6, b + bo, 64);
+      TLOAD(7, b + bo + 1024, 64);
+      __asm__ volatile("tdpbf16ps %%tmm6, %%tmm4, %%tmm0\n\ttdpbf16ps %%tmm7, %%tmm4, %%tmm1\n\t"
+                       "tdpbf16ps %%tmm6, %%tmm5, %%tmm2\n\ttdpbf16ps %%tmm7, %%tmm5, %%tmm3" ::: "memory");
+      ao = (ao + a_step) % a_span;
+      bo = (bo + 2048) % b_span;
+    }
+}
+static void step_l1(long iters) { tile_step(iters, 64, 2048, 8 << 10, 8 << 10); }
+static void step_l2(long iters) { tile_step(iters, 64, 2048, 256 << 10, 256 << 10); }
+static void step_rows(long iters) { tile_step(iters, 8192, 64, 8192 - 64, 256 << 10); }
+#endif
+
 struct Probe {
   const char *name;
   void (*fn)(long);
@@ -147,6 +236,14 @@ struct Probe {
 
 int main(int argc, char **argv) {
   const double seconds = argc > 1 ? atof(argv[1]) : 0.2;
+#ifdef __AMX_TILE__
+  if (!amx_setup()) {
+    fprintf(stderr, "the kernel refused AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)\n");
+    return 1;
+  }
+  tile_buf = aligned_alloc(4096, 4 << 20);
+  memset(tile_buf, 0, 4 << 20);
+#endif
   /* Built with AVX-512 flags only on CPUs that have AVX512-BF16/VNNI (bench_peaks.py). */
   const struct Probe probes[] = {
 #ifdef __AVX512F__
@@ -157,6 +254,12 @@ int main(int argc, char **argv) {
       {"vfmadd231ps ymm", fma_ymm, 8},    {"vpmaddubsw ymm", maddubs_ymm, 32},
       {"vpmaddwd ymm", maddwd_ymm, 16},   {"avx2 int8 step", i8step_ymm, 32},
       {"bf16 widen+fma", bf16fma_ymm, 8}, {"load ymm (L1)", load_ymm, 0},
+#ifdef __AMX_TILE__
+      {"tdpbf16ps", tdpbf16ps, 8192},     {"tdpbssd", tdpbssd, 16384},
+      {"tileloadd L1", tload_l1, 0},      {"tileloadd L2", tload_l2, 0},
+      {"tileloadd W rows", tload_rows, 0}, {"amx step L1", step_l1, 8192},
+      {"amx step L2", step_l2, 8192},     {"amx step W rows", step_rows, 8192},
+#endif
   };
   printf("[");
   for (unsigned p = 0; p < sizeof probes / sizeof probes[0]; ++p) {

@@ -296,6 +296,20 @@ def test_int8_encoder_error_is_bounded():
     assert overlap >= 0.95, overlap
 
 
+def test_weights_saehook_makes_start_on_a_cache_line():
+    # numpy puts large arrays 16 bytes past a page; saehook's conversions, quantization and
+    # transposed copies (what the kernels then read) start at a multiple of 64 bytes.
+    sae = make_sae(64, 4096, 8)
+    W = np.random.default_rng(0).standard_normal((4096, 64)).astype(np.float32)
+    assert W.ctypes.data % 64 != 0  # the case this is about (numpy's default placement)
+    for a in (convert_array(W, "f32", "bf16"), convert_array(W, "f32", "f16"), quantize_int8(W, "f32")[0],
+              sae.to_dtype("bf16").arrays()["W_enc"], sae.to_dtype("int8").arrays()["W_enc"],
+              sae.to_dtype("int8").to_dtype("bf16").arrays()["W_enc"],
+              sae.to_dtype(dec_layout="cols").arrays()["W_dec"]):
+        assert a.flags.c_contiguous and a.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(sae.to_dtype(dec_layout="cols").arrays()["W_dec"], sae.arrays()["W_dec"].T)
+
+
 def test_convert_matches_numpy_rounding():
     x = np.random.default_rng(0).standard_normal(100_001).astype(np.float32) * 1000
     x[:4] = [0.0, -0.0, 1e-8, 70000.0]  # zero, subnormal-in-f16, overflow-in-f16

@@ -10,6 +10,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "../cpu/kernels.hpp"
 #include "threadpool.hpp"
 #include "topk.hpp"
@@ -26,7 +30,31 @@ constexpr int64_t kRowChunk = 256;
 // encode's Top-K scan: pre-activations tested as one vector before any is pushed (most of a row's
 // d_sae are below the buffer's floor once it has filled).
 constexpr int kScanGroup = 16;
-typedef float ScanVec __attribute__((vector_size(kScanGroup * 4)));
+
+// Whether the group p[0:kScanGroup] (+ be, the encoder bias, when not NULL) holds a lane to look
+// at: at or above the Top-K floor and above relu_floor, or not finite (v - v is NaN exactly for
+// Inf and NaN). SSE on x86-64 (GCC lowered the same test on 16-float vector types to one scalar
+// comparison per lane, and the scalar max/sum loop before it took ~1/8 of a batch-256 encode).
+inline bool group_worth_a_look(const float *p, const float *be, float floor_v, float relu_floor) {
+#if defined(__SSE2__)
+  const __m128 f = _mm_set1_ps(floor_v), rf = _mm_set1_ps(relu_floor);
+  __m128 look = _mm_setzero_ps();
+  for (int q = 0; q < kScanGroup; q += 4) {
+    __m128 v = _mm_loadu_ps(p + q);
+    if (be) v = _mm_add_ps(v, _mm_loadu_ps(be + q));
+    const __m128 z = _mm_sub_ps(v, v);
+    look = _mm_or_ps(look, _mm_or_ps(_mm_and_ps(_mm_cmpge_ps(v, f), _mm_cmpgt_ps(v, rf)), _mm_cmpunord_ps(z, z)));
+  }
+  return _mm_movemask_ps(look) != 0;
+#else
+  bool look = false;
+  for (int l = 0; l < kScanGroup; ++l) {
+    const float v = be ? p[l] + be[l] : p[l];
+    look |= (v >= floor_v && v > relu_floor) || !(v - v == 0.f);
+  }
+  return look;
+#endif
+}
 
 // Upper bound of encode's per-call Top-K scratch (candidate buffers and pre-activation tiles of
 // all threads; README "Memory").
@@ -183,21 +211,7 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
         for (int64_t j0 = 0; j0 < nf; j0 += kScanGroup) {
           const int64_t j1 = std::min(nf, j0 + kScanGroup);
           if (j1 - j0 == kScanGroup) {
-            ScanVec v, lanes_max = ScanVec{} - __builtin_inff(), lanes_bad = ScanVec{};
-            std::memcpy(&v, p + j0, sizeof v);
-            if (be) {
-              ScanVec b;
-              std::memcpy(&b, be + j0, sizeof b);
-              v += b;
-            }
-            lanes_bad = v - v;  // 0 where finite, NaN where Inf or NaN
-            lanes_max = v;
-            float mx = -__builtin_inff(), bad = 0.f;
-            for (int l = 0; l < kScanGroup; ++l) {
-              mx = lanes_max[l] > mx ? lanes_max[l] : mx;
-              bad += lanes_bad[l];
-            }
-            if (bad == 0.f && (mx < t.floor_value() || !(mx > relu_floor))) continue;
+            if (!group_worth_a_look(p + j0, be ? be + j0 : nullptr, t.floor_value(), relu_floor)) continue;
           }
           for (int64_t j = j0; j < j1; ++j) {
             const float v = be ? p[j] + be[j] : p[j];

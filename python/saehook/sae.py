@@ -11,6 +11,8 @@ from ._arrays import (
     DTYPE_BYTES,
     DTYPE_CODES,
     address,
+    aligned_copy,
+    aligned_empty,
     as_f32_vector,
     as_weight,
     buffer_address,
@@ -280,7 +282,8 @@ class SAE:
         if enc != self.enc_dtype:
             if self.enc_dtype == "int8":
                 # Dequantize, then convert.
-                f = W_enc.astype(np.float32) * scales[:, None]
+                f = aligned_copy(W_enc, np.float32)
+                f *= scales[:, None]
                 W_enc, scales = convert_array(f, "f32", enc, threads=threads), None
             elif enc == "int8":
                 W_enc, scales = quantize_int8(W_enc, self.enc_dtype, threads=threads)
@@ -291,7 +294,7 @@ class SAE:
         if layout not in DEC_LAYOUTS:
             raise ValueError(f"unknown dec_layout {layout!r}; expected 'rows' or 'cols'")
         if layout != self.dec_layout:
-            W_dec = np.ascontiguousarray(W_dec.T)
+            W_dec = aligned_copy(W_dec.T)
         return SAE(
             W_enc, W_dec, self._b_enc, self._b_dec, k=self.k, activation=self.activation,
             subtract_b_dec=self.subtract_b_dec, threshold=self._threshold, dec_layout=layout,
@@ -321,7 +324,7 @@ def register_file_writer(writer: Callable[..., None]) -> None:
 
 def convert_array(a: np.ndarray, src: str, dst: str, *, threads: Optional[int] = None) -> np.ndarray:
     """Converts an f32/f16/bf16 array (bf16 as uint16) with the compiled converter."""
-    out = np.empty(a.shape, dtype={"f32": np.float32, "f16": np.float16, "bf16": np.uint16}[dst])
+    out = aligned_empty(a.shape, {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}[dst])
     a = np.ascontiguousarray(a)
     if a.size:
         _core.convert(a.ctypes.data, DTYPE_CODES[src], out.ctypes.data, DTYPE_CODES[dst], a.size, _threads(threads))
@@ -332,7 +335,7 @@ def quantize_int8(W: np.ndarray, src: str, *, threads: Optional[int] = None) -> 
     """Symmetric per-row int8: W[f] ~= q[f] * scale[f], scale = max|W[f]| / 127."""
     W = np.ascontiguousarray(W)
     rows_, cols = W.shape
-    q = np.empty((rows_, cols), dtype=np.int8)
+    q = aligned_empty((rows_, cols), np.int8)
     s = np.empty(rows_, dtype=np.float32)
     _core.quantize_int8(W.ctypes.data, DTYPE_CODES[src], rows_, cols, q.ctypes.data, s.ctypes.data, _threads(threads))
     return q, s

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .._arrays import aligned_copy
 from ..sae import ACTIVATIONS, DEC_LAYOUTS, SAE, register_file_writer
 from . import _files
 from . import safetensors_io as st
@@ -85,7 +86,7 @@ def save_saehook(sae: SAE, path: Any, *, dec_layout: str = "rows") -> None:
     if dec_layout not in DEC_LAYOUTS:
         raise ValueError(f"dec_layout must be 'rows' or 'cols', got {dec_layout!r}")
     a = sae.arrays()
-    W_dec = a["W_dec"] if sae.dec_layout == dec_layout else np.ascontiguousarray(a["W_dec"].T)
+    W_dec = a["W_dec"] if sae.dec_layout == dec_layout else aligned_copy(a["W_dec"].T)
     tensors = {"W_enc": (a["W_enc"], sae.enc_dtype), "W_dec": (W_dec, sae.dec_dtype)}
     for name in ("enc_scales", "b_enc", "b_dec", "threshold"):
         if a[name] is not None:

@@ -17,6 +17,7 @@ from typing import Dict, Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from .._arrays import WEIGHT_ALIGN
 from . import _files
 
 # safetensors dtype -> (numpy dtype, saehook tag or None when the kernels do not take it)
@@ -143,9 +144,11 @@ def write(path: str, tensors: Mapping[str, Tuple[np.ndarray, str]], metadata: Ma
     if not os.path.isdir(folder):  # say so, rather than fail on the name of the temporary file
         raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
     arrays = {name: np.ascontiguousarray(arr) for name, (arr, _) in tensors.items()}
-    # Wider elements first (as the reference writer orders them): with the 8-byte-aligned
-    # header every tensor then starts at a multiple of its element size.
-    order = sorted(arrays, key=lambda name: (-arrays[name].itemsize, name))
+    # Tensors whose size is a multiple of WEIGHT_ALIGN first (each then starts on a 64-byte
+    # boundary, given the header padding below: the weight matrices at every usual shape), then
+    # the rest with wider elements first (as the reference writer orders them), so that every
+    # tensor starts at a multiple of its element size.
+    order = sorted(arrays, key=lambda name: (arrays[name].nbytes % WEIGHT_ALIGN != 0, -arrays[name].itemsize, name))
     header: Dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
     offset = 0
     for name in order:
@@ -154,7 +157,11 @@ def write(path: str, tensors: Mapping[str, Tuple[np.ndarray, str]], metadata: Ma
                         "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the reference pads the header with spaces to 8 bytes
+    # Padded with spaces (as the reference pads to 8 bytes) so that the data starts at a
+    # multiple of 64 bytes of the file, hence of its page-aligned mapping: the weight matrices,
+    # whose offsets are sums of sizes that are multiples of 64 at the usual shapes, then begin on
+    # a cache line (see _arrays.WEIGHT_ALIGN).
+    raw += b" " * (-(8 + len(raw)) % WEIGHT_ALIGN)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
