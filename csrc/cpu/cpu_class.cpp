@@ -19,7 +19,11 @@ namespace {
 // One row per class. zen5: measured on the 2-core Zen 5 VM (family 26 model 2) with
 // bench/bench_tuning.py in alternation with the read probe (2026-12-02): stream_prefetch 0 / 512 /
 // 1024 / 2048 / 3072 within noise of each other at batch 1 (int8 1.03 / 1.02 / 1.00 / 1.15 / 0.99
-// of the 1024 time; bf16 0.98 / 1.03 / 1.00 / 1.03 / 0.98), 1024 kept; batch1_rows_bf16 4 against
+// of the 1024 time; bf16 0.98 / 1.03 / 1.00 / 1.03 / 0.98), 1024 kept -- but in that build GCC had
+// deleted the prefetch loops of the VNNI paths' batch-1 kernels (see prefetch_t0 in
+// kernels_impl.hpp), so the sweep measured nothing: to be re-measured there. spr, after the fix
+// (2026-12-02, 4096 x 65536 at batch 1): int8 0 / 512 / 1024 / 2048 ahead 1.26 / 1.06 / 1.00 /
+// 0.98 of the 1024 time (1.10 of the probe at 1024), bf16 1.08 / 0.98 / 1.00 / 1.04; batch1_rows_bf16 4 against
 // 8: 0.74, 0.99 and 0.86 of its time in three sweeps (0.86 on the idle VM: 1.01 of the probe's
 // rate against 0.85), 1 row 0.96, 2 rows 1.02-1.04: 4; panel_chunk 1024 best at batch 256 (256: 1.07, 512: 1.03, 2048:
 // 1.02 of its time); panel_prefetch_next on: batch 64 bf16 and int8 both 1.10x faster. spr: the

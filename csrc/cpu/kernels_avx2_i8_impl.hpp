@@ -105,7 +105,7 @@ static inline void panel_tile(const float *x, int64_t ldx, const float *panel, i
     for (int g = 0; g < G; ++g) acc[r][g] = _mm256_setzero_ps();
   const float *p = panel + (s0 * ng + g0) * 8;
   for (int64_t i = s0; i < s1; ++i, p += ng * 8) {
-    if (i - s0 < pf_lines) _mm_prefetch(pf + (i - s0) * 64, _MM_HINT_T1);
+    if (i - s0 < pf_lines) prefetch_t1(pf + (i - s0) * 64);
     __m256 b[G];
     for (int g = 0; g < G; ++g) b[g] = _mm256_load_ps(p + g * 8);
     for (int r = 0; r < R; ++r) {

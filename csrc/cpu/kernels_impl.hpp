@@ -26,15 +26,33 @@ typedef int8_t vi8 __attribute__((vector_size(VB / 4)));
 // Every lane = a. (Filling the lanes in a loop made GCC emit one masked broadcast per lane.)
 static inline vf splat(float a) { return vf{} + a; }
 
+// A prefetch into L1 (T0) / L2 (T1) that the compiler keeps: GCC 12 at -O3 deleted loops whose
+// only effect was __builtin_prefetch / _mm_prefetch in some kernels (row_i8 of the VNNI and AMX
+// paths had none left in the object code, so its stream_prefetch did nothing: int8 at batch 1
+// read 0.78 of the probe's rate on the Sapphire Rapids-class VM, whatever the distance).
+static inline void prefetch_t0(const void *p) {
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__ volatile("prefetcht0 %0" ::"m"(*static_cast<const char *>(p)));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+static inline void prefetch_t1(const void *p) {
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__ volatile("prefetcht1 %0" ::"m"(*static_cast<const char *>(p)));
+#else
+  __builtin_prefetch(p, 0, 2);
+#endif
+}
+
 // Software prefetch of the batch-1 kernels, which stream each weight row once: the `bytes` at
 // p + ahead into L1 (past a row's or block's end too: prefetches never fault); ahead is the CPU
 // class's Tuning::stream_prefetch (0: none). On the 2-core Sapphire Rapids-class VM, 4096 x 65536
-// against the read probe: int8 one thread 0.77-0.79 without, 0.94-0.95 at 1 KiB ahead, 0.91-0.95
-// at 2 KiB, 0.61 at 4 KiB; bf16 two threads 0.91-0.92 without, 0.96-0.97 at 1 KiB, 0.94-0.95 at
-// 2 KiB. Zen 5: README "CPU kernel performance".
+// against the read probe (2026-12-02, two threads): int8 0.88 without, 1.04 at 512 bytes ahead,
+// 1.10 at 1 KiB, 1.11 at 2 KiB; bf16 0.88 without, 0.97 / 0.95 / 0.92 at 512 / 1024 / 2048.
 static inline void prefetch_ahead(const void *p, int64_t bytes, int64_t ahead) {
   if (ahead <= 0) return;
-  for (int64_t l = 0; l < bytes; l += 64) __builtin_prefetch(static_cast<const char *>(p) + ahead + l);
+  for (int64_t l = 0; l < bytes; l += 64) prefetch_t0(static_cast<const char *>(p) + ahead + l);
 }
 
 template <saehook_dtype DT>
@@ -162,7 +180,7 @@ static inline void tile(const float *x, int64_t ldx, const uint8_t *W, size_t ro
     // 2 VL weights per load, split into the even and the odd ones (bf16_split_len).
     for (; i + 2 * VL <= d; i += 2 * VL) {
       if (pf && (i * 2) % 64 == 0)
-        for (int f = pa; f < pb; ++f) __builtin_prefetch(pf + f * row_bytes + i * 2, 0, 3);
+        for (int f = pa; f < pb; ++f) prefetch_t0(pf + f * row_bytes + i * 2);
       vf xe[R], xo[R];
       for (int r = 0; r < R; ++r) {
         std::memcpy(&xe[r], x + r * ldx + i, VB);
@@ -181,7 +199,7 @@ static inline void tile(const float *x, int64_t ldx, const uint8_t *W, size_t ro
   }
   for (; i + VL <= d; i += VL) {
     if (pf && (i * L::size) % 64 == 0)
-      for (int f = pa; f < pb; ++f) __builtin_prefetch(pf + f * row_bytes + i * L::size, 0, 3);
+      for (int f = pa; f < pb; ++f) prefetch_t0(pf + f * row_bytes + i * L::size);
     vf xv[R];
     for (int r = 0; r < R; ++r) std::memcpy(&xv[r], x + r * ldx + i, VB);
     for (int f = 0; f < F; ++f) {
@@ -435,7 +453,7 @@ static inline void gather_chunk(const float *vals, const int32_t *idx, int32_t k
     if (j + ahead < k && idx[j + ahead] >= 0) {
       const uint8_t *next = W + idx[j + ahead] * row_bytes + i0 * L::size;
 #pragma GCC unroll 32
-      for (size_t line = 0; line < piece; line += 64) __builtin_prefetch(next + line);
+      for (size_t line = 0; line < piece; line += 64) prefetch_t0(next + line);
     }
     const vf a = splat(vals[j]);
 #pragma GCC unroll 32
@@ -487,7 +505,7 @@ static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, co
     const vf a = splat(vals[j]);
     int64_t i = 0;
     for (; i + VL <= d; i += VL) {
-      if (ahead && (i * L::size) % 64 == 0) __builtin_prefetch(ahead + i * L::size);
+      if (ahead && (i * L::size) % 64 == 0) prefetch_t0(ahead + i * L::size);
       vf y;
       std::memcpy(&y, out + i, VB);
       y += a * L::vec(row + i * L::size);

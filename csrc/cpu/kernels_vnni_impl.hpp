@@ -97,7 +97,7 @@ static inline void dot_bf16(const uint16_t *x, int64_t ldx, const uint16_t *W, i
   int64_t i = 0;
   for (; i + 32 <= d; i += 32) {
     if (pf)  // the few-rows order's next group (walk_few)
-      for (int f = pa; f < pb; ++f) _mm_prefetch(reinterpret_cast<const char *>(pf + f * d + i), _MM_HINT_T0);
+      for (int f = pa; f < pb; ++f) prefetch_t0(pf + f * d + i);
     for (int f = 0; f < F; ++f) {
       if (R == 1) prefetch_ahead(W + f * d + i, 64, prefetch);
       const __m512bh w = (__m512bh)_mm512_loadu_si512(W + f * d + i);
@@ -135,7 +135,7 @@ static inline void dot_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8
     int64_t i = b0;
     for (; i + 64 <= b1; i += 64) {
       if (pf)  // the few-rows order's next group (walk_few)
-        for (int f = pa; f < pb; ++f) _mm_prefetch(reinterpret_cast<const char *>(pf + f * d + i), _MM_HINT_T0);
+        for (int f = pa; f < pb; ++f) prefetch_t0(pf + f * d + i);
       for (int f = 0; f < F; ++f) {
         const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(W + f * d + i), offset);
         for (int r = 0; r < R; ++r) iacc[r][f] = dpbusd(iacc[r][f], w, _mm512_load_si512(x + r * rb + i));
@@ -295,7 +295,7 @@ static inline void panel_float(const typename Step::In *x, int64_t ldx, const ui
       acc[r][g] = s0 == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, out + r * ldo + (g0 + g) * 16);
   }
   for (int64_t s = s0; s < s1; ++s) {
-    if (s - s0 < pf_lines) _mm_prefetch(pf + 64 * (s - s0), _MM_HINT_T1);
+    if (s - s0 < pf_lines) prefetch_t1(pf + 64 * (s - s0));
     __m512i b[G];
     for (int g = 0; g < G; ++g) b[g] = _mm512_load_si512(panel + (s * ng + g0 + g) * 16);
     for (int r = 0; r < R; ++r) {
@@ -340,7 +340,7 @@ __attribute__((always_inline)) static inline void panel_i8_block(
   for (int r = 0; r < R; ++r)
     for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_si512();
   for (int64_t s = b0; s < b1; ++s) {
-    if (s - b0 < pf_lines) _mm_prefetch(pf + 64 * (s - b0), _MM_HINT_T1);
+    if (s - b0 < pf_lines) prefetch_t1(pf + 64 * (s - b0));
     __m512i b[G];
     for (int g = 0; g < G; ++g) b[g] = _mm512_load_si512(panel + (s * ng + g0 + g) * 16);
     for (int r = 0; r < R; ++r) {
