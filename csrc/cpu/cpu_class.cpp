@@ -16,33 +16,44 @@ namespace saehook::cpu {
 
 namespace {
 
-// One row per class. zen5: measured on the 2-core Zen 5 VM (family 26 model 2) with
-// bench/bench_tuning.py in alternation with the read probe (2026-12-02): stream_prefetch 0 / 512 /
-// 1024 / 2048 / 3072 within noise of each other at batch 1 (int8 1.03 / 1.02 / 1.00 / 1.15 / 0.99
-// of the 1024 time; bf16 0.98 / 1.03 / 1.00 / 1.03 / 0.98), 1024 kept -- but in that build GCC had
-// deleted the prefetch loops of the VNNI paths' batch-1 kernels (see prefetch_t0 in
-// kernels_impl.hpp), so the sweep measured nothing: to be re-measured there. spr, after the fix
-// (2026-12-02, 4096 x 65536 at batch 1): int8 0 / 512 / 1024 / 2048 ahead 1.26 / 1.06 / 1.00 /
-// 0.98 of the 1024 time (1.10 of the probe at 1024), bf16 1.08 / 0.98 / 1.00 / 1.04; batch1_rows_bf16 4 against
-// 8: 0.74, 0.99 and 0.86 of its time in three sweeps (0.86 on the idle VM: 1.01 of the probe's
-// rate against 0.85), 1 row 0.96, 2 rows 1.02-1.04: 4; panel_chunk 1024 best at batch 256 (256: 1.07, 512: 1.03, 2048:
-// 1.02 of its time); panel_prefetch_next on: batch 64 bf16 and int8 both 1.10x faster. spr: the
-// values measured on the 2-core Sapphire Rapids-class VM in earlier sessions (git log -- csrc/cpu),
-// panel_prefetch_next not measured there (off). zen4: NOT measured on Zen 4 (no such machine this
-// session): the Zen 5 row. zen3 (AMD family 25 without AVX-512: the avx2 path): measured on the
-// 2-core Zen 3 VM (family 25 model 1) on 2026-12-02 in alternation in one process: the int8
-// batch-1 prefetch 1024 against 0 / 2048 / 4096 / 8192: 1.08 / 1.04 / 1.02 / 1.05 of its time
-// (kept), the avx2 panels' panel_prefetch_next 1.21x the time at batch 64 f32 (off), f32 decode
-// by whole rows (gather_rows_f32) 0.77x / 0.80x / 0.80x the time of the chunked walk at batch
-// 1 / 64 / 256 (on); the other values are generic's. generic (AVX2 laptops, anything else): the
-// former one-for-all values, not re-measured. few_rows (2026-12-02, Zen 5, 2048 x 32768 f32, alternating with few_rows=0 in
-// one process): avx512_vnni 0.87x the time at 8 rows and 0.90x at 12; avx512 0.91x at 8, 0.95x at
-// 16; avx2 0.81x at 8, 0.92x at 16; 16 on every class (measured on Zen 5 only).
+// One row per class, each measured with bench/bench_tuning.py or bench/bench_builds.py in
+// alternation with the read probe in one process (4096 x 65536 unless said).
+//
+// zen5 (2-core Zen 5 VM, family 26 model 2, 2026-12-02): stream_prefetch 0 / 512 / 1024 / 2048 /
+// 3072 within noise at batch 1 (int8 1.03 / 1.02 / 1.00 / 1.15 / 0.99 of the 1024 time; bf16 0.98 /
+// 1.03 / 1.00 / 1.03 / 0.98), 1024 kept -- but in that build GCC had deleted the prefetch loops of
+// the VNNI paths' batch-1 kernels (prefetch_t0 in kernels_impl.hpp), so the sweep measured
+// nothing: to be re-measured there. batch1_rows_bf16 4 against 8: 0.74, 0.99 and 0.86 of its time
+// in three sweeps (0.86 on the idle VM: 1.01 of the probe's rate against 0.85), 1 row 0.96, 2 rows
+// 1.02-1.04: 4; panel_chunk 1024 best at batch 256 (256: 1.07, 512: 1.03, 2048: 1.02 of its
+// time); panel_prefetch_next on: batch 64 bf16 and int8 both 1.10x faster; few_rows (2048 x 32768
+// f32, against few_rows=0): avx512_vnni 0.87x the time at 8 rows and 0.90x at 12; avx512 0.91x at
+// 8, 0.95x at 16; avx2 0.81x at 8, 0.92x at 16: 16.
+//
+// spr (2-core Sapphire Rapids-class VM with AMX; values of earlier sessions, git log -- csrc/cpu),
+// re-measured 2026-12-02 (the VM reports 480 MiB of L3): stream_prefetch, once the prefetch was
+// really issued, int8 at batch 1 0 / 512 / 1024 / 2048 bytes ahead 1.26 / 1.06 / 1.00 / 0.98 of
+// the 1024 time (1.10 of the probe at 1024), bf16 1.08 / 0.98 / 1.00 / 1.04: 1024;
+// panel_prefetch_next 1.40x / 1.15x the time at batch 64 / 256 f32: off; gather_ahead 2 / 4 / 6
+// against 8: 0.80 / 0.83 / 0.84 of its time at batch 256, 0.85 / 0.92 / 0.90 at 64, 0.89 / 0.89 /
+// 1.00 at 1: 4; few_rows (f32, the few-rows order against the tiles): 0.87x the time at 8 rows,
+// 0.94x at 12, 1.07x at 16: 12 (bf16 and int8 take the AMX tiles there either way).
+//
+// zen4: NOT measured on Zen 4 (no such machine yet): the Zen 5 row.
+//
+// zen3 (AMD family 25 without AVX-512: the avx2 path; 2-core Zen 3 VM, family 25 model 1,
+// 2026-12-02): the int8 batch-1 prefetch 1024 against 0 / 2048 / 4096 / 8192: 1.08 / 1.04 / 1.02 /
+// 1.05 of its time (kept), the avx2 panels' panel_prefetch_next 1.21x the time at batch 64 f32
+// (off), f32 decode by whole rows (gather_rows_f32) 0.77x / 0.80x / 0.80x the time of the chunked
+// walk at batch 1 / 64 / 256 (on); the other values are generic's.
+//
+// generic (AVX2 laptops, anything else): the former one-for-all values, not re-measured; few_rows
+// 16 as measured on the avx2 path of the Zen 5 VM.
 const Tuning kTable[] = {
     // cls      prefetch rows_bf16 block_1     block_n      chunk next ahead rows few
     {"zen5",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8,    0,   16},
     {"zen4",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8,    0,   16},
-    {"spr",     1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    0,   16},
+    {"spr",     1024,    8,        2 << 20,    512 << 10,   1024, 0,   4,    0,   12},
     {"zen3",    1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    1,   16},
     {"generic", 1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    0,   16},
 };

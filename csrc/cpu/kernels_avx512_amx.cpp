@@ -10,12 +10,20 @@
 // `prepare` once per row chunk, and C is features x input rows. Two A and two B tiles feed four
 // C tiles: the 8 tile registers.
 //
-// What bounds it (2-core Sapphire Rapids-class VM): tile loads, not products. A TDPBF16PS alone
-// issues every 4.4 ns; with one 1 KiB tile load per product (the 2 x 2 blocking: the least 8
-// tile registers allow) 14 ns from L1, 15 ns from L2, 23 ns when the A tile's 16 rows are 8 KiB
-// apart as W's rows are. K-chunking so that A comes from L1 for later row groups changed
-// nothing (34 ms either way at 64 rows, 4096 x 65536 bf16); neither did prefetching the next
-// feature rows into L2 (slower at 4 rows: 25 against 19 ms).
+// What bounds it (2-core Sapphire Rapids-class VM): tile loads, not products. bench_peaks.py
+// (2026-12-02): a TDPBF16PS or TDPBSSD issues every 5.2 ns per core; the kernel's step (2 A + 2 B
+// tile loads, 4 products) takes 5.1 ns per product from L1, 6.4 ns from L2 (256 KiB spans), 7.3-
+// 7.7 ns with A's 16 rows 8 KiB apart as W's are, 16-35 ns once the spans pass 1-1.5 MiB (L3).
+// The encode runs ~25 ns per product (bf16, 256 rows): perf puts ~70% of tile_block on the A
+// loads. Tried on that VM and not kept (alternating with this walk at 4096 x 65536 bf16, 256
+// rows): K passes keeping a pass's inputs in L2 with the sums in memory between passes (0.96-1.03x
+// the time, block 512 KiB to 4 MiB), row pairs outside feature pairs (1.03x), an L2 prefetch of
+// the next feature pair's rows (in those); packing A into contiguous tiles cost more than it
+// saved in a standalone model of the loop. What did help: W starting on a 64-byte boundary (an
+// unaligned W splits every tile row over two lines: 1.17x the time at 256 rows, see
+// python/saehook/_arrays.py WEIGHT_ALIGN). Earlier: K-chunking so that A comes from L1 for
+// later row groups changed nothing (34 ms either way at 64 rows); prefetching the next feature
+// rows into L2 was slower at 4 rows (25 against 19 ms).
 //
 // bf16: TDPBF16PS, float32 accumulation, inputs rounded to bf16 once (as the avx512_vnni path).
 // int8: TDPBSSD, signed x signed, inputs quantized per kQBlock block as the VNNI paths do (the
