@@ -311,6 +311,7 @@ def main() -> int:
 
     import saehook
     from saehook.demo.gguf_writer import vocab
+    from saehook.engines.llama import _llama_has_amx
     from common import read_bandwidth
 
     eos = vocab()[0].index("<|endoftext|>")
@@ -346,7 +347,15 @@ def main() -> int:
                                  "max_tokens": args.gen_tokens, "temperature": 0, **extra(i)}
 
         scenarios = []
+        # llama.cpp's AMX buffer type segfaults in its matrix product (README "llama.cpp"): on an
+        # AMX CPU llama-server runs without repacked weights, as HookedLlama loads them, and
+        # llama_cpp.server (no such option; plain llama_cpp.Llama crashed there) is left out.
+        amx = _llama_has_amx()
         for name in args.servers:
+            if amx and name == "llama_cpp.server":
+                print("llama_cpp.server: left out on this AMX CPU (llama.cpp's AMX weights segfault; it has no "
+                      "option to load without them)", flush=True)
+                continue
             port = free_port()
             if name == "saehook-fa":
                 cmd = [sys.executable, "-c", SAEHOOK_FA, json.dumps({
@@ -366,7 +375,7 @@ def main() -> int:
             elif name.startswith("llama-server"):
                 cmd = [llama_server_binary(args), "-m", path, "--host", "127.0.0.1", "--port", str(port),
                        "-np", str(par), "-c", str(n_ctx * par), "-t", str(args.threads), "-tb", str(args.threads),
-                       "--no-webui", "-lv", "0"]
+                       "--no-webui", "-lv", "0"] + (["--no-repack"] if amx else [])
                 scenarios.append((name, cmd, port, "/health", [("unsteered", lambda i: {"ignore_eos": True})]))
             else:
                 cmd = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1", "--port",

@@ -316,13 +316,16 @@ static inline void walk_few(int64_t R, int64_t nf, const Tile &tile) {
     for (int64_t r = 0; r < R; ++r) tile(integral_constant<int, 1>(), integral_constant<int, 1>(), r, j, int64_t(-2), 0, 0);
 }
 
-// F = 6 features per group with 4-row tiles on AVX-512 (24 accumulators; within noise of 4 x 4
-// in the test above: 8.8-9.1 ms against 8.9-9.5), 4 with the 2-row tiles of narrower vectors.
+// F = 4 features per group, with 4-row tiles on AVX-512 and 2-row tiles on narrower vectors. On
+// AVX-512, 4 x 6 tiles (24 accumulators) were within noise of 4 x 4 on the Zen 5 VM (the test
+// above: 8.8-9.1 ms against 8.9-9.5) but GCC spilled their accumulators to the stack, and on the
+// Sapphire Rapids-class VM 4 x 4 took 0.945x / 0.955x their time (f32, 8 rows, 2048 x 32768 /
+// 4096 x 65536, bench_builds alternation); 8 x 2 tiles took 1.15x.
 template <saehook_dtype DT>
 static void dot_few_rows(const float *x, int64_t ldx, int64_t R, const uint8_t *W, const float *scales, int64_t d,
                          int64_t f0, int64_t nf, float *out, int64_t ldo, int64_t f_next) {
   const size_t row_bytes = size_t(d) * Load<DT>::size;
-  walk_few<int(kRowTile), VB < 64 ? 4 : 6>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j, int64_t jn, int pa, int pb) {
+  walk_few<int(kRowTile), 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j, int64_t jn, int pa, int pb) {
     const uint8_t *pf = jn >= 0 ? W + (f0 + jn) * row_bytes : jn == -1 && f_next >= 0 ? W + f_next * row_bytes : nullptr;
     tile<DT, decltype(rg)::value, decltype(fg)::value>(x + r * ldx, ldx, W + (f0 + j) * row_bytes, row_bytes, d,
                                                        out + r * ldo + j, ldo, scales ? scales + f0 + j : nullptr, pf,
