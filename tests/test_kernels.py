@@ -319,8 +319,11 @@ def test_weights_saehook_makes_start_on_a_cache_line():
     # numpy puts large arrays 16 bytes past a page; saehook's conversions, quantization and
     # transposed copies (what the kernels then read) start at a multiple of 64 bytes.
     sae = make_sae(64, 4096, 8)
-    W = np.random.default_rng(0).standard_normal((4096, 64)).astype(np.float32)
-    assert W.ctypes.data % 64 != 0  # the case this is about (numpy's default placement)
+    buf = np.empty(4096 * 64 * 4 + 128, np.uint8)
+    start = -buf.ctypes.data % 64 + 16  # the inputs 16 bytes past a cache line, as numpy often has them
+    W = buf[start:start + 4096 * 64 * 4].view(np.float32).reshape(4096, 64)
+    W[...] = np.random.default_rng(0).standard_normal((4096, 64))
+    assert W.ctypes.data % 64 == 16
     for a in (convert_array(W, "f32", "bf16"), convert_array(W, "f32", "f16"), quantize_int8(W, "f32")[0],
               sae.to_dtype("bf16").arrays()["W_enc"], sae.to_dtype("int8").arrays()["W_enc"],
               sae.to_dtype("int8").to_dtype("bf16").arrays()["W_enc"],
