@@ -300,7 +300,7 @@ def test_cpu_kernels_prefetch_only_through_asm():
     # GCC 12 at -O3 deleted loops of __builtin_prefetch / _mm_prefetch in the batch-1 row kernels
     # of the VNNI and AMX paths (no prefetch was left in their object code; int8 at batch 1 read
     # 0.70 of the bandwidth on a Sapphire Rapids-class VM instead of 1.0). The kernels prefetch
-    # through kernels_impl.hpp's prefetch_t0/t1 (asm the compiler keeps) and nowhere else.
+    # through kernels_impl.hpp's prefetch_to (asm the compiler keeps) and nowhere else.
     import pathlib
     import re
 
@@ -311,8 +311,8 @@ def test_cpu_kernels_prefetch_only_through_asm():
             code = line.split("//", 1)[0]
             if re.search(r"\b(__builtin_prefetch|_mm_prefetch)\s*\(", code):
                 raw.setdefault(f.name, []).append(n)
-    # The helpers' own fallback for non-x86 targets is the only place left.
-    assert set(raw) <= {"kernels_impl.hpp"} and len(raw.get("kernels_impl.hpp", [])) == 2, raw
+    # The helper's own fallback for non-x86 targets is the only place left.
+    assert set(raw) <= {"kernels_impl.hpp"} and len(raw.get("kernels_impl.hpp", [])) == 1, raw
 
 
 def test_weights_saehook_makes_start_on_a_cache_line():

@@ -26,26 +26,24 @@ typedef int8_t vi8 __attribute__((vector_size(VB / 4)));
 // Every lane = a. (Filling the lanes in a loop made GCC emit one masked broadcast per lane.)
 static inline vf splat(float a) { return vf{} + a; }
 
-// A prefetch into L1 (T0) / L2 (T1) that the compiler keeps: GCC 12 at -O3 deleted loops whose
-// only effect was __builtin_prefetch / _mm_prefetch in some kernels (row_i8 of the VNNI and AMX
-// paths had none left in the object code, so its stream_prefetch did nothing: int8 at batch 1
-// read 0.78 of the probe's rate on the Sapphire Rapids-class VM, whatever the distance). The
-// address goes in a register, not as a memory operand: with "m" GCC scheduled the f32 few-rows
-// tile around the asm worse (8 rows at 4096 x 65536: 1.09x the time).
-static inline void prefetch_t0(const void *p) {
+// A prefetch into L1 (Level 0: prefetcht0) or L2 (Level 1: prefetcht1) that the compiler keeps:
+// GCC 12 at -O3 deleted loops whose only effect was __builtin_prefetch / _mm_prefetch in some
+// kernels (row_i8 of the VNNI and AMX paths had none left in the object code, so its
+// stream_prefetch did nothing: int8 at batch 1 read 0.78 of the probe's rate on the Sapphire
+// Rapids-class VM, whatever the distance). The address goes in a register, not as a memory
+// operand: with "m" GCC scheduled the f32 few-rows tile around the asm worse (8 rows at 4096 x
+// 65536: 1.09x the time).
+template <int Level>
+static inline void prefetch_to(const void *p) {
+  static_assert(Level == 0 || Level == 1, "prefetch_to: level 0 (L1) or 1 (L2)");
 #if defined(__x86_64__) || defined(__i386__)
-  __asm__ volatile("prefetcht0 (%0)" ::"r"(p));
+  __asm__ volatile("prefetcht%c1 (%0)" ::"r"(p), "i"(Level));
 #else
-  __builtin_prefetch(p, 0, 3);
+  __builtin_prefetch(p, 0, 3 - Level);
 #endif
 }
-static inline void prefetch_t1(const void *p) {
-#if defined(__x86_64__) || defined(__i386__)
-  __asm__ volatile("prefetcht1 (%0)" ::"r"(p));
-#else
-  __builtin_prefetch(p, 0, 2);
-#endif
-}
+static inline void prefetch_t0(const void *p) { prefetch_to<0>(p); }
+static inline void prefetch_t1(const void *p) { prefetch_to<1>(p); }
 
 // Software prefetch of the batch-1 kernels, which stream each weight row once: the `bytes` at
 // p + ahead into L1 (past a row's or block's end too: prefetches never fault); ahead is the CPU
