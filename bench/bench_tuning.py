@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sweep one CPU-class kernel parameter on this machine, in alternation with the read probe.
 
-    python bench/bench_tuning.py --key stream_prefetch --values 0,512,1024,2048 --dtype int8 --batch 1
+    python bench/bench_tuning.py --key stream_prefetch_i8 --values 0,1024,2048,4096 --dtype int8 --batch 1
     python bench/bench_tuning.py --key panel_chunk --values 512,1024,2048 --dtype bf16 --batch 256
 
 Each round measures the read bandwidth (saehook's probe), then encode once per value (after a

@@ -33,7 +33,11 @@ namespace {
 // spr (2-core Sapphire Rapids-class VM with AMX; values of earlier sessions, git log -- csrc/cpu),
 // re-measured 2026-12-02 (the VM reports 480 MiB of L3): stream_prefetch, once the prefetch was
 // really issued, int8 at batch 1 0 / 512 / 1024 / 2048 bytes ahead 1.26 / 1.06 / 1.00 / 0.98 of
-// the 1024 time (1.10 of the probe at 1024), bf16 1.08 / 0.98 / 1.00 / 1.04: 1024;
+// the 1024 time (1.10 of the probe at 1024), bf16 1.08 / 0.98 / 1.00 / 1.04: 1024. Later
+// (2026-12-02 evening, the same VM class in a slower state: read probe 15-19 GB/s instead of
+// 28-30, zmm FMA 0.24 ns instead of 0.15) int8 at 2048 / 4096 / 8192 took 0.93 / 0.92 / 0.95 of
+// the 1024 time (4096 in two more runs: 0.86, 0.925; 0.95 of the probe against 0.86), bf16
+// 1.05 / 1.02 / 1.00: int8 apart (stream_prefetch_i8) at 4096, bf16 stays at 1024;
 // panel_prefetch_next 1.40x / 1.15x the time at batch 64 / 256 f32: off; gather_ahead 2 / 4 / 6
 // against 8: 0.80 / 0.83 / 0.84 of its time at batch 256, 0.85 / 0.92 / 0.90 at 64, 0.89 / 0.89 /
 // 1.00 at 1: 4; few_rows (f32, the few-rows order against the tiles): 0.87x the time at 8 rows,
@@ -50,12 +54,12 @@ namespace {
 // generic (AVX2 laptops, anything else): the former one-for-all values, not re-measured; few_rows
 // 16 as measured on the avx2 path of the Zen 5 VM.
 const Tuning kTable[] = {
-    // cls      prefetch rows_bf16 block_1     block_n      chunk next ahead rows few
-    {"zen5",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8,    0,   16},
-    {"zen4",    1024,    4,        2 << 20,    512 << 10,   1024, 1,   8,    0,   16},
-    {"spr",     1024,    8,        2 << 20,    512 << 10,   1024, 0,   4,    0,   12},
-    {"zen3",    1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    1,   16},
-    {"generic", 1024,    8,        2 << 20,    512 << 10,   1024, 0,   8,    0,   16},
+    // cls      prefetch (bf16, int8) rows_bf16 block_1  block_n     chunk next ahead rows few
+    {"zen5",    1024, 1024,         4,        2 << 20, 512 << 10,  1024, 1,   8,    0,   16},
+    {"zen4",    1024, 1024,         4,        2 << 20, 512 << 10,  1024, 1,   8,    0,   16},
+    {"spr",     1024, 4096,         8,        2 << 20, 512 << 10,  1024, 0,   4,    0,   12},
+    {"zen3",    1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    1,   16},
+    {"generic", 1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    0,   16},
 };
 
 const Tuning *find_class(const char *name, size_t len) {
@@ -119,6 +123,7 @@ std::string parse(const char *spec, Tuning *out) {
       return "CPU tuning override '" + item + "' is not key=value with a non-negative integer value";
     const std::string key = item.substr(0, eq);
     if (key == "stream_prefetch") t.stream_prefetch = v;
+    else if (key == "stream_prefetch_i8") t.stream_prefetch_i8 = v;
     else if (key == "batch1_rows_bf16") {
       if (v != 1 && v != 2 && v != 4 && v != 8) return "batch1_rows_bf16 must be 1, 2, 4 or 8, not " + item.substr(eq + 1);
       t.batch1_rows_bf16 = int(v);
@@ -142,7 +147,7 @@ std::string parse(const char *spec, Tuning *out) {
       t.few_rows = int(v);
     } else {
       return "unknown CPU tuning key '" + key +
-             "'; keys: stream_prefetch, batch1_rows_bf16, block_bytes_1, block_bytes_n, panel_chunk, "
+             "'; keys: stream_prefetch, stream_prefetch_i8, batch1_rows_bf16, block_bytes_1, block_bytes_n, panel_chunk, "
              "panel_prefetch_next, gather_ahead, gather_rows_f32, few_rows";
     }
   }
@@ -200,10 +205,10 @@ const char *cpu_info_json() {
   char s[1024];
   std::snprintf(s, sizeof s,
                 "{\"vendor\": \"%s\", \"family\": %u, \"model\": %u, \"stepping\": %u, \"detected_class\": \"%s\", "
-                "\"classes\": [%s], \"class\": \"%s\", \"params\": {\"stream_prefetch\": %lld, \"batch1_rows_bf16\": %d, "
+                "\"classes\": [%s], \"class\": \"%s\", \"params\": {\"stream_prefetch\": %lld, \"stream_prefetch_i8\": %lld, \"batch1_rows_bf16\": %d, "
                 "\"block_bytes_1\": %lld, \"block_bytes_n\": %lld, \"panel_chunk\": %lld, \"panel_prefetch_next\": %d, \"gather_ahead\": %d, \"gather_rows_f32\": %d, \"few_rows\": %d}}",
                 c.vendor, c.family, c.model, c.stepping, c.detected_class.c_str(), classes.c_str(), t.cls,
-                (long long)t.stream_prefetch, t.batch1_rows_bf16, (long long)t.block_bytes_1,
+                (long long)t.stream_prefetch, (long long)t.stream_prefetch_i8, t.batch1_rows_bf16, (long long)t.block_bytes_1,
                 (long long)t.block_bytes_n, (long long)t.panel_chunk, t.panel_prefetch_next, t.gather_ahead,
                 t.gather_rows_f32, t.few_rows);
   buf = s;

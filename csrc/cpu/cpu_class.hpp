@@ -11,9 +11,10 @@ namespace saehook::cpu {
 
 struct Tuning {
   const char *cls;  // the class these parameters are for ("zen5", "zen4", "spr", "zen3", "generic")
-  // Batch-1 row kernels (bf16, int8): software prefetch this many bytes ahead in each weight
-  // row (0: none, the hardware prefetcher alone).
-  int64_t stream_prefetch;
+  // Batch-1 row kernels: software prefetch this many bytes ahead in each weight row, bf16 and
+  // int8 weights apart (0: none, the hardware prefetcher alone). An int8 row of d_model 4096 is
+  // one 4 KiB page, where the hardware's stream prefetch stops, so int8 leans on this more.
+  int64_t stream_prefetch, stream_prefetch_i8;
   // Batch-1 bf16 dot-product tiles: feature rows read interleaved (1, 2, 4 or 8).
   int batch1_rows_bf16;
   // Encoder weight bytes per task: at batch 1 (streamed once) and at several rows (the block

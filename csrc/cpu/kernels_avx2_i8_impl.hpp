@@ -303,7 +303,7 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
   const int8_t *W = static_cast<const int8_t *>(Wv) + f0 * d;
   const float *ws = scales + f0;
   const int64_t rb = i8_row_bytes(d), dpad = round_up(d, 64);
-  if (R == 1) return row_i8(x, dpad, W, d, nf, ws, out, tp.stream_prefetch);
+  if (R == 1) return row_i8(x, dpad, W, d, nf, ws, out, tp.stream_prefetch_i8);
   int64_t r = 0;
   // 3 x 2 tiles, then 2 x 2: 4096 x 65536 at batch 64 (this VM, forced ISA) avx2_vnni 162-169
   // -> 146-150 ms, avx2 199-205 -> 180-183 ms against 2 x 2 alone.
