@@ -147,8 +147,8 @@ std::string parse(const char *spec, Tuning *out) {
       t.few_rows = int(v);
     } else {
       return "unknown CPU tuning key '" + key +
-             "'; keys: stream_prefetch, stream_prefetch_i8, batch1_rows_bf16, block_bytes_1, block_bytes_n, panel_chunk, "
-             "panel_prefetch_next, gather_ahead, gather_rows_f32, few_rows";
+             "'; keys: stream_prefetch, stream_prefetch_i8, batch1_rows_bf16, block_bytes_1, block_bytes_n, "
+             "panel_chunk, panel_prefetch_next, gather_ahead, gather_rows_f32, few_rows";
     }
   }
   *out = t;

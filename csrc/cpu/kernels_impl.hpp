@@ -47,9 +47,10 @@ static inline void prefetch_t1(const void *p) { prefetch_to<1>(p); }
 
 // Software prefetch of the batch-1 kernels, which stream each weight row once: the `bytes` at
 // p + ahead into L1 (past a row's or block's end too: prefetches never fault); ahead is the CPU
-// class's Tuning::stream_prefetch (bf16 rows) or stream_prefetch_i8 (int8 rows; 0: none). On the 2-core Sapphire Rapids-class VM, 4096 x 65536
-// against the read probe (2026-12-02, two threads): int8 0.88 without, 1.04 at 512 bytes ahead,
-// 1.10 at 1 KiB, 1.11 at 2 KiB; bf16 0.88 without, 0.97 / 0.95 / 0.92 at 512 / 1024 / 2048.
+// class's Tuning::stream_prefetch (bf16 rows) or stream_prefetch_i8 (int8 rows; 0: none). On
+// the 2-core Sapphire Rapids-class VM, 4096 x 65536 against the read probe (2026-12-02, two
+// threads): int8 0.88 without, 1.04 at 512 bytes ahead, 1.10 at 1 KiB, 1.11 at 2 KiB; bf16 0.88
+// without, 0.97 / 0.95 / 0.92 at 512 / 1024 / 2048.
 static inline void prefetch_ahead(const void *p, int64_t bytes, int64_t ahead) {
   if (ahead <= 0) return;
   for (int64_t l = 0; l < bytes; l += 64) prefetch_t0(static_cast<const char *>(p) + ahead + l);
