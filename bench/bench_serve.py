@@ -258,6 +258,17 @@ def load(port: int, concurrency: int, reqs: int, make_body) -> Dict[str, float]:
             "itl_p99_ms": 1e3 * float(np.percentile(itl, 99)) if itl else float("nan")}
 
 
+# llama_cpp.server as `python -m llama_cpp.server` runs it, with the model loaded without llama.cpp's
+# extra buffer types (use_extra_bufts off, as HookedLlama loads on an AMX CPU, where llama.cpp's AMX
+# weights segfault and llama_cpp.server has no option to load without them): Llama.__init__ takes
+# its model parameters from llama_cpp.llama_cpp.llama_model_default_params, wrapped here.
+LLAMA_CPP_SERVER_NO_EXTRA_BUFTS = (
+    "import runpy, sys; import llama_cpp.llama_cpp as C; default = C.llama_model_default_params\n"
+    "def params():\n    p = default(); p.use_extra_bufts = False; return p\n"
+    "C.llama_model_default_params = params; sys.argv[0] = 'llama_cpp.server'\n"
+    "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -269,7 +280,8 @@ CONFIG = {
     "llama-server": "its defaults: n_batch 2048 (capped at the context), n_ubatch 512, flash attention auto (on, "
                     "CPU), one KV stream per slot (kv_unified off), prompt cache with context checkpoints; "
                     "OpenMP's default spin-wait",
-    "llama_cpp.server": "one request at a time; n_batch 512, flash attention off; GOMP_SPINCOUNT=1000 (as saehook)",
+    "llama_cpp.server": "one request at a time; n_batch 512, flash attention off; GOMP_SPINCOUNT=1000 (as saehook); "
+                        "on an AMX CPU without llama.cpp's extra buffer types (as saehook)",
     "saehook": "n_batch = n_ubatch = 512, flash attention off, one unified KV cache, prompt cache keyed by "
                "steering (checkpoints on recurrent models); GOMP_SPINCOUNT=1000",
     "saehook-fa": "as saehook, with flash attention auto (as llama-server)",
@@ -348,14 +360,10 @@ def main() -> int:
 
         scenarios = []
         # llama.cpp's AMX buffer type segfaults in its matrix product (README "llama.cpp"): on an
-        # AMX CPU llama-server runs without repacked weights, as HookedLlama loads them, and
-        # llama_cpp.server (no such option; plain llama_cpp.Llama crashed there) is left out.
+        # AMX CPU every server loads the weights without it, as HookedLlama does (llama-server with
+        # --no-repack, llama_cpp.server through LLAMA_CPP_SERVER_NO_EXTRA_BUFTS).
         amx = _llama_has_amx()
         for name in args.servers:
-            if amx and name == "llama_cpp.server":
-                print("llama_cpp.server: left out on this AMX CPU (llama.cpp's AMX weights segfault; it has no "
-                      "option to load without them)", flush=True)
-                continue
             port = free_port()
             if name == "saehook-fa":
                 cmd = [sys.executable, "-c", SAEHOOK_FA, json.dumps({
@@ -378,7 +386,8 @@ def main() -> int:
                        "--no-webui", "-lv", "0"] + (["--no-repack"] if amx else [])
                 scenarios.append((name, cmd, port, "/health", [("unsteered", lambda i: {"ignore_eos": True})]))
             else:
-                cmd = [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1", "--port",
+                launch = ["-c", LLAMA_CPP_SERVER_NO_EXTRA_BUFTS] if amx else ["-m", "llama_cpp.server"]
+                cmd = [sys.executable, *launch, "--model", path, "--host", "127.0.0.1", "--port",
                        str(port), "--n_ctx", str(n_ctx), "--n_threads", str(args.threads), "--n_threads_batch",
                        str(args.threads), "--verbose", "false", "--interrupt_requests", "false"]
                 scenarios.append((name, cmd, port, "/v1/models", [
