@@ -297,7 +297,19 @@ def _traced(tracer, block):
         gc.enable()
 
 
-def test_ctrl_c_pending_when_a_block_exits_still_cleans_up(model, sae):
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test, whatever the test process inherited: a
+    background job of a non-interactive shell starts with SIGINT ignored (SIG_IGN), where a held
+    Ctrl-C is rightly dropped (this test failed twice in CI runs started that way)."""
+    prev = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, prev)
+
+
+def test_ctrl_c_pending_when_a_block_exits_still_cleans_up(model, sae, python_sigint):
     # signal.signal() runs a pending Ctrl-C with the old handler before it swaps: an exit that
     # installed its hold once lost its whole cleanup to a Ctrl-C that came a few bytecodes early
     # (the entry stayed live and steered every later decode; seen in the real Ctrl-C loop under load)
@@ -317,6 +329,59 @@ def test_ctrl_c_pending_when_a_block_exits_still_cleans_up(model, sae):
             else:
                 pytest.fail(f"{name}: no KeyboardInterrupt from a Ctrl-C pending at install {at} of {counter.n}")
             assert_clean(llm, baseline, f"{name}: Ctrl-C pending at install {at}")
+
+
+def test_blocks_leave_an_ignored_sigint_ignored(model, sae):
+    # SIGINT ignored (SIG_IGN, as a background job inherits it): the holds change nothing, a real
+    # SIGINT inside a block stays ignored, and the handler afterwards is SIG_IGN, not a hold
+    llm = open_llm(model)
+    llm.eval(TOKENS[:10])
+    baseline = logits(llm)
+    prev = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for name, block in _blocks(llm, sae).items():
+            with llm.steer(strong(sae)):
+                os.kill(os.getpid(), signal.SIGINT)
+                block()
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN, name
+            assert_clean(llm, baseline, name)
+    finally:
+        signal.signal(signal.SIGINT, prev)
+
+
+def test_a_held_ctrl_c_reaches_sig_dfl_after_the_cleanup(tmp_path):
+    # SIG_DFL (a program that reset SIGINT): the Ctrl-C held during a critical section ends the
+    # process by SIGINT once the hold is released, as it would have without the hold
+    script = tmp_path / "dfl.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal
+        from saehook.engines.llama import _SigintHold
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        hold = _SigintHold()
+        hold.install()
+        os.kill(os.getpid(), signal.SIGINT)  # the hold's handler runs at the next check point
+        for _ in range(3):
+            pass
+        print("held", hold.pending, flush=True)
+        hold.release()
+        print("not reached", flush=True)
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGINT, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout == "held True\n", r.stdout
+
+
+def test_a_sigint_handler_set_outside_python_is_not_replaced(monkeypatch):
+    # signal.getsignal() is None when the handler was not installed from Python (an embedding
+    # program's C handler): signal.signal() could not put it back, so the hold must not take it
+    calls = []
+    monkeypatch.setattr(shl.signal, "getsignal", lambda sig: None)
+    monkeypatch.setattr(shl.signal, "signal", lambda *a: calls.append(a))
+    hold = shl._SigintHold()
+    hold.install()
+    hold.install()
+    hold.release()
+    assert calls == [] and hold.prev is None
 
 
 def test_a_cleanup_that_keeps_failing_is_finished_before_the_next_decode(model, sae):

@@ -300,8 +300,12 @@ class _SigintHold:
             hold.install()      # now installed, whatever the first one did
             try: ... finally: hold.release()
 
-    release() puts the previous handler back and raises the KeyboardInterrupt held back, once
-    the state is consistent."""
+    release() puts the previous handler back and, once the state is consistent, hands it the
+    Ctrl-C held back: Python's default handler raises KeyboardInterrupt, a program's own handler
+    is called, SIG_DFL is re-raised (the process ends as it would have). A process that ignores
+    SIGINT (SIG_IGN: a background job of a non-interactive shell inherits that) or whose SIGINT
+    handler was not set from Python (None: an embedding program's C handler, which
+    signal.signal() could not put back) is left alone: install() then changes nothing."""
 
     __slots__ = ("prev", "pending")
 
@@ -313,6 +317,9 @@ class _SigintHold:
 
     def install(self) -> None:
         try:
+            current = signal.getsignal(signal.SIGINT)
+            if current is None or current == signal.SIG_IGN:
+                return
             self.adopt(signal.signal(signal.SIGINT, self))
         except ValueError:  # not the main thread: Python signal handlers never run there
             pass
@@ -330,6 +337,8 @@ class _SigintHold:
             self.pending = False
             if callable(prev):
                 prev(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+            elif prev == signal.SIG_DFL:
+                signal.raise_signal(signal.SIGINT)
 
 
 class _Generation:
