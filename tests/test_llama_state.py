@@ -282,11 +282,10 @@ class CtrlCAtInstall:
 
 
 def _traced(tracer, block):
-    """block() under sys.settrace(tracer), with no garbage collection inside: a block an earlier
-    injected Ctrl-C interrupted can leave its context manager's generator suspended in a
-    reference cycle (the exception's traceback), and the collector closing it -- which runs its
-    cleanup, installs included -- in the middle of a traced run shifted the install count (and a
-    Ctrl-C raised inside that close is only printed, not raised: "DID NOT RAISE", seen in CI)."""
+    """block() under sys.settrace(tracer), with no garbage collection inside: a context manager
+    an earlier run left suspended in a reference cycle, closed by the collector mid-run, would
+    add its cleanup's installs to the count (a precaution; the CI failures this test had came
+    from an inherited SIG_IGN, see python_sigint)."""
     gc.collect()
     gc.disable()
     sys.settrace(tracer)
