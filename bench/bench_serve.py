@@ -13,7 +13,9 @@ then their median and range printed); reported per server and scenario (medians 
 aggregate generated tokens/s, time to first token (p50) and inter-token latency (p50, p99). saehook runs unsteered and steered (each
 request clamps a different feature: one encode per step serves the whole batch). The targets
 (README "Serve"): at concurrency 8 unsteered, >= 0.9x llama-server and >= 3x llama_cpp.server;
-steered, the added time per decode step at most the SAE's W_enc read bound + 10%.
+steered, the added time per decode step at most the SAE's W_enc read bound + 10%. Next to that
+difference of two runs, saehook's rows carry the hook's own time per step as the server timed it
+(/health hook_seconds over the run's steps), which the VM's drift between runs does not touch.
 
 Configurations (printed with each server, and kept in the JSON with the machine's load before its
 run): llama-server with its defaults (flash attention auto, one KV stream per slot, OpenMP's
@@ -117,6 +119,12 @@ def llama_server_binary(args) -> str:
                            "-DLLAMA_OPENSSL=OFF", "-DGGML_NATIVE=ON"])
     subprocess.check_call(["cmake", "--build", build, "--target", "llama-server", "-j", str(os.cpu_count())])
     return binary
+
+
+def health_of(port: int) -> dict:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request("GET", "/health")
+    return json.loads(c.getresponse().read())
 
 
 class Server:
@@ -421,11 +429,17 @@ def main() -> int:
                 shift = rnd % len(runs)
                 for conc in args.concurrency:
                     for name, vname, extra, port in runs[shift:] + runs[:shift]:
+                        h0 = health_of(port) if name.startswith("saehook") else None
                         r = load(port, conc, args.reqs, body(extra, rnd))
+                        if h0 is not None:  # the hook's own time per step, timed inside the server
+                            h1 = health_of(port)
+                            r["hook_ms_per_step"] = ((h1["hook_seconds"] - h0["hook_seconds"]) * 1e3
+                                                     / max(1, h1["steps"] - h0["steps"]))
                         per_round.setdefault((name, vname, conc), []).append(r)
+                        hook = f"  hook {r['hook_ms_per_step']:.2f} ms/step" if "hook_ms_per_step" in r else ""
                         print(f"{name:<17} {vname:<10} c={conc}: {r['tok_s']:8.1f} tok/s  TTFT p50 "
                               f"{r['ttft_p50_ms']:7.1f} ms  ITL p50 {r['itl_p50_ms']:7.2f} ms  p99 "
-                              f"{r['itl_p99_ms']:7.2f} ms  ({r['tokens']} tokens)", flush=True)
+                              f"{r['itl_p99_ms']:7.2f} ms  ({r['tokens']} tokens){hook}", flush=True)
         finally:
             for srv in started:
                 srv.stop()
@@ -465,6 +479,9 @@ def main() -> int:
         per_round_ratio("steered_added_ms_per_step", [b["itl_p50_ms"] - a["itl_p50_ms"] for a, b in zip(s, st)],
                         f"steered: ms added per decode step (ITL p50, steered - unsteered) against a W_enc read "
                         f"bound of {bound_ms:.2f} ms (target <= {1.1 * bound_ms:.2f} ms)")
+        per_round_ratio("steered_hook_ms_per_step", [b["hook_ms_per_step"] for b in st if "hook_ms_per_step" in b],
+                        f"steered: the hook's own time per step inside the server (/health hook_seconds; every "
+                        f"step, prompt chunks included) against the {bound_ms:.2f} ms bound")
         all_rows.append(row)
     with open(args.json, "w") as f:
         json.dump({"args": vars(args), "rows": all_rows}, f, indent=1)

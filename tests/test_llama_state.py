@@ -330,6 +330,28 @@ def test_ctrl_c_pending_when_a_block_exits_still_cleans_up(model, sae, python_si
             assert_clean(llm, baseline, f"{name}: Ctrl-C pending at install {at}")
 
 
+def test_hook_seconds_count_the_hooks_own_time(model, sae):
+    # no entries: the callback does nothing and the clock stays; a steered capture: it runs, for
+    # less than the decodes' wall time
+    import time
+    llm = open_llm(model)
+    assert llm.hook_seconds == 0.0
+    llm.eval(TOKENS[:10])
+    assert llm.hook_seconds == 0.0
+    llm.reset()
+    with llm.steer(strong(sae)), llm.capture({1: sae, 2: sae}):
+        t0 = time.perf_counter()
+        llm.eval(TOKENS[:20])
+        wall = time.perf_counter() - t0
+    spent = llm.hook_seconds
+    assert 0 < spent < wall, (spent, wall)
+    llm.reset()
+    llm.eval(TOKENS[:10])  # the entries are gone: no more hook time
+    assert llm.hook_seconds == spent
+    llm.close()
+    assert llm.hook_seconds == 0.0
+
+
 def test_blocks_leave_an_ignored_sigint_ignored(model, sae):
     # SIGINT ignored (SIG_IGN, as a background job inherits it): the holds change nothing, a real
     # SIGINT inside a block stays ignored, and the handler afterwards is SIG_IGN, not a hold

@@ -326,12 +326,16 @@ def test_eight_concurrent_specs_each_equal_their_solo_run(demo_server, demo_sae)
         results[i] = run(i, i % 2 == 0)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    wall = time.monotonic() - t0
     assert results == solo
     after = demo_server.health()
+    # the hook's own time in these decodes: some, and less than the wall time they took
+    assert 0 < after["hook_seconds"] - before["hook_seconds"] < wall, (before, after, wall)
     steps, decodes = (after[k] - before[k] for k in ("steps", "decodes"))
     # continuous batching: far fewer steps than the 8 x 16 tokens, one llama_decode per step, and
     # one encode per decode at the steered layer serves the 8 different clamps (n_batch = n_ubatch)

@@ -140,6 +140,10 @@ SAEHOOK_API void saehook_llama_hook_clear_seq(saehook_llama_hook *hook, int32_t 
 /* SAE encodes (and reconstructions) the callback has run so far, and in *rows (may be NULL)
  * the rows they covered: a way to check that entries share their encodes. */
 SAEHOOK_API int64_t saehook_llama_hook_encode_count(const saehook_llama_hook *hook, int64_t *rows);
+/* Nanoseconds the callback has spent so far on hooked blocks (reading their rows, encodes,
+ * steering write-back; on the device path the host's side of it, kernels launched not awaited):
+ * the hook's own share of a decode, measured where it runs. -1 for a NULL hook. */
+SAEHOOK_API int64_t saehook_llama_hook_time_ns(const saehook_llama_hook *hook);
 
 /* Steering modes (saehook.h API version 2). Entries take every steering item, conditions and
  * latches included. Conditions are evaluated on every row an entry wants (its sequence, any

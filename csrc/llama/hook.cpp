@@ -2,6 +2,7 @@
 #include "saehook_llama.h"
 
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
@@ -130,6 +131,7 @@ struct saehook_llama_hook {
   bool keep_residuals = false;
   std::string error;
   int64_t n_encodes = 0, encoded_rows = 0;  // SAE encodes the callback ran, and their rows
+  int64_t process_ns = 0;  // time the callback spent on hooked blocks (saehook_llama_hook_time_ns)
   // scratch, reused across calls
   std::vector<float> buf, src, gather, enc_v;
   std::vector<int32_t> enc_ix;
@@ -741,7 +743,11 @@ bool saehook_llama_callback(struct ggml_tensor *t, bool ask, void *user_data) {
     if (layer == 0) h->begin_ubatch(h->api.nrows(t));
     return h->hooked(layer);
   }
-  if (h->hooked(layer)) h->process(layer, t);
+  if (h->hooked(layer)) {
+    const auto t0 = std::chrono::steady_clock::now();
+    h->process(layer, t);
+    h->process_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+  }
   return true;  // false would only skip the rest of the split, never what we want
 }
 
@@ -912,6 +918,12 @@ int64_t saehook_llama_hook_encode_count(const saehook_llama_hook *hook, int64_t 
   std::lock_guard<std::mutex> lk(hook->mu);
   if (rows) *rows = hook->encoded_rows;
   return hook->n_encodes;
+}
+
+int64_t saehook_llama_hook_time_ns(const saehook_llama_hook *hook) {
+  if (!hook) return -1;
+  std::lock_guard<std::mutex> lk(hook->mu);
+  return hook->process_ns;
 }
 
 saehook_status saehook_llama_hook_set_cvec(saehook_llama_hook *hook, const float *data, size_t len, int32_t n_embd,

@@ -130,6 +130,7 @@ class _Lib:
             "saehook_llama_hook_entry_ids": (c.c_int32, [P, P, c.c_int32]),
             "saehook_llama_hook_clear_seq": (None, [P, c.c_int32]),
             "saehook_llama_hook_encode_count": (c.c_int64, [P, P]),
+            "saehook_llama_hook_time_ns": (c.c_int64, [P]),
             "saehook_llama_hook_clear_captured": (None, [P, c.c_int32]),
             "saehook_llama_hook_add_reconstruct": (c.c_int32, [P, c.c_int32, P]),
             "saehook_llama_hook_remove": (c.c_int, [P, c.c_int32]),
@@ -607,6 +608,13 @@ class HookedLlama(llama_cpp.Llama):
         """SAE encodes the hook's callback has run so far (one per (SAE, k) group, layer and
         micro-batch when entries share their encode)."""
         return int(_lib().encode_count(self._hook, None)) if self._hook else 0
+
+    @property
+    def hook_seconds(self) -> float:
+        """Seconds the hook's callback has spent so far on hooked blocks (reading their rows,
+        SAE encodes, steering write-back): the hook's own share of the decodes, timed where it
+        runs (on the GPU path the host's side: kernels launched, not awaited)."""
+        return int(_lib().time_ns(self._hook)) * 1e-9 if self._hook else 0.0
 
     def live_entry_ids(self) -> List[int]:
         """The ids of the entries live on the C side (for checks: it equals what Python holds)."""

@@ -182,7 +182,8 @@ class Scheduler:
         with self.cv:
             return {"mode": self.mode, "parallel": self.parallel, "active": sum(s.job is not None for s in self.slots),
                     "waiting": len(self.waiting), "steps": self.steps, "decodes": self.decodes,
-                    "encodes": self.llm.encode_count, "encodes_per_decode": dict(self.encodes_per_decode)}
+                    "encodes": self.llm.encode_count, "encodes_per_decode": dict(self.encodes_per_decode),
+                    "hook_seconds": self.llm.hook_seconds}
 
     def close(self) -> None:
         """Stops after the running requests (the HTTP server drains them first)."""
