@@ -335,7 +335,13 @@ def test_eight_concurrent_specs_each_equal_their_solo_run(demo_server, demo_sae)
     assert results == solo
     after = demo_server.health()
     # the hook's own time in these decodes: some, and less than the wall time they took
-    assert 0 < after["hook_seconds"] - before["hook_seconds"] < wall, (before, after, wall)
+    hook = after["hook_seconds"] - before["hook_seconds"]
+    assert 0 < hook < wall, (before, after, wall)
+    # decodes of generated tokens only: some of them (the prompts came in steps of their own or
+    # next to tokens), and a share of that time
+    gen = after["generation_decodes"] - before["generation_decodes"]
+    assert 0 < gen < after["decodes"] - before["decodes"], (before, after)
+    assert 0 < after["generation_hook_seconds"] - before["generation_hook_seconds"] < hook, (before, after)
     steps, decodes = (after[k] - before[k] for k in ("steps", "decodes"))
     # continuous batching: far fewer steps than the 8 x 16 tokens, one llama_decode per step, and
     # one encode per decode at the steered layer serves the 8 different clamps (n_batch = n_ubatch)

@@ -156,6 +156,9 @@ class Scheduler:
         self.steps = 0      # scheduler steps
         self.decodes = 0    # llama_decode calls (one per step in batched mode)
         self.encodes_per_decode: Dict[int, int] = {}  # SAE encodes in one decode -> how many decodes
+        # decodes of generated tokens only (no prompt chunk) and the hook's time in them: what a
+        # steered decode step costs (bench_serve)
+        self.generation_decodes, self.generation_hook_seconds = 0, 0.0
         self.thread = threading.Thread(target=self._run, name="saehook-scheduler", daemon=True)
         self.thread.start()
 
@@ -183,7 +186,8 @@ class Scheduler:
             return {"mode": self.mode, "parallel": self.parallel, "active": sum(s.job is not None for s in self.slots),
                     "waiting": len(self.waiting), "steps": self.steps, "decodes": self.decodes,
                     "encodes": self.llm.encode_count, "encodes_per_decode": dict(self.encodes_per_decode),
-                    "hook_seconds": self.llm.hook_seconds}
+                    "hook_seconds": self.llm.hook_seconds, "generation_decodes": self.generation_decodes,
+                    "generation_hook_seconds": self.generation_hook_seconds}
 
     def close(self) -> None:
         """Stops after the running requests (the HTTP server drains them first)."""
@@ -396,10 +400,13 @@ class Scheduler:
         b.n_tokens = n
         llm = self.llm
         llm.announce(toks, pos, seq_ids=seqs, outputs=outs, generated=gens)
-        e0 = llm.encode_count
+        e0, h0 = llm.encode_count, llm.hook_seconds
         rc = llama_cpp.llama_decode(self.ctx, b)
         self.decodes += 1
         e = llm.encode_count - e0
+        if all(generated and len(tokens) == 1 for _, tokens, generated, _ in group):
+            self.generation_decodes += 1
+            self.generation_hook_seconds += llm.hook_seconds - h0
         self.encodes_per_decode[e] = self.encodes_per_decode.get(e, 0) + 1
         if rc != 0:
             llm._reset_queue()
