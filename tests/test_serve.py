@@ -797,6 +797,42 @@ def test_command_line_errors(tmp_path, capsys):
         assert flag in help_text
 
 
+def test_default_context_is_the_training_context_and_a_taken_port_is_said_first():
+    # the demo model was trained on 512-token contexts: without --n-ctx each request holds 512
+    # tokens (as llama-server defaults to the training context), and llama.cpp's warning about
+    # the whole unified cache against it is not printed
+    from saehook.engines.protocol import gguf_model_facts
+
+    assert gguf_model_facts(demo.MODEL)["n_ctx_train"] == 512
+    s = Server(demo.MODEL, "--parallel", 2)
+    try:
+        st, body = post(s, "/v1/completions", {"prompt": " the" * 600, "max_tokens": 4})
+        assert st == 400 and body["error"]["code"] == "context_length_exceeded", body
+        assert "holds 512 per request" in body["error"]["message"], body
+        st, body = post(s, "/v1/completions", {"prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+        assert st == 200, body
+        # the same port again: refused before any model loads, naming the address
+        r = subprocess.run([sys.executable, "-m", "saehook", "serve", str(demo.MODEL), "--port", str(s.port)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{s.port}" in r.stderr, r.stderr
+        assert "llama" not in r.stderr, r.stderr  # nothing was loaded
+    finally:
+        s.stop()
+    assert not any("n_ctx_train" in line for line in s.output), "".join(s.output)
+
+
+def test_a_context_above_the_training_context_is_warned():
+    from saehook.serve import load_server
+
+    with pytest.warns(UserWarning, match=r"--n-ctx 1024 is above .*training context \(512 tokens\)"):
+        state = load_server(demo.MODEL, {}, parallel=1, n_ctx=1024, n_threads=1)
+    try:
+        assert state.scheduler.n_ctx == 1024  # used as given
+    finally:
+        state.scheduler.close()
+        state.llm.close()
+
+
 def test_labels_in_features_and_label_named_steering(tmp_path, demo_sae):
     """An SAE with a label file: feature entries carry "label", a steer op may name its feature
     "label:TEXT" (the same output as by index), and an ambiguous label is a 400 listing both."""

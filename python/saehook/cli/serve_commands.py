@@ -20,6 +20,27 @@ def sae_specs(specs):
     return out
 
 
+def port_free(host: str, port: int) -> None:
+    """Raises OSError naming host:port when a server can't bind there (uvicorn binds the same way,
+    SO_REUSEADDR on): said before the model loads, and before a startup line names the address."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"--host {host!r}: {e.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): another server has it? choose "
+                          "another --port") from None
+
+
 def cmd_serve(args) -> int:
     try:
         from ..serve import Limits, load_server, run
@@ -42,6 +63,7 @@ def cmd_serve(args) -> int:
                    limits=limits, queue_size=args.queue, decode=args.decode, model_name=args.model_name, k=args.k,
                    flash_attn=args.flash_attn)
         return 0
+    port_free(args.host, args.port)  # before the model loads: a taken port is said at once
     state = load_server(args.model, sae_specs(args.sae), parallel=args.parallel, n_ctx=args.n_ctx,
                         n_batch=args.n_batch, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                         chat_format=args.chat_format, api_key=args.api_key or os.environ.get("SAEHOOK_API_KEY"),
@@ -67,9 +89,9 @@ def register(sub) -> None:
     s.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     s.add_argument("--parallel", type=int, default=4,
                    help="requests generated at once, one llama.cpp sequence each (default 4)")
-    s.add_argument("--n-ctx", type=int, default=4096,
+    s.add_argument("--n-ctx", type=int, default=None,
                    help="context per request, prompt plus generated tokens; the KV cache holds "
-                   "n_ctx x parallel tokens (default 4096)")
+                   "n_ctx x parallel tokens (default 4096, or the model's training context when shorter)")
     s.add_argument("--n-batch", type=int, default=512,
                    help="tokens per llama_decode: pending tokens of running requests plus a chunk of a new prompt "
                    "(default 512)")

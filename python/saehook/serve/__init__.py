@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 import signal
+import warnings
 from typing import Mapping, Optional
 
 from .protocol import APIError, Limits, SAERegistry
@@ -54,13 +55,21 @@ def chat_formatter(llm, chat_format: Optional[str] = None):
     return fmt
 
 
-def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx: int = 4096, n_batch: int = 512,
+DEFAULT_N_CTX = 4096  # per request, when the model's training context is not shorter
+
+
+def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx: Optional[int] = None,
+                n_batch: int = 512,
                 n_threads: Optional[int] = None, n_gpu_layers: int = 0, chat_format: Optional[str] = None,
                 api_key: Optional[str] = None, limits: Limits = Limits(), queue_size: int = 64,
                 decode: str = "auto", model_name: Optional[str] = None, k: Optional[int] = None,
                 flash_attn: str = "off"):
     """Loads the model and SAEs and starts the scheduler; returns the ServeState an app serves.
     The KV cache holds n_ctx tokens for each of the `parallel` sequences (one unified cache).
+    n_ctx None: DEFAULT_N_CTX, or the model's training context when that is shorter (as
+    llama-server defaults to it); a larger n_ctx is used as given, with a warning. llama.cpp's
+    own warnings are off (its errors print): with one unified cache it compares the whole
+    cache, n_ctx x parallel, with the training context, and so warned on every correct setup.
     flash_attn: "off" (default), "on", or "auto" (llama-server's default: on where the backend
     has the kernel, as the CPU does). Off keeps every request's result independent of what else
     is in the unified cache: the plain attention path masks other sequences' cells to exact
@@ -82,8 +91,17 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
         raise ValueError(f"flash_attn must be one of {', '.join(fa_types)}, got {flash_attn!r}")
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
+    from ..engines.protocol import gguf_model_facts, quiet_llama_log
+
+    n_ctx_train = gguf_model_facts(model)["n_ctx_train"] if os.path.isfile(model) else None
+    if n_ctx is None:
+        n_ctx = min(DEFAULT_N_CTX, n_ctx_train) if n_ctx_train else DEFAULT_N_CTX
+    elif n_ctx_train and n_ctx > n_ctx_train:
+        warnings.warn(f"--n-ctx {n_ctx} is above {os.path.basename(model)}'s training context ({n_ctx_train} "
+                      "tokens): requests that run past it may produce garbage", stacklevel=2)
     if n_ctx < 8:
         raise ValueError(f"--n-ctx must be >= 8, got {n_ctx}")
+    quiet_llama_log()
     loaded = {}
     for name, path in saes.items():
         obj = load(path, k=k)
