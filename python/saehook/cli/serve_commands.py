@@ -21,8 +21,9 @@ def sae_specs(specs):
 
 
 def port_free(host: str, port: int) -> None:
-    """Raises OSError naming host:port when a server can't bind there (uvicorn binds the same way,
-    SO_REUSEADDR on): said before the model loads, and before a startup line names the address."""
+    """Raises OSError naming host:port when a server can't bind there: said before the model
+    loads, and before a startup line names the address. Binds as uvicorn's server does (asyncio's
+    create_server): every address the host resolves to, SO_REUSEADDR on, IPv6 ones v6-only."""
     import socket
 
     if not 0 < port < 65536:
@@ -31,14 +32,16 @@ def port_free(host: str, port: int) -> None:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise OSError(f"--host {host!r}: {e.strerror}") from None
-    family, kind, proto, _, addr = infos[0]
-    with socket.socket(family, kind, proto) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as e:
-            raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): another server has it? choose "
-                          "another --port") from None
+    for family, kind, proto, _, addr in dict.fromkeys(infos):
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): another server has it? choose "
+                              "another --port") from None
 
 
 def cmd_serve(args) -> int:
