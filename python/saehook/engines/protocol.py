@@ -164,6 +164,13 @@ def quiet_llama_log() -> None:
 DEFAULT_N_CTX = 2048
 
 
+def default_context(default: int, n_ctx_train: Optional[int]) -> int:
+    """The context to use when none was asked for: `default`, or the model's training context
+    when that is shorter (llama-server's default is the training context; llama.cpp warns on
+    every load past it). Shared by LlamaEngine and the server (serve.load_server)."""
+    return min(default, n_ctx_train) if n_ctx_train else default
+
+
 class LlamaEngine(Engine):
     """A GGUF model through llama.cpp (`HookedLlama`), its log quiet (verbose=False).
 
@@ -176,8 +183,7 @@ class LlamaEngine(Engine):
 
         quiet_llama_log()
         if n_ctx is None:
-            n_ctx_train = gguf_model_facts(path)["n_ctx_train"]
-            n_ctx = min(DEFAULT_N_CTX, n_ctx_train) if n_ctx_train else DEFAULT_N_CTX
+            n_ctx = default_context(DEFAULT_N_CTX, gguf_model_facts(path)["n_ctx_train"])
         self.llm = HookedLlama(path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), verbose=verbose, seed=0,
                                logits_all=logits_all)
 

@@ -91,11 +91,11 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
         raise ValueError(f"flash_attn must be one of {', '.join(fa_types)}, got {flash_attn!r}")
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
-    from ..engines.protocol import gguf_model_facts, quiet_llama_log
+    from ..engines.protocol import default_context, gguf_model_facts, quiet_llama_log
 
     n_ctx_train = gguf_model_facts(model)["n_ctx_train"] if os.path.isfile(model) else None
     if n_ctx is None:
-        n_ctx = min(DEFAULT_N_CTX, n_ctx_train) if n_ctx_train else DEFAULT_N_CTX
+        n_ctx = default_context(DEFAULT_N_CTX, n_ctx_train)
     elif n_ctx_train and n_ctx > n_ctx_train:
         warnings.warn(f"--n-ctx {n_ctx} is above {os.path.basename(model)}'s training context ({n_ctx_train} "
                       "tokens): requests that run past it may produce garbage", stacklevel=2)
