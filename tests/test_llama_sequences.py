@@ -248,14 +248,26 @@ def _with_batch(llm, entries, generated=True):
 def test_grouping_contexts_refuse_batches_whose_order_is_not_kept(qwen3, qwen35):
     for llm in (open_llm(qwen3, context_overrides={"n_seq_max": 3, "kv_unified": False}),
                 open_llm(qwen35, context_overrides={"n_seq_max": 3})):
-        # a prompt chunk next to another sequence: split_equal would interleave them
-        with pytest.raises(ValueError, match="batch of its own"):
+        # chunks of different lengths: split_equal takes one token of each per micro-batch first
+        with pytest.raises(ValueError, match="different numbers of tokens"):
             _with_batch(llm, [(0, 1, 0), (0, 2, 1), (1, 3, 0)])
+        # one sequence in two runs
+        with pytest.raises(ValueError, match="not consecutive"):
+            _with_batch(llm, [(0, 1, 0), (1, 2, 0), (0, 3, 1), (1, 4, 1)])
         # one token per sequence, ids not increasing: split_equal(sequential) reorders
         with pytest.raises(ValueError, match="increasing"):
             _with_batch(llm, [(2, 1, 0), (0, 2, 0), (1, 3, 0)])
+        with pytest.raises(ValueError, match="increasing"):
+            _with_batch(llm, [(1, 1, 0), (1, 2, 1), (0, 3, 0), (0, 4, 1)])
         _with_batch(llm, [(0, 1, 0), (1, 2, 0), (2, 3, 0)])  # allowed
+        _with_batch(llm, [(0, 1, 0), (0, 2, 1), (1, 3, 0), (1, 4, 1), (2, 5, 0), (2, 6, 1)])  # equal chunks
         _with_batch(llm, [(1, 1, 0), (1, 2, 1)])  # one sequence: always in order
+    # equal chunks spanning two micro-batches: split_equal would take part of each sequence per micro-batch
+    llm = open_llm(qwen35, n_batch=32, context_overrides={"n_seq_max": 3, "n_ubatch": 4})
+    with pytest.raises(ValueError, match="more than one micro-batch"):
+        _with_batch(llm, [(0, 1, 0), (0, 2, 1), (0, 3, 2), (1, 4, 0), (1, 5, 1), (1, 6, 2)])
+    _with_batch(llm, [(0, 1, 0), (0, 2, 1), (1, 4, 0), (1, 5, 1)])
+    _with_batch(llm, [(0, 1, 0), (1, 2, 0), (2, 3, 0)])  # one token each: any number of micro-batches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +277,8 @@ def test_grouping_contexts_refuse_batches_whose_order_is_not_kept(qwen3, qwen35)
 @pytest.mark.parametrize("model,kv_unified,order", [("qwen35", False, None), ("qwen35", True, [2, 0, 1]),
                                                     ("qwen3", False, None)])
 def test_generation_steps_on_grouping_contexts_equal_each_alone(request, sae, model, kv_unified, order):
-    """On qwen35 the prompts go one per decode (llama.cpp's split_equal would interleave a prompt
-    with the others), and every generation step decodes one token of each sequence together:
+    """On qwen35 the prompts (of different lengths) go one per decode (llama.cpp's split_equal
+    would interleave a prompt with a shorter one), and every generation step decodes one token of each sequence together:
     in batch order, as saehook_llama.h argues from split_equal. With kv_unified the split is
     non-sequential, so any order of sequence ids is kept too. qwen3 with one KV stream per
     sequence splits with split_equal(sequential) as well."""
@@ -284,6 +296,25 @@ def test_generation_steps_on_grouping_contexts_equal_each_alone(request, sae, mo
     assert_same_as_alone(solo, prompts, sts, sae, out, recs)
 
 
+@pytest.mark.parametrize("model,kv_unified", [("qwen35", True), ("qwen35", False), ("qwen3", False)])
+def test_equal_prompt_chunks_together_on_grouping_contexts_equal_each_alone(request, sae, model, kv_unified):
+    """Prompts of the same length in ONE decode (one run of tokens per sequence, one micro-batch):
+    split_equal takes every run whole, in batch order, so the hook maps every row, and each
+    sequence equals its solo run, prompt rows included."""
+    n = 3
+    path = request.getfixturevalue(model)
+    sts = steerings(sae, n, layer=1)
+    prompts = [p[:6] for p in PROMPTS[:n]]
+    solo = open_llm(path)
+    llm = open_llm(path, context_overrides={"n_seq_max": n, "kv_unified": kv_unified})
+    assert llm._rows_may_be_grouped_by_sequence()
+    before = llm.encode_count
+    out, recs, decodes = batched(llm, prompts, sts, sae, prompts_together=True)
+    assert decodes == N_GEN  # the prompts together, then N_GEN - 1 steps
+    assert llm.encode_count - before == decodes
+    assert_same_as_alone(solo, prompts, sts, sae, out, recs)
+
+
 def test_the_refused_batches_would_be_mislabelled(qwen35, sae, monkeypatch):
     """Why announce refuses them: with the check bypassed, llama.cpp computes the rows of these
     batches out of batch order on the hybrid model, and the sequences no longer equal their
@@ -293,8 +324,12 @@ def test_the_refused_batches_would_be_mislabelled(qwen35, sae, monkeypatch):
     prompts = PROMPTS[:n]
     solo = open_llm(qwen35)
     monkeypatch.setattr(HookedLlama, "_check_row_order", lambda self, seqs: None)
-    for kv_unified, order, together in ((False, [0, 2, 1], False), (True, None, True)):
-        llm = open_llm(qwen35, context_overrides={"n_seq_max": n, "kv_unified": kv_unified})
-        out, recs, _ = batched(llm, prompts, sts, sae, order=order, prompts_together=together)
+    equal = [p[:6] for p in prompts]
+    # ids not increasing (sequential split); prompts of different lengths together; equal prompts
+    # together over two micro-batches (18 rows, n_ubatch 8)
+    for kv_unified, order, ps, n_ubatch in ((False, [0, 2, 1], None, 64), (True, None, prompts, 64),
+                                            (True, None, equal, 8)):
+        llm = open_llm(qwen35, context_overrides={"n_seq_max": n, "kv_unified": kv_unified, "n_ubatch": n_ubatch})
+        out, recs, _ = batched(llm, ps or prompts, sts, sae, order=order, prompts_together=ps is not None)
         with pytest.raises(AssertionError):
-            assert_same_as_alone(solo, prompts, sts, sae, out, recs)
+            assert_same_as_alone(solo, ps or prompts, sts, sae, out, recs)

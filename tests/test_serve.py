@@ -586,7 +586,7 @@ def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tmp_path):
     sae.save(str(sae_path))
     s = Server(model, "--sae", f"t={sae_path}", "--parallel", 8, "--n-ctx", 96, "--n-batch", 32)
     try:
-        assert s.health()["mode"] == "split"  # README "Serve": prompt chunks alone on recurrent/hybrid models
+        assert s.health()["mode"] == "split"  # README "Serve": equal prompt chunks on recurrent/hybrid models
         client = s.client()
         specs = [[{"feature": f, "op": "clamp", "value": v}] for f, v in
                  [(3, 2.0), (5, 1.5), (7, 2.5), (11, 2.0), (13, -1.0), (17, 3.0), (19, 2.0), (23, 1.8)]]
@@ -724,6 +724,99 @@ def test_qwen35_prompt_cache_restarts_from_a_checkpoint_of_the_same_steering(tmp
     finally:
         llm.close()
         assert s.stop() == 0
+
+
+def test_qwen35_prompts_arriving_together_share_their_decodes(tmp_path):
+    """On a hybrid model the prompts admitted in one step are read in equal chunks, all in one
+    llama_decode (README "Serve", Concurrency): 4 prompts of 11 tokens cost 2 prompt decodes (7
+    tokens up to the checkpoint, then the 4 of the tail), not 8, and 4 of 4 tokens (no
+    checkpoint) one, with one SAE encode each; every request's tokens and its prompt's and tokens' features equal
+    HookedLlama's own generation and capture under the same steering."""
+    from saehook.demo.gguf_writer import write_random_qwen35
+    from saehook.serve import load_server
+    from saehook.serve.protocol import parse_request
+    from saehook.serve.scheduler import CHECKPOINT_TAIL, Job
+
+    D = 256  # write_random_qwen35's default width
+    model = tmp_path / "qwen35.gguf"
+    write_random_qwen35(model)
+    rng = np.random.default_rng(2)
+    sae = saehook.SAE((rng.standard_normal((512, D)) / 16).astype(np.float32),
+                      (rng.standard_normal((512, D)) / 16).astype(np.float32), k=8)
+    sae.metadata["layer"] = 1
+    sae_path = tmp_path / "sae.safetensors"
+    sae.save(str(sae_path))
+    clamps = [(3, 2.0), (5, 1.5), (7, 2.5), (11, -1.0)]
+    state = load_server(str(model), {"t": str(sae_path)}, parallel=4, n_ctx=96, n_batch=64, n_threads=1)
+    llm = HookedLlama(str(model), n_ctx=96, n_batch=64, n_ubatch=64, n_threads=1, verbose=False)
+    try:
+        sched = state.scheduler
+        assert sched.mode == "split"
+        for n_prompt, prompt_decodes in ((11, 2), (CHECKPOINT_TAIL, 1)):
+            prompts = [[int(t) for t in rng.integers(1, 250, n_prompt)] for _ in clamps]
+            outs = [{"tokens": [], "features": [], "prompt": None, "done": threading.Event()} for _ in clamps]
+
+            def emit(o):
+                def f(kind, payload):
+                    if kind == "token":
+                        o["tokens"].append(payload.id), o["features"].append(payload.features)
+                    elif kind == "prompt_features":
+                        o["prompt"] = payload
+                    else:
+                        o["error"] = payload if kind == "error" else None
+                        o["done"].set()
+                return f
+
+            jobs = []
+            for (f, v), o, ids in zip(clamps, outs, prompts):
+                body = {"prompt": "x", "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+                        "saehook": {"steer": [{"feature": f, "op": "clamp", "value": v}],
+                                    "features": {"top": 4, "prompt": True}}}
+                jobs.append(Job(req=parse_request("completion", body, state.registry, state.limits), prompt=ids,
+                                emit=emit(o)))
+            before = sched.stats()
+            with sched.cv:  # the worker waits on it: all four are admitted in the same step
+                for j in jobs:
+                    sched.submit(j)
+            for o in outs:
+                assert o["done"].wait(60) and o.get("error") is None, o.get("error")
+            after = sched.stats()
+            decodes = after["decodes"] - before["decodes"]
+            gen = after["generation_decodes"] - before["generation_decodes"]
+            assert decodes - gen == prompt_decodes, (before, after)
+            assert after["encodes"] - before["encodes"] == decodes  # one encode per decode: all four share it
+            for (f, v), o, ids in zip(clamps, outs, prompts):
+                st = saehook.Steering(sae, layer=1).clamp(f, v)
+                fresh(llm)
+                with llm.steer(st, control_vectors=False):
+                    want_ids = []
+                    for t in llm.generate(ids, temp=0.0):
+                        want_ids.append(t)
+                        if len(want_ids) == 5:
+                            break
+                assert o["tokens"] == want_ids
+                fresh(llm)
+                with llm.steer(st, control_vectors=False), llm.capture({1: sae}) as rec:
+                    llm.eval(ids)
+                    for t in want_ids:
+                        llm._in_generate, llm._generate_evals = True, 1
+                        try:
+                            llm.eval([t])
+                        finally:
+                            llm._in_generate = False
+                r = rec[1]
+                want = []
+                for row in range(len(r.tokens)):
+                    keep = r.indices[row] >= 0
+                    idx, val = r.indices[row][keep], r.values[row][keep]
+                    order = np.argsort(-val, kind="stable")[:4]
+                    want.append((int(r.positions[row]), int(r.tokens[row]), idx[order].tolist(), val[order].tolist()))
+                # next to 3 other sequences: llama.cpp's own ~1e-6 differences (see the test above)
+                _check_features(o["prompt"] + o["features"], want, rtol=1e-4)
+    finally:
+        llm.close()
+        state.scheduler.close()
+        state.llm.close()
 
 
 def test_flash_attn_option_reaches_llama_cpp(demo_sae):

@@ -41,17 +41,21 @@
  *     the batch into consecutive runs; any batch;
  *   - otherwise (one KV stream per sequence, or a recurrent/hybrid model such as qwen35 or
  *     qwen35moe, whose memory splits with split_equal, or split_seq when every token is an
- *     output), for a batch that holds ONE token per sequence, each with one sequence id, and,
- *     unless the split is non-sequential (a hybrid model with kv_unified), sequence ids
- *     increasing in batch order. Why: split_equal takes the first unused token of every
- *     sequence set in batch order (non-sequential), or, sequential, the first unused token and
- *     then later ones whose id is the last one taken + 1; with one token per sequence and
- *     increasing ids that is a consecutive run of the batch. split_seq takes one token at a
- *     time in batch order. Counter-examples, checked in tests/test_llama_sequences.py: ids
- *     [0, 2, 1] (sequential) come as [0, 1] then [2]; a prompt of several tokens next to other
- *     sequences is interleaved with them (one token of each per step). So on such contexts
- *     continuous batching decodes each prompt chunk in a batch of its own and the generation
- *     steps (one token per sequence) together.
+ *     output), for a batch that holds every sequence as ONE run of consecutive tokens, each
+ *     with one sequence id, all runs of the same length, and, when that length is above one,
+ *     all of the batch in one micro-batch (n_ubatch rows); unless the split is non-sequential
+ *     (a hybrid model with kv_unified), sequence ids increase in batch order. Why: split_equal
+ *     picks the sequence sets in batch order (non-sequential), or, sequential, the first
+ *     unused token's and then those whose id is the last one taken + 1, takes the same number
+ *     of tokens of each (the fewest any has left, within n_ubatch) and concatenates them set
+ *     by set; with equal runs in one micro-batch that is every run whole, in batch order (one
+ *     token per sequence: a consecutive run of the batch per micro-batch). split_seq takes one
+ *     sequence's run at a time. Counter-examples, checked in tests/test_llama_sequences.py:
+ *     ids [0, 2, 1] (sequential) come as [0, 1] then [2]; a prompt of several tokens next to
+ *     a shorter one is interleaved with it (the same number of tokens of each per
+ *     micro-batch); equal runs over two micro-batches come part by part. So on such contexts
+ *     continuous batching decodes the generation steps (one token per sequence) together and
+ *     the prompt chunks together in equal lengths.
  * HookedLlama.announce/announce_batch refuse other multi-sequence batches on such contexts.
  *
  * Order at one block: steering and reconstruct entries run in the order added; capture entries

@@ -527,25 +527,40 @@ class HookedLlama(llama_cpp.Llama):
 
     def _check_row_order(self, seqs: np.ndarray) -> None:
         """Refuses a multi-sequence batch whose rows llama.cpp may compute out of batch order
-        (see saehook_llama.h): on a context that groups rows by sequence, only one token per
-        sequence is safe, with sequence ids increasing unless split_equal is non-sequential
-        (a hybrid model with kv_unified)."""
+        (see saehook_llama.h). On a context that groups rows by sequence (split_equal) the batch
+        must hold each sequence as one run of consecutive tokens, every run of the same length,
+        and, when the runs are longer than one token, all of it in one micro-batch (n_ubatch);
+        sequence ids increase along the batch unless split_equal is non-sequential (a hybrid
+        model with kv_unified). split_equal then takes every run whole, in batch order."""
         if len(seqs) < 2 or not self._rows_may_be_grouped_by_sequence():
             return
         if (seqs == seqs[0]).all():
             return
         what = "one KV stream per sequence" if not self._recurrent_memory() else "a recurrent/hybrid model"
-        if len(np.unique(seqs)) != len(seqs):
-            raise ValueError(f"several sequences in one batch with several tokens of one sequence: on this context "
-                             f"({what}) llama.cpp groups a micro-batch's rows by sequence, so the hook could not tell "
-                             f"which row is which token. Decode a multi-token (prompt) chunk in a batch of its own, "
-                             f"or use kv_unified=True on a transformer model")
+        starts = np.flatnonzero(np.r_[True, seqs[1:] != seqs[:-1]])
+        run_ids, lengths = seqs[starts], np.diff(np.r_[starts, len(seqs)])
+        fix = ("Decode the chunks in batches of their own, or give every sequence the same number of tokens "
+               "(equal prompt chunks), or use kv_unified=True on a transformer model")
+        if len(np.unique(run_ids)) != len(run_ids):
+            raise ValueError(f"a sequence's tokens are not consecutive in the batch: on this context ({what}) "
+                             f"llama.cpp groups a micro-batch's rows by sequence, so the hook could not tell which "
+                             f"row is which token. {fix}")
+        if (lengths != lengths[0]).any():
+            raise ValueError(f"sequences with different numbers of tokens in one batch ({lengths.tolist()}): on this "
+                             f"context ({what}) llama.cpp's split_equal interleaves them (the same number of tokens "
+                             f"of each per micro-batch), so the hook could not tell which row is which token. {fix}")
+        n_ubatch = int(llama_cpp.llama_n_ubatch(self._ctx.ctx))  # as llama.cpp clamped it (<= n_batch)
+        if lengths[0] > 1 and len(seqs) > n_ubatch:
+            raise ValueError(f"{len(run_ids)} sequences of {lengths[0]} tokens ({len(seqs)} rows) span more than one "
+                             f"micro-batch (n_ubatch {n_ubatch}): on this context ({what}) llama.cpp's split_equal "
+                             f"would then take part of every sequence per micro-batch, out of batch order. Decode at "
+                             f"most n_ubatch rows of equal chunks at once")
         p = self.context_params
         sequential = bool(getattr(self, "_is_recurrent", False)) or (p.n_seq_max > 1 and not p.kv_unified)
-        if sequential and (np.diff(seqs) <= 0).any():
-            raise ValueError(f"one token per sequence on this context ({what}, no kv_unified) keeps batch order only "
-                             f"with sequence ids increasing in the batch (llama.cpp's sequential split_equal would "
-                             f"take [0, 2, 1] as [0, 1] then [2]); got {seqs.tolist()}: sort the batch by sequence id")
+        if sequential and (np.diff(run_ids) <= 0).any():
+            raise ValueError(f"sequences on this context ({what}, no kv_unified) keep batch order only with sequence "
+                             f"ids increasing in the batch (llama.cpp's sequential split_equal would take [0, 2, 1] "
+                             f"as [0, 1] then [2]); got {run_ids.tolist()}: sort the batch by sequence id")
 
     def _flags(self, generated: bool) -> int:
         # With embeddings on, llama.cpp makes every token an output whatever the batch says.

@@ -12,12 +12,13 @@ One worker thread owns the model. Every step it
      prompt is processed);
   3. decodes it: mode "batched" (transformer models) puts the whole step in one llama_decode;
      mode "split" (recurrent/hybrid models such as qwen35, where llama.cpp groups a micro-batch's
-     rows by sequence) decodes the one-token segments of all sequences together and each
-     multi-token prompt chunk in a llama_decode of its own, the only batches whose rows the hook
-     can map exactly (HookedLlama.announce refuses the others). That costs no extra pass over
-     the weights: llama.cpp's split_equal cuts a shared batch into the same two micro-batches
-     (one token per sequence, then the rest of the chunk). Mode "sequential" decodes every
-     sequence alone (for comparison);
+     rows by sequence) decodes the one-token segments of all sequences together, and the prompt
+     chunks together in a second llama_decode, every chunk of the same length (the prompt with
+     the fewest tokens left sets it; the others continue next step): the only multi-sequence
+     batches whose rows the hook can map exactly (HookedLlama.announce refuses the others). That
+     costs no extra pass over the weights: llama.cpp's split_equal cuts a shared batch into the
+     same micro-batches (one token per sequence, then equal parts of the prompts). Mode
+     "sequential" decodes every sequence alone (for comparison);
   4. reads each sequence's captured features, samples each sequence's next token with its own
      llama.cpp sampler chain, and hands tokens to the HTTP side through `Job.emit`.
 
@@ -153,6 +154,7 @@ class Scheduler:
         self.cv = threading.Condition()
         self.stopping = False
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.n_ubatch = int(llama_cpp.llama_n_ubatch(self.ctx))
         self.steps = 0      # scheduler steps
         self.decodes = 0    # llama_decode calls (one per step in batched mode)
         self.encodes_per_decode: Dict[int, int] = {}  # SAE encodes in one decode -> how many decodes
@@ -340,7 +342,8 @@ class Scheduler:
 
     def _plan(self) -> List[Tuple[Job, List[int], bool, bool]]:
         """(job, tokens, generated, wants_logits) segments of this step: every generating job's
-        pending token first, then prompt chunks in admission order while n_batch allows."""
+        pending token first, then prompt chunks in admission order while n_batch allows (in split
+        mode chunks of one length, _equal_chunks)."""
         segs = []
         budget = self.n_batch
         jobs = [s.job for s in self.slots if s.job is not None]
@@ -349,16 +352,36 @@ class Scheduler:
             if j.to_eval is not None:
                 segs.append((j, [j.to_eval], True, j.finishing is None))  # a finishing job: features only
                 budget -= 1
-        for j in jobs:
-            if j.to_eval is None and j.finishing is None and j.n_past < len(j.prompt) and budget > 0:
-                end = j.n_past + budget
-                cp = self._checkpoint_at(j)
-                if cp is not None:
-                    end = min(end, cp)  # the chunk ends where the checkpoint is taken
-                chunk = j.prompt[j.n_past: end]
-                segs.append((j, chunk, False, j.n_past + len(chunk) == len(j.prompt)))
-                budget -= len(chunk)
+        prompts = [j for j in jobs if j.to_eval is None and j.finishing is None and j.n_past < len(j.prompt)]
+        if self._mode == "split":
+            return segs + self._equal_chunks(prompts, budget)
+        for j in prompts:
+            if budget <= 0:
+                break
+            chunk = j.prompt[j.n_past: self._chunk_end(j, budget)]
+            segs.append((j, chunk, False, j.n_past + len(chunk) == len(j.prompt)))
+            budget -= len(chunk)
         return segs
+
+    def _chunk_end(self, job: Job, budget: int) -> int:
+        """Where the job's next prompt chunk ends with `budget` tokens: at its checkpoint, if ahead."""
+        end = min(len(job.prompt), job.n_past + budget)
+        cp = self._checkpoint_at(job)
+        return end if cp is None else min(end, cp)
+
+    def _equal_chunks(self, prompts: List[Job], budget: int) -> List[Tuple[Job, List[int], bool, bool]]:
+        """Split mode: the same number of tokens of every prompt being read, all of them in one
+        micro-batch. That is the one multi-sequence batch of prompt chunks whose rows llama.cpp
+        keeps in batch order on a recurrent/hybrid model (split_equal takes the same number of
+        tokens of every sequence per micro-batch: HookedLlama._check_row_order), and how llama.cpp
+        itself splits several prompts there; so N prompts arriving together cost one pass over the
+        weights (and one SAE encode) per chunk, not N. A prompt with more left continues next step."""
+        room = min(budget, self.n_ubatch)
+        prompts = prompts[:max(room, 0)]  # at least one token each
+        if not prompts:
+            return []
+        n = min(min(self._chunk_end(j, room) - j.n_past for j in prompts), room // len(prompts))
+        return [(j, j.prompt[j.n_past: j.n_past + n], False, j.n_past + n == len(j.prompt)) for j in prompts]
 
     def _step(self) -> None:
         for s in self.slots:
@@ -370,9 +393,10 @@ class Scheduler:
         self.steps += 1  # counted before any token of this step reaches a client (/health stays consistent)
         if self._mode == "batched":
             groups = [segs]
-        elif self._mode == "split":  # one-token segments together (by sequence id), prompt chunks alone
-            single = sorted((sg for sg in segs if len(sg[1]) == 1), key=lambda sg: sg[0].slot.seq)
-            groups = ([single] if single else []) + [[sg] for sg in segs if len(sg[1]) > 1]
+        elif self._mode == "split":  # one-token segments together, the (equal) prompt chunks together, by sequence id
+            by_seq = lambda sgs: sorted(sgs, key=lambda sg: sg[0].slot.seq)  # noqa: E731
+            single, chunks = [sg for sg in segs if len(sg[1]) == 1], [sg for sg in segs if len(sg[1]) > 1]
+            groups = [by_seq(g) for g in (single, chunks) if g]
         else:
             groups = [[sg] for sg in segs]
         for group in groups:
