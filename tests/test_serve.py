@@ -727,10 +727,11 @@ def test_qwen35_prompt_cache_restarts_from_a_checkpoint_of_the_same_steering(tmp
 
 
 def test_qwen35_prompts_arriving_together_share_their_decodes(tmp_path):
-    """On a hybrid model the prompts admitted in one step are read in equal chunks, all in one
-    llama_decode (README "Serve", Concurrency): 4 prompts of 11 tokens cost 2 prompt decodes (7
-    tokens up to the checkpoint, then the 4 of the tail), not 8, and 4 of 4 tokens (no
-    checkpoint) one, with one SAE encode each; every request's tokens and its prompt's and tokens' features equal
+    """On a hybrid model the prompts admitted in one step are read in equal chunks, each decode
+    holding the same number of tokens of every prompt in it (README "Serve", Concurrency): 4
+    prompts of 11 tokens cost 2 prompt decodes (7 tokens up to the checkpoint, then the 4 of the
+    tail), not 8, 4 of 4 tokens (no checkpoint) one, with one SAE encode each, and prompts of
+    different lengths are all read within their first step; every request's tokens and its prompt's and tokens' features equal
     HookedLlama's own generation and capture under the same steering."""
     from saehook.demo.gguf_writer import write_random_qwen35
     from saehook.serve import load_server
@@ -752,13 +753,17 @@ def test_qwen35_prompts_arriving_together_share_their_decodes(tmp_path):
     try:
         sched = state.scheduler
         assert sched.mode == "split"
-        for n_prompt, prompt_decodes in ((11, 2), (CHECKPOINT_TAIL, 1)):
-            prompts = [[int(t) for t in rng.integers(1, 250, n_prompt)] for _ in clamps]
+        # (prompt lengths, prompt decodes): different lengths are cut as split_equal cuts them, at
+        # the fewest tokens any prompt has left to its end or checkpoint (26, 7, 1, -): 1 token
+        # of each of the 4, 3 of each, 1 of 3, 2 of 2, 4 of 2, then 15 and 4 of the longest
+        for lengths, prompt_decodes in (((11,) * 4, 2), ((CHECKPOINT_TAIL,) * 4, 1), ((30, 11, 5, 4), 7)):
+            prompts = [[int(t) for t in rng.integers(1, 250, n)] for n in lengths]
             outs = [{"tokens": [], "features": [], "prompt": None, "done": threading.Event()} for _ in clamps]
 
             def emit(o):
                 def f(kind, payload):
                     if kind == "token":
+                        o.setdefault("first_step", sched.steps)
                         o["tokens"].append(payload.id), o["features"].append(payload.features)
                     elif kind == "prompt_features":
                         o["prompt"] = payload
@@ -784,6 +789,9 @@ def test_qwen35_prompts_arriving_together_share_their_decodes(tmp_path):
             decodes = after["decodes"] - before["decodes"]
             gen = after["generation_decodes"] - before["generation_decodes"]
             assert decodes - gen == prompt_decodes, (before, after)
+            # 50 prompt tokens fit n_batch 64: every prompt is read in the step it arrives, the long
+            # one too (its first token then comes a step later, with its features)
+            assert len({o["first_step"] for o in outs}) == 1, [o["first_step"] for o in outs]
             assert after["encodes"] - before["encodes"] == decodes  # one encode per decode: all four share it
             for (f, v), o, ids in zip(clamps, outs, prompts):
                 st = saehook.Steering(sae, layer=1).clamp(f, v)

@@ -114,7 +114,7 @@ def register(sub) -> None:
     s.add_argument("--decode", choices=["auto", "batched", "split", "sequential"], default="auto",
                    help="batched: one llama_decode per step for all running requests (auto on transformer "
                    "models); split: the generated tokens of all requests in one llama_decode, the prompt chunks in "
-                   "a second one, all of one length (auto on recurrent/hybrid models such as qwen35, where "
+                   "further ones, each of chunks of one length (auto on recurrent/hybrid models such as qwen35, where "
                    "llama.cpp groups rows by sequence); sequential: one llama_decode per request (for comparison)")
     s.add_argument("--flash-attn", choices=["off", "on", "auto"], default="off",
                    help="llama.cpp's flash attention: off (default) keeps each request's output and features "

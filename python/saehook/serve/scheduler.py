@@ -13,8 +13,8 @@ One worker thread owns the model. Every step it
   3. decodes it: mode "batched" (transformer models) puts the whole step in one llama_decode;
      mode "split" (recurrent/hybrid models such as qwen35, where llama.cpp groups a micro-batch's
      rows by sequence) decodes the one-token segments of all sequences together, and the prompt
-     chunks together in a second llama_decode, every chunk of the same length (the prompt with
-     the fewest tokens left sets it; the others continue next step): the only multi-sequence
+     chunks together in further llama_decodes, every chunk of one decode of the same length (the
+     prompt with the fewest tokens left sets it; the others go on in the next one): the only multi-sequence
      batches whose rows the hook can map exactly (HookedLlama.announce refuses the others). That
      costs no extra pass over the weights: llama.cpp's split_equal cuts a shared batch into the
      same micro-batches (one token per sequence, then equal parts of the prompts). Mode
@@ -333,72 +333,73 @@ class Scheduler:
         slot.last_used = time.monotonic()
 
     # ---- one step ----
-    def _checkpoint_at(self, job: Job) -> Optional[int]:
-        """Where this job's prompt evaluation stops for a checkpoint (recurrent models), if ahead."""
-        if not self.recurrent:
-            return None
+    def _chunk_end(self, job: Job, start: int, budget: int) -> int:
+        """Where a prompt chunk of the job from `start` ends with `budget` tokens: at the prompt's
+        checkpoint (recurrent models: CHECKPOINT_TAIL tokens before its end), if that is ahead."""
+        end = min(len(job.prompt), start + budget)
         cp = len(job.prompt) - CHECKPOINT_TAIL
-        return cp if cp > job.n_past else None
+        return min(end, cp) if self.recurrent and cp > start else end
 
-    def _plan(self) -> List[Tuple[Job, List[int], bool, bool]]:
-        """(job, tokens, generated, wants_logits) segments of this step: every generating job's
-        pending token first, then prompt chunks in admission order while n_batch allows (in split
-        mode chunks of one length, _equal_chunks)."""
-        segs = []
+    Segment = Tuple[Job, List[int], bool, bool]
+
+    def _plan(self) -> List[List[Segment]]:
+        """This step's decodes, each a list of (job, tokens, generated, wants_logits) segments:
+        every generating job's pending token, then prompt chunks in admission order while n_batch
+        allows. Mode batched: all in one decode; split: the pending tokens in one (by sequence id),
+        then the prompts in equal chunks (_equal_chunks); sequential: one decode per segment."""
+        gen: List[Scheduler.Segment] = []
         budget = self.n_batch
         jobs = [s.job for s in self.slots if s.job is not None]
         jobs.sort(key=lambda j: j.id)
         for j in jobs:
             if j.to_eval is not None:
-                segs.append((j, [j.to_eval], True, j.finishing is None))  # a finishing job: features only
+                gen.append((j, [j.to_eval], True, j.finishing is None))  # a finishing job: features only
                 budget -= 1
         prompts = [j for j in jobs if j.to_eval is None and j.finishing is None and j.n_past < len(j.prompt)]
         if self._mode == "split":
-            return segs + self._equal_chunks(prompts, budget)
+            by_seq = lambda g: sorted(g, key=lambda sg: sg[0].slot.seq)  # noqa: E731
+            return [by_seq(g) for g in [gen] + self._equal_chunks(prompts, budget) if g]
+        segs = gen
         for j in prompts:
             if budget <= 0:
                 break
-            chunk = j.prompt[j.n_past: self._chunk_end(j, budget)]
+            chunk = j.prompt[j.n_past: self._chunk_end(j, j.n_past, budget)]
             segs.append((j, chunk, False, j.n_past + len(chunk) == len(j.prompt)))
             budget -= len(chunk)
-        return segs
-
-    def _chunk_end(self, job: Job, budget: int) -> int:
-        """Where the job's next prompt chunk ends with `budget` tokens: at its checkpoint, if ahead."""
-        end = min(len(job.prompt), job.n_past + budget)
-        cp = self._checkpoint_at(job)
-        return end if cp is None else min(end, cp)
-
-    def _equal_chunks(self, prompts: List[Job], budget: int) -> List[Tuple[Job, List[int], bool, bool]]:
-        """Split mode: the same number of tokens of every prompt being read, all of them in one
-        micro-batch. That is the one multi-sequence batch of prompt chunks whose rows llama.cpp
-        keeps in batch order on a recurrent/hybrid model (split_equal takes the same number of
-        tokens of every sequence per micro-batch: HookedLlama._check_row_order), and how llama.cpp
-        itself splits several prompts there; so N prompts arriving together cost one pass over the
-        weights (and one SAE encode) per chunk, not N. A prompt with more left continues next step."""
-        room = min(budget, self.n_ubatch)
-        prompts = prompts[:max(room, 0)]  # at least one token each
-        if not prompts:
+        if not segs:
             return []
-        n = min(min(self._chunk_end(j, room) - j.n_past for j in prompts), room // len(prompts))
-        return [(j, j.prompt[j.n_past: j.n_past + n], False, j.n_past + n == len(j.prompt)) for j in prompts]
+        return [segs] if self._mode == "batched" else [[sg] for sg in segs]
+
+    def _equal_chunks(self, prompts: List[Job], budget: int) -> List[List[Segment]]:
+        """Split mode: the prompts being read, as decodes of the same number of tokens of every
+        prompt in them, all in one micro-batch: the one multi-sequence batch of prompt chunks whose
+        rows llama.cpp keeps in batch order on a recurrent/hybrid model (split_equal takes the same
+        number of tokens of every sequence per micro-batch: HookedLlama._check_row_order). As
+        split_equal cuts a shared batch: the prompt with the fewest tokens left (to its end or its
+        checkpoint) sets the length, the others go on in the next decode of the step, so N
+        prompts arriving together cost one pass over the weights (and one SAE encode) per chunk,
+        not N, and a long prompt keeps its whole budget next to short ones."""
+        groups: List[List[Scheduler.Segment]] = []
+        at = {j.id: j.n_past for j in prompts}
+        while prompts and budget > 0:
+            room = min(budget, self.n_ubatch)
+            part = prompts[:room]  # at least one token each
+            n = min(min(self._chunk_end(j, at[j.id], room) - at[j.id] for j in part), room // len(part))
+            groups.append([(j, j.prompt[at[j.id]: at[j.id] + n], False, at[j.id] + n == len(j.prompt)) for j in part])
+            for j in part:
+                at[j.id] += n
+            budget -= n * len(part)
+            prompts = [j for j in prompts if at[j.id] < len(j.prompt)]
+        return groups
 
     def _step(self) -> None:
         for s in self.slots:
             if s.job is not None and s.job.cancelled:
                 self._release(s)
-        segs = self._plan()
-        if not segs:
+        groups = self._plan()
+        if not groups:
             return
         self.steps += 1  # counted before any token of this step reaches a client (/health stays consistent)
-        if self._mode == "batched":
-            groups = [segs]
-        elif self._mode == "split":  # one-token segments together, the (equal) prompt chunks together, by sequence id
-            by_seq = lambda sgs: sorted(sgs, key=lambda sg: sg[0].slot.seq)  # noqa: E731
-            single, chunks = [sg for sg in segs if len(sg[1]) == 1], [sg for sg in segs if len(sg[1]) > 1]
-            groups = [by_seq(g) for g in (single, chunks) if g]
-        else:
-            groups = [[sg] for sg in segs]
         for group in groups:
             records = self._decode(group)
             for i, (job, toks, generated, wants) in enumerate(group):
