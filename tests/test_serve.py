@@ -571,19 +571,48 @@ def fresh(llm):
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm._ctx.ctx), True)
 
 
-def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tmp_path):
+def qwen35_model_and_sae(tmp_path, seed):
+    """A tiny random qwen35 hybrid GGUF (the tests' writer, hidden 256) and a random 512-feature
+    SAE at its layer 1, saved: (model path, SAE, SAE path)."""
     from saehook.demo.gguf_writer import write_random_qwen35
 
     D = 256  # write_random_qwen35's default width
-
     model = tmp_path / "qwen35.gguf"
     write_random_qwen35(model)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     sae = saehook.SAE((rng.standard_normal((512, D)) / 16).astype(np.float32),
                       (rng.standard_normal((512, D)) / 16).astype(np.float32), k=8)
     sae.metadata["layer"] = 1
     sae_path = tmp_path / "sae.safetensors"
     sae.save(str(sae_path))
+    return model, sae, sae_path
+
+
+def hooked_features(llm, st, sae, prompt_ids, generated_ids, top=4, first_row=0):
+    """The oracle's features: HookedLlama steered by `st`, capturing layer 1, evaluates the prompt
+    and then each generated token as generate() feeds it; (position, id, top features, values)
+    per captured row from `first_row` on."""
+    fresh(llm)
+    with llm.steer(st, control_vectors=False), llm.capture({1: sae}) as rec:
+        llm.eval(prompt_ids)
+        for t in generated_ids:
+            llm._in_generate, llm._generate_evals = True, 1
+            try:
+                llm.eval([t])
+            finally:
+                llm._in_generate = False
+    r = rec[1]
+    want = []
+    for row in range(first_row, len(r.tokens)):
+        keep = r.indices[row] >= 0
+        idx, val = r.indices[row][keep], r.values[row][keep]
+        order = np.argsort(-val, kind="stable")[:top]
+        want.append((int(r.positions[row]), int(r.tokens[row]), idx[order].tolist(), val[order].tolist()))
+    return want
+
+
+def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tmp_path):
+    model, sae, sae_path = qwen35_model_and_sae(tmp_path, 0)
     s = Server(model, "--sae", f"t={sae_path}", "--parallel", 8, "--n-ctx", 96, "--n-batch", 32)
     try:
         assert s.health()["mode"] == "split"  # README "Serve": equal prompt chunks on recurrent/hybrid models
@@ -643,23 +672,8 @@ def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tmp_path):
                 # random bytes: the text is Python's own replace-decoding of the tokens' bytes
                 # (a character split across tokens is joined, an unfinished one at the end is U+FFFD)
                 assert solo[i][0] == llm.detokenize(got_ids).decode("utf-8", errors="replace")
-                fresh(llm)
-                with llm.steer(st, control_vectors=False), llm.capture({1: sae}) as rec:
-                    llm.eval(prompt_ids)
-                    for t in got_ids:
-                        llm._in_generate, llm._generate_evals = True, 1
-                        try:
-                            llm.eval([t])
-                        finally:
-                            llm._in_generate = False
-                r = rec[1]
-                want = []
-                for row in range(len(prompt_ids), len(r.tokens)):
-                    keep = r.indices[row] >= 0
-                    idx, val = r.indices[row][keep], r.values[row][keep]
-                    order = np.argsort(-val, kind="stable")[:4]
-                    want.append((int(r.positions[row]), int(r.tokens[row]), idx[order].tolist(), val[order].tolist()))
-                _check_features(solo[i][1], want)
+                _check_features(solo[i][1], hooked_features(llm, st, sae, prompt_ids, got_ids,
+                                                            first_row=len(prompt_ids)))
         finally:
             llm.close()
     finally:
@@ -671,20 +685,9 @@ def test_qwen35_prompt_cache_restarts_from_a_checkpoint_of_the_same_steering(tmp
     before each prompt's end (scheduler.CHECKPOINT_TAIL, as llama-server does), and a prompt
     sharing that prefix under the same steering restarts there. Oracle: HookedLlama's own
     generation from a clean state."""
-    from saehook.demo.gguf_writer import write_random_qwen35
-
-    D = 256  # write_random_qwen35's default width
-
     from saehook.serve.scheduler import CHECKPOINT_TAIL
 
-    model = tmp_path / "qwen35.gguf"
-    write_random_qwen35(model)
-    rng = np.random.default_rng(1)
-    sae = saehook.SAE((rng.standard_normal((512, D)) / 16).astype(np.float32),
-                      (rng.standard_normal((512, D)) / 16).astype(np.float32), k=8)
-    sae.metadata["layer"] = 1
-    sae_path = tmp_path / "sae.safetensors"
-    sae.save(str(sae_path))
+    model, sae, sae_path = qwen35_model_and_sae(tmp_path, 1)
     llm = HookedLlama(str(model), n_ctx=128, n_batch=32, n_ubatch=32, n_threads=1, verbose=False)
     s = Server(model, "--sae", f"t={sae_path}", "--parallel", 1, "--n-ctx", 128, "--n-batch", 32)
     try:
@@ -733,26 +736,18 @@ def test_qwen35_prompts_arriving_together_share_their_decodes(tmp_path):
     tail), not 8, 4 of 4 tokens (no checkpoint) one, with one SAE encode each, and prompts of
     different lengths are all read within their first step; every request's tokens and its prompt's and tokens' features equal
     HookedLlama's own generation and capture under the same steering."""
-    from saehook.demo.gguf_writer import write_random_qwen35
     from saehook.serve import load_server
     from saehook.serve.protocol import parse_request
     from saehook.serve.scheduler import CHECKPOINT_TAIL, Job
 
-    D = 256  # write_random_qwen35's default width
-    model = tmp_path / "qwen35.gguf"
-    write_random_qwen35(model)
-    rng = np.random.default_rng(2)
-    sae = saehook.SAE((rng.standard_normal((512, D)) / 16).astype(np.float32),
-                      (rng.standard_normal((512, D)) / 16).astype(np.float32), k=8)
-    sae.metadata["layer"] = 1
-    sae_path = tmp_path / "sae.safetensors"
-    sae.save(str(sae_path))
+    model, sae, sae_path = qwen35_model_and_sae(tmp_path, 2)
     clamps = [(3, 2.0), (5, 1.5), (7, 2.5), (11, -1.0)]
     state = load_server(str(model), {"t": str(sae_path)}, parallel=4, n_ctx=96, n_batch=64, n_threads=1)
     llm = HookedLlama(str(model), n_ctx=96, n_batch=64, n_ubatch=64, n_threads=1, verbose=False)
     try:
         sched = state.scheduler
         assert sched.mode == "split"
+        rng = np.random.default_rng(3)  # the prompts' tokens
         # (prompt lengths, prompt decodes): different lengths are cut as split_equal cuts them, at
         # the fewest tokens any prompt has left to its end or checkpoint (26, 7, 1, -): 1 token
         # of each of the 4, 3 of each, 1 of 3, 2 of 2, 4 of 2, then 15 and 4 of the longest
@@ -803,24 +798,8 @@ def test_qwen35_prompts_arriving_together_share_their_decodes(tmp_path):
                         if len(want_ids) == 5:
                             break
                 assert o["tokens"] == want_ids
-                fresh(llm)
-                with llm.steer(st, control_vectors=False), llm.capture({1: sae}) as rec:
-                    llm.eval(ids)
-                    for t in want_ids:
-                        llm._in_generate, llm._generate_evals = True, 1
-                        try:
-                            llm.eval([t])
-                        finally:
-                            llm._in_generate = False
-                r = rec[1]
-                want = []
-                for row in range(len(r.tokens)):
-                    keep = r.indices[row] >= 0
-                    idx, val = r.indices[row][keep], r.values[row][keep]
-                    order = np.argsort(-val, kind="stable")[:4]
-                    want.append((int(r.positions[row]), int(r.tokens[row]), idx[order].tolist(), val[order].tolist()))
                 # next to 3 other sequences: llama.cpp's own ~1e-6 differences (see the test above)
-                _check_features(o["prompt"] + o["features"], want, rtol=1e-4)
+                _check_features(o["prompt"] + o["features"], hooked_features(llm, st, sae, ids, want_ids), rtol=1e-4)
     finally:
         llm.close()
         state.scheduler.close()
