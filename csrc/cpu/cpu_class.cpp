@@ -47,7 +47,11 @@ namespace {
 // of its time over 10 rounds (0.968 of the probe against 0.861; a first sweep 1 / 2 / 4 / 8: 0.93 /
 // 1.07 / 1.00 / 1.07): 1; stream_prefetch (with 1 row) 0 / 512 / 1024 / 2048: 1.01 / 1.10 / 1.00 /
 // 0.99, 1024 kept; panel_prefetch_next off against on: 1.03 at batch 64 bf16, 0.975 at 256 (on
-// kept); the other values are still the Zen 5 row's.
+// kept). 2026-12-05, the same VM class: block_bytes_n 256 / 384 / 768 KiB against 512 at batch
+// 256 bf16: 1.004 / 0.999 / 1.001 of its time (512 kept: the panels are compute-bound here);
+// panel_chunk 256 / 512 / 2048 / 4096 against 1024: bf16 batch 256 1.087 / 1.046 / 0.985-0.988 /
+// 0.978, batch 64 1.082 / 1.034 / 0.983; int8 batch 256 2048 1.001, 4096 1.016, batch 64 2048
+// 0.985: 2048. few_rows and gather_ahead are still the Zen 5 row's.
 //
 // zen3 (AMD family 25 without AVX-512: the avx2 path; 2-core Zen 3 VM, family 25 model 1,
 // 2026-12-02): the int8 batch-1 prefetch 1024 against 0 / 2048 / 4096 / 8192: 1.08 / 1.04 / 1.02 /
@@ -60,7 +64,7 @@ namespace {
 const Tuning kTable[] = {
     // cls      prefetch (bf16, int8) rows_bf16 block_1  block_n     chunk next ahead rows few
     {"zen5",    1024, 1024,         4,        2 << 20, 512 << 10,  1024, 1,   8,    0,   16},
-    {"zen4",    1024, 1024,         1,        2 << 20, 512 << 10,  1024, 1,   8,    0,   16},
+    {"zen4",    1024, 1024,         1,        2 << 20, 512 << 10,  2048, 1,   8,    0,   16},
     {"spr",     1024, 4096,         8,        2 << 20, 512 << 10,  1024, 0,   4,    0,   12},
     {"zen3",    1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    1,   16},
     {"generic", 1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    0,   16},
