@@ -36,6 +36,9 @@ SPECS = CLASSES + [
     "generic,gather_ahead=64",
     "generic,gather_rows_f32=1",  # float32 decoders by whole rows (zen3's choice) on every class
     "zen3,gather_rows_f32=0",
+    "generic,gather_l2=1",  # the decode prefetch into L2 (zen4's choice), chunked walk
+    "zen3,gather_l2=1",  # and the row walk
+    "zen4,gather_l2=0",
     "zen5,few_rows=0",  # 2 .. 16 rows on the many-rows kernels
     "generic,few_rows=64",  # every shape but the 70-row one on the few-rows tiles
 ]
@@ -126,6 +129,7 @@ def test_set_cpu_class_and_overrides():
     ("zen5,panel_prefetch_next=2", "panel_prefetch_next must be 0 or 1, not 2"),
     ("zen5,few_rows=65", "few_rows must be at most 64, not 65"),
     ("zen3,gather_rows_f32=2", "gather_rows_f32 must be 0 or 1, not 2"),
+    ("zen4,gather_l2=2", "gather_l2 must be 0 or 1, not 2"),
 ])
 def test_bad_cpu_class_specs_are_refused(spec, message):
     before = saehook.cpu_info()

@@ -51,7 +51,13 @@ namespace {
 // 256 bf16: 1.004 / 0.999 / 1.001 of its time (512 kept: the panels are compute-bound here);
 // panel_chunk 256 / 512 / 2048 / 4096 against 1024: bf16 batch 256 1.087 / 1.046 / 0.985-0.988 /
 // 0.978, batch 64 1.082 / 1.034 / 0.983; int8 batch 256 2048 1.001, 4096 1.016, batch 64 2048
-// 0.985: 2048. few_rows and gather_ahead are still the Zen 5 row's.
+// 0.985: 2048. Later that day: few_rows 0 against 16: 1.055 of its time at 8 rows (2048 x 32768
+// f32), bf16 1.163, int8 1.072 (4096 x 65536), 12 rows f32 few_rows 8 1.016: 16 kept; decode
+// gather_ahead 2 / 4 / 12 / 16 against 8: 1.056 / 1.084 / 1.090 / 1.014 at batch 64, 0.998-1.014
+// at 256, flat at 1: 8 kept; gather_rows_f32 1.10-1.14x the time: off; gather_l2 (prefetcht1
+// instead of prefetcht0) 0.74 / 0.73 / 0.82 / 0.81 of the time at batch 1 / 8 / 64 / 256 (the row
+// walk 0.77 / 0.75 at 64 / 256): on. L1 prefetches of 8 features' pieces (240 lines) exceed what
+// the L1 keeps in flight; the L2 takes them.
 //
 // zen3 (AMD family 25 without AVX-512: the avx2 path; 2-core Zen 3 VM, family 25 model 1,
 // 2026-12-02): the int8 batch-1 prefetch 1024 against 0 / 2048 / 4096 / 8192: 1.08 / 1.04 / 1.02 /
@@ -62,12 +68,12 @@ namespace {
 // generic (AVX2 laptops, anything else): the former one-for-all values, not re-measured; few_rows
 // 16 as measured on the avx2 path of the Zen 5 VM.
 const Tuning kTable[] = {
-    // cls      prefetch (bf16, int8) rows_bf16 block_1  block_n     chunk next ahead rows few
-    {"zen5",    1024, 1024,         4,        2 << 20, 512 << 10,  1024, 1,   8,    0,   16},
-    {"zen4",    1024, 1024,         1,        2 << 20, 512 << 10,  2048, 1,   8,    0,   16},
-    {"spr",     1024, 4096,         8,        2 << 20, 512 << 10,  1024, 0,   4,    0,   12},
-    {"zen3",    1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    1,   16},
-    {"generic", 1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    0,   16},
+    // cls      prefetch (bf16, int8) rows_bf16 block_1  block_n     chunk next ahead rows l2 few
+    {"zen5",    1024, 1024,         4,        2 << 20, 512 << 10,  1024, 1,   8,    0,   0, 16},
+    {"zen4",    1024, 1024,         1,        2 << 20, 512 << 10,  2048, 1,   8,    0,   1, 16},
+    {"spr",     1024, 4096,         8,        2 << 20, 512 << 10,  1024, 0,   4,    0,   0, 12},
+    {"zen3",    1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    1,   0, 16},
+    {"generic", 1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    0,   0, 16},
 };
 
 const Tuning *find_class(const char *name, size_t len) {
@@ -150,13 +156,16 @@ std::string parse(const char *spec, Tuning *out) {
     } else if (key == "gather_rows_f32") {
       if (v > 1) return "gather_rows_f32 must be 0 or 1, not " + item.substr(eq + 1);
       t.gather_rows_f32 = int(v);
+    } else if (key == "gather_l2") {
+      if (v > 1) return "gather_l2 must be 0 or 1, not " + item.substr(eq + 1);
+      t.gather_l2 = int(v);
     } else if (key == "few_rows") {
       if (v > 64) return "few_rows must be at most 64, not " + item.substr(eq + 1);
       t.few_rows = int(v);
     } else {
       return "unknown CPU tuning key '" + key +
              "'; keys: stream_prefetch, stream_prefetch_i8, batch1_rows_bf16, block_bytes_1, block_bytes_n, "
-             "panel_chunk, panel_prefetch_next, gather_ahead, gather_rows_f32, few_rows";
+             "panel_chunk, panel_prefetch_next, gather_ahead, gather_rows_f32, gather_l2, few_rows";
     }
   }
   *out = t;
@@ -214,11 +223,11 @@ const char *cpu_info_json() {
   std::snprintf(s, sizeof s,
                 "{\"vendor\": \"%s\", \"family\": %u, \"model\": %u, \"stepping\": %u, \"detected_class\": \"%s\", "
                 "\"classes\": [%s], \"class\": \"%s\", \"params\": {\"stream_prefetch\": %lld, \"stream_prefetch_i8\": %lld, \"batch1_rows_bf16\": %d, "
-                "\"block_bytes_1\": %lld, \"block_bytes_n\": %lld, \"panel_chunk\": %lld, \"panel_prefetch_next\": %d, \"gather_ahead\": %d, \"gather_rows_f32\": %d, \"few_rows\": %d}}",
+                "\"block_bytes_1\": %lld, \"block_bytes_n\": %lld, \"panel_chunk\": %lld, \"panel_prefetch_next\": %d, \"gather_ahead\": %d, \"gather_rows_f32\": %d, \"gather_l2\": %d, \"few_rows\": %d}}",
                 c.vendor, c.family, c.model, c.stepping, c.detected_class.c_str(), classes.c_str(), t.cls,
                 (long long)t.stream_prefetch, (long long)t.stream_prefetch_i8, t.batch1_rows_bf16, (long long)t.block_bytes_1,
                 (long long)t.block_bytes_n, (long long)t.panel_chunk, t.panel_prefetch_next, t.gather_ahead,
-                t.gather_rows_f32, t.few_rows);
+                t.gather_rows_f32, t.gather_l2, t.few_rows);
   buf = s;
   return buf.c_str();
 }

@@ -26,9 +26,11 @@ struct Tuning {
   int64_t panel_chunk;
   int panel_prefetch_next;
   // Sparse decode: rows prefetched this many features ahead; whether float32 decoders take the
-  // row walk (1: each feature row whole, as for 2-byte decoders) instead of the chunked one (0).
+  // row walk (1: each feature row whole, as for 2-byte decoders) instead of the chunked one (0);
+  // whether that prefetch goes into L2 (1: prefetcht1) or L1 (0: prefetcht0).
   int gather_ahead;
   int gather_rows_f32;
+  int gather_l2;
   // Batches of more than one row tile and at most few_rows rows take the few-rows order of the
   // dot-product tiles (kernels_impl.hpp, kernels_vnni_impl.hpp) instead of the row-tile-major order
   // or the packed panels (avx512_vnni also caps it per dtype: f32 below 16 rows, bf16 16, int8 12);

@@ -445,7 +445,7 @@ constexpr int kGatherChunk = VB == 64 ? 30 : 12;  // vectors: all registers but 
 // out[i0, i0 + CH * VL) += sum_j vals[j] * W[idx[j]][same range], the chunk in CH registers.
 template <saehook_dtype DT, int CH>
 static inline void gather_chunk(const float *vals, const int32_t *idx, int32_t k, const uint8_t *W,
-                                size_t row_bytes, int64_t i0, float *out, int ahead) {
+                                size_t row_bytes, int64_t i0, float *out, int ahead, bool l2) {
   using L = Load<DT>;
   constexpr size_t piece = size_t(CH) * VL * L::size;  // bytes of one row in this chunk
   vf acc[CH];
@@ -456,8 +456,13 @@ static inline void gather_chunk(const float *vals, const int32_t *idx, int32_t k
     const uint8_t *row = W + idx[j] * row_bytes + i0 * L::size;
     if (j + ahead < k && idx[j + ahead] >= 0) {
       const uint8_t *next = W + idx[j + ahead] * row_bytes + i0 * L::size;
+      if (l2) {
 #pragma GCC unroll 32
-      for (size_t line = 0; line < piece; line += 64) prefetch_t0(next + line);
+        for (size_t line = 0; line < piece; line += 64) prefetch_t1(next + line);
+      } else {
+#pragma GCC unroll 32
+        for (size_t line = 0; line < piece; line += 64) prefetch_t0(next + line);
+      }
     }
     const vf a = splat(vals[j]);
 #pragma GCC unroll 32
@@ -469,19 +474,19 @@ static inline void gather_chunk(const float *vals, const int32_t *idx, int32_t k
 
 template <saehook_dtype DT>
 static void gather_sum_chunked(const float *vals, const int32_t *idx, int32_t k, const void *Wv,
-                               int64_t d, float *out, int ahead) {
+                               int64_t d, float *out, int ahead, bool l2) {
   using L = Load<DT>;
   const uint8_t *W = static_cast<const uint8_t *>(Wv);
   const size_t row_bytes = size_t(d) * L::size;
   constexpr int CH = kGatherChunk;
   int64_t i0 = 0;
-  for (; i0 + CH * VL <= d; i0 += CH * VL) gather_chunk<DT, CH>(vals, idx, k, W, row_bytes, i0, out, ahead);
+  for (; i0 + CH * VL <= d; i0 += CH * VL) gather_chunk<DT, CH>(vals, idx, k, W, row_bytes, i0, out, ahead, l2);
   // The rest in halving chunks (4096 = 8 x 480 + 256 on AVX-512), then scalars.
-  if (i0 + 16 * VL <= d) { gather_chunk<DT, 16>(vals, idx, k, W, row_bytes, i0, out, ahead); i0 += 16 * VL; }
-  if (i0 + 8 * VL <= d) { gather_chunk<DT, 8>(vals, idx, k, W, row_bytes, i0, out, ahead); i0 += 8 * VL; }
-  if (i0 + 4 * VL <= d) { gather_chunk<DT, 4>(vals, idx, k, W, row_bytes, i0, out, ahead); i0 += 4 * VL; }
-  if (i0 + 2 * VL <= d) { gather_chunk<DT, 2>(vals, idx, k, W, row_bytes, i0, out, ahead); i0 += 2 * VL; }
-  if (i0 + VL <= d) { gather_chunk<DT, 1>(vals, idx, k, W, row_bytes, i0, out, ahead); i0 += VL; }
+  if (i0 + 16 * VL <= d) { gather_chunk<DT, 16>(vals, idx, k, W, row_bytes, i0, out, ahead, l2); i0 += 16 * VL; }
+  if (i0 + 8 * VL <= d) { gather_chunk<DT, 8>(vals, idx, k, W, row_bytes, i0, out, ahead, l2); i0 += 8 * VL; }
+  if (i0 + 4 * VL <= d) { gather_chunk<DT, 4>(vals, idx, k, W, row_bytes, i0, out, ahead, l2); i0 += 4 * VL; }
+  if (i0 + 2 * VL <= d) { gather_chunk<DT, 2>(vals, idx, k, W, row_bytes, i0, out, ahead, l2); i0 += 2 * VL; }
+  if (i0 + VL <= d) { gather_chunk<DT, 1>(vals, idx, k, W, row_bytes, i0, out, ahead, l2); i0 += VL; }
   for (; i0 < d; ++i0) {
     float s = out[i0];
     for (int32_t j = 0; j < k; ++j)
@@ -492,7 +497,7 @@ static void gather_sum_chunked(const float *vals, const int32_t *idx, int32_t k,
 
 template <saehook_dtype DT>
 static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, const void *Wv, int64_t d,
-                            float *out, int kAhead) {
+                            float *out, int kAhead, bool l2) {
   // One feature row at a time into the output row (which stays in L1), prefetching the row
   // kAhead (Tuning::gather_ahead) features later line by line as this one streams, so several
   // rows are in flight.
@@ -509,7 +514,10 @@ static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, co
     const vf a = splat(vals[j]);
     int64_t i = 0;
     for (; i + VL <= d; i += VL) {
-      if (ahead && (i * L::size) % 64 == 0) prefetch_t0(ahead + i * L::size);
+      if (ahead && (i * L::size) % 64 == 0) {
+        if (l2) prefetch_t1(ahead + i * L::size);
+        else prefetch_t0(ahead + i * L::size);
+      }
       vf y;
       std::memcpy(&y, out + i, VB);
       y += a * L::vec(row + i * L::size);
@@ -523,22 +531,22 @@ static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, co
 // chunked walk unless the class says rows (Tuning::gather_rows_f32).
 template <saehook_dtype DT>
 static void gather_sum_t(const float *vals, const int32_t *idx, int32_t k, const void *W, int64_t d,
-                         float *out, int ahead, bool rows_f32) {
+                         float *out, int ahead, bool rows_f32, bool l2) {
   if (DT == SAEHOOK_F32 && !rows_f32)
-    gather_sum_chunked<DT>(vals, idx, k, W, d, out, ahead);
+    gather_sum_chunked<DT>(vals, idx, k, W, d, out, ahead, l2);
   else
-    gather_sum_rows<DT>(vals, idx, k, W, d, out, ahead);
+    gather_sum_rows<DT>(vals, idx, k, W, d, out, ahead, l2);
 }
 
 static void gather_sum(const float *vals, const int32_t *idx, int32_t k, const void *W,
                        saehook_dtype dt, int64_t d, float *out, const Tuning &tp) {
   const int ahead = tp.gather_ahead;
-  const bool rows = tp.gather_rows_f32;
+  const bool rows = tp.gather_rows_f32, l2 = tp.gather_l2;
   switch (dt) {
-    case SAEHOOK_F32: return gather_sum_t<SAEHOOK_F32>(vals, idx, k, W, d, out, ahead, rows);
-    case SAEHOOK_F16: return gather_sum_t<SAEHOOK_F16>(vals, idx, k, W, d, out, ahead, rows);
-    case SAEHOOK_BF16: return gather_sum_t<SAEHOOK_BF16>(vals, idx, k, W, d, out, ahead, rows);
-    case SAEHOOK_I8: return gather_sum_t<SAEHOOK_I8>(vals, idx, k, W, d, out, ahead, rows);
+    case SAEHOOK_F32: return gather_sum_t<SAEHOOK_F32>(vals, idx, k, W, d, out, ahead, rows, l2);
+    case SAEHOOK_F16: return gather_sum_t<SAEHOOK_F16>(vals, idx, k, W, d, out, ahead, rows, l2);
+    case SAEHOOK_BF16: return gather_sum_t<SAEHOOK_BF16>(vals, idx, k, W, d, out, ahead, rows, l2);
+    case SAEHOOK_I8: return gather_sum_t<SAEHOOK_I8>(vals, idx, k, W, d, out, ahead, rows, l2);
   }
 }
 
