@@ -120,9 +120,8 @@ def main() -> int:
     vals = np.zeros((a.batch, a.k), np.float32)
     idx = np.zeros((a.batch, a.k), np.int32)
     dvals = np.abs(rng.standard_normal((a.batch, a.k))).astype(np.float32)
-    # Decode: fresh codes every call, cycling through sets whose rows add up to at least 1 GiB, so
-    # no call finds its rows in L3 from an earlier one (with a short cycle, the build timed after
-    # another one hit the rows that one had left in L3: the same build twice read 1.0x and 1.7x).
+    # Decode: fresh codes every call, cycling through sets whose rows add up to at least 1 GiB
+    # (32x a 32 MiB L3), so no call finds its rows in L3 from an earlier one.
     n_sets = max(2, -(-2**30 // (a.batch * a.k * d * 4))) if a.decode else 1
     dsets = [np.stack([rng.choice(m, a.k, replace=False) for _ in range(a.batch)]).astype(np.int32)
              for _ in range(n_sets)]

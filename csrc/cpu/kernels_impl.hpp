@@ -44,6 +44,8 @@ static inline void prefetch_to(const void *p) {
 }
 static inline void prefetch_t0(const void *p) { prefetch_to<0>(p); }
 static inline void prefetch_t1(const void *p) { prefetch_to<1>(p); }
+// The decode's look-ahead (Tuning::gather_l2 picks the level).
+static inline void prefetch_t0_or_t1(const void *p, bool l2) { l2 ? prefetch_t1(p) : prefetch_t0(p); }
 
 // Software prefetch of the batch-1 kernels, which stream each weight row once: the `bytes` at
 // p + ahead into L1 (past a row's or block's end too: prefetches never fault); ahead is the CPU
@@ -456,13 +458,8 @@ static inline void gather_chunk(const float *vals, const int32_t *idx, int32_t k
     const uint8_t *row = W + idx[j] * row_bytes + i0 * L::size;
     if (j + ahead < k && idx[j + ahead] >= 0) {
       const uint8_t *next = W + idx[j + ahead] * row_bytes + i0 * L::size;
-      if (l2) {
 #pragma GCC unroll 32
-        for (size_t line = 0; line < piece; line += 64) prefetch_t1(next + line);
-      } else {
-#pragma GCC unroll 32
-        for (size_t line = 0; line < piece; line += 64) prefetch_t0(next + line);
-      }
+      for (size_t line = 0; line < piece; line += 64) prefetch_t0_or_t1(next + line, l2);
     }
     const vf a = splat(vals[j]);
 #pragma GCC unroll 32
@@ -514,10 +511,7 @@ static void gather_sum_rows(const float *vals, const int32_t *idx, int32_t k, co
     const vf a = splat(vals[j]);
     int64_t i = 0;
     for (; i + VL <= d; i += VL) {
-      if (ahead && (i * L::size) % 64 == 0) {
-        if (l2) prefetch_t1(ahead + i * L::size);
-        else prefetch_t0(ahead + i * L::size);
-      }
+      if (ahead && (i * L::size) % 64 == 0) prefetch_t0_or_t1(ahead + i * L::size, l2);
       vf y;
       std::memcpy(&y, out + i, VB);
       y += a * L::vec(row + i * L::size);
