@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -123,8 +124,14 @@ def test_set_cpu_class_and_overrides():
     ("zen5,stream_prefetch=-5", "'stream_prefetch=-5' is not key=value with a non-negative integer"),
     ("zen5,stream_prefetch=1k", "'stream_prefetch=1k' is not key=value"),
     ("zen5,batch1_rows_bf16=3", "batch1_rows_bf16 must be 1, 2, 4 or 8, not 3"),
-    ("zen5,panel_chunk=100", "panel_chunk must be a positive multiple of 128, not 100"),
-    ("zen5,block_bytes_n=10", "block_bytes_n must be at least 1024, not 10"),
+    ("zen5,batch1_rows_bf16=0", "batch1_rows_bf16 must be 1, 2, 4 or 8, not 0"),
+    ("zen5,panel_chunk=100", "panel_chunk must be a positive multiple of 128 (at most 1048576), not 100"),
+    ("zen5,panel_chunk=0", "panel_chunk must be a positive multiple of 128 (at most 1048576), not 0"),
+    ("zen5,block_bytes_n=10", "block_bytes_n must be 1024 to 1073741824 (bytes), not 10"),
+    ("zen5,block_bytes_1=1073741825", "block_bytes_1 must be 1024 to 1073741824 (bytes), not 1073741825"),
+    ("zen5,stream_prefetch=1048577", "stream_prefetch must be at most 1048576 (bytes), not 1048577"),
+    # beyond int64: strtoll's overflow, not a wrapped or clamped value
+    ("zen5,stream_prefetch_i8=99999999999999999999", "'stream_prefetch_i8=99999999999999999999' is not key=value"),
     ("zen5,gather_ahead=65", "gather_ahead must be at most 64, not 65"),
     ("zen5,panel_prefetch_next=2", "panel_prefetch_next must be 0 or 1, not 2"),
     ("zen5,few_rows=65", "few_rows must be at most 64, not 65"),
@@ -133,9 +140,19 @@ def test_set_cpu_class_and_overrides():
 ])
 def test_bad_cpu_class_specs_are_refused(spec, message):
     before = saehook.cpu_info()
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         saehook.set_cpu_class(spec)
     assert saehook.cpu_info() == before  # nothing changed
+
+
+def test_the_unknown_key_error_lists_every_key_cpu_info_reports():
+    with pytest.raises(ValueError) as e:
+        saehook.set_cpu_class("zen5,foo=1")
+    listed = str(e.value).split("keys: ")[1].split(", ")
+    assert listed == list(saehook.cpu_info()["params"])
+    for key, value in saehook.cpu_info()["params"].items():  # each key is accepted with its own value
+        saehook.set_cpu_class(f"auto,{key}={value}")
+    saehook.set_cpu_class("auto")
 
 
 def _child_info(env_value: str) -> tuple:

@@ -2,6 +2,7 @@
 #include "cpu_class.hpp"
 
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -116,6 +117,34 @@ CpuId detect() {
   return c;
 }
 
+// The override keys, one row each: parse, its error's key list and cpu_info_json all read this,
+// so a new Tuning field is one row here. A value must lie in [lo, hi], be a multiple of `step`
+// and, where pow2, a power of two; `rule` is what the error says otherwise.
+struct Param {
+  const char *key;
+  int64_t Tuning::*wide;  // the field, when int64_t ...
+  int Tuning::*narrow;    // ... or when int
+  int64_t lo, hi, step;
+  bool pow2;
+  const char *rule;
+};
+
+const Param kParams[] = {
+    {"stream_prefetch", &Tuning::stream_prefetch, nullptr, 0, 1 << 20, 1, false, "at most 1048576 (bytes)"},
+    {"stream_prefetch_i8", &Tuning::stream_prefetch_i8, nullptr, 0, 1 << 20, 1, false, "at most 1048576 (bytes)"},
+    {"batch1_rows_bf16", nullptr, &Tuning::batch1_rows_bf16, 1, 8, 1, true, "1, 2, 4 or 8"},
+    {"block_bytes_1", &Tuning::block_bytes_1, nullptr, 1024, 1 << 30, 1, false, "1024 to 1073741824 (bytes)"},
+    {"block_bytes_n", &Tuning::block_bytes_n, nullptr, 1024, 1 << 30, 1, false, "1024 to 1073741824 (bytes)"},
+    {"panel_chunk", &Tuning::panel_chunk, nullptr, 128, 1 << 20, 128, false, "a positive multiple of 128 (at most 1048576)"},
+    {"panel_prefetch_next", nullptr, &Tuning::panel_prefetch_next, 0, 1, 1, false, "0 or 1"},
+    {"gather_ahead", nullptr, &Tuning::gather_ahead, 0, 64, 1, false, "at most 64"},
+    {"gather_rows_f32", nullptr, &Tuning::gather_rows_f32, 0, 1, 1, false, "0 or 1"},
+    {"gather_l2", nullptr, &Tuning::gather_l2, 0, 1, 1, false, "0 or 1"},
+    {"few_rows", nullptr, &Tuning::few_rows, 0, 64, 1, false, "at most 64"},
+};
+
+int64_t get(const Tuning &t, const Param &k) { return k.wide ? t.*k.wide : int64_t(t.*k.narrow); }
+
 std::string parse(const char *spec, Tuning *out) {
   const char *p = spec ? spec : "auto";
   const char *comma = std::strchr(p, ',');
@@ -132,41 +161,23 @@ std::string parse(const char *spec, Tuning *out) {
     const std::string item(p, comma ? size_t(comma - p) : std::strlen(p));
     const size_t eq = item.find('=');
     char *end = nullptr;
+    errno = 0;
     const long long v = eq == std::string::npos ? 0 : std::strtoll(item.c_str() + eq + 1, &end, 10);
-    if (eq == std::string::npos || end == item.c_str() + eq + 1 || *end || v < 0)
+    if (eq == std::string::npos || end == item.c_str() + eq + 1 || *end || v < 0 || errno == ERANGE)
       return "CPU tuning override '" + item + "' is not key=value with a non-negative integer value";
     const std::string key = item.substr(0, eq);
-    if (key == "stream_prefetch") t.stream_prefetch = v;
-    else if (key == "stream_prefetch_i8") t.stream_prefetch_i8 = v;
-    else if (key == "batch1_rows_bf16") {
-      if (v != 1 && v != 2 && v != 4 && v != 8) return "batch1_rows_bf16 must be 1, 2, 4 or 8, not " + item.substr(eq + 1);
-      t.batch1_rows_bf16 = int(v);
-    } else if (key == "block_bytes_1" || key == "block_bytes_n") {
-      if (v < 1024) return key + " must be at least 1024, not " + item.substr(eq + 1);
-      (key == "block_bytes_1" ? t.block_bytes_1 : t.block_bytes_n) = v;
-    } else if (key == "panel_chunk") {
-      if (v < 128 || v % 128) return "panel_chunk must be a positive multiple of 128, not " + item.substr(eq + 1);
-      t.panel_chunk = v;
-    } else if (key == "panel_prefetch_next") {
-      if (v > 1) return "panel_prefetch_next must be 0 or 1, not " + item.substr(eq + 1);
-      t.panel_prefetch_next = int(v);
-    } else if (key == "gather_ahead") {
-      if (v > 64) return "gather_ahead must be at most 64, not " + item.substr(eq + 1);
-      t.gather_ahead = int(v);
-    } else if (key == "gather_rows_f32") {
-      if (v > 1) return "gather_rows_f32 must be 0 or 1, not " + item.substr(eq + 1);
-      t.gather_rows_f32 = int(v);
-    } else if (key == "gather_l2") {
-      if (v > 1) return "gather_l2 must be 0 or 1, not " + item.substr(eq + 1);
-      t.gather_l2 = int(v);
-    } else if (key == "few_rows") {
-      if (v > 64) return "few_rows must be at most 64, not " + item.substr(eq + 1);
-      t.few_rows = int(v);
-    } else {
-      return "unknown CPU tuning key '" + key +
-             "'; keys: stream_prefetch, stream_prefetch_i8, batch1_rows_bf16, block_bytes_1, block_bytes_n, "
-             "panel_chunk, panel_prefetch_next, gather_ahead, gather_rows_f32, gather_l2, few_rows";
+    const Param *k = nullptr;
+    for (const Param &c : kParams)
+      if (key == c.key) k = &c;
+    if (!k) {
+      std::string keys;
+      for (const Param &c : kParams) keys += (keys.empty() ? "" : ", ") + std::string(c.key);
+      return "unknown CPU tuning key '" + key + "'; keys: " + keys;
     }
+    if (v < k->lo || v > k->hi || v % k->step || (k->pow2 && (v & (v - 1))))
+      return key + " must be " + k->rule + ", not " + item.substr(eq + 1);
+    if (k->wide) t.*k->wide = v;
+    else t.*k->narrow = int(v);
   }
   *out = t;
   return {};
@@ -217,18 +228,15 @@ const char *cpu_info_json() {
   std::lock_guard<std::mutex> lock(mu);
   const CpuId &c = cpuid_info();
   const Tuning &t = tuning();
-  std::string classes;
+  std::string classes, params;
   for (const Tuning &k : kTable) classes += (classes.empty() ? "\"" : ", \"") + std::string(k.cls) + "\"";
-  char s[1024];
+  for (const Param &k : kParams)
+    params += (params.empty() ? "\"" : ", \"") + std::string(k.key) + "\": " + std::to_string(get(t, k));
+  char s[256];
   std::snprintf(s, sizeof s,
-                "{\"vendor\": \"%s\", \"family\": %u, \"model\": %u, \"stepping\": %u, \"detected_class\": \"%s\", "
-                "\"classes\": [%s], \"class\": \"%s\", \"params\": {\"stream_prefetch\": %lld, \"stream_prefetch_i8\": %lld, \"batch1_rows_bf16\": %d, "
-                "\"block_bytes_1\": %lld, \"block_bytes_n\": %lld, \"panel_chunk\": %lld, \"panel_prefetch_next\": %d, \"gather_ahead\": %d, \"gather_rows_f32\": %d, \"gather_l2\": %d, \"few_rows\": %d}}",
-                c.vendor, c.family, c.model, c.stepping, c.detected_class.c_str(), classes.c_str(), t.cls,
-                (long long)t.stream_prefetch, (long long)t.stream_prefetch_i8, t.batch1_rows_bf16, (long long)t.block_bytes_1,
-                (long long)t.block_bytes_n, (long long)t.panel_chunk, t.panel_prefetch_next, t.gather_ahead,
-                t.gather_rows_f32, t.gather_l2, t.few_rows);
-  buf = s;
+                "{\"vendor\": \"%s\", \"family\": %u, \"model\": %u, \"stepping\": %u, \"detected_class\": \"%s\", ",
+                c.vendor, c.family, c.model, c.stepping, c.detected_class.c_str());
+  buf = std::string(s) + "\"classes\": [" + classes + "], \"class\": \"" + t.cls + "\", \"params\": {" + params + "}}";
   return buf.c_str();
 }
 
