@@ -129,7 +129,24 @@ def main() -> int:
                 for i in range(args.gen_tokens):
                     llm.eval([prompt[16 + i % 200]])
 
-        return timed(pp), timed(gen) - timed(prefix)
+        t_pp = timed(pp)
+        h0 = hooked.hook_seconds
+        t_prefix = timed(prefix)
+        h1 = hooked.hook_seconds
+        t_gen = timed(gen)
+        h2 = hooked.hook_seconds
+        # the hook's own seconds in the generation steps (gen's minus its prefix's; 0 for plain)
+        return t_pp, t_gen - t_prefix, (h2 - h1) - (h1 - h0) if llm is hooked else 0.0
+
+    x1 = rng.standard_normal((1, n_embd), dtype=np.float32)
+
+    def encode_alone():
+        """ms of one batch-1 encode of this SAE, back to back (the kernel without llama.cpp)."""
+        sae.encode(x1)
+        t0 = time.perf_counter()
+        for _ in range(args.gen_tokens):
+            sae.encode(x1)
+        return (time.perf_counter() - t0) / args.gen_tokens * 1e3
 
     from contextlib import nullcontext
 
@@ -154,10 +171,11 @@ def main() -> int:
     # also taken within each round (against that round's plain llama.cpp and read bound), so that
     # this VM's drifting memory bandwidth affects all scenarios alike.
     times = {name: [] for name, *_ in scenarios}
-    bws = []
+    bws, enc_ms = [], []
     for rnd in range(args.reps + 1):
         if rnd:
             bws.append(read_bandwidth(args.threads)["bound"])
+            enc_ms.append(encode_alone())
         shift = rnd % len(scenarios)
         for name, llm, factory, _ in scenarios[shift:] + scenarios[:shift]:
             t = once(llm, factory)
@@ -187,8 +205,17 @@ def main() -> int:
             per_round = [((t[1] - b[1]) / args.gen_tokens * 1e3) / (n_hooked * sae.encoder_bytes / (g * 1e9) * 1e3)
                          for t, b, g in zip(times[name], times[base_name], bws)]
             row["bound_multiple_per_round"] = per_round
+            # Where the added time goes, per round: the hook's own time (the callback: reading
+            # the rows, the encodes, any write-back), the rest outside it (llama.cpp's graph
+            # split at the hooked layers), and the same encodes alone, back to back.
+            hook_ms = [t[2] / args.gen_tokens * 1e3 for t in times[name]]
+            row["hook_ms_per_token_rounds"] = hook_ms
+            row["encode_alone_ms_rounds"] = [n_hooked * e for e in enc_ms]
             bound = (f"  (+{extra_ms:.2f} ms/token; W_enc read bound {bound_ms:.2f} ms, {extra_ms / bound_ms:.2f}x; "
                      f"per round {np.median(per_round):.2f}x, {min(per_round):.2f}-{max(per_round):.2f})")
+            bound += (f"\n{'':<32} of it the hook {np.median(hook_ms):.2f} ms/token (encodes alone "
+                      f"{n_hooked * np.median(enc_ms):.2f} ms, {np.median([e * g / (sae.encoder_bytes / 1e6) for e, g in zip(enc_ms, bws)]):.2f}x "
+                      f"the round's bound), outside the hook {extra_ms - np.median(hook_ms):.2f} ms")
         print(f"{name:<32} prompt {tps_pp:8.1f} tok/s ({row['prompt_overhead_pct']:+6.1f}%)   "
               f"generation {tps_gen:7.2f} tok/s ({row['gen_overhead_pct']:+6.1f}%){bound}", flush=True)
     with open(args.json, "w") as f:
