@@ -42,6 +42,9 @@ SPECS = CLASSES + [
     "zen4,gather_l2=0",
     "zen5,few_rows=0",  # 2 .. 16 rows on the many-rows kernels
     "generic,few_rows=64",  # every shape but the 70-row one on the few-rows tiles
+    "generic,few_rows_l2=1",  # the few-rows tiles' prefetch into L2 (zen4's choice)
+    "zen4,few_rows_l2=0",
+    "generic,few_rows=64,few_rows_l2=1",
 ]
 TOL = 2e-4
 # d_model, d_sae, k, n: batch 1 with feature counts that end inside every interleave width, the
@@ -137,6 +140,7 @@ def test_set_cpu_class_and_overrides():
     ("zen5,few_rows=65", "few_rows must be at most 64, not 65"),
     ("zen3,gather_rows_f32=2", "gather_rows_f32 must be 0 or 1, not 2"),
     ("zen4,gather_l2=2", "gather_l2 must be 0 or 1, not 2"),
+    ("zen4,few_rows_l2=2", "few_rows_l2 must be 0 or 1, not 2"),
 ])
 def test_bad_cpu_class_specs_are_refused(spec, message):
     before = saehook.cpu_info()

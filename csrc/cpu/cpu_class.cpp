@@ -58,7 +58,10 @@ namespace {
 // at 256, flat at 1: 8 kept; gather_rows_f32 1.10-1.14x the time: off; gather_l2 (prefetcht1
 // instead of prefetcht0) 0.74 / 0.73 / 0.82 / 0.81 of the time at batch 1 / 8 / 64 / 256 (the row
 // walk 0.77 / 0.75 at 64 / 256): on. L1 prefetches of 8 features' pieces (240 lines) exceed what
-// the L1 keeps in flight; the L2 takes them.
+// the L1 keeps in flight; the L2 takes them. 2026-12-06: the few-rows tiles' prefetch of the next
+// group into L2 (few_rows_l2) against L1, bench_builds alternation, 2048 x 32768: f32 0.696 of the
+// time at 8 rows (0.604 -> 0.885 of the probe's rate), 0.653 at 12, 0.989 at 4 (one tile, not the
+// few-rows order); bf16 0.598 and int8 0.812 at 8 rows: on.
 //
 // zen3 (AMD family 25 without AVX-512: the avx2 path; 2-core Zen 3 VM, family 25 model 1,
 // 2026-12-02): the int8 batch-1 prefetch 1024 against 0 / 2048 / 4096 / 8192: 1.08 / 1.04 / 1.02 /
@@ -69,12 +72,12 @@ namespace {
 // generic (AVX2 laptops, anything else): the former one-for-all values, not re-measured; few_rows
 // 16 as measured on the avx2 path of the Zen 5 VM.
 const Tuning kTable[] = {
-    // cls      prefetch (bf16, int8) rows_bf16 block_1  block_n     chunk next ahead rows l2 few
-    {"zen5",    1024, 1024,         4,        2 << 20, 512 << 10,  1024, 1,   8,    0,   0, 16},
-    {"zen4",    1024, 1024,         1,        2 << 20, 512 << 10,  2048, 1,   8,    0,   1, 16},
-    {"spr",     1024, 4096,         8,        2 << 20, 512 << 10,  1024, 0,   4,    0,   0, 12},
-    {"zen3",    1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    1,   0, 16},
-    {"generic", 1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    0,   0, 16},
+    // cls      prefetch (bf16, int8) rows_bf16 block_1  block_n     chunk next ahead rows l2 few l2
+    {"zen5",    1024, 1024,         4,        2 << 20, 512 << 10,  1024, 1,   8,    0,   0, 16,  0},
+    {"zen4",    1024, 1024,         1,        2 << 20, 512 << 10,  2048, 1,   8,    0,   1, 16,  1},
+    {"spr",     1024, 4096,         8,        2 << 20, 512 << 10,  1024, 0,   4,    0,   0, 12,  0},
+    {"zen3",    1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    1,   0, 16,  0},
+    {"generic", 1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    0,   0, 16,  0},
 };
 
 const Tuning *find_class(const char *name, size_t len) {
@@ -141,6 +144,7 @@ const Param kParams[] = {
     {"gather_rows_f32", nullptr, &Tuning::gather_rows_f32, 0, 1, 1, false, "0 or 1"},
     {"gather_l2", nullptr, &Tuning::gather_l2, 0, 1, 1, false, "0 or 1"},
     {"few_rows", nullptr, &Tuning::few_rows, 0, 64, 1, false, "at most 64"},
+    {"few_rows_l2", nullptr, &Tuning::few_rows_l2, 0, 1, 1, false, "0 or 1"},
 };
 
 int64_t get(const Tuning &t, const Param &k) { return k.wide ? t.*k.wide : int64_t(t.*k.narrow); }

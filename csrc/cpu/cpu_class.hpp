@@ -34,8 +34,10 @@ struct Tuning {
   // Batches of more than one row tile and at most few_rows rows take the few-rows order of the
   // dot-product tiles (kernels_impl.hpp, kernels_vnni_impl.hpp) instead of the row-tile-major order
   // or the packed panels (avx512_vnni also caps it per dtype: f32 below 16 rows, bf16 16, int8 12);
-  // 0: off.
+  // 0: off. few_rows_l2: whether those tiles prefetch the next feature group into L2 (1: prefetcht1)
+  // or L1 (0: prefetcht0).
   int few_rows;
+  int few_rows_l2;
 };
 
 // What cpuid says about the processor, and the class it was put in.

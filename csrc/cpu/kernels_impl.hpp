@@ -169,11 +169,11 @@ static inline float hsum_fast(vf v) {
 
 // R rows x F features register tile over the full reduction length d. pf: the few-rows order's
 // next group (dot_few_rows): rows [pa, pb) of it at stride row_bytes are prefetched alongside,
-// one line per line consumed (nullptr: none).
+// one line per line consumed (nullptr: none), into L2 when l2 (Tuning::few_rows_l2), else L1.
 template <saehook_dtype DT, int R, int F>
 static inline void tile(const float *x, int64_t ldx, const uint8_t *W, size_t row_bytes, int64_t d,
                         float *out, int64_t ldo, const float *scales, const uint8_t *pf = nullptr, int pa = 0,
-                        int pb = 0) {
+                        int pb = 0, bool l2 = false) {
   using L = Load<DT>;
   vf acc[R][F];
   for (int r = 0; r < R; ++r)
@@ -183,7 +183,7 @@ static inline void tile(const float *x, int64_t ldx, const uint8_t *W, size_t ro
     // 2 VL weights per load, split into the even and the odd ones (bf16_split_len).
     for (; i + 2 * VL <= d; i += 2 * VL) {
       if (pf && (i * 2) % 64 == 0)
-        for (int f = pa; f < pb; ++f) prefetch_t0(pf + f * row_bytes + i * 2);
+        for (int f = pa; f < pb; ++f) prefetch_t0_or_t1(pf + f * row_bytes + i * 2, l2);
       vf xe[R], xo[R];
       for (int r = 0; r < R; ++r) {
         std::memcpy(&xe[r], x + r * ldx + i, VB);
@@ -202,7 +202,7 @@ static inline void tile(const float *x, int64_t ldx, const uint8_t *W, size_t ro
   }
   for (; i + VL <= d; i += VL) {
     if (pf && (i * L::size) % 64 == 0)
-      for (int f = pa; f < pb; ++f) prefetch_t0(pf + f * row_bytes + i * L::size);
+      for (int f = pa; f < pb; ++f) prefetch_t0_or_t1(pf + f * row_bytes + i * L::size, l2);
     vf xv[R];
     for (int r = 0; r < R; ++r) std::memcpy(&xv[r], x + r * ldx + i, VB);
     for (int f = 0; f < F; ++f) {
@@ -324,13 +324,13 @@ static inline void walk_few(int64_t R, int64_t nf, const Tile &tile) {
 // 4096 x 65536, bench_builds alternation); 8 x 2 tiles took 1.15x.
 template <saehook_dtype DT>
 static void dot_few_rows(const float *x, int64_t ldx, int64_t R, const uint8_t *W, const float *scales, int64_t d,
-                         int64_t f0, int64_t nf, float *out, int64_t ldo, int64_t f_next) {
+                         int64_t f0, int64_t nf, float *out, int64_t ldo, int64_t f_next, bool l2) {
   const size_t row_bytes = size_t(d) * Load<DT>::size;
   walk_few<int(kRowTile), 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j, int64_t jn, int pa, int pb) {
     const uint8_t *pf = jn >= 0 ? W + (f0 + jn) * row_bytes : jn == -1 && f_next >= 0 ? W + f_next * row_bytes : nullptr;
     tile<DT, decltype(rg)::value, decltype(fg)::value>(x + r * ldx, ldx, W + (f0 + j) * row_bytes, row_bytes, d,
                                                        out + r * ldo + j, ldo, scales ? scales + f0 + j : nullptr, pf,
-                                                       pa, pb);
+                                                       pa, pb, l2);
   });
 }
 
@@ -406,7 +406,8 @@ static void dot_block_t(const float *x, int64_t ldx, int64_t R, const void *Wv, 
                         int64_t d, int64_t f0, int64_t nf, float *out, int64_t ldo, const Tuning &tp,
                         int64_t f_next) {
   const uint8_t *W = static_cast<const uint8_t *>(Wv);
-  if (few_rows_order(R, tp)) return dot_few_rows<DT>(x, ldx, R, W, scales, d, f0, nf, out, ldo, f_next);
+  if (few_rows_order(R, tp))
+    return dot_few_rows<DT>(x, ldx, R, W, scales, d, f0, nf, out, ldo, f_next, tp.few_rows_l2);
   int64_t r = 0;
   if constexpr (VB < 64) {
     // 16 vector registers: 2 rows x 4 features (8 accumulators) stay in registers; with 4 rows

@@ -90,14 +90,15 @@ inline bool f32_panel(saehook_dtype dt, int64_t R) { return dt == SAEHOOK_F32 &&
 #if SAEHOOK_VNNI_BF16
 template <int R, int F>
 static inline void dot_bf16(const uint16_t *x, int64_t ldx, const uint16_t *W, int64_t d, float *out,
-                            int64_t ldo, int64_t prefetch, const uint16_t *pf = nullptr, int pa = 0, int pb = 0) {
+                            int64_t ldo, int64_t prefetch, const uint16_t *pf = nullptr, int pa = 0, int pb = 0,
+                            bool l2 = false) {
   __m512 acc[R][F];
   for (int r = 0; r < R; ++r)
     for (int f = 0; f < F; ++f) acc[r][f] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= d; i += 32) {
-    if (pf)  // the few-rows order's next group (walk_few)
-      for (int f = pa; f < pb; ++f) prefetch_t0(pf + f * d + i);
+    if (pf)  // the few-rows order's next group (walk_few), into L2 when l2 (Tuning::few_rows_l2)
+      for (int f = pa; f < pb; ++f) prefetch_t0_or_t1(pf + f * d + i, l2);
     for (int f = 0; f < F; ++f) {
       if (R == 1) prefetch_ahead(W + f * d + i, 64, prefetch);
       const __m512bh w = (__m512bh)_mm512_loadu_si512(W + f * d + i);
@@ -122,7 +123,7 @@ static inline void dot_bf16(const uint16_t *x, int64_t ldx, const uint16_t *W, i
 template <int R, int F>
 static inline void dot_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8_t *W, int64_t d,
                           const float *wscale, float *out, int64_t ldo, const int8_t *pf = nullptr, int pa = 0,
-                          int pb = 0) {
+                          int pb = 0, bool l2 = false) {
   const __m512i offset = _mm512_set1_epi8(char(0x80));
   __m512 facc[R][F];
   for (int r = 0; r < R; ++r)
@@ -134,8 +135,8 @@ static inline void dot_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8
       for (int f = 0; f < F; ++f) iacc[r][f] = _mm512_setzero_si512();
     int64_t i = b0;
     for (; i + 64 <= b1; i += 64) {
-      if (pf)  // the few-rows order's next group (walk_few)
-        for (int f = pa; f < pb; ++f) prefetch_t0(pf + f * d + i);
+      if (pf)  // the few-rows order's next group (walk_few), into L2 when l2
+        for (int f = pa; f < pb; ++f) prefetch_t0_or_t1(pf + f * d + i, l2);
       for (int f = 0; f < F; ++f) {
         const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(W + f * d + i), offset);
         for (int r = 0; r < R; ++r) iacc[r][f] = dpbusd(iacc[r][f], w, _mm512_load_si512(x + r * rb + i));
@@ -407,7 +408,8 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
       const uint16_t *Wn = f_next >= 0 ? static_cast<const uint16_t *>(Wv) + f_next * d : nullptr;
       walk_few<4, 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j, int64_t jn, int pa, int pb) {
         dot_bf16<decltype(rg)::value, decltype(fg)::value>(x + r * ld, ld, W + j * d, d, out + r * ldo + j, ldo, 0,
-                                                          jn >= 0 ? W + jn * d : jn == -1 ? Wn : nullptr, pa, pb);
+                                                          jn >= 0 ? W + jn * d : jn == -1 ? Wn : nullptr, pa, pb,
+                                                          tp.few_rows_l2);
       });
       return;
     }
@@ -445,7 +447,8 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
       walk_few<3, 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j, int64_t jn, int pa, int pb) {
         dot_i8<decltype(rg)::value, decltype(fg)::value>(x + r * rb, rb, dpad, W + j * d, d, scales + f0 + j,
                                                         out + r * ldo + j, ldo,
-                                                        jn >= 0 ? W + jn * d : jn == -1 ? Wn : nullptr, pa, pb);
+                                                        jn >= 0 ? W + jn * d : jn == -1 ? Wn : nullptr, pa, pb,
+                                                        tp.few_rows_l2);
       });
       return;
     }
