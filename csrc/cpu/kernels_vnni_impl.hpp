@@ -77,12 +77,16 @@ constexpr int64_t kPackRowsF32 = 16;
 // 0.43-0.61x at 4-8, 0.75x at 12, 0.87x at 16, 1.21x at 24; 4096 x 65536 0.67x at 4, 0.79x at 8,
 // 1.20x at 16.
 constexpr int64_t kFewRowsBF16 = 16, kFewRowsI8 = 12;
+// With few_rows_l2 (the next group prefetched into L2) the order starts at 2 rows instead of the
+// dot tiles below kPackRows: zen4, 2048 x 32768, 0.73x / 0.69x the time at 2 / 3 bf16 rows, int8
+// 0.68x / 0.56x (bench_builds alternation).
 // The choices of dot_block below, one place each (dot_block and streams both ask).
+inline int64_t few_rows_from(const Tuning &tp) { return tp.few_rows_l2 ? 2 : kPackRows; }
 inline bool few_rows_bf16(int64_t R, const Tuning &tp) {
-  return R >= kPackRows && R <= std::min<int64_t>(tp.few_rows, kFewRowsBF16);
+  return R >= few_rows_from(tp) && R <= std::min<int64_t>(tp.few_rows, kFewRowsBF16);
 }
 inline bool few_rows_i8(int64_t R, const Tuning &tp) {
-  return R >= kPackRows && R <= std::min<int64_t>(tp.few_rows, kFewRowsI8);
+  return R >= few_rows_from(tp) && R <= std::min<int64_t>(tp.few_rows, kFewRowsI8);
 }
 inline bool f32_panel(saehook_dtype dt, int64_t R) { return dt == SAEHOOK_F32 && R >= kPackRowsF32; }
 
@@ -397,19 +401,19 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
     const uint16_t *x = static_cast<const uint16_t *>(operand);
     const uint16_t *W = static_cast<const uint16_t *>(Wv) + f0 * d;
     const int64_t ld = bf16_ld(d);
-    if (R < kPackRows) {
-      walk_dot<4, 4>(R, nf, tp.batch1_rows_bf16, [&](auto rg, auto fg, int64_t r, int64_t j) {
-        dot_bf16<decltype(rg)::value, decltype(fg)::value>(x + r * ld, ld, W + j * d, d, out + r * ldo + j, ldo,
-                                                          tp.stream_prefetch);
-      });
-      return;
-    }
     if (few_rows_bf16(R, tp)) {
       const uint16_t *Wn = f_next >= 0 ? static_cast<const uint16_t *>(Wv) + f_next * d : nullptr;
       walk_few<4, 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j, int64_t jn, int pa, int pb) {
         dot_bf16<decltype(rg)::value, decltype(fg)::value>(x + r * ld, ld, W + j * d, d, out + r * ldo + j, ldo, 0,
                                                           jn >= 0 ? W + jn * d : jn == -1 ? Wn : nullptr, pa, pb,
                                                           tp.few_rows_l2);
+      });
+      return;
+    }
+    if (R < kPackRows) {
+      walk_dot<4, 4>(R, nf, tp.batch1_rows_bf16, [&](auto rg, auto fg, int64_t r, int64_t j) {
+        dot_bf16<decltype(rg)::value, decltype(fg)::value>(x + r * ld, ld, W + j * d, d, out + r * ldo + j, ldo,
+                                                          tp.stream_prefetch);
       });
       return;
     }
@@ -435,13 +439,6 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
     const int64_t rb = i8_row_bytes(d), dpad = round_up(d, 64);
     // Batch 1: one sequential stream (0.94x the read probe's rate vs 0.85x for 4 interleaved rows).
     if (R == 1) return row_i8(x, dpad, W, d, nf, scales + f0, out, tp.stream_prefetch_i8);
-    if (R < kPackRows) {
-      walk_dot<3, 4>(R, nf, 8, [&](auto rg, auto fg, int64_t r, int64_t j) {
-        dot_i8<decltype(rg)::value, decltype(fg)::value>(x + r * rb, rb, dpad, W + j * d, d, scales + f0 + j,
-                                                        out + r * ldo + j, ldo);
-      });
-      return;
-    }
     if (few_rows_i8(R, tp)) {
       const int8_t *Wn = f_next >= 0 ? static_cast<const int8_t *>(Wv) + f_next * d : nullptr;
       walk_few<3, 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j, int64_t jn, int pa, int pb) {
@@ -449,6 +446,13 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
                                                         out + r * ldo + j, ldo,
                                                         jn >= 0 ? W + jn * d : jn == -1 ? Wn : nullptr, pa, pb,
                                                         tp.few_rows_l2);
+      });
+      return;
+    }
+    if (R < kPackRows) {
+      walk_dot<3, 4>(R, nf, 8, [&](auto rg, auto fg, int64_t r, int64_t j) {
+        dot_i8<decltype(rg)::value, decltype(fg)::value>(x + r * rb, rb, dpad, W + j * d, d, scales + f0 + j,
+                                                        out + r * ldo + j, ldo);
       });
       return;
     }
