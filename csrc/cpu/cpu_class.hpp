@@ -35,7 +35,7 @@ struct Tuning {
   // dot-product tiles (kernels_impl.hpp, kernels_vnni_impl.hpp) instead of the row-tile-major order
   // or the packed panels (avx512_vnni also caps it per dtype: f32 below 16 rows, bf16 16, int8 12);
   // 0: off. few_rows_l2: whether those tiles prefetch the next feature group into L2 (1: prefetcht1)
-  // or L1 (0: prefetcht0).
+  // or L1 (0: prefetcht0); with 1 the order starts at 2 rows (one row tile gains from it too).
   int few_rows;
   int few_rows_l2;
 };
