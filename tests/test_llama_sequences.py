@@ -333,3 +333,23 @@ def test_the_refused_batches_would_be_mislabelled(qwen35, sae, monkeypatch):
         out, recs, _ = batched(llm, ps or prompts, sts, sae, order=order, prompts_together=ps is not None)
         with pytest.raises(AssertionError):
             assert_same_as_alone(solo, ps or prompts, sts, sae, out, recs)
+
+
+def test_kv_layout_benchmark_counts_the_micro_batches_of_a_step(qwen3):
+    """bench/bench_kv_layout.py (README "Serve", why the server keeps one unified cache): with one
+    KV stream per sequence llama.cpp cuts a step of sequences [0, 2, 3] into one micro-batch per
+    run of consecutive ids ([0], [2, 3]); the unified cache takes it in one."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_kv_layout.py")
+    r = subprocess.run([sys.executable, script, "--model", str(qwen3), "--parallel", "4", "--seqs", "0,2,3",
+                        "--context", "8", "--steps", "2", "--rounds", "1", "--threads", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = {line.split("  ")[0].strip(): line for line in r.stdout.splitlines() if "ms per step" in line}
+    assert len(rows) == 4, r.stdout
+    for name, line in rows.items():
+        want = 1 if name.startswith("unified") else 2
+        assert f"micro-batches per step {want} " in line, line
