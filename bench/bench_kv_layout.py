@@ -57,7 +57,7 @@ def main() -> int:
         path = synthetic_model(a.cache, 2048, 8, 5632, "Q4_K_M")
     llama_cpp.llama_backend_init()
     mp = llama_cpp.llama_model_default_params()
-    from saehook.engines.llama import _resolve_extra_bufts
+    from saehook.engines.llama import _ggml_api, _resolve_extra_bufts
 
     mp.use_extra_bufts = _resolve_extra_bufts(None)  # as HookedLlama loads models
     model = llama_cpp.llama_model_load_from_file(path.encode(), mp)
@@ -127,8 +127,8 @@ def main() -> int:
     # Micro-batches of one step, counted on contexts of their own (an eval callback slows the
     # timed ones): llama.cpp asks the callback about the first block's output once per micro-batch.
     asked = [0]
-    get_name = llama_cpp.llama_cpp._lib.ggml_get_name  # libllama's own ggml (as the hook finds it)
-    get_name.argtypes, get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
+    # ggml_get_name of libllama's own ggml, found as the hook finds it
+    get_name = ctypes.CFUNCTYPE(ctypes.c_char_p, ctypes.c_void_p)(_ggml_api().get_name)
 
     @llama_cpp.ggml_backend_sched_eval_callback
     def count(t, ask, _user):
