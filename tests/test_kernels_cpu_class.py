@@ -28,6 +28,9 @@ SPECS = CLASSES + [
     "generic,batch1_rows_bf16=1",
     "generic,batch1_rows_bf16=2",
     "generic,batch1_rows_bf16=4",
+    "generic,batch1_quarters=1",  # batch 1 from the block's four quarters (zen4's choice)
+    "generic,batch1_quarters=1,block_bytes_1=1024",  # 8-feature blocks: quarters of 2 rows
+    "zen4,batch1_quarters=0",
     "generic,block_bytes_1=1024,block_bytes_n=1024",  # smallest blocks: many tasks per call
     "generic,block_bytes_n=4194304",
     "generic,panel_chunk=128",
@@ -141,6 +144,7 @@ def test_set_cpu_class_and_overrides():
     ("zen3,gather_rows_f32=2", "gather_rows_f32 must be 0 or 1, not 2"),
     ("zen4,gather_l2=2", "gather_l2 must be 0 or 1, not 2"),
     ("zen4,few_rows_l2=2", "few_rows_l2 must be 0 or 1, not 2"),
+    ("zen4,batch1_quarters=2", "batch1_quarters must be 0 or 1, not 2"),
 ])
 def test_bad_cpu_class_specs_are_refused(spec, message):
     before = saehook.cpu_info()

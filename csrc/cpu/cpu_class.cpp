@@ -61,7 +61,12 @@ namespace {
 // the L1 keeps in flight; the L2 takes them. 2026-12-06: the few-rows tiles' prefetch of the next
 // group into L2 (few_rows_l2) against L1, bench_builds alternation, 2048 x 32768: f32 0.696 of the
 // time at 8 rows (0.604 -> 0.885 of the probe's rate), 0.653 at 12, 0.989 at 4 (one tile, not the
-// few-rows order); bf16 0.598 and int8 0.812 at 8 rows: on.
+// few-rows order); bf16 0.598 and int8 0.812 at 8 rows: on. Later that day: batch 1 from the
+// block's quarters (batch1_quarters) against adjacent rows, bench_builds alternation: f32 0.939 of
+// the time at 2048 x 32768 (0.904 -> 0.975 of the probe, 32-36 GB/s), 0.841 at 4096 x 65536
+// (0.79 -> 0.959, the VM moving into its fast state, probe 36-64 GB/s); bf16 (one row at a time
+// before) 1.004 / 0.991 with stream_prefetch 0, int8 (row_i8 before) 0.966-0.976, both in the slow
+// state: on. The few-rows tiles with groups taken from the quarters were flat at 8 rows (1.02).
 //
 // zen3 (AMD family 25 without AVX-512: the avx2 path; 2-core Zen 3 VM, family 25 model 1,
 // 2026-12-02): the int8 batch-1 prefetch 1024 against 0 / 2048 / 4096 / 8192: 1.08 / 1.04 / 1.02 /
@@ -72,12 +77,12 @@ namespace {
 // generic (AVX2 laptops, anything else): the former one-for-all values, not re-measured; few_rows
 // 16 as measured on the avx2 path of the Zen 5 VM.
 const Tuning kTable[] = {
-    // cls      prefetch (bf16, int8) rows_bf16 block_1  block_n     chunk next ahead rows l2 few l2
-    {"zen5",    1024, 1024,         4,        2 << 20, 512 << 10,  1024, 1,   8,    0,   0, 16,  0},
-    {"zen4",    1024, 1024,         1,        2 << 20, 512 << 10,  2048, 1,   8,    0,   1, 16,  1},
-    {"spr",     1024, 4096,         8,        2 << 20, 512 << 10,  1024, 0,   4,    0,   0, 12,  0},
-    {"zen3",    1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    1,   0, 16,  0},
-    {"generic", 1024, 1024,         8,        2 << 20, 512 << 10,  1024, 0,   8,    0,   0, 16,  0},
+    // cls      prefetch (bf16, int8) rows_bf16 quarters block_1  block_n    chunk next ahead rows l2 few l2
+    {"zen5",    1024, 1024,         4, 0,        2 << 20, 512 << 10,  1024, 1,   8,    0,   0, 16,  0},
+    {"zen4",    1024, 1024,         1, 1,        2 << 20, 512 << 10,  2048, 1,   8,    0,   1, 16,  1},
+    {"spr",     1024, 4096,         8, 0,        2 << 20, 512 << 10,  1024, 0,   4,    0,   0, 12,  0},
+    {"zen3",    1024, 1024,         8, 0,        2 << 20, 512 << 10,  1024, 0,   8,    1,   0, 16,  0},
+    {"generic", 1024, 1024,         8, 0,        2 << 20, 512 << 10,  1024, 0,   8,    0,   0, 16,  0},
 };
 
 const Tuning *find_class(const char *name, size_t len) {
@@ -136,6 +141,7 @@ const Param kParams[] = {
     {"stream_prefetch", &Tuning::stream_prefetch, nullptr, 0, 1 << 20, 1, false, "at most 1048576 (bytes)"},
     {"stream_prefetch_i8", &Tuning::stream_prefetch_i8, nullptr, 0, 1 << 20, 1, false, "at most 1048576 (bytes)"},
     {"batch1_rows_bf16", nullptr, &Tuning::batch1_rows_bf16, 1, 8, 1, true, "1, 2, 4 or 8"},
+    {"batch1_quarters", nullptr, &Tuning::batch1_quarters, 0, 1, 1, false, "0 or 1"},
     {"block_bytes_1", &Tuning::block_bytes_1, nullptr, 1024, 1 << 30, 1, false, "1024 to 1073741824 (bytes)"},
     {"block_bytes_n", &Tuning::block_bytes_n, nullptr, 1024, 1 << 30, 1, false, "1024 to 1073741824 (bytes)"},
     {"panel_chunk", &Tuning::panel_chunk, nullptr, 128, 1 << 20, 128, false, "a positive multiple of 128 (at most 1048576)"},
