@@ -92,6 +92,7 @@ inline bool f32_panel(saehook_dtype dt, int64_t R) { return dt == SAEHOOK_F32 &&
 
 // ---------------- dot-product tiles (few rows) ----------------
 #if SAEHOOK_VNNI_BF16
+// ws: elements from one feature row of W to the next (d; a quarter block in walk_quarters).
 template <int R, int F>
 static inline void dot_bf16(const uint16_t *x, int64_t ldx, const uint16_t *W, int64_t ws, int64_t d, float *out,
                             int64_t ldo, int64_t prefetch, const uint16_t *pf = nullptr, int pa = 0, int pb = 0,
@@ -124,6 +125,7 @@ static inline void dot_bf16(const uint16_t *x, int64_t ldx, const uint16_t *W, i
 
 #endif  // SAEHOOK_VNNI_BF16
 
+// ws as for dot_bf16.
 template <int R, int F>
 static inline void dot_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8_t *W, int64_t ws, int64_t d,
                           const float *wscale, float *out, int64_t ldo, const int8_t *pf = nullptr, int pa = 0,
