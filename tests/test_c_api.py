@@ -41,4 +41,6 @@ def test_c_program_against_reference(tmp_path):
     np.testing.assert_allclose(decoded, ref.decode(sae, vals, idx), rtol=1e-4, atol=1e-4)
     assert out[2 * K + 2 * D].startswith("nan-status 5 input contains NaN at row 0, column 3")
     assert out[2 * K + 2 * D + 1].startswith("index-status 4 steering feature 55 is out of range")
+    assert out[-3] == f"prefilter same 1 bytes {M * D * 2 + M * 12} rows 2 fallbacks 0"
+    assert out[-2].startswith("prefilter-status 3 the prefilter's dtype must be bf16 (or f32 to drop it), not int8")
     assert out[-1] == f"isa {saehook.get_isa()}"

@@ -10,6 +10,7 @@
 #include "../cpu/kernels.hpp"
 #include "common.hpp"
 #include "ops.hpp"
+#include "prefilter.hpp"
 #include "steer_modes.hpp"
 #include "threadpool.hpp"
 
@@ -286,6 +287,36 @@ saehook_status saehook_sae_describe(const saehook_sae *sae, saehook_sae_desc *ou
   return guard([&] {
     require(out != nullptr, SAEHOOK_ERR_INVALID_ARGUMENT, "out is NULL");
     *out = sae_ref(sae).d;
+  });
+}
+
+saehook_status saehook_sae_set_prefilter(saehook_sae *sae, saehook_dtype dtype, const saehook_exec *exec) {
+  return guard([&] {
+    Sae &s = const_cast<Sae &>(sae_ref(sae));
+    require(!s.d.cuda, SAEHOOK_ERR_UNSUPPORTED, "the prefilter is for CPU handles (a CUDA handle encodes on the GPU)");
+    if (dtype == SAEHOOK_F32) {
+      s.prefilter.reset();
+      return;
+    }
+    require(dtype == SAEHOOK_BF16, SAEHOOK_ERR_DTYPE,
+            std::string("the prefilter's dtype must be bf16 (or f32 to drop it), not ") + dtype_name(dtype));
+    require(s.d.enc_dtype == SAEHOOK_F32, SAEHOOK_ERR_DTYPE,
+            std::string("the prefilter makes float32 encodes exact from a bf16 copy; this encoder is ") +
+                dtype_name(s.d.enc_dtype) + " already");
+    s.prefilter.reset();  // the old copy's memory first
+    s.prefilter = build_prefilter(s, resolve_threads(exec));
+  });
+}
+
+saehook_status saehook_sae_prefilter_stats(const saehook_sae *sae, int64_t out[4]) {
+  return guard([&] {
+    require(out != nullptr, SAEHOOK_ERR_INVALID_ARGUMENT, "out is NULL");
+    const Sae &s = sae_ref(sae);
+    const Prefilter *p = s.prefilter.get();
+    out[0] = p ? int64_t(p->bytes) : 0;
+    out[1] = p ? p->rows.load() : 0;
+    out[2] = p ? p->recomputed.load() : 0;
+    out[3] = p ? p->fallbacks.load() : 0;
   });
 }
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -47,10 +48,14 @@ inline uint16_t f32_to_bf16(float f) {
 float f16_to_f32(uint16_t h);
 uint16_t f32_to_f16(float f);
 
-// An SAE handle: the description plus the storage it owns when it copied its weights.
+struct Prefilter;  // prefilter.hpp
+
+// An SAE handle: the description plus the storage it owns when it copied its weights, and the
+// bf16 copy of W_enc that exact encodes filter with when saehook_sae_set_prefilter asked for it.
 struct Sae {
   saehook_sae_desc d{};
   std::vector<uint8_t> owned;  // one block holding every copied tensor
+  std::shared_ptr<Prefilter> prefilter;
 };
 
 // Resolved execution settings.

@@ -10,55 +10,15 @@
 #include <string>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 #include "../cpu/kernels.hpp"
+#include "encode_blocks.hpp"
+#include "prefilter.hpp"
 #include "threadpool.hpp"
 #include "topk.hpp"
 
 namespace saehook {
 
 namespace {
-
-// Rows of x handled per pass over the encoder weights; bounds the Top-K scratch memory. Each pass
-// reads (and the panel kernels pack) every weight once: at 4096 x 65536, Zen 5, 256 rows in one
-// pass instead of two of 128 took 0.935x the time in bf16, 0.957x in int8, 0.968x in f32, and 512
-// rows 0.957x at 256 per pass against 1.024x at 512 (alternating in one process).
-constexpr int64_t kRowChunk = 256;
-// encode's Top-K scan: pre-activations tested as one vector before any is pushed (most of a row's
-// d_sae are below the buffer's floor once it has filled).
-constexpr int kScanGroup = 16;
-
-// Whether the group p[0:kScanGroup] (+ be, the encoder bias, when not NULL) holds a lane to look
-// at: at or above the Top-K floor and above relu_floor, or not finite (v - v is NaN exactly for
-// Inf and NaN). SSE on x86-64 (GCC lowered the same test on 16-float vector types to one scalar
-// comparison per lane, and the scalar max/sum loop before it took ~1/8 of a batch-256 encode).
-inline bool group_worth_a_look(const float *p, const float *be, float floor_v, float relu_floor) {
-#if defined(__SSE2__)
-  const __m128 f = _mm_set1_ps(floor_v), rf = _mm_set1_ps(relu_floor);
-  __m128 look = _mm_setzero_ps();
-  for (int q = 0; q < kScanGroup; q += 4) {
-    __m128 v = _mm_loadu_ps(p + q);
-    if (be) v = _mm_add_ps(v, _mm_loadu_ps(be + q));
-    const __m128 z = _mm_sub_ps(v, v);
-    look = _mm_or_ps(look, _mm_or_ps(_mm_and_ps(_mm_cmpge_ps(v, f), _mm_cmpgt_ps(v, rf)), _mm_cmpunord_ps(z, z)));
-  }
-  return _mm_movemask_ps(look) != 0;
-#else
-  bool look = false;
-  for (int l = 0; l < kScanGroup; ++l) {
-    const float v = be ? p[l] + be[l] : p[l];
-    look |= (v >= floor_v && v > relu_floor) || !(v - v == 0.f);
-  }
-  return look;
-#endif
-}
-
-// Upper bound of encode's per-call Top-K scratch (candidate buffers and pre-activation tiles of
-// all threads; README "Memory").
-constexpr int64_t kScratchBytes = int64_t(64) << 20;
 
 inline float load_scalar(const uint8_t *p, saehook_dtype dt) {
   switch (dt) {
@@ -82,6 +42,8 @@ inline float load_scalar(const uint8_t *p, saehook_dtype dt) {
   return 0.f;
 }
 
+}  // namespace
+
 // Features per task. With several rows, about 512 KiB of encoder weights, so a block stays in L2
 // while every row of the chunk is multiplied with it; a single row streams the weights once.
 // The byte targets are the CPU class's (Tuning::block_bytes_n, block_bytes_1).
@@ -104,8 +66,6 @@ int64_t feature_block(const saehook_sae_desc &d, int64_t rows, const cpu::Kernel
   }
   return std::min<int64_t>(fb & ~int64_t(7), d.d_sae);
 }
-
-}  // namespace
 
 void check_finite(const float *x, int64_t n, int64_t d, int64_t stride, const char *what) {
   for (int64_t r = 0; r < n; ++r) {
@@ -163,6 +123,7 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
     fail(SAEHOOK_ERR_SHAPE, "k = " + std::to_string(k) + " exceeds d_sae = " + std::to_string(m));
   if (n == 0) return;
   check_finite(x, n, d, ldx, "input");
+  if (s.prefilter && encode_prefiltered(s, *s.prefilter, x, n, ldx, k, values, indices, threads)) return;
 
   const cpu::Kernels &K = cpu::active();
   const cpu::Tuning &tp = cpu::tuning();

@@ -32,7 +32,7 @@ extern "C" {
 
 /* 2: steering items gained value2/when/arg_a/arg_b/latch (36 bytes instead of 16), the ops
  * CAP, RESCALE and the condition items COND_*, and saehook_steer_ex. */
-#define SAEHOOK_API_VERSION 2
+#define SAEHOOK_API_VERSION 3
 
 typedef enum {
   SAEHOOK_OK = 0,
@@ -184,6 +184,22 @@ SAEHOOK_API saehook_status saehook_sae_create(const saehook_sae_desc *desc, saeh
 SAEHOOK_API void saehook_sae_destroy(saehook_sae *sae);
 /* The description the handle was created from (pointers are the handle's own if it copied). */
 SAEHOOK_API saehook_status saehook_sae_describe(const saehook_sae *sae, saehook_sae_desc *out);
+
+/* Exact float32 encodes from a narrower copy of W_enc (a CPU handle with a float32 encoder).
+ * dtype SAEHOOK_BF16 makes a bfloat16 copy of W_enc (half its bytes, plus 12 bytes per feature)
+ * that saehook_encode (and every call that encodes: reconstruct, steer, the llama.cpp hook)
+ * reads first: it bounds each pre-activation's error, keeps the features that can still be in
+ * the Top-K and recomputes only those from W_enc in float32. The results are the float32
+ * encode's, not an approximation; the time is about the bf16 encode's where memory bandwidth or
+ * the multiply rate bounds it (batch 1, a few rows). A call whose candidates do not fit its
+ * buffers (e.g. thousands of features tied within bf16's precision) or that meets a non-finite
+ * value takes the float32 encode instead. SAEHOOK_F32 drops the copy. Not while other calls
+ * use the handle. */
+SAEHOOK_API saehook_status saehook_sae_set_prefilter(saehook_sae *sae, saehook_dtype dtype,
+                                                     const saehook_exec *exec);
+/* out[0]: bytes the prefilter holds (0: none); out[1]: rows encoded through it; out[2]:
+ * features recomputed in float32 for them; out[3]: calls that took the float32 encode. */
+SAEHOOK_API saehook_status saehook_sae_prefilter_stats(const saehook_sae *sae, int64_t out[4]);
 
 /* ---- kernels ---- */
 /* Encode n rows of x (row stride x_stride) into k (values, indices) per row, sorted by value

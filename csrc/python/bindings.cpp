@@ -104,6 +104,16 @@ PYBIND11_MODULE(_core, m) {
       py::arg("b_dec"), py::arg("threshold"), py::arg("copy") = false, py::arg("cuda") = false,
       py::arg("cuda_device") = 0);
 
+  m.def("set_prefilter", [](const Handle &s, int dtype, int threads) {
+    saehook_exec e = exec_of(threads, 0);
+    check(without_gil([&] { return saehook_sae_set_prefilter(s.h, saehook_dtype(dtype), &e); }));
+  });
+  m.def("prefilter_stats", [](const Handle &s) {
+    int64_t o[4];
+    check(saehook_sae_prefilter_stats(s.h, o));
+    return py::make_tuple(o[0], o[1], o[2], o[3]);
+  });
+
   m.def("encode", [](const Handle &s, uintptr_t x, int64_t n, int64_t ldx, int k, uintptr_t vals,
                      uintptr_t idx, int threads, uintptr_t stream) {
     saehook_exec e = exec_of(threads, stream);

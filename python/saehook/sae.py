@@ -77,6 +77,7 @@ class SAE:
         enc_dtype: Optional[str] = None,
         dec_dtype: Optional[str] = None,
         metadata: Optional[Mapping[str, Any]] = None,
+        prefilter: Optional[str] = None,
     ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
@@ -121,7 +122,10 @@ class SAE:
             address(self._threshold), False,
         )
         self.d_model, self.d_sae, self.k = int(d_model), int(d_sae), int(k)
+        self._prefilter: Optional[str] = None
         _LIVE[self.handle] = self
+        if prefilter is not None:
+            self.set_prefilter(prefilter)
 
     # ---- description ----
     @property
@@ -162,6 +166,41 @@ class SAE:
     def encoder_bytes(self) -> int:
         return self.d_model * self.d_sae * DTYPE_BYTES[self.enc_dtype]
 
+    # ---- the prefilter: exact f32 encodes at about bf16's cost ----
+    @property
+    def prefilter(self) -> Optional[str]:
+        """'bf16' while encodes filter through a bf16 copy of W_enc (set_prefilter), else None."""
+        return self._prefilter
+
+    def set_prefilter(self, dtype: Optional[str] = "bf16", *, threads: Optional[int] = None) -> None:
+        """Encode through a bf16 copy of a float32 W_enc ('bf16'), or drop the copy (None).
+
+        Every encode (and reconstruct, steer, the llama.cpp and transformers hooks) then reads
+        the copy, bounds each pre-activation's error (Cauchy-Schwarz on the rounding of W_enc and
+        of the input), keeps the features whose upper bound reaches the k-th largest lower bound
+        and recomputes those from W_enc in float32: the results are the float32 encode's, at
+        about the bf16 encode's time where bandwidth or the multiply rate bounds it (batch 1, a
+        few rows). Memory: the copy holds half of W_enc's bytes plus 12 bytes per feature
+        (`prefilter_stats()['bytes']`), and W_enc stays (the few recomputed rows are read from
+        it). A call whose candidates do not fit its buffers, or that meets a non-finite value,
+        takes the float32 encode (counted in `prefilter_stats()['fallbacks']`).
+        """
+        if dtype in (None, "none", "f32", "float32"):
+            _core.set_prefilter(self._handle, DTYPE_CODES["f32"], _threads(threads))
+            self._prefilter = None
+            return
+        if dtype not in ("bf16", "bfloat16"):
+            raise ValueError(f"prefilter must be 'bf16' or None, not {dtype!r}")
+        _core.set_prefilter(self._handle, DTYPE_CODES["bf16"], _threads(threads))
+        self._prefilter = "bf16"
+
+    def prefilter_stats(self) -> Dict[str, int]:
+        """bytes (the copy and its norms; 0 without a prefilter), rows (encoded through it),
+        recomputed (features recomputed in float32 for those rows) and fallbacks (calls that
+        took the float32 encode instead)."""
+        b, n, rc, fb = _core.prefilter_stats(self._handle)
+        return {"bytes": int(b), "rows": int(n), "recomputed": int(rc), "fallbacks": int(fb)}
+
     def arrays(self) -> Dict[str, Optional[np.ndarray]]:
         """The weight arrays as stored (bf16 as uint16 bits)."""
         return {
@@ -173,7 +212,8 @@ class SAE:
         where = f", layer={self.layer}" if self.layer is not None else ""
         return (
             f"SAE(d_model={self.d_model}, d_sae={self.d_sae}, k={self.k}, activation={self.activation!r}, "
-            f"enc={self.enc_dtype}, dec={self.dec_dtype}/{self.dec_layout}{where})"
+            f"enc={self.enc_dtype}, dec={self.dec_dtype}/{self.dec_layout}{where}"
+            + (f", prefilter={self._prefilter!r})" if self._prefilter else ")")
         )
 
     # ---- kernels ----
@@ -299,6 +339,7 @@ class SAE:
             W_enc, W_dec, self._b_enc, self._b_dec, k=self.k, activation=self.activation,
             subtract_b_dec=self.subtract_b_dec, threshold=self._threshold, dec_layout=layout,
             enc_scales=scales, enc_dtype=enc, dec_dtype=dec, metadata=self.metadata,
+            prefilter=self._prefilter if enc == "f32" else None,
         )
 
     def save(self, path: str, dtype: Optional[str] = None, *, dec_dtype: Optional[str] = None,

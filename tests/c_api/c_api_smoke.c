@@ -50,6 +50,20 @@ int main(void) {
   x[3] = 0.f;
   st = saehook_steer(sae, x, 2, D, &item, 1, NULL, 0, NULL, NULL, NULL);
   printf("index-status %d %s\n", (int)st, saehook_last_error());
+  /* The bf16 prefilter: the same encode, read through a bf16 copy of W_enc. */
+  static float vals2[2 * K];
+  static int32_t idx2[2 * K];
+  x[3] = cosf(0.5f * 3);
+  if (saehook_sae_set_prefilter(sae, SAEHOOK_BF16, NULL) != SAEHOOK_OK) return 4;
+  if (saehook_encode(sae, x, 2, D, 0, vals2, idx2, NULL) != SAEHOOK_OK) return 5;
+  int same = 1;
+  for (int j = 0; j < 2 * K; ++j) same &= vals2[j] == vals[j] && idx2[j] == idx[j];
+  int64_t stats[4];
+  if (saehook_sae_prefilter_stats(sae, stats) != SAEHOOK_OK) return 6;
+  printf("prefilter same %d bytes %lld rows %lld fallbacks %lld\n", same, (long long)stats[0],
+         (long long)stats[1], (long long)stats[3]);
+  st = saehook_sae_set_prefilter(sae, SAEHOOK_I8, NULL);
+  printf("prefilter-status %d %s\n", (int)st, saehook_last_error());
   printf("isa %s\n", saehook_get_isa());
   saehook_sae_destroy(sae);
   return 0;

@@ -1,0 +1,175 @@
+"""The bf16 prefilter of float32 encoders (csrc/core/prefilter.cpp, SAE.set_prefilter): its
+encodes are the float32 encode's (same features, same values), checked against the float32
+encode of the same SAE without it and against the numpy reference, on every instruction-set
+path, every activation, the few-rows and many-rows kernels, near-ties that bf16 cannot tell
+apart, and the cases that must fall back to the float32 encode."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import saehook
+
+import reference as ref
+from conftest import make_sae
+
+ISAS = saehook.available_isas()
+ACTIVATIONS = ["topk", "topk_relu", "relu", "jumprelu"]
+TOL = 2e-4
+# d_model, d_sae, k, rows: batch 1, the few-rows order (3, 8 rows), the many-rows kernels (70,
+# 300: several row chunks on small SAEs), widths that end inside a vector and a bf16 pair.
+SHAPES = [(300, 1037, 9, 1), (129, 515, 7, 3), (77, 1001, 16, 8), (64, 2000, 12, 70), (45, 203, 5, 300)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    saehook.set_isa(request.param)
+    yield request.param
+    saehook.set_isa("auto")
+
+
+def _pair(d_model, d_sae, k, activation="topk", seed=0, **kw):
+    """The same float32 SAE twice: without and with the prefilter."""
+    plain = make_sae(d_model, d_sae, k, activation=activation, seed=seed, **kw)
+    a = plain.arrays()
+    filtered = saehook.SAE(a["W_enc"], a["W_dec"], a["b_enc"], a["b_dec"], k=k, activation=activation,
+                           threshold=a["threshold"], subtract_b_dec=plain.subtract_b_dec, prefilter="bf16")
+    return plain, filtered
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("subtract_b_dec", [False, True])
+def test_prefiltered_encode_is_the_f32_encode(isa, activation, subtract_b_dec):
+    for d_model, d_sae, k, n in SHAPES:
+        plain, filtered = _pair(d_model, d_sae, k, activation, seed=d_sae, subtract_b_dec=subtract_b_dec)
+        x = (3 * np.random.default_rng(n).standard_normal((n, d_model))).astype(np.float32)
+        before = filtered.prefilter_stats()
+        v0, i0 = plain.encode(x)
+        v1, i1 = filtered.encode(x)
+        stats = filtered.prefilter_stats()
+        assert stats["rows"] == before["rows"] + n and stats["fallbacks"] == before["fallbacks"], stats
+        np.testing.assert_array_equal(i1, i0)
+        if n <= 8:  # the float32 encode takes the same dot-product tiles: bit for bit
+            np.testing.assert_array_equal(v1, v0)
+        else:  # the many-rows kernels sum in another order
+            np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-6)
+        ref.assert_topk_matches(v1, i1, ref.activate(plain, ref.preacts(plain, x)), k, TOL)
+
+
+def test_prefilter_recomputes_few_features_and_holds_half_the_encoder():
+    plain, filtered = _pair(256, 4096, 16, seed=1)
+    assert filtered.prefilter == "bf16" and plain.prefilter is None
+    assert filtered.prefilter_stats()["bytes"] == 4096 * 256 * 2 + 4096 * 12
+    x = np.random.default_rng(2).standard_normal((32, 256)).astype(np.float32)
+    filtered.encode(x)
+    st = filtered.prefilter_stats()
+    assert st["rows"] == 32 and st["fallbacks"] == 0
+    # The point of it: a few times k features per row are recomputed, not d_sae.
+    assert 16 * 32 <= st["recomputed"] < 0.1 * 4096 * 32, st
+    filtered.set_prefilter(None)
+    assert filtered.prefilter is None and filtered.prefilter_stats() == {"bytes": 0, "rows": 0, "recomputed": 0, "fallbacks": 0}
+    np.testing.assert_array_equal(filtered.encode(x)[1], plain.encode(x)[1])
+    filtered.set_prefilter("bf16")
+    assert "prefilter='bf16'" in repr(filtered.to_dtype("f32", dec_dtype="f16"))  # carried on
+    assert filtered.to_dtype("bf16").prefilter is None
+
+
+@pytest.mark.parametrize("rows", [1, 8, 40])
+def test_near_ties_bf16_cannot_see_are_decided_in_float32(isa, rows):
+    # Features in pairs whose rows round to the same bf16 row: the copy sees every pair tied, the
+    # float32 values differ by about 1e-5 relative, and the prefilter must order them as float32
+    # does. Plus exact duplicates (ties: the lower index first).
+    rng = np.random.default_rng(3)
+    d_model, half = 128, 600
+    base = rng.standard_normal((half, d_model)).astype(np.float32) / np.sqrt(d_model)
+    base = ref.bf16_bits_to_f32(ref.f32_to_bf16_bits(base))  # exactly representable in bf16
+    nudge = base * np.float32(1 + 2.0 ** -17)  # below bf16's resolution: rounds back to base
+    assert (ref.f32_to_bf16_bits(nudge) == ref.f32_to_bf16_bits(base)).all()
+    W = np.empty((2 * half, d_model), np.float32)
+    W[0::2], W[1::2] = base, nudge
+    W[-4:] = W[:4]  # exact duplicates of the first features
+    plain = saehook.SAE(W, W, k=10)
+    filtered = saehook.SAE(W, W, k=10, prefilter="bf16")
+    x = rng.standard_normal((rows, d_model)).astype(np.float32)
+    v0, i0 = plain.encode(x)
+    v1, i1 = filtered.encode(x)
+    np.testing.assert_array_equal(i1, i0)
+    np.testing.assert_array_equal(v1, v0) if rows <= 8 else np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    ref.assert_topk_matches(v1, i1, ref.activate(plain, ref.preacts(plain, x)), 10, 1e-6)
+    assert filtered.prefilter_stats()["fallbacks"] == 0
+
+
+def test_candidates_that_do_not_fit_fall_back_to_the_f32_encode(isa):
+    # 3000 identical features (and one a little larger): every feature is a candidate, more than
+    # the candidate buffers hold, so the call takes the float32 encode and says so.
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal(64).astype(np.float32)
+    W = np.tile(w, (3000, 1))
+    W[1234] *= np.float32(1.001)
+    filtered = saehook.SAE(W, W, k=5, prefilter="bf16")
+    plain = saehook.SAE(W, W, k=5)
+    x = np.abs(rng.standard_normal((2, 64))).astype(np.float32) * np.sign(w)
+    v1, i1 = filtered.encode(x)
+    v0, i0 = plain.encode(x)
+    np.testing.assert_array_equal(i1, i0)
+    np.testing.assert_array_equal(v1, v0)
+    assert i1[0, 0] == 1234 and list(i1[0, 1:]) == [0, 1, 2, 3]
+    assert filtered.prefilter_stats()["fallbacks"] == 1
+
+
+def test_non_finite_values_give_the_f32_encode_errors():
+    plain, filtered = _pair(64, 300, 4, seed=5)
+    x = np.ones((2, 64), np.float32)
+    x[1, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN at row 1, column 3"):
+        filtered.encode(x)
+    big = np.full((1, 64), 3e38, np.float32)
+    with pytest.raises(OverflowError) as e1:
+        filtered.encode(big)
+    with pytest.raises(OverflowError) as e0:
+        plain.encode(big)
+    assert str(e1.value) == str(e0.value)
+    # A NaN weight: the float32 encode's error too.
+    a = plain.arrays()
+    W = a["W_enc"].copy()
+    W[7, 9] = np.nan
+    bad = saehook.SAE(W, a["W_dec"], k=4, prefilter="bf16")
+    with pytest.raises(OverflowError, match="overflow"):
+        bad.encode(np.ones((1, 64), np.float32))
+    assert bad.prefilter_stats()["fallbacks"] == 1
+
+
+def test_prefilter_refuses_what_it_cannot_filter():
+    sae = make_sae(64, 256, 4)
+    with pytest.raises(TypeError, match="this encoder is bf16 already"):
+        sae.to_dtype("bf16").set_prefilter("bf16")
+    with pytest.raises(TypeError, match="int8 already"):
+        sae.to_dtype("int8").set_prefilter("bf16")
+    with pytest.raises(ValueError, match="prefilter must be 'bf16' or None"):
+        sae.set_prefilter("int4")
+    with pytest.raises(ValueError, match="prefilter must be 'bf16' or None"):
+        make_sae(64, 256, 4, prefilter="fp8")
+
+
+@pytest.mark.parametrize("spec", ["generic", "zen4", "zen5", "spr", "generic,batch1_quarters=1", "zen4,few_rows=0"])
+def test_prefilter_on_every_cpu_class(spec):
+    saehook.set_cpu_class(spec)
+    try:
+        for n in (1, 5, 24):
+            plain, filtered = _pair(200, 1500, 8, seed=n)
+            x = np.random.default_rng(n).standard_normal((n, 200)).astype(np.float32)
+            v0, i0 = plain.encode(x)
+            v1, i1 = filtered.encode(x)
+            np.testing.assert_array_equal(i1, i0)
+            np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-6)
+            assert filtered.prefilter_stats()["fallbacks"] == 0
+    finally:
+        saehook.set_cpu_class("auto")
+
+
+def test_reconstruct_and_steer_go_through_the_prefilter():
+    plain, filtered = _pair(96, 700, 8, seed=6)
+    x = np.random.default_rng(7).standard_normal((4, 96)).astype(np.float32)
+    np.testing.assert_array_equal(filtered.reconstruct(x), plain.reconstruct(x))
+    rows = filtered.prefilter_stats()["rows"]
+    assert rows == 4
