@@ -7,6 +7,7 @@ against the build before it, in alternation, so that the VM's bandwidth drift hi
     python bench/bench_builds.py /tmp/b-old/libsaehook.so /tmp/b-new/libsaehook.so --dtype bf16 --batch 64
     python bench/bench_builds.py LIB LIB --cls "zen3,few_rows=0;zen3" --dtype int8 --batch 8  # two CPU-class specs
     python bench/bench_builds.py OLD NEW --decode --batch 256                                 # sparse decode
+    python bench/bench_builds.py LIB LIB --dtype f32 --prefilter "0;1" --batch 8              # the bf16 prefilter
 
 Each library is copied and loaded with ctypes through the C API (csrc/include/saehook.h; the
 Desc structure mirrors saehook_sae_desc), an SAE of random weights is created in each over the
@@ -60,6 +61,9 @@ def load(path: str):
     lib.saehook_last_error.restype = C.c_char_p
     lib.saehook_set_cpu_class.argtypes = [C.c_char_p]
     lib.saehook_set_isa.argtypes = [C.c_char_p]
+    if hasattr(lib, "saehook_sae_set_prefilter"):  # API version 3
+        lib.saehook_sae_set_prefilter.argtypes = [vp, C.c_int, vp]
+        lib.saehook_sae_prefilter_stats.argtypes = [vp, C.POINTER(C.c_int64)]
     return lib
 
 
@@ -85,6 +89,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--cls", default=None, help="a CPU-class spec per library, ';'-separated")
+    ap.add_argument("--prefilter", default=None,
+                    help="per library, ';'-separated: 1 reads the f32 encoder through the bf16 prefilter, 0 not")
     ap.add_argument("--isa", default=None, help="force this kernel path in every library")
     ap.add_argument("--threads", type=int, default=0, help="0: all CPUs")
     ap.add_argument("--decode", action="store_true",
@@ -99,6 +105,11 @@ def main() -> int:
     specs = a.cls.split(";") if a.cls else [None] * len(a.libs)
     if len(specs) != len(a.libs):
         raise SystemExit(f"--cls has {len(specs)} specs for {len(a.libs)} libraries")
+    pfs = [v.strip() == "1" for v in a.prefilter.split(";")] if a.prefilter else [False] * len(a.libs)
+    if len(pfs) != len(a.libs):
+        raise SystemExit(f"--prefilter has {len(pfs)} entries for {len(a.libs)} libraries")
+    if any(pfs) and a.dtype != "f32":
+        raise SystemExit("--prefilter filters a float32 encoder: use --dtype f32")
 
     libs, saes = [], []
     for path, spec in zip(a.libs, specs):
@@ -113,6 +124,11 @@ def main() -> int:
         h = C.c_void_p()
         if lib.saehook_sae_create(C.byref(desc), C.byref(h)) != 0:
             raise SystemExit(f"{path}: {lib.saehook_last_error().decode()}")
+        if pfs[len(libs)]:
+            if not hasattr(lib, "saehook_sae_set_prefilter"):
+                raise SystemExit(f"{path}: this build has no prefilter (C API version < 3)")
+            if lib.saehook_sae_set_prefilter(h, DTYPES["bf16"], None) != 0:
+                raise SystemExit(f"{path}: {lib.saehook_last_error().decode()}")
         libs.append(lib)
         saes.append(h)
 
@@ -178,9 +194,14 @@ def main() -> int:
     for i, path in enumerate(a.libs):
         ratio = t[i] / t[0]
         frac = nbytes / (t[i] / 1e3) / 1e9 / np.array(bws)
-        label = path + (f" [{specs[i]}]" if specs[i] else "")
+        label = path + (f" [{specs[i]}]" if specs[i] else "") + (" [prefilter]" if pfs[i] else "")
         print(f"{label:<40} {np.median(t[i]):9.2f} ms  {nbytes / np.median(t[i]) / 1e6:6.1f} GB/s  "
               f"of bw {np.median(frac):.3f}  time vs lib 0 {np.median(ratio):.3f} ({ratio.min():.3f}-{ratio.max():.3f})")
+        if pfs[i]:
+            st = (C.c_int64 * 4)()
+            libs[i].saehook_sae_prefilter_stats(saes[i], st)
+            print(f"{'':<40} prefilter: {st[2] / max(st[1], 1):.1f} features recomputed per row, "
+                  f"{st[3]} calls fell back, copy {st[0] / 2**20:.0f} MiB")
     return 0
 
 

@@ -246,6 +246,19 @@ def test_chat_stream_features_equal_capture_of_the_same_tokens(demo_server, demo
     _check_features(feats_h, want, rtol=5e-3)
 
 
+def test_prefiltered_server_gives_the_float32_features(demo_sae, oracle):
+    """`saehook serve --prefilter bf16`: the demo SAE encodes through its bf16 copy, and the
+    steered text and every feature still equal HookedLlama's with the plain float32 SAE."""
+    fresh = Server(demo.MODEL, "--sae", f"demo={demo.SAE_FILE}", "--parallel", 2, "--n-ctx", N_CTX, "--n-batch", 64,
+                   "--chat-format", CHAT_FORMAT, "--prefilter", "bf16")
+    try:
+        feats, n_prompt, text = _chat_features(fresh)
+    finally:
+        assert fresh.stop() == 0, "".join(fresh.output)
+    assert any("(demo, bf16 prefilter)" in line for line in fresh.output), fresh.output
+    _check_features(feats, _chat_oracle(oracle, demo_sae, feats, n_prompt, text))
+
+
 def _chat_features(server):
     client = server.client()
     messages = [{"role": "user", "content": "What does the with statement do?"}]
@@ -960,8 +973,11 @@ def test_serve_command_passes_flash_attn(monkeypatch):
     class Stop(Exception):
         pass
 
+    prefilters = []
+
     def fake_load_server(model, saes, **kw):
         seen.append(kw["flash_attn"])
+        prefilters.append(kw["prefilter"])
         raise Stop
 
     monkeypatch.setattr(saehook.serve, "load_server", fake_load_server)  # the command imports it when run
@@ -969,5 +985,19 @@ def test_serve_command_passes_flash_attn(monkeypatch):
         with pytest.raises(Stop):
             cli.main(["serve", demo.MODEL, *argv])
         assert seen[-1] == want
+    with pytest.raises(Stop):
+        cli.main(["serve", demo.MODEL, "--prefilter", "bf16"])
+    assert prefilters == [None, None, "bf16"]
+    with pytest.raises(SystemExit):
+        cli.main(["serve", demo.MODEL, "--prefilter", "int8"])
     with pytest.raises(SystemExit):
         cli.main(["serve", demo.MODEL, "--flash-attn", "yes"])
+
+
+def test_prefilter_of_a_narrow_encoder_is_refused_before_the_model_loads(tmp_path, demo_sae):
+    from saehook.serve import load_server
+
+    path = str(tmp_path / "demo-bf16.safetensors")
+    demo_sae.save(path, dtype="bf16")
+    with pytest.raises(ValueError, match=r"--prefilter bf16: --sae narrow=.* has a bf16 encoder"):
+        load_server(demo.MODEL, {"narrow": path}, prefilter="bf16")

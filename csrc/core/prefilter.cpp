@@ -253,9 +253,9 @@ bool encode_prefiltered(const Sae &s, const Prefilter &pf_c, const float *x, int
     });
     if (bail.load()) break;
 
-    // Per row: the k-th best lower bound over every worker, the candidates whose upper bound
-    // reaches it, their exact values, and their Top-K.
-    std::vector<int64_t> row_count(rc, 0);
+    // Per row: the k-th best lower bound over every worker and the candidates whose upper
+    // bound reaches it.
+    std::vector<std::vector<Cand>> take(rc);
     parallel_for(rc, T, [&](int64_t r, int) {
       std::vector<float> lv;
       for (int w = 0; w < T; ++w) {
@@ -267,43 +267,77 @@ bool encode_prefiltered(const Sae &s, const Prefilter &pf_c, const float *x, int
         std::nth_element(lv.begin(), lv.begin() + (k - 1), lv.end(), std::greater<float>());
         L = lv[k - 1];
       }
-      std::vector<Cand> take;
       for (int w = 0; w < T; ++w) {
         const CandList &cl = cands[size_t(w) * rc_max + r];
         for (int32_t j = 0; j < cl.n; ++j)
-          if (cl.buf[j].v >= L) take.push_back(cl.buf[j]);
+          if (cl.buf[j].v >= L) take[r].push_back(cl.buf[j]);
       }
-      std::vector<Cand> exact(std::max<size_t>(take.size(), size_t(k)));  // never compacts
-      TopK t;
-      t.reset(k, exact.data(), int32_t(exact.size()));
-      const uint8_t *op = op_f0 + r * op_f_bytes;
-      const size_t row_bytes = size_t(d) * 4;
-      constexpr size_t kAhead = 3;
-      auto prefetch_row = [&](int32_t f) {
-        const char *q = static_cast<const char *>(D.W_enc) + size_t(f) * row_bytes;
-        for (size_t o = 0; o < row_bytes; o += 64) prefetch_l2(q + o);
-      };
-      for (size_t ci = 0; ci < std::min<size_t>(kAhead, take.size()); ++ci) prefetch_row(take[ci].i);
-      for (size_t ci = 0; ci < take.size(); ++ci) {
-        const Cand &c = take[ci];
-        // The next candidate's row is read while this one is multiplied: each is a short
-        // stream of its own, where the hardware prefetcher has no time to start.
-        if (ci + kAhead < take.size()) prefetch_row(take[ci + kAhead].i);
-        float dot;
-        K.dot_block(op, 1, D.W_enc, SAEHOOK_F32, nullptr, d, c.i, 1, &dot, 1, tp, -1);
-        const float v = D.b_enc ? dot + D.b_enc[c.i] : dot;
-        // Above its upper bound would mean the bound is wrong: never trusted, the exact encode runs.
-        if (!(v - v == 0.f) || v > c.v) {
-          bail.store(true, std::memory_order_relaxed);
-          return;
-        }
-        if (v > adm.floor(c.i)) t.push(v, c.i);
-      }
-      finalize_topk(t.data(), t.size(), k, values + (r0 + r) * k, indices + (r0 + r) * k);
-      row_count[r] = int64_t(take.size());
     });
+    // Their exact values, in tasks of kRefine candidates over every row (batch 1 spreads its
+    // rows of W_enc over the threads too); each value replaces its upper bound in place. Two
+    // stages: the k best upper bounds first, whose k-th exact value (a lower bound of the k-th
+    // value) then drops the rest whose upper bound is below it, about half of them.
+    constexpr int64_t kRefine = 16;
+    const size_t row_bytes = size_t(d) * 4;
+    auto prefetch_row = [&](int32_t f) {
+      const char *q = static_cast<const char *>(D.W_enc) + size_t(f) * row_bytes;
+      for (size_t o = 0; o < row_bytes; o += 64) prefetch_l2(q + o);
+    };
+    // Recomputes take[r][lo[r] : hi[r]] for every row.
+    auto refine = [&](const std::vector<size_t> &lo, const std::vector<size_t> &hi) {
+      std::vector<int64_t> first(rc + 1, 0);  // the first task of each row
+      for (int64_t r = 0; r < rc; ++r) first[r + 1] = first[r] + (int64_t(hi[r] - lo[r]) + kRefine - 1) / kRefine;
+      parallel_for(first[rc], T, [&](int64_t task, int) {
+        const int64_t r = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+        std::vector<Cand> &tr = take[r];
+        const size_t c0 = lo[r] + size_t(task - first[r]) * kRefine, c1 = std::min(hi[r], c0 + kRefine);
+        const uint8_t *op = op_f0 + r * op_f_bytes;
+        // A few rows ahead are read while this one is multiplied: each row is a short stream of
+        // its own, where the hardware prefetcher has no time to start.
+        constexpr size_t kAhead = 3;
+        for (size_t ci = c0; ci < std::min(c1, c0 + kAhead); ++ci) prefetch_row(tr[ci].i);
+        for (size_t ci = c0; ci < c1; ++ci) {
+          if (ci + kAhead < c1) prefetch_row(tr[ci + kAhead].i);
+          float dot;
+          K.dot_block(op, 1, D.W_enc, SAEHOOK_F32, nullptr, d, tr[ci].i, 1, &dot, 1, tp, -1);
+          const float v = D.b_enc ? dot + D.b_enc[tr[ci].i] : dot;
+          // Above its upper bound would mean the bound is wrong: never trusted, the exact encode runs.
+          if (!(v - v == 0.f) || v > tr[ci].v) bail.store(true, std::memory_order_relaxed);
+          tr[ci].v = v;
+        }
+      });
+    };
+    std::vector<size_t> zero(rc, 0), head(rc), end(rc);
+    for (int64_t r = 0; r < rc; ++r) {
+      std::sort(take[r].begin(), take[r].end(), CandBetter());
+      head[r] = std::min(take[r].size(), size_t(k));
+    }
+    refine(zero, head);
     if (bail.load()) break;
-    for (int64_t r = 0; r < rc; ++r) recomputed += row_count[r];
+    for (int64_t r = 0; r < rc; ++r) {
+      std::vector<Cand> &tr = take[r];
+      std::vector<float> kept;  // the admissible exact values of the head
+      for (size_t c = 0; c < head[r]; ++c)
+        if (tr[c].v > adm.floor(tr[c].i)) kept.push_back(tr[c].v);
+      const float L2 = int64_t(kept.size()) >= k ? *std::min_element(kept.begin(), kept.end()) : -kInf;
+      size_t w = head[r];
+      for (size_t c = head[r]; c < tr.size(); ++c)
+        if (tr[c].v >= L2) tr[w++] = tr[c];
+      tr.resize(w);
+      end[r] = w;
+    }
+    refine(head, end);
+    if (bail.load()) break;
+    parallel_for(rc, T, [&](int64_t r, int) {
+      std::vector<Cand> &tr = take[r];
+      std::vector<Cand> best(std::max<size_t>(tr.size(), size_t(k)));  // never compacts
+      TopK t;
+      t.reset(k, best.data(), int32_t(best.size()));
+      for (const Cand &c : tr)
+        if (c.v > adm.floor(c.i)) t.push(c.v, c.i);
+      finalize_topk(t.data(), t.size(), k, values + (r0 + r) * k, indices + (r0 + r) * k);
+    });
+    for (int64_t r = 0; r < rc; ++r) recomputed += int64_t(take[r].size());
   }
 
   if (bail.load()) {

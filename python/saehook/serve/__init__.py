@@ -63,7 +63,7 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
                 n_threads: Optional[int] = None, n_gpu_layers: int = 0, chat_format: Optional[str] = None,
                 api_key: Optional[str] = None, limits: Limits = Limits(), queue_size: int = 64,
                 decode: str = "auto", model_name: Optional[str] = None, k: Optional[int] = None,
-                flash_attn: str = "off"):
+                flash_attn: str = "off", prefilter: Optional[str] = None):
     """Loads the model and SAEs and starts the scheduler; returns the ServeState an app serves.
     The KV cache holds n_ctx tokens for each of the `parallel` sequences (one unified cache).
     n_ctx None: DEFAULT_N_CTX, or the model's training context when that is shorter (as
@@ -76,7 +76,9 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
     zeros, while llama.cpp's flash-attention kernels tile the cache and round in f16 (on the
     demo model, features then differ from HookedLlama.capture of the same tokens by up to 0.4%,
     even with flash attention there too). On is faster on the CPU (fewer graph nodes, so fewer
-    thread barriers per decode; README "Serve")."""
+    thread barriers per decode; README "Serve"). prefilter "bf16": every SAE (float32 encoders)
+    encodes through a bf16 copy of W_enc (SAE.set_prefilter: the same features, in about the
+    bf16 encode's time, for half of W_enc's bytes more memory)."""
     from .. import load
     from ..engines.llama import HookedLlama  # first: it sets GOMP_SPINCOUNT before llama_cpp loads libgomp
     from ..formats import SAESet
@@ -107,6 +109,11 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
         obj = load(path, k=k)
         if isinstance(obj, SAESet):
             raise ValueError(f"--sae {path} holds layers {obj.layers}: pass one layer's file")
+        if prefilter is not None:
+            if obj.enc_dtype != "f32":
+                raise ValueError(f"--prefilter {prefilter}: --sae {name}={path} has a {obj.enc_dtype} encoder (the "
+                                 "prefilter makes float32 encoders fast; this one is narrow already)")
+            obj.set_prefilter(prefilter)
         loaded[name] = obj
     kw = {}
     if n_threads is not None:  # llama.cpp's threads and the hook kernels' (they run in turn, never at once)
