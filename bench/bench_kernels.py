@@ -68,7 +68,8 @@ def topk_overlap(a: np.ndarray, b: np.ndarray) -> float:
 
 DEFAULT_SHAPES = "2048x32768,4096x65536,5120x81920,2048x131072"
 PROBE_BYTES = 1 << 30  # the read-bandwidth probe's buffer (common.py)
-DTYPE_WEIGHT_BYTES = {"f32": 0, "bf16": 4, "int8": 3}  # per weight, on top of the f32 copy: enc+dec as converted
+# Per weight, on top of the f32 copy: enc+dec as converted (f32+prefilter: the bf16 copy of W_enc).
+DTYPE_WEIGHT_BYTES = {"f32": 0, "f32+prefilter": 2, "bf16": 4, "int8": 3}
 
 
 def shape_memory(shape: str, dtypes=("f32", "bf16", "int8"), max_batch: int = 256, with_torch: bool = True) -> int:
@@ -107,9 +108,9 @@ def alternating_encode(common: dict, x, k: int, variants: dict, Wt, Wt_bf16, bt,
     for dt, sae in variants.items():
         t = np.array(times[f"saehook {dt}"])
         r = {"seconds": ratio_summary(t), "fraction_of_bandwidth": ratio_summary(sae.encoder_bytes / t / 1e9 / bw)}
-        line = (f"    saehook {dt:<5} {1e3 * np.median(t):8.2f} ms  of bw {r['fraction_of_bandwidth']['median']:.3f} "
+        line = (f"    saehook {dt:<13} {1e3 * np.median(t):8.2f} ms  of bw {r['fraction_of_bandwidth']['median']:.3f} "
                 f"({r['fraction_of_bandwidth']['min']:.3f}-{r['fraction_of_bandwidth']['max']:.3f})")
-        for ref in ("torch f32", "torch bf16"):
+        for ref in ("torch f32", "torch bf16") + (("saehook f32",) if dt == "f32+prefilter" else ()):
             if ref in times:
                 q = ratio_summary(np.array(times[ref]) / t)
                 r[f"speedup_vs_{ref.replace(' ', '_')}"] = q
@@ -136,7 +137,9 @@ def main() -> int:
                         "themselves (2048x32768 at batch 256 peaked at 2.2 GiB resident) (default: %(default)s)")
     p.add_argument("--batches", default="1,8,64,256", help="rows per call, comma-separated (default: %(default)s)")
     p.add_argument("--k", default="50,100", help="k values, comma-separated (default: %(default)s)")
-    p.add_argument("--dtypes", default="f32,bf16,int8", help="encoder dtypes (default: %(default)s)")
+    p.add_argument("--dtypes", default="f32,f32+prefilter,bf16,int8",
+                   help="encoder dtypes; f32+prefilter: the f32 SAE encoded through its bf16 copy (SAE.set_prefilter), "
+                   "whose results must equal saehook f32's (default: %(default)s)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per row (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0, help="0 = all CPUs (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=5,
@@ -188,8 +191,14 @@ def main() -> int:
         W /= np.sqrt(d)
         b_enc = (0.1 * rng.standard_normal(m)).astype(np.float32)
         base = saehook.SAE(W, W, b_enc, np.zeros(d, np.float32), k=100, activation="topk")
-        variants = {dt: (base if dt == "f32" else base.to_dtype(dt, dec_dtype="bf16" if dt == "int8" else dt))
-                    for dt in dtypes}
+        def variant(dt):
+            if dt == "f32":
+                return base
+            if dt == "f32+prefilter":  # the same borrowed weights, plus the bf16 copy
+                return saehook.SAE(W, W, b_enc, np.zeros(d, np.float32), k=100, activation="topk", prefilter="bf16")
+            return base.to_dtype(dt, dec_dtype="bf16" if dt == "int8" else dt)
+
+        variants = {dt: variant(dt) for dt in dtypes}
         Wt = torch.from_numpy(W) if torch is not None else None
         Wt_bf16 = Wt.to(torch.bfloat16) if torch is not None else None
         bt = torch.from_numpy(b_enc) if torch is not None else None
@@ -228,6 +237,13 @@ def main() -> int:
                     agreement = topk_overlap(idx, ref_idx) if ref_idx is not None else topk_overlap(idx, base.encode(x, k)[1])
                     if dt == "f32" and agreement < 0.99:
                         raise SystemExit(f"validation failed: f32 encode agrees with torch on only {agreement:.3f} of the top-k")
+                    if dt == "f32+prefilter":
+                        # The same features as saehook f32, up to near-ties that the many-rows
+                        # kernels' summation order decides (a few 1e-6 apart).
+                        same = topk_overlap(idx, base.encode(x, k)[1])
+                        if same < 0.999:
+                            raise SystemExit(f"validation failed: the prefiltered encode shares only {same:.4f} "
+                                             "of saehook f32's features")
                     t = median_time(lambda: sae.encode(x, k), args.reps)
                     wb = sae.encoder_bytes
                     report(**common, op="encode (saehook)", dtype=dt, seconds=t,
