@@ -17,8 +17,9 @@ ISAS = saehook.available_isas()
 ACTIVATIONS = ["topk", "topk_relu", "relu", "jumprelu"]
 TOL = 2e-4
 # d_model, d_sae, k, rows: batch 1, the few-rows order (3, 8 rows), the many-rows kernels (70,
-# 300: several row chunks on small SAEs), widths that end inside a vector and a bf16 pair.
-SHAPES = [(300, 1037, 9, 1), (129, 515, 7, 3), (77, 1001, 16, 8), (64, 2000, 12, 70), (45, 203, 5, 300)]
+# 300: several row chunks on small SAEs), widths that end inside a vector and a bf16 pair, k = d_sae.
+SHAPES = [(300, 1037, 9, 1), (129, 515, 7, 3), (77, 1001, 16, 8), (64, 2000, 12, 70), (45, 203, 5, 300),
+          (24, 40, 40, 3)]  # k = d_sae: every feature a candidate
 
 
 @pytest.fixture(params=ISAS)
