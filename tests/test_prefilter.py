@@ -174,3 +174,30 @@ def test_reconstruct_and_steer_go_through_the_prefilter():
     np.testing.assert_array_equal(filtered.reconstruct(x), plain.reconstruct(x))
     rows = filtered.prefilter_stats()["rows"]
     assert rows == 4
+
+
+def test_encodes_in_other_threads_survive_the_prefilter_being_swapped():
+    # saehook_sae_set_prefilter while other threads encode with the same handle: each encode
+    # keeps the copy it started with, so every result stays the float32 encode's.
+    import threading
+
+    plain, filtered = _pair(128, 3000, 8, seed=8)
+    x = np.random.default_rng(9).standard_normal((4, 128)).astype(np.float32)
+    want = plain.encode(x)
+    stop, errors = threading.Event(), []
+
+    def work():
+        while not stop.is_set():
+            v, i = filtered.encode(x, threads=1)
+            if not (np.array_equal(i, want[1]) and np.array_equal(v, want[0])):
+                errors.append((v, i))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for j in range(30):
+        filtered.set_prefilter(None if j % 2 else "bf16", threads=1)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors

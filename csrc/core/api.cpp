@@ -295,7 +295,7 @@ saehook_status saehook_sae_set_prefilter(saehook_sae *sae, saehook_dtype dtype, 
     Sae &s = const_cast<Sae &>(sae_ref(sae));
     require(!s.d.cuda, SAEHOOK_ERR_UNSUPPORTED, "the prefilter is for CPU handles (a CUDA handle encodes on the GPU)");
     if (dtype == SAEHOOK_F32) {
-      s.prefilter.reset();
+      std::atomic_store(&s.prefilter, std::shared_ptr<Prefilter>());
       return;
     }
     require(dtype == SAEHOOK_BF16, SAEHOOK_ERR_DTYPE,
@@ -303,8 +303,8 @@ saehook_status saehook_sae_set_prefilter(saehook_sae *sae, saehook_dtype dtype, 
     require(s.d.enc_dtype == SAEHOOK_F32, SAEHOOK_ERR_DTYPE,
             std::string("the prefilter makes float32 encodes exact from a bf16 copy; this encoder is ") +
                 dtype_name(s.d.enc_dtype) + " already");
-    s.prefilter.reset();  // the old copy's memory first
-    s.prefilter = build_prefilter(s, resolve_threads(exec));
+    std::atomic_store(&s.prefilter, std::shared_ptr<Prefilter>());  // the old copy's memory first
+    std::atomic_store(&s.prefilter, build_prefilter(s, resolve_threads(exec)));
   });
 }
 
@@ -312,7 +312,8 @@ saehook_status saehook_sae_prefilter_stats(const saehook_sae *sae, int64_t out[4
   return guard([&] {
     require(out != nullptr, SAEHOOK_ERR_INVALID_ARGUMENT, "out is NULL");
     const Sae &s = sae_ref(sae);
-    const Prefilter *p = s.prefilter.get();
+    const std::shared_ptr<Prefilter> keep = std::atomic_load(&s.prefilter);
+    const Prefilter *p = keep.get();
     out[0] = p ? int64_t(p->bytes) : 0;
     out[1] = p ? p->rows.load() : 0;
     out[2] = p ? p->recomputed.load() : 0;

@@ -123,7 +123,10 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
     fail(SAEHOOK_ERR_SHAPE, "k = " + std::to_string(k) + " exceeds d_sae = " + std::to_string(m));
   if (n == 0) return;
   check_finite(x, n, d, ldx, "input");
-  if (s.prefilter && encode_prefiltered(s, *s.prefilter, x, n, ldx, k, values, indices, threads)) return;
+  // A copy of the pointer: a prefilter swapped meanwhile (saehook_sae_set_prefilter from another
+  // thread) stays alive until this call is done with it.
+  if (const std::shared_ptr<Prefilter> pf = std::atomic_load(&s.prefilter))
+    if (encode_prefiltered(s, *pf, x, n, ldx, k, values, indices, threads)) return;
 
   const cpu::Kernels &K = cpu::active();
   const cpu::Tuning &tp = cpu::tuning();

@@ -193,8 +193,9 @@ SAEHOOK_API saehook_status saehook_sae_describe(const saehook_sae *sae, saehook_
  * encode's, not an approximation; the time is about the bf16 encode's where memory bandwidth or
  * the multiply rate bounds it (batch 1, a few rows). A call whose candidates do not fit its
  * buffers (e.g. thousands of features tied within bf16's precision) or that meets a non-finite
- * value takes the float32 encode instead. SAEHOOK_F32 drops the copy. Not while other calls
- * use the handle. */
+ * value takes the float32 encode instead. SAEHOOK_F32 drops the copy. Calls encoding in other
+ * threads meanwhile finish with the copy they started with (the old one's memory is freed when
+ * they are done). */
 SAEHOOK_API saehook_status saehook_sae_set_prefilter(saehook_sae *sae, saehook_dtype dtype,
                                                      const saehook_exec *exec);
 /* out[0]: bytes the prefilter holds (0: none); out[1]: rows encoded through it; out[2]:

@@ -183,7 +183,8 @@ class SAE:
         few rows). Memory: the copy holds half of W_enc's bytes plus 12 bytes per feature
         (`prefilter_stats()['bytes']`), and W_enc stays (the few recomputed rows are read from
         it). A call whose candidates do not fit its buffers, or that meets a non-finite value,
-        takes the float32 encode (counted in `prefilter_stats()['fallbacks']`).
+        takes the float32 encode (counted in `prefilter_stats()['fallbacks']`). Encodes running
+        in other threads meanwhile finish with the copy they started with.
         """
         if dtype in (None, "none", "f32", "float32"):
             _core.set_prefilter(self._handle, DTYPE_CODES["f32"], _threads(threads))
