@@ -31,7 +31,8 @@ extern "C" {
 #endif
 
 /* 2: steering items gained value2/when/arg_a/arg_b/latch (36 bytes instead of 16), the ops
- * CAP, RESCALE and the condition items COND_*, and saehook_steer_ex. */
+ * CAP, RESCALE and the condition items COND_*, and saehook_steer_ex.
+ * 3: saehook_sae_set_prefilter and saehook_sae_prefilter_stats. */
 #define SAEHOOK_API_VERSION 3
 
 typedef enum {

@@ -175,9 +175,9 @@ class SAE:
     def set_prefilter(self, dtype: Optional[str] = "bf16", *, threads: Optional[int] = None) -> None:
         """Encode through a bf16 copy of a float32 W_enc ('bf16'), or drop the copy (None).
 
-        Every encode (and reconstruct, steer, the llama.cpp and transformers hooks) then reads
-        the copy, bounds each pre-activation's error (Cauchy-Schwarz on the rounding of W_enc and
-        of the input), keeps the features whose upper bound reaches the k-th largest lower bound
+        Every encode on the CPU (and reconstruct, steer, the llama.cpp and transformers hooks) reads
+        the copy first, bounds each pre-activation's error (Cauchy-Schwarz on the rounding of W_enc
+        and of the input), keeps the features whose upper bound reaches the k-th largest lower bound
         and recomputes those from W_enc in float32: the results are the float32 encode's, at
         about the bf16 encode's time where bandwidth or the multiply rate bounds it (batch 1, a
         few rows). Memory: the copy holds half of W_enc's bytes plus 12 bytes per feature
