@@ -1,6 +1,6 @@
 // What the exact encode (ops.cpp) and the prefiltered one (prefilter.cpp) share: the row chunk
 // per pass over the encoder, the scratch bound, the feature block per task and the Top-K scan's
-// group test.
+// group test, the activation's admission rule.
 #pragma once
 
 #include <cstdint>
@@ -50,6 +50,24 @@ inline bool group_worth_a_look(const float *p, const float *be, float floor_v, f
 // Upper bound of encode's per-call Top-K scratch (candidate buffers and pre-activation tiles of
 // all threads; README "Memory").
 constexpr int64_t kScratchBytes = int64_t(64) << 20;
+
+// The activation's rule for which pre-activations are features: v of feature i is kept only if
+// v > floor(i) (topk: any; the ReLU ones: positive; jumprelu: above the threshold and positive).
+struct Admission {
+  saehook_activation act;
+  const float *threshold;
+  float floor(int64_t i) const {
+    switch (act) {
+      case SAEHOOK_ACT_TOPK: return -__builtin_inff();
+      case SAEHOOK_ACT_TOPK_RELU:
+      case SAEHOOK_ACT_RELU: return 0.f;
+      case SAEHOOK_ACT_JUMPRELU: return threshold[i] > 0.f ? threshold[i] : 0.f;
+    }
+    return -__builtin_inff();
+  }
+  // The least floor of any feature (the scan's group test).
+  float least() const { return act == SAEHOOK_ACT_TOPK ? -__builtin_inff() : 0.f; }
+};
 
 // Features per task for `rows` rows of this encoder (ops.cpp).
 int64_t feature_block(const saehook_sae_desc &d, int64_t rows, const cpu::Kernels &K, const cpu::Tuning &tp);

@@ -148,6 +148,7 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
   std::vector<TopK> tk(size_t(T) * rc_max);
   std::vector<uint8_t> operand(K.operand_bytes(D.enc_dtype, rc_max, d));
   const float *shift = D.subtract_b_dec ? D.b_dec : nullptr;
+  const Admission adm{D.activation, D.threshold};
   std::atomic<int64_t> bad_row{INT64_MAX};
 
   for (int64_t r0 = 0; r0 < n; r0 += rc_max) {
@@ -164,32 +165,21 @@ void encode(const Sae &s, const float *x, int64_t n, int64_t ldx, int32_t k, flo
       const int64_t f_next = b + T < n_blocks && (b + T + 1) * fb <= m ? (b + T) * fb : -1;
       K.dot_block(operand.data(), rc, D.W_enc, D.enc_dtype, D.enc_scales, d, f0, nf, P, fb, tp, f_next);
       const float *be = D.b_enc ? D.b_enc + f0 : nullptr;
-      const float *th = D.threshold ? D.threshold + f0 : nullptr;
       for (int64_t r = 0; r < rc; ++r) {
         TopK &t = tk[w * rc_max + r];
         const float *p = P + r * fb;
         bool nonfinite = false;  // an overflowed pre-activation (finite input): Inf, or NaN from Inf - Inf
         // Groups of kScanGroup pre-activations whose largest is below the Top-K buffer's floor
         // (or not positive, for the ReLU activations) and all finite are skipped without a push.
-        const float relu_floor = D.activation == SAEHOOK_ACT_TOPK ? -__builtin_inff() : 0.f;
         for (int64_t j0 = 0; j0 < nf; j0 += kScanGroup) {
           const int64_t j1 = std::min(nf, j0 + kScanGroup);
           if (j1 - j0 == kScanGroup) {
-            if (!group_worth_a_look(p + j0, be ? be + j0 : nullptr, t.floor_value(), relu_floor)) continue;
+            if (!group_worth_a_look(p + j0, be ? be + j0 : nullptr, t.floor_value(), adm.least())) continue;
           }
           for (int64_t j = j0; j < j1; ++j) {
             const float v = be ? p[j] + be[j] : p[j];
-            nonfinite |= !(v - v == 0.f);
-            switch (D.activation) {
-              case SAEHOOK_ACT_TOPK: break;
-              case SAEHOOK_ACT_TOPK_RELU:
-              case SAEHOOK_ACT_RELU:
-                if (!(v > 0.f)) continue;
-                break;
-              case SAEHOOK_ACT_JUMPRELU:
-                if (!(v > th[j] && v > 0.f)) continue;
-                break;
-            }
+            nonfinite |= !(v - v == 0.f);  // (a NaN is not pushed; the row fails below)
+            if (!(v > adm.floor(f0 + j))) continue;
             t.push(v, int32_t(f0 + j));
           }
         }

@@ -31,21 +31,6 @@ float round_down(double v) {
   return double(f) > v ? std::nextafter(f, -kInf) : f;
 }
 
-// A value v of feature i is kept only if v > floor(i), as in ops.cpp's scan.
-struct Admission {
-  saehook_activation act;
-  const float *threshold;
-  float floor(int64_t i) const {
-    switch (act) {
-      case SAEHOOK_ACT_TOPK: return -kInf;
-      case SAEHOOK_ACT_TOPK_RELU:
-      case SAEHOOK_ACT_RELU: return 0.f;
-      case SAEHOOK_ACT_JUMPRELU: return std::max(threshold[i], 0.f);
-    }
-    return -kInf;
-  }
-};
-
 // What the bound needs of one input row (prefilter.hpp): |x|, |x^|, |x - x^| rounded up, and
 // the largest bound over all features (the scan's quick rejection).
 struct RowNorms {
