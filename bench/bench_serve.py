@@ -291,10 +291,11 @@ CONFIG = {
     "llama_cpp.server": "one request at a time; n_batch 512, flash attention off; GOMP_SPINCOUNT=1000 (as saehook); "
                         "on an AMX CPU without llama.cpp's extra buffer types (as saehook)",
     "saehook": "n_batch = n_ubatch = 512, flash attention off, one unified KV cache, prompt cache keyed by "
-               "steering (checkpoints on recurrent models); GOMP_SPINCOUNT=1000",
+               "steering (checkpoints on recurrent models); the float32 SAE through the bf16 prefilter (the "
+               "default, --prefilter auto); GOMP_SPINCOUNT=1000",
     "saehook-fa": "as saehook, with flash attention auto (as llama-server)",
     "saehook-sequential": "as saehook, every sequence decoded alone",
-    "saehook-prefilter": "as saehook, the float32 SAE encoded through its bf16 copy (--prefilter bf16)",
+    "saehook-f32": "as saehook, the float32 SAE encoded without the prefilter (--prefilter off)",
 }
 
 
@@ -318,13 +319,13 @@ def main() -> int:
     p.add_argument("--servers", nargs="+",
                    default=["llama-server", "llama-server-spin", "llama_cpp.server", "saehook", "saehook-fa"],
                    choices=["llama-server", "llama-server-spin", "llama_cpp.server", "saehook", "saehook-fa",
-                            "saehook-sequential", "saehook-prefilter"],
+                            "saehook-sequential", "saehook-f32"],
                    help="llama-server-spin: llama-server with saehook's OpenMP spin-wait (GOMP_SPINCOUNT=1000; "
                    "its default spin collapses when other processes want the cores); "
                    "saehook-fa: saehook serve with flash attention as llama-server (load_server(flash_attn="
                    "'auto')); saehook-sequential: saehook serve --decode sequential (one llama_decode per request), "
-                   "to show what batching gains; saehook-prefilter: saehook serve --prefilter bf16 (the float32 SAE "
-                   "encoded through its bf16 copy, the same features)")
+                   "to show what batching gains; saehook-f32: saehook serve --prefilter off (the float32 SAE "
+                   "encoded in float32 alone; saehook serves it through its bf16 copy by default, the same features)")
     p.add_argument("--llama-server", help="a llama-server binary (default: built from --llama-cpp-src)")
     p.add_argument("--llama-cpp-src", help="llama.cpp source (default: the vendored one of llama-cpp-python's sdist)")
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "saehook-bench"))
@@ -386,8 +387,8 @@ def main() -> int:
                        "--max-tokens", str(args.gen_tokens)]
                 if name == "saehook-sequential":
                     cmd += ["--decode", "sequential"]
-                if name == "saehook-prefilter":
-                    cmd += ["--prefilter", "bf16"]
+                if name == "saehook-f32":
+                    cmd += ["--prefilter", "off"]
                 scenarios.append((name, cmd, port, "/health", [
                     ("unsteered", lambda i: {"ignore_eos": True}),
                     ("steered", lambda i: {"ignore_eos": True, "saehook": {"steer": [
@@ -493,13 +494,13 @@ def main() -> int:
                         f"(/health generation_hook_seconds) against the {bound_ms:.2f} ms bound")
         per_round_ratio("steered_hook_ms_per_step", [b["hook_ms_per_step"] for b in st if "hook_ms_per_step" in b],
                         "steered: the same over every step, prompt chunks included (/health hook_seconds)")
-        pst = rounds_of("saehook-prefilter", "steered")
-        per_round_ratio("prefilter_steered_hook_ms_per_decode_step",
+        pst = rounds_of("saehook-f32", "steered")
+        per_round_ratio("f32_steered_hook_ms_per_decode_step",
                         [b["hook_ms_per_decode_step"] for b in pst if "hook_ms_per_decode_step" in b],
-                        f"steered, --prefilter bf16: the hook's own time per decode step against the {bound_ms:.2f} ms "
+                        f"steered, --prefilter off: the hook's own time per decode step against the {bound_ms:.2f} ms "
                         f"float32 bound")
         for conc in args.concurrency:  # the hook per steered decode step over the round's bound, per round
-            for name in ("saehook", "saehook-prefilter"):
+            for name in ("saehook", "saehook-f32"):
                 rs = per_round.get((name, "steered", conc), [])
                 if rs and all("hook_ms_per_decode_step" in r for r in rs):
                     xs = [r["hook_ms_per_decode_step"] / b for r, b in zip(rs, bounds)]

@@ -159,7 +159,9 @@ def test_models_and_saes(demo_server, demo_sae):
     with urllib.request.urlopen(demo_server.base + "/v1/saehook/saes") as r:
         saes = json.loads(r.read())["data"]
     assert saes == [{"name": "demo", "path": demo.SAE_FILE, "layer": DEMO_SAE_LAYER, "d_model": demo_sae.d_model,
-                     "d_sae": demo_sae.d_sae, "k": demo_sae.k, "activation": demo_sae.activation}]
+                     "d_sae": demo_sae.d_sae, "k": demo_sae.k, "activation": demo_sae.activation,
+                     "prefilter": "bf16"}]  # the default (--prefilter auto) for a float32 encoder on the CPU
+    assert any("bf16 prefilter on demo (+" in line for line in demo_server.output), demo_server.output
 
 
 def test_greedy_completion_with_steering_equals_hookedllama(demo_server, demo_sae, oracle):
@@ -246,16 +248,19 @@ def test_chat_stream_features_equal_capture_of_the_same_tokens(demo_server, demo
     _check_features(feats_h, want, rtol=5e-3)
 
 
-def test_prefiltered_server_gives_the_float32_features(demo_sae, oracle):
-    """`saehook serve --prefilter bf16`: the demo SAE encodes through its bf16 copy, and the
-    steered text and every feature still equal HookedLlama's with the plain float32 SAE."""
+def test_unfiltered_server_gives_the_same_features(demo_sae, oracle):
+    """`saehook serve --prefilter off`: the demo SAE encodes in float32 alone (every other demo
+    server here runs the default, the bf16 prefilter), and the steered text and every feature
+    still equal HookedLlama's with the plain float32 SAE; /v1/saehook/saes says no prefilter."""
     fresh = Server(demo.MODEL, "--sae", f"demo={demo.SAE_FILE}", "--parallel", 2, "--n-ctx", N_CTX, "--n-batch", 64,
-                   "--chat-format", CHAT_FORMAT, "--prefilter", "bf16")
+                   "--chat-format", CHAT_FORMAT, "--prefilter", "off")
     try:
         feats, n_prompt, text = _chat_features(fresh)
+        with urllib.request.urlopen(fresh.base + "/v1/saehook/saes") as r:
+            assert json.loads(r.read())["data"][0]["prefilter"] is None
     finally:
         assert fresh.stop() == 0, "".join(fresh.output)
-    assert any("(demo, bf16 prefilter)" in line for line in fresh.output), fresh.output
+    assert not any("prefilter" in line for line in fresh.output), fresh.output
     _check_features(feats, _chat_oracle(oracle, demo_sae, feats, n_prompt, text))
 
 
@@ -985,9 +990,10 @@ def test_serve_command_passes_flash_attn(monkeypatch):
         with pytest.raises(Stop):
             cli.main(["serve", demo.MODEL, *argv])
         assert seen[-1] == want
-    with pytest.raises(Stop):
-        cli.main(["serve", demo.MODEL, "--prefilter", "bf16"])
-    assert prefilters == [None, None, "bf16"]
+    for flag in ("bf16", "off"):
+        with pytest.raises(Stop):
+            cli.main(["serve", demo.MODEL, "--prefilter", flag])
+    assert prefilters == ["auto", "auto", "bf16", "off"]
     with pytest.raises(SystemExit):
         cli.main(["serve", demo.MODEL, "--prefilter", "int8"])
     with pytest.raises(SystemExit):
@@ -1001,3 +1007,28 @@ def test_prefilter_of_a_narrow_encoder_is_refused_before_the_model_loads(tmp_pat
     demo_sae.save(path, dtype="bf16")
     with pytest.raises(ValueError, match=r"--prefilter bf16: --sae narrow=.* has a bf16 encoder"):
         load_server(demo.MODEL, {"narrow": path}, prefilter="bf16")
+    with pytest.raises(ValueError, match=r"prefilter must be one of auto, bf16, off, None, got 'int8'"):
+        load_server(demo.MODEL, {"narrow": path}, prefilter="int8")
+
+
+def test_prefilter_auto_takes_float32_encoders_on_the_cpu_only(tmp_path, demo_sae):
+    """The default: the float32 SAE gets the prefilter, a bf16 one is served as it is (no
+    error), and with offloaded layers (the hook then encodes on the GPU) none gets it."""
+    from saehook.serve import load_server
+
+    narrow = str(tmp_path / "demo-bf16.safetensors")
+    demo_sae.save(narrow, dtype="bf16")
+    state = load_server(demo.MODEL, {"wide": demo.SAE_FILE, "narrow": narrow}, parallel=1, n_ctx=64)
+    try:
+        got = {d["name"]: d["prefilter"] for d in state.registry.describe()}
+        assert got == {"wide": "bf16", "narrow": None}
+        assert state.registry.saes["wide"].prefilter_stats()["bytes"] > 0
+    finally:
+        state.scheduler.close()
+        state.llm.close()
+    state = load_server(demo.MODEL, {"wide": demo.SAE_FILE}, parallel=1, n_ctx=64, n_gpu_layers=1)
+    try:
+        assert state.registry.saes["wide"].prefilter is None
+    finally:
+        state.scheduler.close()
+        state.llm.close()

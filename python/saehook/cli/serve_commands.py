@@ -72,10 +72,14 @@ def cmd_serve(args) -> int:
                         chat_format=args.chat_format, api_key=args.api_key or os.environ.get("SAEHOOK_API_KEY"),
                         limits=limits, queue_size=args.queue, decode=args.decode, model_name=args.model_name,
                         k=args.k, flash_attn=args.flash_attn, prefilter=args.prefilter)
-    pre = f", {args.prefilter} prefilter" if args.prefilter and state.registry.saes else ""
-    print(f"saehook serve: {args.model} with {len(state.registry.saes)} SAE(s) "
-          f"({', '.join(state.registry.saes) or 'none'}{pre}); {args.parallel} sequences, {state.scheduler.mode} "
-          f"decoding; http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    saes = state.registry.saes
+    pre = [n for n, s in saes.items() if s.prefilter]
+    pre_bytes = sum(saes[n].prefilter_stats()["bytes"] for n in pre)
+    pre = (f"; bf16 prefilter on {', '.join(pre)} (+{pre_bytes / 2**20:.3g} MiB; --prefilter off to save it)"
+           if pre else "")
+    print(f"saehook serve: {args.model} with {len(saes)} SAE(s) ({', '.join(saes) or 'none'}{pre}); "
+          f"{args.parallel} sequences, {state.scheduler.mode} decoding; http://{args.host}:{args.port}/v1",
+          file=sys.stderr, flush=True)
     run(state, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -122,10 +126,12 @@ def register(sub) -> None:
                    "independent of the other requests in the KV cache, exactly equal to HookedLlama; on/auto "
                    "(llama-server's default) is faster on the CPU, but its f16 tiling moves features slightly "
                    "(about 0.4%% on the demo) with what else is cached")
-    s.add_argument("--prefilter", choices=["bf16"], default=None,
-                   help="encode each float32 SAE through a bf16 copy of its W_enc: the same features, in about the "
-                   "bf16 encode's time (at batch 1 and a few sequences 0.6-0.7x the float32 encode's on a "
-                   "2-core Zen 4), for half of W_enc's bytes more memory (README \"The bf16 prefilter\")")
+    s.add_argument("--prefilter", choices=["auto", "bf16", "off"], default="auto",
+                   help="encode float32 SAEs through a bf16 copy of W_enc: the same features, in about the bf16 "
+                   "encode's time (0.5-0.8x the float32 encode's per steered decode step on a 2-core Zen 4), for "
+                   "half of W_enc's bytes more memory (README \"The bf16 prefilter\"). auto (default): for every "
+                   "float32 SAE when the hook runs on the CPU (no --n-gpu-layers); bf16: for every SAE (a "
+                   "narrower encoder is refused); off: the float32 encode alone")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
     s.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",

@@ -56,6 +56,7 @@ def chat_formatter(llm, chat_format: Optional[str] = None):
 
 
 DEFAULT_N_CTX = 4096  # per request, when the model's training context is not shorter
+PREFILTERS = ("auto", "bf16", "off", None)
 
 
 def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx: Optional[int] = None,
@@ -63,7 +64,7 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
                 n_threads: Optional[int] = None, n_gpu_layers: int = 0, chat_format: Optional[str] = None,
                 api_key: Optional[str] = None, limits: Limits = Limits(), queue_size: int = 64,
                 decode: str = "auto", model_name: Optional[str] = None, k: Optional[int] = None,
-                flash_attn: str = "off", prefilter: Optional[str] = None):
+                flash_attn: str = "off", prefilter: Optional[str] = "auto"):
     """Loads the model and SAEs and starts the scheduler; returns the ServeState an app serves.
     The KV cache holds n_ctx tokens for each of the `parallel` sequences (one unified cache).
     n_ctx None: DEFAULT_N_CTX, or the model's training context when that is shorter (as
@@ -76,9 +77,11 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
     zeros, while llama.cpp's flash-attention kernels tile the cache and round in f16 (on the
     demo model, features then differ from HookedLlama.capture of the same tokens by up to 0.4%,
     even with flash attention there too). On is faster on the CPU (fewer graph nodes, so fewer
-    thread barriers per decode; README "Serve"). prefilter "bf16": every SAE (float32 encoders)
-    encodes through a bf16 copy of W_enc (SAE.set_prefilter: the same features, in about the
-    bf16 encode's time, for half of W_enc's bytes more memory)."""
+    thread barriers per decode; README "Serve"). prefilter: "auto" (default) gives every SAE with
+    a float32 encoder the bf16 prefilter when the hook encodes on the CPU (n_gpu_layers 0);
+    "bf16" asks it for every SAE (a narrower encoder is refused); None or "off" encodes in float32
+    alone. The prefilter encodes through a bf16 copy of W_enc (SAE.set_prefilter): the same
+    features, in about the bf16 encode's time, for half of W_enc's bytes more memory."""
     from .. import load
     from ..engines.llama import HookedLlama  # first: it sets GOMP_SPINCOUNT before llama_cpp loads libgomp
     from ..formats import SAESet
@@ -93,6 +96,8 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
         raise ValueError(f"flash_attn must be one of {', '.join(fa_types)}, got {flash_attn!r}")
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
+    if prefilter not in PREFILTERS:
+        raise ValueError(f"prefilter must be one of {', '.join(map(str, PREFILTERS))}, got {prefilter!r}")
     from ..engines.protocol import default_context, gguf_model_facts, quiet_llama_log
 
     n_ctx_train = gguf_model_facts(model)["n_ctx_train"] if os.path.isfile(model) else None
@@ -109,11 +114,13 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
         obj = load(path, k=k)
         if isinstance(obj, SAESet):
             raise ValueError(f"--sae {path} holds layers {obj.layers}: pass one layer's file")
-        if prefilter is not None:
-            if obj.enc_dtype != "f32":
-                raise ValueError(f"--prefilter {prefilter}: --sae {name}={path} has a {obj.enc_dtype} encoder (the "
-                                 "prefilter makes float32 encoders fast; this one is narrow already)")
-            obj.set_prefilter(prefilter)
+        if prefilter == "bf16" and obj.enc_dtype != "f32":
+            raise ValueError(f"--prefilter {prefilter}: --sae {name}={path} has a {obj.enc_dtype} encoder (the "
+                             "prefilter makes float32 encoders fast; this one is narrow already)")
+        # auto: only where the hook encodes on the host (with offloaded layers it runs on the GPU,
+        # where a host copy would be memory for nothing)
+        if prefilter == "bf16" or (prefilter == "auto" and obj.enc_dtype == "f32" and n_gpu_layers == 0):
+            obj.set_prefilter("bf16")
         loaded[name] = obj
     kw = {}
     if n_threads is not None:  # llama.cpp's threads and the hook kernels' (they run in turn, never at once)

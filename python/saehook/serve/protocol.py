@@ -152,7 +152,7 @@ class SAERegistry:
 
     def describe(self) -> List[Dict[str, Any]]:
         return [{"name": n, "path": self.paths.get(n), "layer": s.layer, "d_model": s.d_model, "d_sae": s.d_sae,
-                 "k": s.k, "activation": s.activation} for n, s in self.saes.items()]
+                 "k": s.k, "activation": s.activation, "prefilter": s.prefilter} for n, s in self.saes.items()]
 
     def pick(self, obj: Mapping, param: str) -> Tuple[str, SAE, int]:
         """The SAE and layer an object names (`sae` may be omitted with one SAE loaded; `layer`
