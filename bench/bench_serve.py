@@ -229,8 +229,9 @@ def stream_completion(port: int, body: dict) -> Dict[str, float]:
     # the generated tokens: the server's own count where it gives one (llama-server sends no chunk
     # for a token that ends inside a UTF-8 character), else one per chunk
     tokens = int(usage["completion_tokens"]) if usage and usage.get("completion_tokens") else len(times)
+    end = time.perf_counter()
     return {"ttft": times[0] - t0 if times else float("nan"), "itl": list(np.diff(times)), "tokens": tokens,
-            "end": time.perf_counter()}
+            "tail": end - times[-1] if times else float("nan"), "end": end}
 
 
 def load(port: int, concurrency: int, reqs: int, make_body) -> Dict[str, float]:
@@ -263,7 +264,12 @@ def load(port: int, concurrency: int, reqs: int, make_body) -> Dict[str, float]:
     return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall,
             "ttft_p50_ms": 1e3 * float(np.median([r["ttft"] for r in results])),
             "itl_p50_ms": 1e3 * float(np.percentile(itl, 50)) if itl else float("nan"),
-            "itl_p99_ms": 1e3 * float(np.percentile(itl, 99)) if itl else float("nan")}
+            "itl_p99_ms": 1e3 * float(np.percentile(itl, 99)) if itl else float("nan"),
+            # what makes up the wall time (the aggregate rate): the means, and from a stream's last
+            # token to its end (the response closing)
+            "ttft_mean_ms": 1e3 * float(np.mean([r["ttft"] for r in results])),
+            "itl_mean_ms": 1e3 * float(np.mean(itl)) if itl else float("nan"),
+            "tail_mean_ms": 1e3 * float(np.mean([r["tail"] for r in results]))}
 
 
 # llama_cpp.server as `python -m llama_cpp.server` runs it, with the model loaded without llama.cpp's
@@ -448,7 +454,9 @@ def main() -> int:
                                 f"decode step" if "hook_ms_per_step" in r else "")
                         print(f"{name:<17} {vname:<10} c={conc}: {r['tok_s']:8.1f} tok/s  TTFT p50 "
                               f"{r['ttft_p50_ms']:7.1f} ms  ITL p50 {r['itl_p50_ms']:7.2f} ms  p99 "
-                              f"{r['itl_p99_ms']:7.2f} ms  ({r['tokens']} tokens){hook}", flush=True)
+                              f"{r['itl_p99_ms']:7.2f} ms  ({r['tokens']} tokens; means: TTFT "
+                              f"{r['ttft_mean_ms']:.1f}, ITL {r['itl_mean_ms']:.2f}, last token to end "
+                              f"{r['tail_mean_ms']:.1f} ms){hook}", flush=True)
         finally:
             for srv in started:
                 srv.stop()
@@ -465,7 +473,7 @@ def main() -> int:
         print(f"medians of {args.rounds} rounds:")
         for (name, vname, conc), r in sorted(results.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
             print(f"  {name:<17} {vname:<10} c={conc}: {r['tok_s']:8.1f} tok/s  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
-                  f"ITL p50 {r['itl_p50_ms']:7.2f} ms  p99 {r['itl_p99_ms']:7.2f} ms")
+                  f"ITL p50 {r['itl_p50_ms']:7.2f} ms  p99 {r['itl_p99_ms']:7.2f} ms  mean {r['itl_mean_ms']:7.2f} ms")
 
         def per_round_ratio(key: str, values: List[float], what: str) -> None:
             if values:

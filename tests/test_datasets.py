@@ -93,6 +93,23 @@ def test_captured_features_equal_encode(setup, tmp_path):
         np.testing.assert_allclose(data.values[r], v[i >= 0], rtol=1e-6)
 
 
+def test_capture_with_and_without_the_prefilter_agree(setup, tmp_path, capsys):
+    """`capture` encodes the float32 SAE through the bf16 prefilter by default (--prefilter
+    auto): the same features as --prefilter off, values to float32 rounding."""
+    d = setup
+    assert _capture(d, "a.jsonl", tmp_path / "auto") == 0
+    assert _capture(d, "a.jsonl", tmp_path / "off", "--prefilter", "off") == 0
+    a, b = datasets.FeatureData(str(tmp_path / "auto")), datasets.FeatureData(str(tmp_path / "off"))
+    assert a.n_tokens == b.n_tokens == 300
+    for r in range(a.n_tokens):
+        np.testing.assert_array_equal(a.indices[r], b.indices[r])
+        np.testing.assert_allclose(a.values[r], b.values[r], rtol=1e-5, atol=1e-6)
+    from saehook.cli.dataset_commands import load_layers
+
+    assert load_layers(str(d / "sae.safetensors"), None, None, "auto")[LAYER].prefilter == "bf16"
+    assert load_layers(str(d / "sae.safetensors"), None, None, "off")[LAYER].prefilter is None
+
+
 def test_stats_and_compare_find_the_planted_difference(setup, tmp_path, capsys):
     d = setup
     _capture(d, "a.jsonl", tmp_path / "A")

@@ -204,3 +204,37 @@ def test_encodes_in_other_threads_survive_the_prefilter_being_swapped():
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_the_commands_policy_auto_bf16_off():
+    """saehook.sae.apply_prefilter, behind `saehook serve --prefilter` and `saehook capture
+    --prefilter`: auto takes float32 encoders on the CPU while the copies fit in a quarter of the
+    available memory (and says what it left out), bf16 takes all or refuses a narrow one by name,
+    off takes none."""
+    from saehook.sae import AUTO_PREFILTER_MEMORY_SHARE, apply_prefilter, prefilter_bytes
+
+    def fresh():
+        a, b = make_sae(64, 300, 5, seed=1), make_sae(64, 300, 5, seed=2)
+        return {"a": a, "b": b, "narrow": make_sae(64, 300, 5, seed=3).to_dtype("bf16")}
+
+    saes = fresh()
+    need = prefilter_bytes(saes["a"])
+    got, note = apply_prefilter(saes, "auto", available=10 * need / AUTO_PREFILTER_MEMORY_SHARE)
+    assert (got, note) == (["a", "b"], None)
+    assert [s.prefilter for s in saes.values()] == ["bf16", "bf16", None]
+    assert saes["a"].prefilter_stats()["bytes"] == need  # what the policy budgets is what the copy holds
+    saes = fresh()
+    got, note = apply_prefilter(saes, "auto", available=1.5 * need / AUTO_PREFILTER_MEMORY_SHARE)
+    assert got == ["a"] and saes["b"].prefilter is None
+    assert note.startswith("--prefilter auto: the bf16 prefilter on 1 of 2 float32 SAEs"), note
+    saes = fresh()
+    assert apply_prefilter(saes, "auto", on_cpu=False) == ([], None)
+    assert apply_prefilter(saes, "off") == ([], None) and apply_prefilter(saes, None) == ([], None)
+    assert all(s.prefilter is None for s in saes.values())
+    with pytest.raises(ValueError, match=r"--prefilter bf16: SAE narrow has a bf16 encoder"):
+        apply_prefilter(saes, "bf16", name_of=lambda n: f"SAE {n}")
+    assert all(s.prefilter is None for s in saes.values())  # refused before any copy is built
+    del saes["narrow"]
+    assert apply_prefilter(saes, "bf16") == (["a", "b"], None)
+    with pytest.raises(ValueError, match=r"--prefilter must be one of auto, bf16, off, got 'int8'"):
+        apply_prefilter(saes, "int8")

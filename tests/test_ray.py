@@ -192,7 +192,13 @@ def test_cli_capture_on_ray(cluster, setup, tmp_path):
     manifest = json.loads((tmp_path / "cap" / "manifest.json").read_text())
     assert manifest["model"] == str(setup / "m.gguf")
     shards, _, rows = _rows(pafs.LocalFileSystem(), str(tmp_path / "cap"))
-    assert rows == _rows(pafs.LocalFileSystem(), str(setup / "local"))[2]
+    want = _rows(pafs.LocalFileSystem(), str(setup / "local"))[2]
+    # The command's actors encode through the bf16 prefilter (capture --prefilter auto), the
+    # oracle without it: the same features, values to float32 rounding (another summation order).
+    assert len(rows) == len(want)
+    for got, ref in zip(rows, want):
+        assert {k: v for k, v in got.items() if k != "values"} == {k: v for k, v in ref.items() if k != "values"}
+        np.testing.assert_allclose(got["values"], ref["values"], rtol=1e-5, atol=1e-6)
 
 
 # ---- Ray Serve: two replicas of `saehook serve` behind one endpoint ----

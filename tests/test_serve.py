@@ -1007,7 +1007,7 @@ def test_prefilter_of_a_narrow_encoder_is_refused_before_the_model_loads(tmp_pat
     demo_sae.save(path, dtype="bf16")
     with pytest.raises(ValueError, match=r"--prefilter bf16: --sae narrow=.* has a bf16 encoder"):
         load_server(demo.MODEL, {"narrow": path}, prefilter="bf16")
-    with pytest.raises(ValueError, match=r"prefilter must be one of auto, bf16, off, None, got 'int8'"):
+    with pytest.raises(ValueError, match=r"--prefilter must be one of auto, bf16, off, got 'int8'"):
         load_server(demo.MODEL, {"narrow": path}, prefilter="int8")
 
 

@@ -358,6 +358,76 @@ class SAE:
 _file_writer: Optional[Callable[..., None]] = None
 
 
+# ---- the commands' prefilter policy (saehook serve, saehook capture: --prefilter) ----
+PREFILTER_MODES = ("auto", "bf16", "off")
+# "auto" builds copies only while they take at most this share of the memory available then: a
+# directory of many layers (a whole Qwen-Scope suite) must not be doubled into swap.
+AUTO_PREFILTER_MEMORY_SHARE = 0.25
+
+
+def prefilter_bytes(sae: "SAE") -> int:
+    """What set_prefilter('bf16') holds for this SAE: half of a float32 W_enc plus 12 bytes per feature."""
+    return 2 * sae.d_model * sae.d_sae + 12 * sae.d_sae
+
+
+def _available_memory() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_prefilter_mode(mode: Optional[str], flag: str = "--prefilter") -> Optional[str]:
+    """mode itself if it is one of PREFILTER_MODES or None; else a ValueError naming the flag."""
+    if mode not in PREFILTER_MODES + (None,):
+        raise ValueError(f"{flag} must be one of {', '.join(PREFILTER_MODES)}, got {mode!r}")
+    return mode
+
+
+def apply_prefilter(saes: Mapping[Any, "SAE"], mode: Optional[str], *, on_cpu: bool = True,
+                    name_of: Callable[[Any], str] = str, flag: str = "--prefilter",
+                    available: Optional[int] = None) -> Tuple[list, Optional[str]]:
+    """The prefilter policy of the commands: "bf16" gives every SAE the bf16 prefilter (a narrower
+    encoder is refused, naming it with name_of); "off" or None, none; "auto" every SAE with a float32
+    encoder when its encodes run on the CPU (on_cpu), in order, while the copies fit in
+    AUTO_PREFILTER_MEMORY_SHARE of the memory available now (`available`, default: MemAvailable).
+    Returns (the keys that got it, a sentence on what auto left out and why, or None)."""
+    if check_prefilter_mode(mode, flag) in (None, "off"):
+        return [], None
+    if mode == "bf16":
+        for key, sae in saes.items():
+            if sae.enc_dtype != "f32":
+                raise ValueError(f"{flag} bf16: {name_of(key)} has a {sae.enc_dtype} encoder (the prefilter makes "
+                                 "float32 encoders fast; this one is narrow already)")
+        for sae in saes.values():
+            sae.set_prefilter("bf16")
+        return list(saes), None
+    wide = [key for key, sae in saes.items() if sae.enc_dtype == "f32"]
+    if not wide or not on_cpu:
+        return [], None
+    room = available if available is not None else _available_memory()
+    budget = None if room is None else AUTO_PREFILTER_MEMORY_SHARE * room
+    done, used = [], 0
+    for key in wide:
+        need = prefilter_bytes(saes[key])
+        if budget is not None and used + need > budget:
+            break
+        saes[key].set_prefilter("bf16")
+        done.append(key)
+        used += need
+    left = len(wide) - len(done)
+    if not left:
+        return done, None
+    total = sum(prefilter_bytes(saes[k]) for k in wide)
+    return done, (f"{flag} auto: the bf16 prefilter on {len(done)} of {len(wide)} float32 SAEs; all would take "
+                  f"{total / 2**20:.0f} MiB, more than {AUTO_PREFILTER_MEMORY_SHARE:.0%} of the "
+                  f"{room / 2**20:.0f} MiB available ({flag} bf16 to build them all, off for none)")
+
+
 def register_file_writer(writer: Callable[..., None]) -> None:
     """Sets the function SAE.save calls: writer(sae, path, dec_layout=...)."""
     global _file_writer

@@ -10,7 +10,19 @@ from .common import (
 )
 
 
-def load_layers(path: str, layers: Optional[str], k: Optional[int]) -> dict:
+def load_layers(path: str, layers: Optional[str], k: Optional[int], prefilter: Optional[str] = None) -> dict:
+    """{layer: SAE} of an SAE file or directory, with the --prefilter policy applied
+    (saehook.sae.apply_prefilter; capture encodes on the CPU)."""
+    saes = _layers_of(path, layers, k)
+    from ..sae import apply_prefilter
+
+    _, note = apply_prefilter(saes, prefilter, name_of=lambda L: f"{path} (layer {L})")
+    if note:
+        print(f"saehook: {note}", file=sys.stderr)
+    return saes
+
+
+def _layers_of(path: str, layers: Optional[str], k: Optional[int]) -> dict:
     from .. import load
     from ..formats import SAESet
 
@@ -39,7 +51,7 @@ def cmd_capture(args) -> int:
 
     if args.ray is not None:
         return capture_ray(args)
-    saes = load_layers(args.sae, args.layers, args.k)
+    saes = load_layers(args.sae, args.layers, args.k, args.prefilter)
     docs = read_documents(args.data)
     eng = open_engine(args.model, args.engine)
 
@@ -65,7 +77,8 @@ def capture_ray(args) -> int:
     docs = read_documents(args.data)
     bar = Progress("capturing documents on Ray", len(docs))
     try:
-        res = capture_on_ray(args.model, functools.partial(load_layers, args.sae, args.layers, args.k), docs, args.out,
+        load_saes = functools.partial(load_layers, args.sae, args.layers, args.k, args.prefilter)
+        res = capture_on_ray(args.model, load_saes, docs, args.out,
                              address=args.ray or None, engine=args.engine, shard_docs=args.shard_docs,
                              max_tokens=args.max_tokens, num_actors=args.actors,
                              manifest_extra={"model": os.path.abspath(args.model), "sae": os.path.abspath(args.sae),
@@ -197,6 +210,11 @@ def register(sub) -> None:
     cp.add_argument("--sae", required=True, help="an SAE file or a directory of layers")
     cp.add_argument("--layers", help="comma-separated layers (default: the SAE's)")
     cp.add_argument("--k", type=positive_int, help="features kept per token (default: the SAE's own k)")
+    cp.add_argument("--prefilter", choices=["auto", "bf16", "off"], default="auto",
+                    help="encode float32 SAEs through a bf16 copy of W_enc: the same features, each encode in "
+                         "0.6-0.7x the float32 time (prompt-sized batches, 2-core Zen 4), for half of W_enc's bytes "
+                         "more memory. auto (default): every float32 SAE while the copies fit in a quarter of the "
+                         "available memory; bf16: every SAE (a narrower encoder is refused); off: float32 alone")
     cp.add_argument("--data", required=True,
                     help=".txt (one document per line), .jsonl (fields text, label), .csv (columns text, label) "
                          "or .parquet")

@@ -130,7 +130,8 @@ def register(sub) -> None:
                    help="encode float32 SAEs through a bf16 copy of W_enc: the same features, in about the bf16 "
                    "encode's time (0.5-0.8x the float32 encode's per steered decode step on a 2-core Zen 4), for "
                    "half of W_enc's bytes more memory (README \"The bf16 prefilter\"). auto (default): for every "
-                   "float32 SAE when the hook runs on the CPU (no --n-gpu-layers); bf16: for every SAE (a "
+                   "float32 SAE when the hook runs on the CPU (no --n-gpu-layers), while the copies fit in a "
+                   "quarter of the available memory; bf16: for every SAE (a "
                    "narrower encoder is refused); off: the float32 encode alone")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")

@@ -16,6 +16,7 @@ import signal
 import warnings
 from typing import Mapping, Optional
 
+from ..sae import apply_prefilter, check_prefilter_mode
 from .protocol import APIError, Limits, SAERegistry
 
 
@@ -56,7 +57,6 @@ def chat_formatter(llm, chat_format: Optional[str] = None):
 
 
 DEFAULT_N_CTX = 4096  # per request, when the model's training context is not shorter
-PREFILTERS = ("auto", "bf16", "off", None)
 
 
 def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx: Optional[int] = None,
@@ -77,11 +77,13 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
     zeros, while llama.cpp's flash-attention kernels tile the cache and round in f16 (on the
     demo model, features then differ from HookedLlama.capture of the same tokens by up to 0.4%,
     even with flash attention there too). On is faster on the CPU (fewer graph nodes, so fewer
-    thread barriers per decode; README "Serve"). prefilter: "auto" (default) gives every SAE with
-    a float32 encoder the bf16 prefilter when the hook encodes on the CPU (n_gpu_layers 0);
-    "bf16" asks it for every SAE (a narrower encoder is refused); None or "off" encodes in float32
-    alone. The prefilter encodes through a bf16 copy of W_enc (SAE.set_prefilter): the same
-    features, in about the bf16 encode's time, for half of W_enc's bytes more memory."""
+    thread barriers per decode; README "Serve"). prefilter (saehook.sae.apply_prefilter): "auto"
+    (default) gives every SAE with a float32 encoder the bf16 prefilter when the hook encodes on
+    the CPU (n_gpu_layers 0) and the copies fit in a quarter of the available memory (warned
+    otherwise); "bf16" asks it for every SAE (a narrower encoder is refused); None or "off"
+    encodes in float32 alone. The prefilter encodes through a bf16 copy of W_enc
+    (SAE.set_prefilter): the same features, in about the bf16 encode's time, for half of W_enc's
+    bytes more memory."""
     from .. import load
     from ..engines.llama import HookedLlama  # first: it sets GOMP_SPINCOUNT before llama_cpp loads libgomp
     from ..formats import SAESet
@@ -96,8 +98,7 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
         raise ValueError(f"flash_attn must be one of {', '.join(fa_types)}, got {flash_attn!r}")
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
-    if prefilter not in PREFILTERS:
-        raise ValueError(f"prefilter must be one of {', '.join(map(str, PREFILTERS))}, got {prefilter!r}")
+    check_prefilter_mode(prefilter)  # before the SAEs and the model load
     from ..engines.protocol import default_context, gguf_model_facts, quiet_llama_log
 
     n_ctx_train = gguf_model_facts(model)["n_ctx_train"] if os.path.isfile(model) else None
@@ -114,14 +115,12 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
         obj = load(path, k=k)
         if isinstance(obj, SAESet):
             raise ValueError(f"--sae {path} holds layers {obj.layers}: pass one layer's file")
-        if prefilter == "bf16" and obj.enc_dtype != "f32":
-            raise ValueError(f"--prefilter {prefilter}: --sae {name}={path} has a {obj.enc_dtype} encoder (the "
-                             "prefilter makes float32 encoders fast; this one is narrow already)")
-        # auto: only where the hook encodes on the host (with offloaded layers it runs on the GPU,
-        # where a host copy would be memory for nothing)
-        if prefilter == "bf16" or (prefilter == "auto" and obj.enc_dtype == "f32" and n_gpu_layers == 0):
-            obj.set_prefilter("bf16")
         loaded[name] = obj
+    # auto: only where the hook encodes on the host (with offloaded layers it runs on the GPU,
+    # where a host copy would be memory for nothing)
+    _, note = apply_prefilter(loaded, prefilter, on_cpu=n_gpu_layers == 0, name_of=lambda n: f"--sae {n}={saes[n]}")
+    if note:
+        warnings.warn(note, stacklevel=2)
     kw = {}
     if n_threads is not None:  # llama.cpp's threads and the hook kernels' (they run in turn, never at once)
         kw = {"n_threads": n_threads, "n_threads_batch": n_threads}
