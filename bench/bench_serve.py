@@ -296,12 +296,13 @@ CONFIG = {
                     "OpenMP's default spin-wait",
     "llama_cpp.server": "one request at a time; n_batch 512, flash attention off; GOMP_SPINCOUNT=1000 (as saehook); "
                         "on an AMX CPU without llama.cpp's extra buffer types (as saehook)",
-    "saehook": "n_batch = n_ubatch = 512, flash attention off, one unified KV cache, prompt cache keyed by "
-               "steering (checkpoints on recurrent models); the float32 SAE through the bf16 prefilter (the "
-               "default, --prefilter auto); GOMP_SPINCOUNT=1000",
+    "saehook": "n_batch = n_ubatch = 512, flash attention off, one unified KV cache; prompt cache keyed by "
+               "steering (checkpoints on recurrent models); the float32 SAE through the bf16 prefilter (the default, --prefilter auto); GOMP_SPINCOUNT=1000",
     "saehook-fa": "as saehook, with flash attention auto (as llama-server)",
     "saehook-sequential": "as saehook, every sequence decoded alone",
     "saehook-f32": "as saehook, the float32 SAE encoded without the prefilter (--prefilter off)",
+    "saehook-streams": "as saehook, one KV stream per sequence (--kv-layout streams; split mode, idle sequences "
+                       "between running ones padded into each step)",
 }
 
 
@@ -325,13 +326,14 @@ def main() -> int:
     p.add_argument("--servers", nargs="+",
                    default=["llama-server", "llama-server-spin", "llama_cpp.server", "saehook", "saehook-fa"],
                    choices=["llama-server", "llama-server-spin", "llama_cpp.server", "saehook", "saehook-fa",
-                            "saehook-sequential", "saehook-f32"],
+                            "saehook-sequential", "saehook-f32", "saehook-streams"],
                    help="llama-server-spin: llama-server with saehook's OpenMP spin-wait (GOMP_SPINCOUNT=1000; "
                    "its default spin collapses when other processes want the cores); "
                    "saehook-fa: saehook serve with flash attention as llama-server (load_server(flash_attn="
                    "'auto')); saehook-sequential: saehook serve --decode sequential (one llama_decode per request), "
                    "to show what batching gains; saehook-f32: saehook serve --prefilter off (the float32 SAE "
-                   "encoded in float32 alone; saehook serves it through its bf16 copy by default, the same features)")
+                   "encoded in float32 alone; saehook serves it through its bf16 copy by default, the same features); "
+                   "saehook-streams: saehook serve --kv-layout streams")
     p.add_argument("--llama-server", help="a llama-server binary (default: built from --llama-cpp-src)")
     p.add_argument("--llama-cpp-src", help="llama.cpp source (default: the vendored one of llama-cpp-python's sdist)")
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "saehook-bench"))
@@ -395,6 +397,8 @@ def main() -> int:
                     cmd += ["--decode", "sequential"]
                 if name == "saehook-f32":
                     cmd += ["--prefilter", "off"]
+                if name == "saehook-streams":
+                    cmd += ["--kv-layout", "streams"]
                 scenarios.append((name, cmd, port, "/health", [
                     ("unsteered", lambda i: {"ignore_eos": True}),
                     ("steered", lambda i: {"ignore_eos": True, "saehook": {"steer": [
@@ -491,6 +495,10 @@ def main() -> int:
                         "unsteered: saehook / llama-server (its faster configuration, per round) (target >= 0.9x)")
         per_round_ratio("fa_vs_llama_server", [a["tok_s"] / b for a, b in zip(fa, ls)],
                         "unsteered: saehook-fa / llama-server")
+        for variant in ("saehook-streams",):
+            per_round_ratio(f"{variant}_vs_llama_server",
+                            [a["tok_s"] / b for a, b in zip(rounds_of(variant, "unsteered"), ls)],
+                            f"unsteered: {variant} / llama-server")
         per_round_ratio("vs_llama_cpp_server", [a["tok_s"] / b["tok_s"] for a, b in zip(s, lcs)],
                         "unsteered: saehook / llama_cpp.server (target >= 3x)")
         per_round_ratio("steered_added_ms_per_step", [b["itl_p50_ms"] - a["itl_p50_ms"] for a, b in zip(s, st)],
@@ -508,7 +516,7 @@ def main() -> int:
                         f"steered, --prefilter off: the hook's own time per decode step against the {bound_ms:.2f} ms "
                         f"float32 bound")
         for conc in args.concurrency:  # the hook per steered decode step over the round's bound, per round
-            for name in ("saehook", "saehook-f32"):
+            for name in ("saehook", "saehook-f32", "saehook-streams"):
                 rs = per_round.get((name, "steered", conc), [])
                 if rs and all("hook_ms_per_decode_step" in r for r in rs):
                     xs = [r["hook_ms_per_decode_step"] / b for r, b in zip(rs, bounds)]

@@ -319,7 +319,9 @@ def test_completion_features_and_logprobs_non_streamed(demo_server, demo_sae, or
         assert set(got) == set(exp)
 
 
-def test_eight_concurrent_specs_each_equal_their_solo_run(demo_server, demo_sae):
+def _eight_concurrent_specs(demo_server):
+    """8 requests with 8 clamps at once, each equal to its solo run; returns the /health counters
+    before and after the concurrent run."""
     client = demo_server.client()
     specs = [[{"feature": f, "op": "clamp", "value": v}] for f, v in
              [(7, 6.0), (100, 5.0), (3, 8.0), (42, 4.0), (7, -2.0), (512, 6.0), (900, 3.0), (77, 9.0)]]
@@ -335,7 +337,6 @@ def test_eight_concurrent_specs_each_equal_their_solo_run(demo_server, demo_sae)
     solo = [run(i, False) for i in range(8)]
     assert len(set(solo)) > 4, "the specs must lead to different outputs"
     before = demo_server.health()
-    assert before["mode"] == "batched"
     results = [None] * 8
     start = threading.Barrier(8)
 
@@ -360,12 +361,34 @@ def test_eight_concurrent_specs_each_equal_their_solo_run(demo_server, demo_sae)
     gen = after["generation_decodes"] - before["generation_decodes"]
     assert 0 < gen < after["decodes"] - before["decodes"], (before, after)
     assert 0 < after["generation_hook_seconds"] - before["generation_hook_seconds"] < hook, (before, after)
+    # continuous batching: far fewer steps than the 8 x 16 tokens
+    assert after["steps"] - before["steps"] < 8 * 16 / 2, after
+    return before, after
+
+
+def test_eight_concurrent_specs_each_equal_their_solo_run(demo_server, demo_sae):
+    """The default layout, the unified cache (batched mode): one llama_decode per step, prompt
+    chunks included, and one encode per decode at the steered layer serves the 8 different
+    clamps (n_batch = n_ubatch)."""
+    before, after = _eight_concurrent_specs(demo_server)
+    assert before["mode"] == "batched"
     steps, decodes = (after[k] - before[k] for k in ("steps", "decodes"))
-    # continuous batching: far fewer steps than the 8 x 16 tokens, one llama_decode per step, and
-    # one encode per decode at the steered layer serves the 8 different clamps (n_batch = n_ubatch)
-    assert decodes == steps and steps < 8 * 16 / 2, after
+    assert decodes == steps, after
     per_decode = {int(e): n - before["encodes_per_decode"].get(e, 0) for e, n in after["encodes_per_decode"].items()}
     assert {e: n for e, n in per_decode.items() if n} == {1: decodes}, per_decode
+
+
+def test_eight_concurrent_specs_on_streams(demo_sae):
+    """--kv-layout auto on a transformer model: one KV stream per sequence (split mode), a step's
+    generated tokens in one llama_decode, each prompt chunk in another."""
+    server = Server(demo.MODEL, "--sae", f"demo={demo.SAE_FILE}", "--parallel", 8, "--n-ctx", N_CTX, "--n-batch", 64,
+                    "--chat-format", CHAT_FORMAT, "--max-tokens", 64, "--kv-layout", "auto")
+    try:
+        before, after = _eight_concurrent_specs(server)
+    finally:
+        assert server.stop() == 0, "".join(server.output)
+    assert before["mode"] == "split"
+    assert after["decodes"] - before["decodes"] > after["steps"] - before["steps"]
 
 
 @pytest.fixture
@@ -764,7 +787,8 @@ def test_qwen35_prompts_arriving_together_share_their_decodes(tmp_path):
     llm = HookedLlama(str(model), n_ctx=96, n_batch=64, n_ubatch=64, n_threads=1, verbose=False)
     try:
         sched = state.scheduler
-        assert sched.mode == "split"
+        # --kv-layout auto keeps a hybrid model on the unified cache (llama.cpp's own answer)
+        assert sched.mode == "split" and state.llm.context_params.kv_unified and not sched.streams
         rng = np.random.default_rng(3)  # the prompts' tokens
         # (prompt lengths, prompt decodes): different lengths are cut as split_equal cuts them, at
         # the fewest tokens any prompt has left to its end or checkpoint (26, 7, 1, -): 1 token
@@ -822,6 +846,116 @@ def test_qwen35_prompts_arriving_together_share_their_decodes(tmp_path):
         llm.close()
         state.scheduler.close()
         state.llm.close()
+
+
+@pytest.mark.parametrize("flash_attn", ["off", "on"])
+def test_streams_layout_out_of_order_finishes_stay_one_micro_batch(tmp_path, flash_attn):
+    """kv_layout "streams" (one KV stream per sequence): 4 requests with 4 clamps, the third
+    ending first, so sequences 0, 1 and 3 generate around an idle one. Every step stays one
+    micro-batch (one SAE encode per decode: the idle sequence gets a padding token, removed
+    after), every request's tokens and features equal HookedLlama's alone (flash attention too:
+    a stream holds one sequence's cells), and the idle sequence's cached prompt is intact: a
+    request repeating it reuses it and still equals its solo run."""
+    import llama_cpp
+
+    from saehook.serve import load_server
+    from saehook.serve.protocol import parse_request
+    from saehook.serve.scheduler import Job
+
+    # a tiny random qwen3 of 3 blocks, the SAE at block 1 (not the last, where only output rows exist)
+    model, sae_path = tmp_path / "tiny3.gguf", tmp_path / "sae.safetensors"
+    gm.write_gguf(gm.build_hf_model(num_hidden_layers=3, hidden_size=128, intermediate_size=256,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=64, seed=3), model)
+    rng = np.random.default_rng(1)
+    sae = saehook.SAE((rng.standard_normal((512, 128)) / 11).astype(np.float32),
+                      (rng.standard_normal((512, 128)) / 11).astype(np.float32), k=8)
+    sae.metadata["layer"] = 1
+    sae.save(str(sae_path))
+    clamps, lengths = [(3, 2.0), (5, 1.5), (7, 2.5), (11, -1.0)], [12, 12, 3, 12]
+    state = load_server(str(model), {"t": str(sae_path)}, parallel=4, n_ctx=96, n_batch=64, n_threads=1,
+                        kv_layout="streams", flash_attn=flash_attn, prefilter="off")
+    fa = {"off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED}[flash_attn]
+    llm = HookedLlama(str(model), n_ctx=96, n_batch=64, n_ubatch=64, n_threads=1, verbose=False,
+                      context_overrides={"flash_attn_type": fa})
+    rng = np.random.default_rng(4)
+    # longest first: the equal prompt chunks then always cover consecutive sequences (prompts
+    # being read are not padded, so a gap there would cut a decode in two)
+    prompts = [[int(t) for t in rng.integers(1, 250, n)] for n in (9, 7, 6, 5)]
+
+    def run(jobs_spec, prompt_features=True):
+        outs, jobs = [], []
+        for (f, v), n, ids in jobs_spec:
+            o = {"tokens": [], "features": [], "prompt": [], "done": threading.Event(), "cached": None}
+
+            def emit(kind, payload, o=o):
+                if kind == "token":
+                    o["tokens"].append(payload.id), o["features"].append(payload.features)
+                elif kind == "prompt_features":
+                    o["prompt"] = payload
+                else:
+                    o["error"] = payload if kind == "error" else None
+                    if kind == "done":
+                        o["cached"] = payload["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    o["done"].set()
+            body = {"prompt": "x", "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                    "saehook": {"steer": [{"feature": f, "op": "clamp", "value": v}], "features": {"top": 4, "prompt": prompt_features}}}
+            jobs.append(Job(req=parse_request("completion", body, state.registry, state.limits), prompt=ids, emit=emit))
+            outs.append(o)
+        with sched.cv:  # admitted in one step, in this order: slot (and sequence) i for job i
+            for j in jobs:
+                sched.submit(j)
+        for o in outs:
+            assert o["done"].wait(60) and o.get("error") is None, o.get("error")
+        return outs
+
+    def solo(f, v, n, ids):
+        st = saehook.Steering(sae, layer=1).clamp(f, v)
+        fresh(llm)
+        with llm.steer(st, control_vectors=False):
+            got = []
+            for t in llm.generate(ids, temp=0.0):
+                got.append(t)
+                if len(got) == n:
+                    break
+        return got, hooked_features(llm, st, sae, ids, got)
+
+    try:
+        sched = state.scheduler
+        assert sched.mode == "split" and sched.streams
+        before = sched.stats()
+        outs = run(list(zip(clamps, lengths, prompts)))
+        after = sched.stats()
+        per_decode = {int(e): n - before["encodes_per_decode"].get(e, 0) for e, n in after["encodes_per_decode"].items()}
+        assert {e: n for e, n in per_decode.items() if n} == {1: after["decodes"] - before["decodes"]}, per_decode
+        for (f, v), n, ids, o in zip(clamps, lengths, prompts, outs):
+            want, feats = solo(f, v, n, ids)
+            assert o["tokens"] == want
+            # the server reads the prompts in equal chunks (5 tokens, then 1), HookedLlama each whole:
+            # llama.cpp's products round by batch shape (~1e-5 here; its flash attention, which
+            # takes another kernel for a single query and rounds in f16, ~2e-4)
+            _check_features(o["prompt"] + o["features"], feats, rtol=1e-4 if flash_attn == "off" else 1e-3)
+        # the idle slot kept its prompt: the same prompt and clamp again reuse it (the padding
+        # tokens written next to it were removed) and give the solo tokens
+        (again,) = run([(clamps[2], 6, prompts[2])], prompt_features=False)
+        assert again["cached"] == len(prompts[2]) - 1
+        assert again["tokens"] == solo(*clamps[2], 6, prompts[2])[0]
+    finally:
+        llm.close()
+        state.scheduler.close()
+        state.llm.close()
+
+
+def test_streams_layout_is_refused_where_it_cannot_serve(tmp_path, tiny_files):
+    from saehook.serve import load_server
+
+    model, _, sae_path = qwen35_model_and_sae(tmp_path, 5)
+    with pytest.raises(ValueError, match="--kv-layout streams is for transformer models"):
+        load_server(str(model), {"t": str(sae_path)}, parallel=2, n_ctx=64, kv_layout="streams")
+    tiny, tiny_sae = tiny_files
+    with pytest.raises(ValueError, match="batched decoding .* one KV stream per sequence"):
+        load_server(str(tiny), {"t": str(tiny_sae)}, parallel=2, n_ctx=64, kv_layout="streams", decode="batched")
+    with pytest.raises(ValueError, match="--kv-layout must be auto, unified or streams, got 'paged'"):
+        load_server(str(tiny), {"t": str(tiny_sae)}, kv_layout="paged")
 
 
 def test_flash_attn_option_reaches_llama_cpp(demo_sae):
@@ -978,11 +1112,12 @@ def test_serve_command_passes_flash_attn(monkeypatch):
     class Stop(Exception):
         pass
 
-    prefilters = []
+    prefilters, layouts = [], []
 
     def fake_load_server(model, saes, **kw):
         seen.append(kw["flash_attn"])
         prefilters.append(kw["prefilter"])
+        layouts.append(kw["kv_layout"])
         raise Stop
 
     monkeypatch.setattr(saehook.serve, "load_server", fake_load_server)  # the command imports it when run
@@ -994,6 +1129,9 @@ def test_serve_command_passes_flash_attn(monkeypatch):
         with pytest.raises(Stop):
             cli.main(["serve", demo.MODEL, "--prefilter", flag])
     assert prefilters == ["auto", "auto", "bf16", "off"]
+    with pytest.raises(Stop):
+        cli.main(["serve", demo.MODEL, "--kv-layout", "streams"])
+    assert layouts == ["unified"] * 4 + ["streams"]
     with pytest.raises(SystemExit):
         cli.main(["serve", demo.MODEL, "--prefilter", "int8"])
     with pytest.raises(SystemExit):

@@ -64,14 +64,14 @@ def cmd_serve(args) -> int:
                    n_batch=args.n_batch, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                    chat_format=args.chat_format, api_key=args.api_key or os.environ.get("SAEHOOK_API_KEY"),
                    limits=limits, queue_size=args.queue, decode=args.decode, model_name=args.model_name, k=args.k,
-                   flash_attn=args.flash_attn, prefilter=args.prefilter)
+                   flash_attn=args.flash_attn, prefilter=args.prefilter, kv_layout=args.kv_layout)
         return 0
     port_free(args.host, args.port)  # before the model loads: a taken port is said at once
     state = load_server(args.model, sae_specs(args.sae), parallel=args.parallel, n_ctx=args.n_ctx,
                         n_batch=args.n_batch, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                         chat_format=args.chat_format, api_key=args.api_key or os.environ.get("SAEHOOK_API_KEY"),
                         limits=limits, queue_size=args.queue, decode=args.decode, model_name=args.model_name,
-                        k=args.k, flash_attn=args.flash_attn, prefilter=args.prefilter)
+                        k=args.k, flash_attn=args.flash_attn, prefilter=args.prefilter, kv_layout=args.kv_layout)
     saes = state.registry.saes
     pre = [n for n, s in saes.items() if s.prefilter]
     pre_bytes = sum(saes[n].prefilter_stats()["bytes"] for n in pre)
@@ -126,6 +126,12 @@ def register(sub) -> None:
                    "independent of the other requests in the KV cache, exactly equal to HookedLlama; on/auto "
                    "(llama-server's default) is faster on the CPU, but its f16 tiling moves features slightly "
                    "(about 0.4%% on the demo) with what else is cached")
+    s.add_argument("--kv-layout", choices=["auto", "streams", "unified"], default="unified",
+                   help="streams: one KV stream per sequence, as llama-server, each token attending over its own "
+                   "cells; unified: one KV cache for all sequences, every token attending over every sequence's "
+                   "cells (idle requests' cached prompts included, the others masked), a prompt chunk sharing its "
+                   "step's pass over the weights (default); auto: streams, unified on recurrent/hybrid models "
+                   "(qwen35). README \"Serve\" (KV layout) has the measured trade-off")
     s.add_argument("--prefilter", choices=["auto", "bf16", "off"], default="auto",
                    help="encode float32 SAEs through a bf16 copy of W_enc: the same features, in about the bf16 "
                    "encode's time (0.5-0.8x the float32 encode's per steered decode step on a 2-core Zen 4), for "

@@ -164,6 +164,24 @@ def quiet_llama_log() -> None:
 DEFAULT_N_CTX = 2048
 
 
+def model_keeps_recurrent_state(path: str) -> bool:
+    """Whether llama.cpp holds per-sequence recurrent state for this GGUF's architecture
+    (llama_model_is_recurrent / _is_hybrid: mamba, rwkv, qwen35, ...): llama.cpp's own answer,
+    from a vocab-only load (hyperparameters and vocabulary, no weights)."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    p = llama_cpp.llama_model_default_params()
+    p.vocab_only = True
+    m = llama_cpp.llama_model_load_from_file(path.encode(), p)
+    if not m:
+        raise ValueError(f"{path}: llama.cpp cannot load this GGUF")
+    try:
+        return bool(llama_cpp.llama_model_is_recurrent(m) or llama_cpp.llama_model_is_hybrid(m))
+    finally:
+        llama_cpp.llama_model_free(m)
+
+
 def default_context(default: int, n_ctx_train: Optional[int]) -> int:
     """The context to use when none was asked for: `default`, or the model's training context
     when that is shorter (llama-server's default is the training context; llama.cpp warns on

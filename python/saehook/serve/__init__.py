@@ -64,7 +64,7 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
                 n_threads: Optional[int] = None, n_gpu_layers: int = 0, chat_format: Optional[str] = None,
                 api_key: Optional[str] = None, limits: Limits = Limits(), queue_size: int = 64,
                 decode: str = "auto", model_name: Optional[str] = None, k: Optional[int] = None,
-                flash_attn: str = "off", prefilter: Optional[str] = "auto"):
+                flash_attn: str = "off", prefilter: Optional[str] = "auto", kv_layout: str = "unified"):
     """Loads the model and SAEs and starts the scheduler; returns the ServeState an app serves.
     The KV cache holds n_ctx tokens for each of the `parallel` sequences (one unified cache).
     n_ctx None: DEFAULT_N_CTX, or the model's training context when that is shorter (as
@@ -83,7 +83,15 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
     otherwise); "bf16" asks it for every SAE (a narrower encoder is refused); None or "off"
     encodes in float32 alone. The prefilter encodes through a bf16 copy of W_enc
     (SAE.set_prefilter): the same features, in about the bf16 encode's time, for half of W_enc's
-    bytes more memory."""
+    bytes more memory. kv_layout: "streams" (one KV stream per sequence, as llama-server: each
+    token attends over its own cells only; transformer models; the scheduler keeps every
+    generation step one micro-batch, Scheduler._fill_gaps), "unified" (default; one KV cache for all
+    sequences: every token attends over every sequence's cells, idle slots' cached prompts
+    included, the others masked; a prompt chunk shares its step's pass over the weights), or
+    "auto": streams, unified on a recurrent/hybrid model (qwen35), whose per-sequence
+    state the scheduler serves in split mode on the unified cache. The default is unified: with
+    fewer requests than slots, streams pad the idle slots between running ones into every step
+    (README "Serve", KV layout)."""
     from .. import load
     from ..engines.llama import HookedLlama  # first: it sets GOMP_SPINCOUNT before llama_cpp loads libgomp
     from ..formats import SAESet
@@ -99,9 +107,14 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
     check_prefilter_mode(prefilter)  # before the SAEs and the model load
-    from ..engines.protocol import default_context, gguf_model_facts, quiet_llama_log
+    if kv_layout not in ("auto", "unified", "streams"):
+        raise ValueError(f"--kv-layout must be auto, unified or streams, got {kv_layout!r}")
+    from ..engines.protocol import default_context, gguf_model_facts, model_keeps_recurrent_state, quiet_llama_log
 
     n_ctx_train = gguf_model_facts(model)["n_ctx_train"] if os.path.isfile(model) else None
+    quiet_llama_log()
+    if kv_layout == "auto":
+        kv_layout = "unified" if os.path.isfile(model) and model_keeps_recurrent_state(model) else "streams"
     if n_ctx is None:
         n_ctx = default_context(DEFAULT_N_CTX, n_ctx_train)
     elif n_ctx_train and n_ctx > n_ctx_train:
@@ -109,7 +122,6 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
                       "tokens): requests that run past it may produce garbage", stacklevel=2)
     if n_ctx < 8:
         raise ValueError(f"--n-ctx must be >= 8, got {n_ctx}")
-    quiet_llama_log()
     loaded = {}
     for name, path in saes.items():
         obj = load(path, k=k)
@@ -128,7 +140,7 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
 
         set_num_threads(n_threads)
     llm = HookedLlama(model, n_ctx=n_ctx * parallel, n_batch=n_batch, n_ubatch=n_batch, n_gpu_layers=n_gpu_layers,
-                      verbose=False, context_overrides={"n_seq_max": parallel, "kv_unified": True,
+                      verbose=False, context_overrides={"n_seq_max": parallel, "kv_unified": kv_layout == "unified",
                                                          "flash_attn_type": fa_types[flash_attn]}, **kw)
     for name, sae in loaded.items():
         if sae.d_model != llm.n_embd_model:
@@ -138,7 +150,11 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
             raise ValueError(f"--sae {name}={saes[name]}: layer {sae.layer} is outside the model "
                              f"({llm.n_layer} layers)")
     fmt = chat_formatter(llm, chat_format) if (chat_format or "tokenizer.chat_template" in llm.metadata) else None
-    sched = Scheduler(llm, parallel=parallel, n_ctx=n_ctx, n_batch=n_batch, queue_size=queue_size, mode=decode)
+    try:
+        sched = Scheduler(llm, parallel=parallel, n_ctx=n_ctx, n_batch=n_batch, queue_size=queue_size, mode=decode)
+    except Exception:
+        llm.close()
+        raise
     return ServeState(llm, sched, SAERegistry(loaded, saes, llm.n_layer),
                       model_name=model_name or os.path.basename(model), chat_formatter=fmt or _no_template,
                       limits=limits, api_key=api_key)

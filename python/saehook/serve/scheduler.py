@@ -10,9 +10,10 @@ One worker thread owns the model. Every step it
   2. builds one batch: the pending token of every generating request, then prompt chunks of
      newly admitted ones up to n_batch tokens (so running streams keep flowing while a long
      prompt is processed);
-  3. decodes it: mode "batched" (transformer models) puts the whole step in one llama_decode;
-     mode "split" (recurrent/hybrid models such as qwen35, where llama.cpp groups a micro-batch's
-     rows by sequence) decodes the one-token segments of all sequences together, and the prompt
+  3. decodes it: mode "batched" (transformer models on the unified cache) puts the whole step in
+     one llama_decode; mode "split" (one KV stream per sequence, --kv-layout streams,
+     and recurrent/hybrid models such as qwen35: llama.cpp groups a micro-batch's rows by
+     sequence) decodes the one-token segments of all sequences together, and the prompt
      chunks together in further llama_decodes, every chunk of one decode of the same length (the
      prompt with the fewest tokens left sets it; the others go on in the next one): the only multi-sequence
      batches whose rows the hook can map exactly (HookedLlama.announce refuses the others). That
@@ -122,6 +123,17 @@ class _Slot:
     checkpoint: Optional[_Checkpoint] = None            # recurrent models: state after tokens[:checkpoint.n]
 
 
+class _Pad:
+    """A padding segment's stand-in for a Job (Scheduler._fill_gaps): an idle slot's sequence,
+    one token at the end of what its KV holds, removed again after the decode."""
+
+    req = None
+    seq_hook = None
+
+    def __init__(self, slot: _Slot):
+        self.slot, self.n_past, self.id = slot, len(slot.tokens), -1 - slot.seq
+
+
 class QueueFull(APIError):
     def __init__(self, n: int):
         super().__init__(503, f"the server is busy: {n} requests are already waiting (--queue); retry later",
@@ -129,7 +141,8 @@ class QueueFull(APIError):
 
 
 class Scheduler:
-    """Runs requests on a HookedLlama built with n_seq_max >= parallel and kv_unified=True."""
+    """Runs requests on a HookedLlama built with n_seq_max >= parallel, and kv_unified=True or
+    one KV stream per sequence (load_server's kv_layout "streams", split mode)."""
 
     def __init__(self, llm, *, parallel: int, n_ctx: int, n_batch: int, queue_size: int = 64,
                  mode: str = "auto"):
@@ -141,13 +154,20 @@ class Scheduler:
         self.n_vocab = llm.n_vocab()
         model = llm._model.model
         self.recurrent = bool(llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
+        # One KV stream per sequence (kv_layout "streams"): llama.cpp groups a micro-batch's rows
+        # by sequence and takes only consecutive sequence ids into one (split_equal, sequential).
+        self.streams = llm.context_params.n_seq_max > 1 and not llm.context_params.kv_unified
+        if self.streams and self.recurrent:
+            raise ValueError("--kv-layout streams is for transformer models; a recurrent/hybrid model (such as "
+                             "qwen35) keeps its per-sequence state in any layout: use --kv-layout unified")
         if mode == "auto":  # see the module docstring and README "Serve" for the split mode
-            mode = "split" if self.recurrent else "batched"
+            mode = "split" if self.recurrent or self.streams else "batched"
         if mode not in ("batched", "split", "sequential"):
             raise ValueError(f"unknown decode mode {mode!r} (auto, batched, split, sequential)")
-        if mode == "batched" and self.recurrent:
+        if mode == "batched" and (self.recurrent or self.streams):
             raise ValueError("batched decoding of prompt chunks next to other sequences is not exact on a recurrent/"
-                             "hybrid model (llama.cpp groups the rows by sequence): use split or sequential")
+                             "hybrid model or with one KV stream per sequence (llama.cpp groups the rows by "
+                             "sequence): use split or sequential")
         self._mode = mode
         self.slots = [_Slot(seq=i) for i in range(self.parallel)]
         self.waiting: Deque[Job] = collections.deque()
@@ -358,7 +378,7 @@ class Scheduler:
         prompts = [j for j in jobs if j.to_eval is None and j.finishing is None and j.n_past < len(j.prompt)]
         if self._mode == "split":
             by_seq = lambda g: sorted(g, key=lambda sg: sg[0].slot.seq)  # noqa: E731
-            return [by_seq(g) for g in [gen] + self._equal_chunks(prompts, budget) if g]
+            return [by_seq(g) for g in [self._fill_gaps(gen)] + self._equal_chunks(prompts, budget) if g]
         segs = gen
         for j in prompts:
             if budget <= 0:
@@ -369,6 +389,20 @@ class Scheduler:
         if not segs:
             return []
         return [segs] if self._mode == "batched" else [[sg] for sg in segs]
+
+    def _fill_gaps(self, gen: List[Segment]) -> List[Segment]:
+        """Streams: a step's pending tokens are one micro-batch only if their sequence ids are
+        consecutive (llama.cpp's sequential split_equal cuts [0, 1, 3] into [0, 1] and [3]: two
+        passes over the weights, two SAE encodes). An idle slot between them (no request; its
+        cached prefix kept) gets a padding token, evaluated with the others and removed from its
+        KV right after (_decode): one row more instead of one pass more. A slot whose request is
+        reading its prompt is not padded (its capture would see the row); that step is cut."""
+        if not self.streams or len(gen) < 2:
+            return gen
+        seqs = {sg[0].slot.seq for sg in gen}
+        pads = [(_Pad(s), [s.tokens[-1] if s.tokens else 0], False, False) for s in self.slots
+                if min(seqs) < s.seq < max(seqs) and s.seq not in seqs and s.job is None]
+        return gen + pads
 
     def _equal_chunks(self, prompts: List[Job], budget: int) -> List[List[Segment]]:
         """Split mode: the prompts being read, as decodes of the same number of tokens of every
@@ -403,6 +437,9 @@ class Scheduler:
         for group in groups:
             records = self._decode(group)
             for i, (job, toks, generated, wants) in enumerate(group):
+                if isinstance(job, _Pad):  # its token leaves the slot's KV as it was (_fill_gaps)
+                    llama_cpp.llama_memory_seq_rm(self.mem, job.slot.seq, job.n_past, -1)
+                    continue
                 self._after(job, toks, generated, wants, records.get(job.id), group, i)
 
     def _decode(self, group) -> Dict[int, Any]:
@@ -412,7 +449,7 @@ class Scheduler:
         toks, pos, seqs, outs, gens = [], [], [], [], []
         last_layer = self.llm.n_layer - 1
         for job, tokens, generated, wants in group:
-            f = job.req.features
+            f = job.req.features if job.req is not None else None
             # The last block's output keeps only the rows whose logits are requested: a capture
             # there needs every captured row to be an output.
             all_out = f is not None and f.layer == last_layer and (generated or f.prompt)
@@ -429,7 +466,7 @@ class Scheduler:
         rc = llama_cpp.llama_decode(self.ctx, b)
         self.decodes += 1
         e = llm.encode_count - e0
-        if all(generated and len(tokens) == 1 for _, tokens, generated, _ in group):
+        if all((generated or isinstance(job, _Pad)) and len(tokens) == 1 for job, tokens, generated, _ in group):
             self.generation_decodes += 1
             self.generation_hook_seconds += llm.hook_seconds - h0
         self.encodes_per_decode[e] = self.encodes_per_decode.get(e, 0) + 1
@@ -439,7 +476,7 @@ class Scheduler:
         llm.raise_hook_error()
         out: Dict[int, Any] = {}
         for job, _, _, _ in group:
-            if job.seq_hook is not None and job.req.features is not None:
+            if job.seq_hook is not None and job.req is not None and job.req.features is not None:
                 out[job.id] = job.seq_hook.take().get(job.req.features.layer)
         return out
 
