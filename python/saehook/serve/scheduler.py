@@ -401,7 +401,8 @@ class Scheduler:
             return gen
         seqs = {sg[0].slot.seq for sg in gen}
         pads = [(_Pad(s), [s.tokens[-1] if s.tokens else 0], False, False) for s in self.slots
-                if min(seqs) < s.seq < max(seqs) and s.seq not in seqs and s.job is None]
+                if min(seqs) < s.seq < max(seqs) and s.seq not in seqs and s.job is None
+                and len(s.tokens) < self.n_ctx]  # a full stream has no cell for it: that step is cut
         return gen + pads
 
     def _equal_chunks(self, prompts: List[Job], budget: int) -> List[List[Segment]]:
