@@ -537,18 +537,23 @@ def test_other_errors(demo_server):
 # a tiny random qwen3: API key, a full queue, SIGTERM drains
 
 
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("serve")
-    model = d / "tiny-f32.gguf"
-    gm.write_gguf(gm.build_hf_model(num_hidden_layers=2, hidden_size=128, intermediate_size=256,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=64), model)
-    rng = np.random.default_rng(0)
+def tiny_qwen3_and_sae(d, name, *, layers, model_seed=0, sae_seed=0):
+    """A tiny random qwen3 GGUF (hidden 128) and a random 512-feature SAE at its block 1, written
+    into d: (model path, SAE path)."""
+    model, sae_path = d / f"{name}-f32.gguf", d / f"{name}-sae.safetensors"
+    gm.write_gguf(gm.build_hf_model(num_hidden_layers=layers, hidden_size=128, intermediate_size=256,
+                                    num_attention_heads=2, num_key_value_heads=1, head_dim=64, seed=model_seed), model)
+    rng = np.random.default_rng(sae_seed)
     sae = saehook.SAE((rng.standard_normal((512, 128)) / 11).astype(np.float32),
                       (rng.standard_normal((512, 128)) / 11).astype(np.float32), k=8)
     sae.metadata["layer"] = 1
-    sae.save(str(d / "tiny-sae.safetensors"))
-    return model, d / "tiny-sae.safetensors"
+    sae.save(str(sae_path))
+    return model, sae_path
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    return tiny_qwen3_and_sae(tmp_path_factory.mktemp("serve"), "tiny", layers=2)
 
 
 def test_api_key_queue_full_and_sigterm_drain(tiny_files):
@@ -862,15 +867,9 @@ def test_streams_layout_out_of_order_finishes_stay_one_micro_batch(tmp_path, fla
     from saehook.serve.protocol import parse_request
     from saehook.serve.scheduler import Job
 
-    # a tiny random qwen3 of 3 blocks, the SAE at block 1 (not the last, where only output rows exist)
-    model, sae_path = tmp_path / "tiny3.gguf", tmp_path / "sae.safetensors"
-    gm.write_gguf(gm.build_hf_model(num_hidden_layers=3, hidden_size=128, intermediate_size=256,
-                                    num_attention_heads=2, num_key_value_heads=1, head_dim=64, seed=3), model)
-    rng = np.random.default_rng(1)
-    sae = saehook.SAE((rng.standard_normal((512, 128)) / 11).astype(np.float32),
-                      (rng.standard_normal((512, 128)) / 11).astype(np.float32), k=8)
-    sae.metadata["layer"] = 1
-    sae.save(str(sae_path))
+    # 3 blocks, the SAE at block 1 (not the last, where only output rows exist)
+    model, sae_path = tiny_qwen3_and_sae(tmp_path, "tiny3", layers=3, model_seed=3, sae_seed=1)
+    sae = saehook.load(str(sae_path))
     clamps, lengths = [(3, 2.0), (5, 1.5), (7, 2.5), (11, -1.0)], [12, 12, 3, 12]
     state = load_server(str(model), {"t": str(sae_path)}, parallel=4, n_ctx=96, n_batch=64, n_threads=1,
                         kv_layout="streams", flash_attn=flash_attn, prefilter="off")

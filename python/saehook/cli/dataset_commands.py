@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+from ..sae import PREFILTER_MODES
 from .common import (
     Optional, Progress, capture_labels, fraction, nonnegative_int, positive_int, print_table, unit_float,
 )
@@ -210,7 +211,7 @@ def register(sub) -> None:
     cp.add_argument("--sae", required=True, help="an SAE file or a directory of layers")
     cp.add_argument("--layers", help="comma-separated layers (default: the SAE's)")
     cp.add_argument("--k", type=positive_int, help="features kept per token (default: the SAE's own k)")
-    cp.add_argument("--prefilter", choices=["auto", "bf16", "off"], default="auto",
+    cp.add_argument("--prefilter", choices=PREFILTER_MODES, default="auto",
                     help="encode float32 SAEs through a bf16 copy of W_enc: the same features, each encode in "
                          "0.6-0.7x the float32 time (prompt-sized batches, 2-core Zen 4), for half of W_enc's bytes "
                          "more memory. auto (default): every float32 SAE while the copies fit in a quarter of the "

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ..sae import PREFILTER_MODES
+
 
 def sae_specs(specs):
     """--sae [NAME=]PATH ... -> {name: path}; the name defaults to the file or folder name."""
@@ -132,7 +134,7 @@ def register(sub) -> None:
                    "cells (idle requests' cached prompts included, the others masked), a prompt chunk sharing its "
                    "step's pass over the weights (default); auto: streams, unified on recurrent/hybrid models "
                    "(qwen35). README \"Serve\" (KV layout) has the measured trade-off")
-    s.add_argument("--prefilter", choices=["auto", "bf16", "off"], default="auto",
+    s.add_argument("--prefilter", choices=PREFILTER_MODES, default="auto",
                    help="encode float32 SAEs through a bf16 copy of W_enc: the same features, in about the bf16 "
                    "encode's time (0.5-0.8x the float32 encode's per steered decode step on a 2-core Zen 4), for "
                    "half of W_enc's bytes more memory (README \"The bf16 prefilter\"). auto (default): for every "

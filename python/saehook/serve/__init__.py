@@ -66,7 +66,7 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
                 decode: str = "auto", model_name: Optional[str] = None, k: Optional[int] = None,
                 flash_attn: str = "off", prefilter: Optional[str] = "auto", kv_layout: str = "unified"):
     """Loads the model and SAEs and starts the scheduler; returns the ServeState an app serves.
-    The KV cache holds n_ctx tokens for each of the `parallel` sequences (one unified cache).
+    The KV cache holds n_ctx tokens for each of the `parallel` sequences (kv_layout below).
     n_ctx None: DEFAULT_N_CTX, or the model's training context when that is shorter (as
     llama-server defaults to it); a larger n_ctx is used as given, with a warning. llama.cpp's
     own warnings are off (its errors print): with one unified cache it compares the whole

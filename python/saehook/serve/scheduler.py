@@ -131,7 +131,7 @@ class _Pad:
     seq_hook = None
 
     def __init__(self, slot: _Slot):
-        self.slot, self.n_past, self.id = slot, len(slot.tokens), -1 - slot.seq
+        self.slot, self.n_past = slot, len(slot.tokens)
 
 
 class QueueFull(APIError):
