@@ -617,6 +617,19 @@ def fresh(llm):
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm._ctx.ctx), True)
 
 
+def greedy_ids(llm, ids, n, steerings=(), *, stop_at_eos=True):
+    """HookedLlama's own greedy generation from a fresh state: up to n token ids after `ids` under
+    `steerings` (before the end-of-text token unless stop_at_eos is False)."""
+    fresh(llm)
+    out = []
+    with llm.steer(*steerings, control_vectors=False):
+        for t in llm.generate(ids, temp=0.0):
+            if (stop_at_eos and t == llm.token_eos()) or len(out) == n:
+                break
+            out.append(t)
+    return out
+
+
 def qwen35_model_and_sae(tmp_path, seed):
     """A tiny random qwen35 hybrid GGUF (the tests' writer, hidden 256) and a random 512-feature
     SAE at its layer 1, saved: (model path, SAE, SAE path)."""
@@ -707,14 +720,7 @@ def test_qwen35_hybrid_concurrent_specs_equal_solo_and_hookedllama(tmp_path):
                 st = saehook.Steering(sae, layer=1).clamp(specs[i][0]["feature"], specs[i][0]["value"])
                 prompt_ids = llm.tokenize(prompts[i].encode(), special=True)
                 got_ids = [e["id"] for e in solo[i][1]]
-                fresh(llm)
-                with llm.steer(st, control_vectors=False):
-                    want_ids = []
-                    for t in llm.generate(prompt_ids, temp=0.0):
-                        if t == llm.token_eos() or len(want_ids) == 12:
-                            break
-                        want_ids.append(t)
-                assert got_ids == want_ids
+                assert got_ids == greedy_ids(llm, prompt_ids, 12, [st])
                 # random bytes: the text is Python's own replace-decoding of the tokens' bytes
                 # (a character split across tokens is joined, an unfinished one at the end is U+FFFD)
                 assert solo[i][0] == llm.detokenize(got_ids).decode("utf-8", errors="replace")
@@ -742,13 +748,7 @@ def test_qwen35_prompt_cache_restarts_from_a_checkpoint_of_the_same_steering(tmp
         st = saehook.Steering(sae, layer=1).clamp(5, 2.5)
 
         def want(prompt, steerings):
-            fresh(llm)
-            ids = []
-            with llm.steer(*steerings, control_vectors=False):
-                for t in llm.generate(llm.tokenize(prompt.encode(), special=True), temp=0.0):
-                    if t == llm.token_eos() or len(ids) == 10:
-                        break
-                    ids.append(t)
+            ids = greedy_ids(llm, llm.tokenize(prompt.encode(), special=True), 10, steerings)
             return llm.detokenize(ids).decode("utf-8", errors="replace")
 
         def run(prompt, steer=None):
@@ -837,13 +837,7 @@ def test_qwen35_prompts_arriving_together_share_their_decodes(tmp_path):
             assert after["encodes"] - before["encodes"] == decodes  # one encode per decode: all four share it
             for (f, v), o, ids in zip(clamps, outs, prompts):
                 st = saehook.Steering(sae, layer=1).clamp(f, v)
-                fresh(llm)
-                with llm.steer(st, control_vectors=False):
-                    want_ids = []
-                    for t in llm.generate(ids, temp=0.0):
-                        want_ids.append(t)
-                        if len(want_ids) == 5:
-                            break
+                want_ids = greedy_ids(llm, ids, 5, [st], stop_at_eos=False)
                 assert o["tokens"] == want_ids
                 # next to 3 other sequences: llama.cpp's own ~1e-6 differences (see the test above)
                 _check_features(o["prompt"] + o["features"], hooked_features(llm, st, sae, ids, want_ids), rtol=1e-4)
@@ -909,13 +903,7 @@ def test_streams_layout_out_of_order_finishes_stay_one_micro_batch(tmp_path, fla
 
     def solo(f, v, n, ids):
         st = saehook.Steering(sae, layer=1).clamp(f, v)
-        fresh(llm)
-        with llm.steer(st, control_vectors=False):
-            got = []
-            for t in llm.generate(ids, temp=0.0):
-                got.append(t)
-                if len(got) == n:
-                    break
+        got = greedy_ids(llm, ids, n, [st], stop_at_eos=False)
         return got, hooked_features(llm, st, sae, ids, got)
 
     try:
