@@ -932,6 +932,85 @@ def test_streams_layout_out_of_order_finishes_stay_one_micro_batch(tmp_path, fla
         state.llm.close()
 
 
+def test_streams_layout_copies_a_cached_prefix_next_to_the_running_sequences(tmp_path):
+    """Streams: a request whose prompt is cached on a slot away from the running sequence runs on
+    the slot next to it instead (one micro-batch per step, no padding row), with that slot's
+    stream copied from the one holding the prefix: the prefix is reused (cached_tokens), and the
+    tokens and features equal HookedLlama's alone, which they would not if the copy moved the
+    cells' bookkeeping without their data (the slot held another prompt's KV before)."""
+    from saehook.serve import load_server
+    from saehook.serve.protocol import parse_request
+    from saehook.serve.scheduler import Job
+
+    model, sae_path = tiny_qwen3_and_sae(tmp_path, "tiny3", layers=3, model_seed=5, sae_seed=2)
+    sae = saehook.load(str(sae_path))
+    state = load_server(str(model), {"t": str(sae_path)}, parallel=4, n_ctx=96, n_batch=64, n_threads=1,
+                        kv_layout="streams", prefilter="off")
+    llm = HookedLlama(str(model), n_ctx=96, n_batch=64, n_ubatch=64, n_threads=1, verbose=False)
+    rng = np.random.default_rng(6)
+    prompts = [[int(t) for t in rng.integers(1, 250, 10)] for _ in range(4)]
+    sched = state.scheduler
+
+    def job(ids, n, clamp, first_token=None):
+        o = {"tokens": [], "features": [], "done": threading.Event()}
+
+        def emit(kind, payload):
+            if kind == "token":
+                o["tokens"].append(payload.id), o["features"].append(payload.features)
+                if first_token is not None:
+                    first_token.set()
+            elif kind != "prompt_features":
+                o["error"] = payload if kind == "error" else None
+                if kind == "done":
+                    o["cached"] = payload["usage"]["prompt_tokens_details"]["cached_tokens"]
+                o["done"].set()
+        body = {"prompt": "x", "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                "saehook": {"steer": [{"feature": clamp[0], "op": "clamp", "value": clamp[1]}],
+                            "features": {"top": 4}}}
+        return Job(req=parse_request("completion", body, state.registry, state.limits), prompt=ids, emit=emit), o
+
+    def wait(*outs):
+        for o in outs:
+            assert o["done"].wait(60) and o.get("error") is None, o.get("error")
+
+    try:
+        assert sched.streams
+        clamp = (3, 2.0)
+        # the four prompts cached on slots 0-3 (admitted in one step, in order), under one clamp
+        pairs = [job(ids, 2, clamp) for ids in prompts]
+        with sched.cv:
+            for j, _ in pairs:
+                sched.submit(j)
+        wait(*(o for _, o in pairs))
+        assert [s.tokens[:10] for s in sched.slots] == prompts
+        # a long request on prompt 0 (slot 0, nothing running), then prompt 3 while it runs
+        started = threading.Event()
+        long_job, long_out = job(prompts[0] + [7], 30, clamp, first_token=started)
+        sched.submit(long_job)
+        assert started.wait(60)
+        copies, before = sched.stream_copies, sched.stats()
+        late_job, late_out = job(prompts[3] + [9], 8, clamp)
+        sched.submit(late_job)
+        wait(late_out, long_out)
+        after = sched.stats()
+        assert long_job.slot.seq == 0 and late_job.slot.seq == 1 and sched.stream_copies == copies + 1
+        assert late_out["cached"] == len(prompts[3])
+        per_decode = {int(e): n - before["encodes_per_decode"].get(e, 0) for e, n in after["encodes_per_decode"].items()}
+        assert {e: n for e, n in per_decode.items() if n} == {1: after["decodes"] - before["decodes"]}, per_decode
+        st = saehook.Steering(sae, layer=1).clamp(*clamp)
+        for j, o, n in ((long_job, long_out, 30), (late_job, late_out, 8)):
+            want = greedy_ids(llm, j.prompt, n, [st], stop_at_eos=False)
+            assert o["tokens"] == want
+            _check_features(o["features"], hooked_features(llm, st, sae, j.prompt, want, first_row=len(j.prompt)),
+                            rtol=1e-4)
+        # the source slot kept its own cache
+        assert sched.slots[3].tokens[:10] == prompts[3]
+    finally:
+        llm.close()
+        state.scheduler.close()
+        state.llm.close()
+
+
 def test_streams_layout_is_refused_where_it_cannot_serve(tmp_path, tiny_files):
     from saehook.serve import load_server
 

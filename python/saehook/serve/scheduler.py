@@ -102,6 +102,11 @@ class Job:
 # tokens (a regenerated answer, an edited last message) restarts there instead of at token 0.
 CHECKPOINT_TAIL = 4
 
+# One KV stream per sequence: a longer cached prefix on a slot away from the running sequences is
+# copied to the slot the request runs on when it saves at least this many prompt tokens
+# (Scheduler._choose_slot).
+STREAM_COPY_MIN_TOKENS = 4
+
 
 @dataclass
 class _Checkpoint:
@@ -177,6 +182,7 @@ class Scheduler:
         self.n_ubatch = int(llama_cpp.llama_n_ubatch(self.ctx))
         self.steps = 0      # scheduler steps
         self.decodes = 0    # llama_decode calls (one per step in batched mode)
+        self.stream_copies = 0  # streams: cached prefixes copied between slots (_choose_slot)
         self.encodes_per_decode: Dict[int, int] = {}  # SAE encodes in one decode -> how many decodes
         # decodes of generated tokens only (no prompt chunk) and the hook's time in them: what a
         # steered decode step costs (bench_serve)
@@ -209,7 +215,8 @@ class Scheduler:
                     "waiting": len(self.waiting), "steps": self.steps, "decodes": self.decodes,
                     "encodes": self.llm.encode_count, "encodes_per_decode": dict(self.encodes_per_decode),
                     "hook_seconds": self.llm.hook_seconds, "generation_decodes": self.generation_decodes,
-                    "generation_hook_seconds": self.generation_hook_seconds}
+                    "generation_hook_seconds": self.generation_hook_seconds,
+                    "stream_copies": self.stream_copies}
 
     def close(self) -> None:
         """Stops after the running requests (the HTTP server drains them first)."""
@@ -307,12 +314,40 @@ class Scheduler:
         if size and llama_cpp.llama_state_seq_get_data_ext(self.ctx, data, size, slot.seq, flag) == size:
             slot.checkpoint = _Checkpoint(n=len(slot.tokens), data=data, size=size)
 
+    def _choose_slot(self, job: Job, free: List[_Slot]) -> Tuple[_Slot, Optional[_Slot]]:
+        """The free slot the job runs on, and the slot whose stream to copy into it first (or None).
+        Unified cache: the slot with the longest reusable prefix (then the least recently used).
+        Streams: a slot that keeps the running sequence ids together (a hole between them or a
+        neighbour), since every idle slot between them costs a padding row per step (_fill_gaps);
+        when another free slot holds a longer reusable prefix, its stream is copied over
+        (llama.cpp copies a whole stream between streams: about 2 x its KV bytes of memory
+        traffic, less than re-reading STREAM_COPY_MIN_TOKENS prompt tokens on any model)."""
+        rank = lambda s: (self._reusable(s, job), -s.last_used)  # noqa: E731
+        best = max(free, key=rank)
+        running = [s.seq for s in self.slots if s.job is not None]
+        if not self.streams or not running:
+            return best, None
+        lo, hi = min(running), max(running)
+        near = [s for s in free if lo - 1 <= s.seq <= hi + 1]
+        slot = max(near, key=lambda s: (self._reusable(s, job), lo < s.seq < hi, -s.last_used))
+        gain = self._reusable(best, job) - self._reusable(slot, job)
+        return slot, (best if gain >= STREAM_COPY_MIN_TOKENS else None)
+
+    def _copy_stream(self, src: _Slot, dst: _Slot) -> None:
+        """dst's stream becomes a copy of src's (the data moves at the next llama_decode)."""
+        llama_cpp.llama_memory_seq_rm(self.mem, dst.seq, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self.mem, src.seq, dst.seq, -1, -1)
+        dst.tokens, dst.keys = list(src.tokens), list(src.keys)
+        self.stream_copies += 1
+
     def _start(self, job: Job, free: List[_Slot]) -> None:
-        slot = max(free, key=lambda s: (self._reusable(s, job), -s.last_used))
+        slot, source = self._choose_slot(job, free)
         f = job.req.features
         if job.req.steerings or f is not None:  # first: if it fails, nothing is held
             job.seq_hook = self.llm.hook_sequence(slot.seq, steerings=job.req.steerings,
                                                   capture=None if f is None else {f.layer: f.sae})
+        if source is not None:
+            self._copy_stream(source, slot)
         n = self._reusable(slot, job)
         if n < len(slot.tokens):
             n = self._cut(slot, n)
