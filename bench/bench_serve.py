@@ -296,14 +296,15 @@ CONFIG = {
                     "OpenMP's default spin-wait",
     "llama_cpp.server": "one request at a time; n_batch 512, flash attention off; GOMP_SPINCOUNT=1000 (as saehook); "
                         "on an AMX CPU without llama.cpp's extra buffer types (as saehook)",
-    "saehook": "n_batch = n_ubatch = 512, flash attention off, one unified KV cache; prompt cache keyed by "
+    "saehook": "n_batch = n_ubatch = 512, flash attention off, --kv-layout auto (one KV stream per sequence on "
+               "qwen3, the requests placed next to each other; one unified cache on qwen35); prompt cache keyed by "
                "steering (checkpoints on recurrent models); the float32 SAE through the bf16 prefilter (the "
                "default, --prefilter auto); GOMP_SPINCOUNT=1000",
     "saehook-fa": "as saehook, with flash attention auto (as llama-server)",
     "saehook-sequential": "as saehook, every sequence decoded alone",
     "saehook-f32": "as saehook, the float32 SAE encoded without the prefilter (--prefilter off)",
-    "saehook-streams": "as saehook, one KV stream per sequence (--kv-layout streams; split mode, idle sequences "
-                       "between running ones padded into each step)",
+    "saehook-streams": "as saehook, one KV stream per sequence on every model (--kv-layout streams; refused on qwen35)",
+    "saehook-unified": "as saehook, one unified KV cache (--kv-layout unified; batched mode on qwen3)",
 }
 
 
@@ -327,14 +328,15 @@ def main() -> int:
     p.add_argument("--servers", nargs="+",
                    default=["llama-server", "llama-server-spin", "llama_cpp.server", "saehook", "saehook-fa"],
                    choices=["llama-server", "llama-server-spin", "llama_cpp.server", "saehook", "saehook-fa",
-                            "saehook-sequential", "saehook-f32", "saehook-streams"],
+                            "saehook-sequential", "saehook-f32", "saehook-streams", "saehook-unified"],
                    help="llama-server-spin: llama-server with saehook's OpenMP spin-wait (GOMP_SPINCOUNT=1000; "
                    "its default spin collapses when other processes want the cores); "
                    "saehook-fa: saehook serve with flash attention as llama-server (load_server(flash_attn="
                    "'auto')); saehook-sequential: saehook serve --decode sequential (one llama_decode per request), "
                    "to show what batching gains; saehook-f32: saehook serve --prefilter off (the float32 SAE "
                    "encoded in float32 alone; saehook serves it through its bf16 copy by default, the same features); "
-                   "saehook-streams: saehook serve --kv-layout streams")
+                   "saehook-streams / saehook-unified: saehook serve --kv-layout streams / unified (the shipped auto "
+                   "is streams on qwen3, unified on qwen35)")
     p.add_argument("--llama-server", help="a llama-server binary (default: built from --llama-cpp-src)")
     p.add_argument("--llama-cpp-src", help="llama.cpp source (default: the vendored one of llama-cpp-python's sdist)")
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "saehook-bench"))
@@ -364,16 +366,19 @@ def main() -> int:
             W = rng.standard_normal((args.d_sae, args.hidden), dtype=np.float32) / np.sqrt(args.hidden)
             saehook.SAE(W, W, k=args.k, metadata={"layer": layer}).save(sae_path)
         sae = saehook.load(sae_path)
-        # printable byte tokens, so that every server tokenizes the prompt the same way; one prompt
-        # per round (and one for the warm-ups), so that no round finds the previous one's prompts
-        # in a server's prompt cache
-        prompts = ["".join(chr(c) for c in rng.integers(97, 123, args.prompt_tokens)) for _ in range(args.rounds + 1)]
+        # printable byte tokens, so that every server tokenizes the prompt the same way; a prompt of
+        # its own for every run (and one for the warm-ups), so that no run finds an earlier run's
+        # prompts in a server's prompt cache: a run's second wave of requests reuses its first
+        # wave's prefixes on every server alike. (With one prompt per round, saehook's unsteered
+        # runs after its steered ones found only steered KV, which its prompt cache must not hand
+        # an unsteered request, while llama-server's cache stayed warm: 0.86x in its TTFT alone.)
+        new_prompt = lambda: "".join(chr(c) for c in rng.integers(97, 123, args.prompt_tokens))  # noqa: E731
+        warmup_prompt = new_prompt()
         print(f"\n== {os.path.basename(path)}: SAE {args.hidden}x{args.d_sae} k={args.k} at layer {layer} "
               f"(W_enc {sae.encoder_bytes / 2**20:.0f} MiB); prompt {args.prompt_tokens}, {args.gen_tokens} generated "
               f"tokens per request, threads {args.threads}", flush=True)
 
-        def body(extra, rnd=-1):
-            prompt = prompts[rnd]
+        def body(extra, prompt=warmup_prompt):
             return lambda i, j: {"model": "m", "prompt": prompt[: args.prompt_tokens - i] + str(j), "stream": True,
                                  "stream_options": {"include_usage": True},
                                  "max_tokens": args.gen_tokens, "temperature": 0, **extra(i)}
@@ -398,8 +403,8 @@ def main() -> int:
                     cmd += ["--decode", "sequential"]
                 if name == "saehook-f32":
                     cmd += ["--prefilter", "off"]
-                if name == "saehook-streams":
-                    cmd += ["--kv-layout", "streams"]
+                if name in ("saehook-streams", "saehook-unified"):
+                    cmd += ["--kv-layout", name.split("-")[1]]
                 scenarios.append((name, cmd, port, "/health", [
                     ("unsteered", lambda i: {"ignore_eos": True}),
                     ("steered", lambda i: {"ignore_eos": True, "saehook": {"steer": [
@@ -446,7 +451,7 @@ def main() -> int:
                 for conc in args.concurrency:
                     for name, vname, extra, port in runs[shift:] + runs[:shift]:
                         h0 = health_of(port) if name.startswith("saehook") else None
-                        r = load(port, conc, args.reqs, body(extra, rnd))
+                        r = load(port, conc, args.reqs, body(extra, new_prompt()))
                         if h0 is not None:  # the hook's own time per step, timed inside the server
                             h1 = health_of(port)
                             r["hook_ms_per_step"] = ((h1["hook_seconds"] - h0["hook_seconds"]) * 1e3
@@ -496,9 +501,10 @@ def main() -> int:
                         "unsteered: saehook / llama-server (its faster configuration, per round) (target >= 0.9x)")
         per_round_ratio("fa_vs_llama_server", [a["tok_s"] / b for a, b in zip(fa, ls)],
                         "unsteered: saehook-fa / llama-server")
-        per_round_ratio("streams_vs_llama_server",
-                        [a["tok_s"] / b for a, b in zip(rounds_of("saehook-streams", "unsteered"), ls)],
-                        "unsteered: saehook-streams / llama-server")
+        for other in ("saehook-unified", "saehook-streams"):
+            per_round_ratio(f"{other.split('-')[1]}_vs_llama_server",
+                            [a["tok_s"] / b for a, b in zip(rounds_of(other, "unsteered"), ls)],
+                            f"unsteered: {other} / llama-server")
         per_round_ratio("vs_llama_cpp_server", [a["tok_s"] / b["tok_s"] for a, b in zip(s, lcs)],
                         "unsteered: saehook / llama_cpp.server (target >= 3x)")
         per_round_ratio("steered_added_ms_per_step", [b["itl_p50_ms"] - a["itl_p50_ms"] for a, b in zip(s, st)],
@@ -515,8 +521,16 @@ def main() -> int:
                         [b["hook_ms_per_decode_step"] for b in pst if "hook_ms_per_decode_step" in b],
                         f"steered, --prefilter off: the hook's own time per decode step against the {bound_ms:.2f} ms "
                         f"float32 bound")
+        for conc in args.concurrency:  # the shipped layout against the unified cache, per round
+            for vname in ("unsteered", "steered"):
+                a, b = per_round.get(("saehook", vname, conc), []), per_round.get(("saehook-unified", vname, conc), [])
+                if a and b:
+                    xs = [x["tok_s"] / y["tok_s"] for x, y in zip(a, b)]
+                    row.setdefault("vs_unified", {})[f"{vname}|{conc}"] = xs
+                    print(f"c={conc} {vname}: saehook / saehook-unified tok/s per round: "
+                          + ", ".join(f"{v:.2f}" for v in xs))
         for conc in args.concurrency:  # the hook per steered decode step over the round's bound, per round
-            for name in ("saehook", "saehook-f32", "saehook-streams"):
+            for name in ("saehook", "saehook-f32", "saehook-unified", "saehook-streams"):
                 rs = per_round.get((name, "steered", conc), [])
                 if rs and all("hook_ms_per_decode_step" in r for r in rs):
                     xs = [r["hook_ms_per_decode_step"] / b for r, b in zip(rs, bounds)]

@@ -367,28 +367,27 @@ def _eight_concurrent_specs(demo_server):
 
 
 def test_eight_concurrent_specs_each_equal_their_solo_run(demo_server, demo_sae):
-    """The default layout, the unified cache (batched mode): one llama_decode per step, prompt
-    chunks included, and one encode per decode at the steered layer serves the 8 different
-    clamps (n_batch = n_ubatch)."""
+    """The default layout on a transformer model (--kv-layout auto): one KV stream per sequence,
+    split mode: a step's generated tokens in one llama_decode, prompt chunks in others."""
     before, after = _eight_concurrent_specs(demo_server)
+    assert before["mode"] == "split"
+    assert after["decodes"] - before["decodes"] > after["steps"] - before["steps"]
+
+
+def test_eight_concurrent_specs_on_the_unified_cache(demo_sae):
+    """--kv-layout unified (batched mode): one llama_decode per step, prompt chunks included, and
+    one encode per decode at the steered layer serves the 8 different clamps (n_batch = n_ubatch)."""
+    server = Server(demo.MODEL, "--sae", f"demo={demo.SAE_FILE}", "--parallel", 8, "--n-ctx", N_CTX, "--n-batch", 64,
+                    "--chat-format", CHAT_FORMAT, "--max-tokens", 64, "--kv-layout", "unified")
+    try:
+        before, after = _eight_concurrent_specs(server)
+    finally:
+        assert server.stop() == 0, "".join(server.output)
     assert before["mode"] == "batched"
     steps, decodes = (after[k] - before[k] for k in ("steps", "decodes"))
     assert decodes == steps, after
     per_decode = {int(e): n - before["encodes_per_decode"].get(e, 0) for e, n in after["encodes_per_decode"].items()}
     assert {e: n for e, n in per_decode.items() if n} == {1: decodes}, per_decode
-
-
-def test_eight_concurrent_specs_on_streams(demo_sae):
-    """--kv-layout auto on a transformer model: one KV stream per sequence (split mode), a step's
-    generated tokens in one llama_decode, each prompt chunk in another."""
-    server = Server(demo.MODEL, "--sae", f"demo={demo.SAE_FILE}", "--parallel", 8, "--n-ctx", N_CTX, "--n-batch", 64,
-                    "--chat-format", CHAT_FORMAT, "--max-tokens", 64, "--kv-layout", "auto")
-    try:
-        before, after = _eight_concurrent_specs(server)
-    finally:
-        assert server.stop() == 0, "".join(server.output)
-    assert before["mode"] == "split"
-    assert after["decodes"] - before["decodes"] > after["steps"] - before["steps"]
 
 
 @pytest.fixture
@@ -1196,8 +1195,8 @@ def test_serve_command_passes_flash_attn(monkeypatch):
             cli.main(["serve", demo.MODEL, "--prefilter", flag])
     assert prefilters == ["auto", "auto", "bf16", "off"]
     with pytest.raises(Stop):
-        cli.main(["serve", demo.MODEL, "--kv-layout", "streams"])
-    assert layouts == ["unified"] * 4 + ["streams"]
+        cli.main(["serve", demo.MODEL, "--kv-layout", "unified"])
+    assert layouts == ["auto"] * 4 + ["unified"]
     with pytest.raises(SystemExit):
         cli.main(["serve", demo.MODEL, "--prefilter", "int8"])
     with pytest.raises(SystemExit):

@@ -128,12 +128,13 @@ def register(sub) -> None:
                    "independent of the other requests in the KV cache, exactly equal to HookedLlama; on/auto "
                    "(llama-server's default) is faster on the CPU, but its f16 tiling moves features slightly "
                    "(about 0.4%% on the demo) with what else is cached")
-    s.add_argument("--kv-layout", choices=["auto", "streams", "unified"], default="unified",
+    s.add_argument("--kv-layout", choices=["auto", "streams", "unified"], default="auto",
                    help="streams: one KV stream per sequence, as llama-server, each token attending over its own "
-                   "cells; unified: one KV cache for all sequences, every token attending over every sequence's "
-                   "cells (idle requests' cached prompts included, the others masked), a prompt chunk sharing its "
-                   "step's pass over the weights (default); auto: streams, unified on recurrent/hybrid models "
-                   "(qwen35). README \"Serve\" (KV layout) has the measured trade-off")
+                   "cells, requests placed next to the running ones; unified: one KV cache for all sequences, every "
+                   "token attending over every sequence's cells (idle requests' cached prompts included, the others "
+                   "masked), a prompt chunk sharing its step's pass over the weights; auto (default): streams, but "
+                   "unified on recurrent/hybrid models (qwen35) and with --decode batched. README \"Serve\" (KV "
+                   "layout) has the measured trade-off")
     s.add_argument("--prefilter", choices=PREFILTER_MODES, default="auto",
                    help="encode float32 SAEs through a bf16 copy of W_enc: the same features, in about the bf16 "
                    "encode's time (0.5-0.8x the float32 encode's per steered decode step on a 2-core Zen 4), for "

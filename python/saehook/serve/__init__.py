@@ -64,7 +64,7 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
                 n_threads: Optional[int] = None, n_gpu_layers: int = 0, chat_format: Optional[str] = None,
                 api_key: Optional[str] = None, limits: Limits = Limits(), queue_size: int = 64,
                 decode: str = "auto", model_name: Optional[str] = None, k: Optional[int] = None,
-                flash_attn: str = "off", prefilter: Optional[str] = "auto", kv_layout: str = "unified"):
+                flash_attn: str = "off", prefilter: Optional[str] = "auto", kv_layout: str = "auto"):
     """Loads the model and SAEs and starts the scheduler; returns the ServeState an app serves.
     The KV cache holds n_ctx tokens for each of the `parallel` sequences (kv_layout below).
     n_ctx None: DEFAULT_N_CTX, or the model's training context when that is shorter (as
@@ -84,14 +84,14 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
     encodes in float32 alone. The prefilter encodes through a bf16 copy of W_enc
     (SAE.set_prefilter): the same features, in about the bf16 encode's time, for half of W_enc's
     bytes more memory. kv_layout: "streams" (one KV stream per sequence, as llama-server: each
-    token attends over its own cells only; transformer models; the scheduler keeps every
-    generation step one micro-batch, Scheduler._fill_gaps), "unified" (default; one KV cache for all
-    sequences: every token attends over every sequence's cells, idle slots' cached prompts
-    included, the others masked; a prompt chunk shares its step's pass over the weights), or
-    "auto": streams, unified on a recurrent/hybrid model (qwen35), whose per-sequence
-    state the scheduler serves in split mode on the unified cache. The default is unified: with
-    fewer requests than slots, streams pad the idle slots between running ones into every step
-    (README "Serve", KV layout)."""
+    token attends over its own cells only; transformer models; the scheduler places requests
+    next to the running ones and keeps every generation step one micro-batch,
+    Scheduler._choose_slot and _fill_gaps), "unified" (one KV cache for all sequences: every
+    token attends over every sequence's cells, idle slots' cached prompts included, the others
+    masked; a prompt chunk shares its step's pass over the weights; the layout --decode batched
+    needs), or "auto" (default): streams, but unified on a recurrent/hybrid model (qwen35),
+    whose per-sequence state the scheduler serves in split mode on the unified cache, and with
+    decode="batched" (README "Serve", KV layout)."""
     from .. import load
     from ..engines.llama import HookedLlama  # first: it sets GOMP_SPINCOUNT before llama_cpp loads libgomp
     from ..formats import SAESet
@@ -114,7 +114,8 @@ def load_server(model: str, saes: Mapping[str, str], *, parallel: int = 4, n_ctx
     n_ctx_train = gguf_model_facts(model)["n_ctx_train"] if os.path.isfile(model) else None
     quiet_llama_log()
     if kv_layout == "auto":
-        kv_layout = "unified" if os.path.isfile(model) and model_keeps_recurrent_state(model) else "streams"
+        recurrent = decode != "batched" and os.path.isfile(model) and model_keeps_recurrent_state(model)
+        kv_layout = "unified" if decode == "batched" or recurrent else "streams"
     if n_ctx is None:
         n_ctx = default_context(DEFAULT_N_CTX, n_ctx_train)
     elif n_ctx_train and n_ctx > n_ctx_train:

@@ -7,12 +7,14 @@ One worker thread owns the model. Every step it
      under* match the new prompt (protocol.token_key); a recurrent/hybrid model's state cannot
      be cut back, so there a prefix is reused whole or from the slot's checkpoint, the state
      CHECKPOINT_TAIL tokens before the end of the last prompt it evaluated (as llama-server);
+     with one KV stream per sequence a request runs next to the running ones, a longer cached
+     prefix elsewhere copied over (_choose_slot);
   2. builds one batch: the pending token of every generating request, then prompt chunks of
      newly admitted ones up to n_batch tokens (so running streams keep flowing while a long
      prompt is processed);
   3. decodes it: mode "batched" (transformer models on the unified cache) puts the whole step in
-     one llama_decode; mode "split" (one KV stream per sequence, --kv-layout streams,
-     and recurrent/hybrid models such as qwen35: llama.cpp groups a micro-batch's rows by
+     one llama_decode; mode "split" (one KV stream per sequence, the default layout on
+     transformer models, and recurrent/hybrid models such as qwen35: llama.cpp groups a micro-batch's rows by
      sequence) decodes the one-token segments of all sequences together, and the prompt
      chunks together in further llama_decodes, every chunk of one decode of the same length (the
      prompt with the fewest tokens left sets it; the others go on in the next one): the only multi-sequence
