@@ -1011,6 +1011,8 @@ def test_streams_layout_copies_a_cached_prefix_next_to_the_running_sequences(tmp
 
 
 def test_streams_layout_is_refused_where_it_cannot_serve(tmp_path, tiny_files):
+    """--kv-layout streams on a hybrid model or with --decode batched is refused; auto (the
+    default) picks what serves."""
     from saehook.serve import load_server
 
     model, _, sae_path = qwen35_model_and_sae(tmp_path, 5)
@@ -1021,6 +1023,14 @@ def test_streams_layout_is_refused_where_it_cannot_serve(tmp_path, tiny_files):
         load_server(str(tiny), {"t": str(tiny_sae)}, parallel=2, n_ctx=64, kv_layout="streams", decode="batched")
     with pytest.raises(ValueError, match="--kv-layout must be auto, unified or streams, got 'paged'"):
         load_server(str(tiny), {"t": str(tiny_sae)}, kv_layout="paged")
+    # the default (auto): streams on a transformer model, unified where --decode batched needs it
+    for decode, unified, mode in (("auto", False, "split"), ("batched", True, "batched")):
+        state = load_server(str(tiny), {"t": str(tiny_sae)}, parallel=2, n_ctx=64, decode=decode)
+        try:
+            assert state.llm.context_params.kv_unified == unified and state.scheduler.mode == mode
+        finally:
+            state.scheduler.close()
+            state.llm.close()
 
 
 def test_flash_attn_option_reaches_llama_cpp(demo_sae):
