@@ -54,8 +54,12 @@ def test_encode_matches_reference(isa, enc, activation):
 def test_preacts_match_reference_at_tile_edges(isa, enc):
     # Row counts around the 16-row tiles and pairs of them (1, 2, 3 groups, 9 with a partial
     # one), widths that end inside a 64-byte tile row and inside an int8 quantization block,
-    # feature counts that end inside a 16-feature group.
-    for d_model, d_sae, n in [(37, 33, 2), (64, 100, 17), (200, 700, 40), (300, 129, 131), (40, 16, 8)]:
+    # feature counts that end inside a 16-feature group. bf16 from 17 rows with little padding to a
+    # multiple of 16 takes the input panel (kernels_vnni_impl.hpp x_panel_tile): an odd d_model (the
+    # last weight pair half past the row), feature counts off the 4-feature tiles, a last group of
+    # 10 rows.
+    for d_model, d_sae, n in [(37, 33, 2), (64, 100, 17), (200, 700, 40), (300, 129, 131), (40, 16, 8),
+                              (37, 33, 30), (65, 101, 64), (37, 50, 250)]:
         sae = _with_dtype(make_sae(d_model, d_sae, 4, seed=n), enc)
         x = np.random.default_rng(d_sae).standard_normal((n, d_model)).astype(np.float32)
         got = sae.preacts(x)

@@ -34,8 +34,31 @@ static inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
 // bf16: R rows of round_up(d, 32) uint16 (zero padded). int8: see kernels_i8_operand.inc.
 inline int64_t bf16_ld(int64_t d) { return round_up(d, 32); }
 
+// bf16 from kXPanelRows rows: the rows are also laid out as an input panel (x_panel_tile), and
+// the weights are read where they lie instead of being packed into a panel per block, which
+// took a fifth of the time at 64 rows (zen4, 4096 x 65536). The panel's groups of 16 rows
+// compute their padding rows too: taken only when that adds fewer than kXPanelPadding rows
+// (at 100 rows, 12 padding rows cost what the pack saved: 1.01x its time).
+constexpr int64_t kXPanelRows = 17, kXPanelPadding = 8;
+inline bool x_panel_bf16(int64_t R) {
+  return SAEHOOK_VNNI_BF16 && R >= kXPanelRows && round_up(R, 16) - R < kXPanelPadding;
+}
+// The input panel: for each group q of 16 rows (the last one zero padded) and each step s (a pair
+// of inputs), one 64-byte vector whose lane l holds row 16 q + l's inputs 2 s and 2 s + 1.
+inline int64_t x_panel_steps(int64_t d) { return bf16_ld(d) / 2; }
+inline size_t x_panel_bytes(int64_t R, int64_t d) { return size_t(round_up(R, 16) * x_panel_steps(d)) * 4; }
+
+// Where the input panel starts in a bf16 operand of R rows (64-byte aligned after the rows).
+inline uint32_t *x_panel_of(const void *operand, int64_t R, int64_t d) {
+  const uintptr_t end = reinterpret_cast<uintptr_t>(operand) + uintptr_t(R * bf16_ld(d)) * 2;
+  return reinterpret_cast<uint32_t *>((end + 63) & ~uintptr_t(63));
+}
+
 static size_t operand_bytes(saehook_dtype dt, int64_t R, int64_t d) {
-  if (SAEHOOK_VNNI_BF16 && dt == SAEHOOK_BF16) return size_t(R * bf16_ld(d)) * 2;
+  if (SAEHOOK_VNNI_BF16 && dt == SAEHOOK_BF16)
+    // room for the input panel whenever a chunk of up to R rows may take it (encode sizes the
+    // buffer for its largest chunk and prepares smaller ones in it)
+    return size_t(R * bf16_ld(d)) * 2 + (SAEHOOK_VNNI_BF16 && R >= kXPanelRows ? 64 + x_panel_bytes(R, d) : 0);
   if (dt == SAEHOOK_I8) return i8_operand_bytes(R, d);
   return operand_bytes_f32(dt, R, d);
 }
@@ -50,6 +73,19 @@ static void prepare(const float *x, int64_t ldx, const float *shift, int64_t R, 
       for (int64_t i = 0; i < d; ++i)
         orow[i] = f32_to_bf16(shift ? x[r * ldx + i] - shift[i] : x[r * ldx + i]);
       std::fill(orow + d, orow + ld, uint16_t(0));
+    }
+    if (x_panel_bf16(R)) {
+      uint32_t *xp = x_panel_of(operand, R, d);
+      const int64_t steps = x_panel_steps(d), groups = round_up(R, 16) / 16;
+      for (int64_t q = 0; q < groups; ++q)
+        for (int64_t l = 0; l < 16; ++l) {
+          const int64_t r = 16 * q + l;
+          for (int64_t st = 0; st < steps; ++st) {
+            uint32_t pair = 0;
+            if (r < R) std::memcpy(&pair, o + r * ld + 2 * st, 4);
+            xp[(q * steps + st) * 16 + l] = pair;
+          }
+        }
     }
     return;
   }
@@ -334,6 +370,42 @@ struct StepBF16 {  // a step is a pair of bf16 inputs (vdpbf16ps)
   }
   static __m512 madd(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
 };
+
+// Many bf16 rows from the input panel: G groups of 16 rows x F features over steps [s0, s1),
+// each weight pair broadcast from its row of W as it lies (no per-block pack: the panel of the
+// inputs is built once per row chunk, in prepare) and multiplied with the G groups' vectors of
+// that step. Accumulates feature-major into outT (feature f's 16 rows of group g at
+// outT[f * ldt + 16 g]; the first pass starts from zero). W rows hold d inputs: with d odd the
+// last step's second weight is past the row and taken as zero.
+template <int G, int F>
+static inline void x_panel_tile(const uint32_t *xp, int64_t steps, const uint16_t *W, int64_t d, int64_t s0,
+                                int64_t s1, float *outT, int64_t ldt, const char *pf = nullptr, int64_t pf_lines = 0) {
+  __m512 acc[G][F];
+  for (int f = 0; f < F; ++f)
+    for (int g = 0; g < G; ++g) acc[g][f] = s0 == 0 ? _mm512_setzero_ps() : _mm512_load_ps(outT + f * ldt + 16 * g);
+  const int64_t full = std::min(s1, d / 2);
+  for (int64_t s = s0; s < full; ++s) {
+    if (s - s0 < pf_lines) prefetch_t1(pf + 64 * (s - s0));
+    __m512i a[G];
+    for (int g = 0; g < G; ++g) a[g] = _mm512_load_si512(xp + (g * steps + s) * 16);
+    for (int f = 0; f < F; ++f) {
+      int32_t pair;
+      std::memcpy(&pair, W + f * d + 2 * s, 4);
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(pair);
+      for (int g = 0; g < G; ++g) acc[g][f] = _mm512_dpbf16_ps(acc[g][f], (__m512bh)a[g], b);
+    }
+  }
+  if ((d & 1) && s0 <= d / 2 && d / 2 < s1) {  // the last, half step
+    const int64_t s = d / 2;
+    for (int f = 0; f < F; ++f) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(int32_t(W[f * d + d - 1]));
+      for (int g = 0; g < G; ++g)
+        acc[g][f] = _mm512_dpbf16_ps(acc[g][f], (__m512bh)_mm512_load_si512(xp + (g * steps + s) * 16), b);
+    }
+  }
+  for (int f = 0; f < F; ++f)
+    for (int g = 0; g < G; ++g) _mm512_store_ps(outT + f * ldt + 16 * g, acc[g][f]);
+}
 #endif  // SAEHOOK_VNNI_BF16
 
 // int8: int32 sums over one quantization block [b0, b1) of steps, scaled by the block's input
@@ -379,6 +451,28 @@ static inline void panel_i8(const uint8_t *x, int64_t rb, int64_t dpad, const ui
   }
 }
 
+// x_panel_tile's G (1-4) and F (1-6) as integral constants.
+template <class Tile>
+static inline void x_panel_dispatch(int64_t g, int64_t f, const Tile &tile) {
+  using std::integral_constant;
+  auto with_f = [&](auto gc) {
+    switch (f) {
+      case 1: return tile(gc, integral_constant<int, 1>());
+      case 2: return tile(gc, integral_constant<int, 2>());
+      case 3: return tile(gc, integral_constant<int, 3>());
+      case 4: return tile(gc, integral_constant<int, 4>());
+      case 5: return tile(gc, integral_constant<int, 5>());
+      default: return tile(gc, integral_constant<int, 6>());
+    }
+  };
+  switch (g) {
+    case 1: return with_f(integral_constant<int, 1>());
+    case 2: return with_f(integral_constant<int, 2>());
+    case 3: return with_f(integral_constant<int, 3>());
+    default: return with_f(integral_constant<int, 4>());
+  }
+}
+
 // Whether dot_block below streams the block (batch 1, walk_few) or keeps it in L2 (panels).
 static bool streams(saehook_dtype dt, int64_t R, const Tuning &tp) {
   if (R == 1) return true;
@@ -417,6 +511,45 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
           nf, out,
           [&](int64_t j, int64_t q, float *o) { dot_bf16<1, 4>(x, ld, W + j * d, q * d, d, o, 0, tp.stream_prefetch); },
           [&](int64_t j) { dot_bf16<1, 1>(x, ld, W + j * d, d, d, out + j, 0, tp.stream_prefetch); });
+      return;
+    }
+    if (x_panel_bf16(R)) {
+      const uint32_t *xp = x_panel_of(operand, R, d);
+      const int64_t steps = x_panel_steps(d), Rp = round_up(R, 16), groups = Rp / 16;
+      const int64_t real_steps = (d + 1) / 2, chunk = kChunk / 2;
+      float *outT = panel_buffer<float>(size_t(nf * Rp));  // feature-major (a buffer apart from the uint32 panels')
+      constexpr int GG = 4, FF = 4;
+      const int64_t calls = ((groups + GG - 1) / GG) * ((nf + FF - 1) / FF);
+      NextBlock nb(tp.panel_prefetch_next && f_next >= 0 ? static_cast<const char *>(Wv) + f_next * 2 * d : nullptr,
+                   nf * 2 * d, calls * ((real_steps + chunk - 1) / chunk), chunk);
+      for (int64_t s0 = 0; s0 < real_steps; s0 += chunk) {
+        const int64_t s1 = std::min(real_steps, s0 + chunk);
+        for (int64_t q = 0; q < groups; q += GG) {
+          const int64_t nq = std::min<int64_t>(GG, groups - q);
+          for (int64_t f = 0; f < nf; f += FF) {
+            const int64_t nff = std::min<int64_t>(FF, nf - f);
+            int64_t lines;
+            const char *pf = nb.take(&lines);
+            const uint32_t *xq = xp + q * steps * 16;
+            float *o = outT + f * Rp + 16 * q;
+            const uint16_t *Wf = W + f * d;
+            x_panel_dispatch(nq, nff, [&](auto gc, auto fc) {
+              x_panel_tile<decltype(gc)::value, decltype(fc)::value>(xq, steps, Wf, d, s0, s1, o, Rp, pf, lines);
+            });
+          }
+        }
+      }
+      // back to rows: 16 x 16 transposes, the ragged edges one by one
+      const int64_t R16 = R / 16 * 16, nf16 = nf / 16 * 16;
+      for (int64_t f = 0; f < nf16; f += 16)
+        for (int64_t r = 0; r < R16; r += 16) {
+          __m512i t[16];
+          for (int i = 0; i < 16; ++i) t[i] = _mm512_load_si512(outT + (f + i) * Rp + r);
+          transpose16(t);
+          for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + (r + i) * ldo + f, t[i]);
+        }
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t f = r < R16 ? nf16 : 0; f < nf; ++f) out[r * ldo + f] = outT[f * Rp + r];
       return;
     }
     if (R < kPackRows) {
