@@ -1004,6 +1004,21 @@ def test_streams_layout_copies_a_cached_prefix_next_to_the_running_sequences(tmp
                             rtol=1e-4)
         # the source slot kept its own cache
         assert sched.slots[3].tokens[:10] == prompts[3]
+        # the copy moves the whole stream: it pays for a 10-token prefix of this model at its
+        # 96-cell context, not for 3 tokens, nor at a context so long that 10 tokens cost less
+        import llama_cpp
+
+        from saehook.serve.scheduler import FLOPS_PER_BYTE
+        src = sched.slots[3]
+        per_cell = llama_cpp.llama_state_seq_get_size_ext(sched.ctx, src.seq, 0) / len(src.tokens)
+        flops = 2.0 * llama_cpp.llama_model_n_params(state.llm._model.model)
+        assert sched._copy_pays(src, 10) and not sched._copy_pays(src, 3)
+        n_ctx = sched.n_ctx
+        try:
+            sched.n_ctx = int(10 * flops / (2 * per_cell * FLOPS_PER_BYTE)) + 100  # 10 tokens < the copy
+            assert not sched._copy_pays(src, 10)
+        finally:
+            sched.n_ctx = n_ctx
     finally:
         llm.close()
         state.scheduler.close()

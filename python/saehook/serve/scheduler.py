@@ -105,9 +105,14 @@ class Job:
 CHECKPOINT_TAIL = 4
 
 # One KV stream per sequence: a longer cached prefix on a slot away from the running sequences is
-# copied to the slot the request runs on when it saves at least this many prompt tokens
-# (Scheduler._choose_slot).
+# copied to the slot the request runs on when it saves at least this many prompt tokens, and at
+# least what the copy costs in tokens (Scheduler._copy_pays).
 STREAM_COPY_MIN_TOKENS = 4
+# The copy moves a whole stream (n_ctx cells, read and written) while a prompt token costs about
+# 2 x n_params FLOPs: a CPU does about this many FLOPs per byte of memory traffic (2-core Zen 4:
+# ~470 GFLOP/s of bf16 products against 30-60 GB/s; a GPU's ratio is higher, so this errs on the
+# side of recomputing there).
+FLOPS_PER_BYTE = 10.0
 
 
 @dataclass
@@ -321,9 +326,9 @@ class Scheduler:
         Unified cache: the slot with the longest reusable prefix (then the least recently used).
         Streams: a slot that keeps the running sequence ids together (a hole between them or a
         neighbour), since every idle slot between them costs a padding row per step (_fill_gaps);
-        when another free slot holds a longer reusable prefix, its stream is copied over
-        (llama.cpp copies a whole stream between streams: about 2 x its KV bytes of memory
-        traffic, less than re-reading STREAM_COPY_MIN_TOKENS prompt tokens on any model)."""
+        when another free slot holds a longer reusable prefix, its stream is copied over where
+        that costs less than reading the extra tokens (_copy_pays: llama.cpp copies a whole
+        stream between streams)."""
         rank = lambda s: (self._reusable(s, job), -s.last_used)  # noqa: E731
         best = max(free, key=rank)
         running = [s.seq for s in self.slots if s.job is not None]
@@ -333,7 +338,18 @@ class Scheduler:
         near = [s for s in free if lo - 1 <= s.seq <= hi + 1]
         slot = max(near, key=lambda s: (self._reusable(s, job), lo < s.seq < hi, -s.last_used))
         gain = self._reusable(best, job) - self._reusable(slot, job)
-        return slot, (best if gain >= STREAM_COPY_MIN_TOKENS else None)
+        return slot, (best if self._copy_pays(best, gain) else None)
+
+    def _copy_pays(self, src: _Slot, gain: int) -> bool:
+        """Whether copying src's stream (all n_ctx cells, 2 x their bytes of traffic) costs less
+        than evaluating `gain` prompt tokens (2 x n_params FLOPs each, FLOPS_PER_BYTE): a small
+        model with a long context recomputes a short prefix instead."""
+        if gain < STREAM_COPY_MIN_TOKENS or not src.tokens:
+            return False
+        size = llama_cpp.llama_state_seq_get_size_ext(self.ctx, src.seq, 0)  # counts, copies nothing
+        copy_bytes = 2.0 * size / len(src.tokens) * self.n_ctx
+        token_flops = 2.0 * llama_cpp.llama_model_n_params(self.llm._model.model)
+        return gain * token_flops >= copy_bytes * FLOPS_PER_BYTE
 
     def _copy_stream(self, src: _Slot, dst: _Slot) -> None:
         """dst's stream becomes a copy of src's (the data moves at the next llama_decode)."""
