@@ -72,7 +72,12 @@ namespace {
 // 2026-12-02): the int8 batch-1 prefetch 1024 against 0 / 2048 / 4096 / 8192: 1.08 / 1.04 / 1.02 /
 // 1.05 of its time (kept), the avx2 panels' panel_prefetch_next 1.21x the time at batch 64 f32
 // (off), f32 decode by whole rows (gather_rows_f32) 0.77x / 0.80x / 0.80x the time of the chunked
-// walk at batch 1 / 64 / 256 (on); the other values are generic's.
+// walk at batch 1 / 64 / 256 (on); the other values are generic's. 2026-12-07, the same VM class:
+// batch1_quarters (the avx2 int8 kernel given quarters too) against the row kernels, bench_builds
+// alternation at 4096 x 65536, 8-16 rounds each, probe 12-35 GB/s: int8 0.876 / 0.909 / 0.938 of
+// the time, bf16 0.887 / 0.958 / 0.950, f32 1.000 / 1.010 (flat); one thread int8 0.877. A
+// software prefetch in the int8 quarters (1 KiB ahead into L1, 1 or 4 KiB into L2) was flat to
+// worse (1.02 / 0.97 / 1.05 one thread): none. On.
 //
 // generic (AVX2 laptops, anything else): the former one-for-all values, not re-measured; few_rows
 // 16 as measured on the avx2 path of the Zen 5 VM.
@@ -81,7 +86,7 @@ const Tuning kTable[] = {
     {"zen5",    1024, 1024,         4, 0,        2 << 20, 512 << 10,  1024, 1,   8,    0,   0, 16,  0},
     {"zen4",    1024, 1024,         1, 1,        2 << 20, 512 << 10,  2048, 1,   8,    0,   1, 16,  1},
     {"spr",     1024, 4096,         8, 0,        2 << 20, 512 << 10,  1024, 0,   4,    0,   0, 12,  0},
-    {"zen3",    1024, 1024,         8, 0,        2 << 20, 512 << 10,  1024, 0,   8,    1,   0, 16,  0},
+    {"zen3",    1024, 1024,         8, 1,        2 << 20, 512 << 10,  1024, 0,   8,    1,   0, 16,  0},
     {"generic", 1024, 1024,         8, 0,        2 << 20, 512 << 10,  1024, 0,   8,    0,   0, 16,  0},
 };
 

@@ -18,9 +18,8 @@ struct Tuning {
   // Batch-1 bf16 dot-product tiles: feature rows read interleaved (1, 2, 4 or 8).
   int batch1_rows_bf16;
   // Batch 1: whether each 4-feature tile takes its rows from the block's 4 quarters (four
-  // sequential streams, as the read probe reads, 1) instead of the kernels above (0). Every path
-  // but the avx2 int8 kernel (one sequential row, measured there); bf16 then ignores
-  // batch1_rows_bf16.
+  // sequential streams, as the read probe reads, 1) instead of the kernels above (0). Every path;
+  // bf16 then ignores batch1_rows_bf16.
   int batch1_quarters;
   // Encoder weight bytes per task: at batch 1 (streamed once) and at several rows (the block
   // stays in L2 while every row of the chunk is multiplied with it).

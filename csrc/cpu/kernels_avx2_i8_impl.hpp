@@ -203,9 +203,10 @@ static inline float offset_correction(const uint8_t *x_row, int64_t dpad, int64_
 // R rows x F features: per quantization block, int32 sums of weights x int8 inputs, scaled by
 // the block's input scale into float accumulators; then minus the offset correction, times the
 // feature's weight scale. R * F <= 6 keeps int and float accumulators in the 16 ymm registers.
+// stride: bytes from one feature row of W to the next (d; a quarter block in walk_quarters).
 template <int R, int F>
-static void tile_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8_t *W, int64_t d, const float *wscale,
-                    float *out, int64_t ldo) {
+static void tile_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8_t *W, int64_t stride, int64_t d,
+                    const float *wscale, float *out, int64_t ldo) {
   const int64_t nb = i8_blocks(d);
   __m256 facc[R][F];
   for (int r = 0; r < R; ++r)
@@ -217,7 +218,7 @@ static void tile_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8_t *W,
       for (int f = 0; f < F; ++f) iacc[r][f] = _mm256_setzero_si256();
     for (int64_t i = b0; i < b1; i += 32) {
       __m256i wv[F];
-      for (int f = 0; f < F; ++f) wv[f] = load_weights(W + f * d, i, d);
+      for (int f = 0; f < F; ++f) wv[f] = load_weights(W + f * stride, i, d);
       for (int r = 0; r < R; ++r) {
         const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i *>(x + r * rb + i));
         for (int f = 0; f < F; ++f) iacc[r][f] = dot_step(iacc[r][f], wv[f], xv);
@@ -239,32 +240,41 @@ static void tile_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8_t *W,
   }
 }
 
-// One row: one feature row after the other (a sequential stream). A full quantization block is
-// four 32-byte steps with direct loads, their int32 sums scaled by the block's input scale into a
-// float vector (one horizontal sum per feature, not per block): on Zen 3 the former per-block
-// horizontal sum, scalar accumulation and tail check per step ran one thread at 8.4 GB/s
-// (4096 x 65536), where float32 weights streamed at 13.7.
-static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, int64_t nf, const float *wscale,
-                   float *out, int64_t prefetch) {
-  static_assert(kQBlock == 128, "row_i8 unrolls a block into four 32-byte steps");
+// One row of inputs against F feature rows at `stride` bytes from each other (F = 1: one row
+// after the other, a sequential stream; F = 4: walk_quarters' four streams). A full quantization
+// block is four 32-byte steps with direct loads, their int32 sums scaled by the block's input
+// scale into a float vector (one horizontal sum per feature, not per block): on Zen 3 the former
+// per-block horizontal sum, scalar accumulation and tail check per step ran one thread at 8.4
+// GB/s (4096 x 65536), where float32 weights streamed at 13.7.
+template <int F>
+static inline void rows_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t stride, int64_t d,
+                           const float *wscale, float *out, int64_t prefetch) {
+  static_assert(kQBlock == 128, "rows_i8 unrolls a block into four 32-byte steps");
   const float *xs = reinterpret_cast<const float *>(x + dpad);
   const int64_t nb = i8_blocks(d), full = d / kQBlock;
   auto xv = [&](int64_t i) { return _mm256_load_si256(reinterpret_cast<const __m256i *>(x + i)); };
-  for (int64_t j = 0; j < nf; ++j) {
-    const int8_t *w = W + j * d;
-    __m256 facc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < full; ++b) {
-      const int64_t b0 = b * kQBlock;
-      prefetch_ahead(w + b0, kQBlock, prefetch);
-      auto step = [&](int64_t i) {  // a full block: no bounds check
+  __m256 facc[F];
+  for (int f = 0; f < F; ++f) facc[f] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < full; ++b) {
+    const int64_t b0 = b * kQBlock;
+    for (int f = 0; f < F; ++f) prefetch_ahead(W + f * stride + b0, kQBlock, prefetch);
+    const __m256i x0 = xv(b0), x1 = xv(b0 + 32), x2 = xv(b0 + 64), x3 = xv(b0 + 96);
+    const __m256 s = _mm256_broadcast_ss(xs + b);
+    for (int f = 0; f < F; ++f) {
+      const int8_t *w = W + f * stride + b0;
+      auto step = [&](int64_t i, __m256i xi) {  // a full block: no bounds check
         return dot_step(_mm256_setzero_si256(),
-                        weight_form(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + i))), xv(i));
+                        weight_form(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + i))), xi);
       };
-      const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(step(b0), step(b0 + 32)),
-                                           _mm256_add_epi32(step(b0 + 64), step(b0 + 96)));
-      facc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_broadcast_ss(xs + b), facc);
+      const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(step(0, x0), step(32, x1)),
+                                           _mm256_add_epi32(step(64, x2), step(96, x3)));
+      facc[f] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), s, facc[f]);
     }
-    __m128 v = _mm_add_ps(_mm256_castps256_ps128(facc), _mm256_extractf128_ps(facc, 1));
+  }
+  const float correction = offset_correction(x, dpad, nb);
+  for (int f = 0; f < F; ++f) {
+    const int8_t *w = W + f * stride;
+    __m128 v = _mm_add_ps(_mm256_castps256_ps128(facc[f]), _mm256_extractf128_ps(facc[f], 1));
     v = _mm_add_ps(v, _mm_movehl_ps(v, v));
     v = _mm_add_ss(v, _mm_movehdup_ps(v));
     float acc = _mm_cvtss_f32(v);
@@ -273,8 +283,13 @@ static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, i
       for (int64_t i = b * kQBlock; i < d; i += 32) sum = dot_step(sum, load_weights(w, i, d), xv(i));
       acc += float(hsum_epi32(sum)) * xs[b];
     }
-    out[j] = (acc - offset_correction(x, dpad, nb)) * wscale[j];
+    out[f] = (acc - correction) * wscale[f];
   }
+}
+
+static void row_i8(const uint8_t *x, int64_t dpad, const int8_t *W, int64_t d, int64_t nf, const float *wscale,
+                   float *out, int64_t prefetch) {
+  for (int64_t j = 0; j < nf; ++j) rows_i8<1>(x, dpad, W + j * d, d, d, wscale + j, out + j, prefetch);
 }
 
 static bool streams(saehook_dtype dt, int64_t R, const Tuning &tp) {
@@ -303,24 +318,34 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
   const int8_t *W = static_cast<const int8_t *>(Wv) + f0 * d;
   const float *ws = scales + f0;
   const int64_t rb = i8_row_bytes(d), dpad = round_up(d, 64);
+  if (R == 1 && tp.batch1_quarters) {  // four streams a quarter block apart, as the read probe reads
+    walk_quarters(
+        nf, out,
+        [&](int64_t j, int64_t q, float *o) {
+          const float s4[4] = {ws[j], ws[j + q], ws[j + 2 * q], ws[j + 3 * q]};
+          rows_i8<4>(x, dpad, W + j * d, q * d, d, s4, o, 0);
+        },
+        [&](int64_t j) { rows_i8<1>(x, dpad, W + j * d, d, d, ws + j, out + j, 0); });
+    return;
+  }
   if (R == 1) return row_i8(x, dpad, W, d, nf, ws, out, tp.stream_prefetch_i8);
   int64_t r = 0;
   // 3 x 2 tiles, then 2 x 2: 4096 x 65536 at batch 64 (this VM, forced ISA) avx2_vnni 162-169
   // -> 146-150 ms, avx2 199-205 -> 180-183 ms against 2 x 2 alone.
   for (; r + 3 <= R; r += 3) {
     int64_t j = 0;
-    for (; j + 2 <= nf; j += 2) tile_i8<3, 2>(x + r * rb, rb, dpad, W + j * d, d, ws + j, out + r * ldo + j, ldo);
-    for (; j < nf; ++j) tile_i8<3, 1>(x + r * rb, rb, dpad, W + j * d, d, ws + j, out + r * ldo + j, ldo);
+    for (; j + 2 <= nf; j += 2) tile_i8<3, 2>(x + r * rb, rb, dpad, W + j * d, d, d, ws + j, out + r * ldo + j, ldo);
+    for (; j < nf; ++j) tile_i8<3, 1>(x + r * rb, rb, dpad, W + j * d, d, d, ws + j, out + r * ldo + j, ldo);
   }
   for (; r + 2 <= R; r += 2) {
     int64_t j = 0;
-    for (; j + 2 <= nf; j += 2) tile_i8<2, 2>(x + r * rb, rb, dpad, W + j * d, d, ws + j, out + r * ldo + j, ldo);
-    for (; j < nf; ++j) tile_i8<2, 1>(x + r * rb, rb, dpad, W + j * d, d, ws + j, out + r * ldo + j, ldo);
+    for (; j + 2 <= nf; j += 2) tile_i8<2, 2>(x + r * rb, rb, dpad, W + j * d, d, d, ws + j, out + r * ldo + j, ldo);
+    for (; j < nf; ++j) tile_i8<2, 1>(x + r * rb, rb, dpad, W + j * d, d, d, ws + j, out + r * ldo + j, ldo);
   }
   if (r < R) {
     int64_t j = 0;
-    for (; j + 4 <= nf; j += 4) tile_i8<1, 4>(x + r * rb, rb, dpad, W + j * d, d, ws + j, out + r * ldo + j, ldo);
-    for (; j < nf; ++j) tile_i8<1, 1>(x + r * rb, rb, dpad, W + j * d, d, ws + j, out + r * ldo + j, ldo);
+    for (; j + 4 <= nf; j += 4) tile_i8<1, 4>(x + r * rb, rb, dpad, W + j * d, d, d, ws + j, out + r * ldo + j, ldo);
+    for (; j < nf; ++j) tile_i8<1, 1>(x + r * rb, rb, dpad, W + j * d, d, d, ws + j, out + r * ldo + j, ldo);
   }
 }
 
