@@ -214,10 +214,21 @@ def _oracle_features(llm, sae, steerings, prompt_tokens, generated, top):
 
 
 def _check_features(got, want, rtol=1e-5):
+    """The top features of each token equal the oracle's within rtol: the values in rank order,
+    and each feature's value wherever both runs list it. Two features may change places (or one
+    replace the other at the last place) only where their values tie within rtol: a rounding
+    difference of that size (llama.cpp's flash attention rounds in f16) can reorder them."""
     assert [(e["position"], e["id"]) for e in got] == [(p, t) for p, t, _, _ in want]
     for e, (_, _, idx, val) in zip(got, want):
-        assert [f["feature"] for f in e["top"]] == idx
-        np.testing.assert_allclose([f["value"] for f in e["top"]], val, rtol=rtol, atol=rtol)
+        g_idx, g_val = [f["feature"] for f in e["top"]], [f["value"] for f in e["top"]]
+        np.testing.assert_allclose(g_val, val, rtol=rtol, atol=rtol)
+        if g_idx == idx:
+            continue
+        want_of, got_of = dict(zip(idx, val)), dict(zip(g_idx, g_val))
+        for f, v in got_of.items():  # a feature both list has the same value; one only this run lists ties the last
+            np.testing.assert_allclose(v, want_of.get(f, val[-1]), rtol=rtol, atol=rtol, err_msg=f"feature {f}: {g_idx} against {idx}")
+        for f, v in want_of.items():
+            np.testing.assert_allclose(v, got_of.get(f, g_val[-1]), rtol=rtol, atol=rtol, err_msg=f"feature {f}: {g_idx} against {idx}")
 
 
 def _demo_server():

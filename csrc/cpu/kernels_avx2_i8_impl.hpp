@@ -203,10 +203,9 @@ static inline float offset_correction(const uint8_t *x_row, int64_t dpad, int64_
 // R rows x F features: per quantization block, int32 sums of weights x int8 inputs, scaled by
 // the block's input scale into float accumulators; then minus the offset correction, times the
 // feature's weight scale. R * F <= 6 keeps int and float accumulators in the 16 ymm registers.
-// stride: bytes from one feature row of W to the next (d; a quarter block in walk_quarters).
 template <int R, int F>
-static void tile_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8_t *W, int64_t stride, int64_t d,
-                    const float *wscale, float *out, int64_t ldo) {
+static void tile_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8_t *W, int64_t d, const float *wscale,
+                    float *out, int64_t ldo) {
   const int64_t nb = i8_blocks(d);
   __m256 facc[R][F];
   for (int r = 0; r < R; ++r)
@@ -218,7 +217,7 @@ static void tile_i8(const uint8_t *x, int64_t rb, int64_t dpad, const int8_t *W,
       for (int f = 0; f < F; ++f) iacc[r][f] = _mm256_setzero_si256();
     for (int64_t i = b0; i < b1; i += 32) {
       __m256i wv[F];
-      for (int f = 0; f < F; ++f) wv[f] = load_weights(W + f * stride, i, d);
+      for (int f = 0; f < F; ++f) wv[f] = load_weights(W + f * d, i, d);
       for (int r = 0; r < R; ++r) {
         const __m256i xv = _mm256_load_si256(reinterpret_cast<const __m256i *>(x + r * rb + i));
         for (int f = 0; f < F; ++f) iacc[r][f] = dot_step(iacc[r][f], wv[f], xv);
@@ -334,18 +333,18 @@ static void dot_block(const void *operand, int64_t R, const void *Wv, saehook_dt
   // -> 146-150 ms, avx2 199-205 -> 180-183 ms against 2 x 2 alone.
   for (; r + 3 <= R; r += 3) {
     int64_t j = 0;
-    for (; j + 2 <= nf; j += 2) tile_i8<3, 2>(x + r * rb, rb, dpad, W + j * d, d, d, ws + j, out + r * ldo + j, ldo);
-    for (; j < nf; ++j) tile_i8<3, 1>(x + r * rb, rb, dpad, W + j * d, d, d, ws + j, out + r * ldo + j, ldo);
+    for (; j + 2 <= nf; j += 2) tile_i8<3, 2>(x + r * rb, rb, dpad, W + j * d, d, ws + j, out + r * ldo + j, ldo);
+    for (; j < nf; ++j) tile_i8<3, 1>(x + r * rb, rb, dpad, W + j * d, d, ws + j, out + r * ldo + j, ldo);
   }
   for (; r + 2 <= R; r += 2) {
     int64_t j = 0;
-    for (; j + 2 <= nf; j += 2) tile_i8<2, 2>(x + r * rb, rb, dpad, W + j * d, d, d, ws + j, out + r * ldo + j, ldo);
-    for (; j < nf; ++j) tile_i8<2, 1>(x + r * rb, rb, dpad, W + j * d, d, d, ws + j, out + r * ldo + j, ldo);
+    for (; j + 2 <= nf; j += 2) tile_i8<2, 2>(x + r * rb, rb, dpad, W + j * d, d, ws + j, out + r * ldo + j, ldo);
+    for (; j < nf; ++j) tile_i8<2, 1>(x + r * rb, rb, dpad, W + j * d, d, ws + j, out + r * ldo + j, ldo);
   }
   if (r < R) {
     int64_t j = 0;
-    for (; j + 4 <= nf; j += 4) tile_i8<1, 4>(x + r * rb, rb, dpad, W + j * d, d, d, ws + j, out + r * ldo + j, ldo);
-    for (; j < nf; ++j) tile_i8<1, 1>(x + r * rb, rb, dpad, W + j * d, d, d, ws + j, out + r * ldo + j, ldo);
+    for (; j + 4 <= nf; j += 4) tile_i8<1, 4>(x + r * rb, rb, dpad, W + j * d, d, ws + j, out + r * ldo + j, ldo);
+    for (; j < nf; ++j) tile_i8<1, 1>(x + r * rb, rb, dpad, W + j * d, d, ws + j, out + r * ldo + j, ldo);
   }
 }
 
