@@ -167,6 +167,14 @@ static inline float hsum_fast(vf v) {
 #endif
 }
 
+// One vector of floats from p, returned by value: with memcpy into an array element per row, GCC
+// copied the 4 rows of a 4 x 3 tile through the stack on every step (avx2).
+static inline vf load_vf(const float *p) {
+  vf v;
+  std::memcpy(&v, p, VB);
+  return v;
+}
+
 // R rows x F features register tile over the full reduction length d. pf: the few-rows order's
 // next group (dot_few_rows): rows [pa, pb) of it at stride row_bytes are prefetched alongside,
 // one line per line consumed (nullptr: none), into L2 when l2 (Tuning::few_rows_l2), else L1.
@@ -186,8 +194,8 @@ static inline void tile(const float *x, int64_t ldx, const uint8_t *W, size_t ro
         for (int f = pa; f < pb; ++f) prefetch_t0_or_t1(pf + f * row_bytes + i * 2, l2);
       vf xe[R], xo[R];
       for (int r = 0; r < R; ++r) {
-        std::memcpy(&xe[r], x + r * ldx + i, VB);
-        std::memcpy(&xo[r], x + r * ldx + i + VL, VB);
+        xe[r] = load_vf(x + r * ldx + i);
+        xo[r] = load_vf(x + r * ldx + i + VL);
       }
       for (int f = 0; f < F; ++f) {
         vu32 u;
@@ -204,7 +212,7 @@ static inline void tile(const float *x, int64_t ldx, const uint8_t *W, size_t ro
     if (pf && (i * L::size) % 64 == 0)
       for (int f = pa; f < pb; ++f) prefetch_t0_or_t1(pf + f * row_bytes + i * L::size, l2);
     vf xv[R];
-    for (int r = 0; r < R; ++r) std::memcpy(&xv[r], x + r * ldx + i, VB);
+    for (int r = 0; r < R; ++r) xv[r] = load_vf(x + r * ldx + i);
     for (int f = 0; f < F; ++f) {
       vf w = L::vec(W + f * row_bytes + i * L::size);
       for (int r = 0; r < R; ++r) acc[r][f] += xv[r] * w;
@@ -317,7 +325,10 @@ static inline void walk_few(int64_t R, int64_t nf, const Tile &tile) {
     for (int64_t r = 0; r < R; ++r) tile(integral_constant<int, 1>(), integral_constant<int, 1>(), r, j, int64_t(-2), 0, 0);
 }
 
-// F = 4 features per group, with 4-row tiles on AVX-512 and 2-row tiles on narrower vectors. On
+// F = 4 features per group, with 4-row tiles on AVX-512 and 2-row tiles on narrower vectors;
+// f32 on AVX2 takes 4 x 3 tiles (12 accumulators, 4 input vectors: the 16 registers), 0.855x the
+// time of 2 x 4 at 8 rows on the Zen 3 VM (2048 x 32768, bench_builds alternation; bf16, whose
+// split inputs need two registers a row, 3 x 4 took 1.13x, so it keeps 2 x 4). On
 // AVX-512, 4 x 6 tiles (24 accumulators) were within noise of 4 x 4 on the Zen 5 VM (the test
 // above: 8.8-9.1 ms against 8.9-9.5) but GCC spilled their accumulators to the stack, and on the
 // Sapphire Rapids-class VM 4 x 4 took 0.945x / 0.955x their time (f32, 8 rows, 2048 x 32768 /
@@ -326,7 +337,9 @@ template <saehook_dtype DT>
 static void dot_few_rows(const float *x, int64_t ldx, int64_t R, const uint8_t *W, const float *scales, int64_t d,
                          int64_t f0, int64_t nf, float *out, int64_t ldo, int64_t f_next, bool l2) {
   const size_t row_bytes = size_t(d) * Load<DT>::size;
-  walk_few<int(kRowTile), 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j, int64_t jn, int pa, int pb) {
+  constexpr bool f32_avx2 = VB == 32 && DT == SAEHOOK_F32;
+  walk_few<f32_avx2 ? 4 : int(kRowTile), f32_avx2 ? 3 : 4>(R, nf, [&](auto rg, auto fg, int64_t r, int64_t j,
+                                                                     int64_t jn, int pa, int pb) {
     const uint8_t *pf = jn >= 0 ? W + (f0 + jn) * row_bytes : jn == -1 && f_next >= 0 ? W + f_next * row_bytes : nullptr;
     tile<DT, decltype(rg)::value, decltype(fg)::value>(x + r * ldx, ldx, W + (f0 + j) * row_bytes, row_bytes, d,
                                                        out + r * ldo + j, ldo, scales ? scales + f0 + j : nullptr, pf,
