@@ -58,17 +58,21 @@ static inline void prefetch_ahead(const void *p, int64_t bytes, int64_t ahead) {
   for (int64_t l = 0; l < bytes; l += 64) prefetch_t0(static_cast<const char *>(p) + ahead + l);
 }
 
+// One vector of floats from p, returned by value: with memcpy into an array element per row, GCC
+// copied the 4 rows of a 4 x 3 tile through the stack on every step (avx2).
+static inline vf load_vf(const void *p) {
+  vf v;
+  std::memcpy(&v, p, VB);
+  return v;
+}
+
 template <saehook_dtype DT>
 struct Load;
 
 template <>
 struct Load<SAEHOOK_F32> {
   static constexpr size_t size = 4;
-  static inline vf vec(const uint8_t *p) {
-    vf v;
-    std::memcpy(&v, p, VB);
-    return v;
-  }
+  static inline vf vec(const uint8_t *p) { return load_vf(p); }
   static inline float one(const uint8_t *p) {
     float f;
     std::memcpy(&f, p, 4);
@@ -165,14 +169,6 @@ static inline float hsum_fast(vf v) {
 #else
   return hsum(v);
 #endif
-}
-
-// One vector of floats from p, returned by value: with memcpy into an array element per row, GCC
-// copied the 4 rows of a 4 x 3 tile through the stack on every step (avx2).
-static inline vf load_vf(const float *p) {
-  vf v;
-  std::memcpy(&v, p, VB);
-  return v;
 }
 
 // R rows x F features register tile over the full reduction length d. pf: the few-rows order's

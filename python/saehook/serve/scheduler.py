@@ -166,6 +166,7 @@ class Scheduler:
         self.n_vocab = llm.n_vocab()
         model = llm._model.model
         self.recurrent = bool(llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
+        self.token_flops = 2.0 * llama_cpp.llama_model_n_params(model)  # what a prompt token costs (_copy_pays)
         # One KV stream per sequence (kv_layout "streams"): llama.cpp groups a micro-batch's rows
         # by sequence and takes only consecutive sequence ids into one (split_equal, sequential).
         self.streams = llm.context_params.n_seq_max > 1 and not llm.context_params.kv_unified
@@ -348,8 +349,7 @@ class Scheduler:
             return False
         size = llama_cpp.llama_state_seq_get_size_ext(self.ctx, src.seq, 0)  # counts, copies nothing
         copy_bytes = 2.0 * size / len(src.tokens) * self.n_ctx
-        token_flops = 2.0 * llama_cpp.llama_model_n_params(self.llm._model.model)
-        return gain * token_flops >= copy_bytes * FLOPS_PER_BYTE
+        return gain * self.token_flops >= copy_bytes * FLOPS_PER_BYTE
 
     def _copy_stream(self, src: _Slot, dst: _Slot) -> None:
         """dst's stream becomes a copy of src's (the data moves at the next llama_decode)."""
